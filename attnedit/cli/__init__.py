@@ -1,0 +1,5 @@
+"""Command-line interface (``attnedit --help``)."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,59 @@
+"""``attnedit edit``: build the edited, untrained model from a teacher and save it."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..surgery import SETTINGS, field_help
+from .common import DTYPES, add_device_args, device_of, parse_sets
+
+
+def _settings_epilog() -> str:
+    lines = ["target settings (--set key=value):"]
+    for target, cls in SETTINGS.items():
+        lines.append(f"  {target}:")
+        for name, text, default in field_help(cls):
+            lines.append(f"    {name:<18} {text} [default: {default}]")
+    lines += [
+        "",
+        "examples:",
+        "  attnedit edit smollm2-135m --target mla --out runs/smol-mla-init",
+        "  attnedit edit Qwen/Qwen3-8B --target gateswa --set window=1024 --set full_layers=every:6 --out runs/q8-gs",
+        "  attnedit edit ./my-llama --target mla --set kv_lora_rank=256 --set init=teacher --set layers=4-27 --out runs/x",
+    ]
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "edit",
+        help="replace a teacher's attention with a target (untrained) and save the model",
+        description="Replace the attention of the chosen layers with a new target module and save the "
+        "edited model as a Hugging Face checkpoint (remote code included). Nothing is trained yet.",
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("teacher", help="Hugging Face id, local folder, .gguf file, or smollm2-135m (the default teacher)")
+    p.add_argument("--target", required=True, choices=sorted(SETTINGS), help="the new attention")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a target setting (repeatable)")
+    p.add_argument("--out", required=True, help="folder for the edited checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--context", type=int, default=8192, help="context for the KV summary printed at the end")
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..eval.inspect import format_inspection, inspect_config
+    from ..export import save_edited
+    from ..surgery import edit_model, edited_config
+    from ..teachers import load_config, load_model
+
+    target_args = parse_sets(args.set)
+    edited_config(load_config(args.teacher), args.target, target_args)  # validate before loading weights
+    teacher, tokenizer = load_model(args.teacher, dtype=DTYPES[args.dtype], device=device_of(args))
+    student = edit_model(teacher, args.target, target_args)
+    out = save_edited(student, args.out, tokenizer, overwrite=args.overwrite)
+    print(format_inspection(inspect_config(student.config, args.context)))
+    print(f"\nsaved the edited (untrained) model to {out}")
+    return 0

@@ -1,0 +1,60 @@
+"""``attnedit inspect``: per-layer attention kind, parameters and KV bytes of a teacher or edited model."""
+
+from __future__ import annotations
+
+import torch
+
+from ..tables import human_bytes, text_table
+from .kv import kv_summary
+
+
+def count_parameters(config) -> int:
+    """Total parameters, counted on the meta device (no weights are read or allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        if getattr(config, "model_type", None) == "attnedit":
+            from ..targets import AttnEditForCausalLM
+
+            model = AttnEditForCausalLM(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def inspect_config(config, context: int, dtype: str | None = None) -> dict:
+    """Everything ``attnedit inspect`` shows, as a dict (the ``--json`` output)."""
+    summary = kv_summary(config, context, dtype)
+    summary["params"] = count_parameters(config)
+    summary["model_type"] = config.model_type
+    if config.model_type == "attnedit":
+        from ..targets.modeling_attnedit import base_config_object
+
+        teacher = kv_summary(base_config_object(config.base_config), context, dtype or summary["dtype"])
+        summary["teacher_kv_bytes_per_token"] = teacher["kv_bytes_per_token"]
+        summary["kv_ratio_vs_teacher"] = summary["kv_bytes_per_token"] / teacher["kv_bytes_per_token"]
+        summary["edit"] = config.edit
+    return summary
+
+
+def format_inspection(info: dict) -> str:
+    rows = [
+        [x["layer"], x["kind"], x["params"], round(x["values_per_token"], 2), human_bytes(x["bytes_per_token"])]
+        for x in info["layers"]
+    ]
+    table = text_table(["layer", "attention", "attn params", "KV values/token", "KV bytes/token"], rows, right={0, 2, 3, 4})
+    lines = [
+        table,
+        "",
+        f"model type            {info['model_type']}",
+        f"parameters            {info['params']:,} (attention {info['attention_params']:,})",
+        f"context               {info['context']:,} tokens, cache dtype {info['dtype']}",
+        f"KV bytes per token    {human_bytes(info['kv_bytes_per_token'])} (all layers)",
+        f"KV bytes at context   {human_bytes(info['kv_bytes_total'])} per sequence",
+    ]
+    if "kv_ratio_vs_teacher" in info:
+        lines.append(
+            f"vs teacher            {info['kv_ratio_vs_teacher']:.1%} of the teacher's "
+            f"{human_bytes(info['teacher_kv_bytes_per_token'])}/token ({1 - info['kv_ratio_vs_teacher']:.1%} smaller)"
+        )
+    return "\n".join(lines)

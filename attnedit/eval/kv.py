@@ -1,0 +1,127 @@
+"""KV-cache accounting: what each layer caches per token, analytically and as actually allocated.
+
+Analytic figures come from the model's config alone (teachers included); measured figures come from
+running a prefill with attnedit's real cache and summing the storage its tensors hold. A test checks
+that the two agree exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass
+class LayerKV:
+    layer: int
+    kind: str  # dense | dense-sliding | mla | gateswa-sliding | gateswa-full
+    params: int  # attention parameters of this layer
+    values_per_token: float  # cached values per token at the given context (K and V, or latent + rope key)
+    bytes_per_token: float
+
+
+def dtype_bytes(config, default: str = "bfloat16", override: str | None = None) -> tuple[str, int]:
+    """Bytes per cached value: ``override``, else the config's dtype, else ``default`` (bf16)."""
+    name = override or getattr(config, "dtype", None) or default
+    name = str(name).replace("torch.", "")
+    if name not in DTYPE_BYTES:
+        name = default
+    return name, DTYPE_BYTES[name]
+
+
+def _dense_values(kvh: int, d: int, window: int | None, sink: int, context: int) -> float:
+    full = 2 * kvh * d
+    return float(full) if window is None else full * min(window + sink, context) / context
+
+
+def _teacher_layers(config) -> list[dict]:
+    from ..families import family_for
+
+    family = family_for(config)
+    spec = family.attention_spec(config)
+    layers = []
+    for i in range(config.num_hidden_layers):
+        layers.append({"kind": "dense", "window": family.window(config, i), "spec": spec})
+    return layers
+
+
+def _attention_params(spec: dict, layer: dict) -> int:
+    h, heads, kvh, d = spec["hidden_size"], spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
+    kind = layer["kind"]
+    if kind == "mla":
+        qk = layer["qk_nope_head_dim"] + layer["qk_rope_head_dim"]
+        r, rope, v = layer["kv_lora_rank"], layer["qk_rope_head_dim"], layer["v_head_dim"]
+        q = h * heads * qk if layer.get("q_lora_rank") is None else layer["q_lora_rank"] * (h + 1 + heads * qk)
+        return q + h * (r + rope) + r + r * heads * (layer["qk_nope_head_dim"] + v) + heads * v * h
+    n = h * heads * d + 2 * h * kvh * d + heads * d * h
+    if spec["qkv_bias"]:
+        n += heads * d + 2 * kvh * d
+    if spec["o_bias"]:
+        n += h
+    if spec["qk_norm"]:
+        n += 2 * d
+    if kind == "gateswa":
+        width = heads * d if layer["gate"] == "elementwise" else heads
+        n += h * width + width
+    return n
+
+
+def kv_layout(config, context: int, dtype: str | None = None) -> list[LayerKV]:
+    """Per-layer KV figures for a teacher config or an edited (``attnedit``) config at ``context`` tokens."""
+    if context < 1:
+        raise ValueError("context must be >= 1")
+    _, nbytes = dtype_bytes(config, override=dtype)
+    if getattr(config, "model_type", None) == "attnedit":
+        spec = config.attention
+        layers = config.layer_attention
+    else:
+        layers = _teacher_layers(config)
+        spec = layers[0]["spec"]
+    out = []
+    for i, layer in enumerate(layers):
+        kind = layer["kind"]
+        kvh, d = spec["num_kv_heads"], spec["head_dim"]
+        if kind == "mla":
+            values = float(layer["kv_lora_rank"] + layer["qk_rope_head_dim"])
+            label = "mla"
+        elif kind == "gateswa":
+            window = layer["window"] if layer["layer_type"] == "sliding" else None
+            values = _dense_values(kvh, d, window, layer.get("sink", 0), context)
+            label = f"gateswa-{layer['layer_type']}"
+        else:
+            window = layer.get("window")
+            values = _dense_values(kvh, d, window, layer.get("sink", 0), context)
+            label = "dense" if window is None else "dense-sliding"
+        out.append(LayerKV(i, label, _attention_params(spec, layer), values, values * nbytes))
+    return out
+
+
+def kv_summary(config, context: int, dtype: str | None = None) -> dict:
+    layers = kv_layout(config, context, dtype)
+    name, _ = dtype_bytes(config, override=dtype)
+    return {
+        "context": context,
+        "dtype": name,
+        "layers": [asdict(x) for x in layers],
+        "kv_bytes_per_token": sum(x.bytes_per_token for x in layers),
+        "kv_bytes_total": sum(x.bytes_per_token for x in layers) * context,
+        "attention_params": sum(x.params for x in layers),
+    }
+
+
+@torch.no_grad()
+def measured_cache_bytes(model, context: int, batch: int = 1, chunk: int | None = None) -> int:
+    """Run ``context`` random tokens through an edited model with its real cache; return allocated bytes.
+
+    With ``chunk`` the prefill runs in pieces (then single tokens), exercising the decode paths too.
+    """
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    cache = model.new_cache()
+    step = chunk or context
+    for start in range(0, context, step):
+        model(input_ids=ids[:, start : start + step], past_key_values=cache, use_cache=True)
+    return cache.allocated_bytes()

@@ -1,0 +1,138 @@
+"""Model surgery: build the edited model from a teacher, sharing every frozen weight with it.
+
+The student is an :class:`AttnEditForCausalLM` whose embeddings, norms, MLP/MoE blocks and LM head
+*are* the teacher's modules (the same tensors, not copies), and whose attention is a new target
+module in each edited layer and a :class:`DenseAttention` wrapping the teacher's projections in the
+others. Teacher and student therefore cost one set of frozen weights in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import AttnEditError
+from ..families import family_for
+from ..targets import AttnEditConfig, AttnEditForCausalLM, DenseAttention, GateSWAAttention, MLAAttention
+from .init import dense_from_teacher, gateswa_from_teacher, mla_from_teacher, random_init
+from .settings import TargetSettings, parse_settings, plan_layers
+
+
+def edited_config(teacher_config, target: str, target_args: dict | TargetSettings | None = None) -> AttnEditConfig:
+    """The edited model's config, computed from the teacher's config alone (no weights needed)."""
+    family = family_for(teacher_config)
+    settings = target_args if isinstance(target_args, TargetSettings) else parse_settings(target, target_args)
+    plan, edited = plan_layers(target, settings, teacher_config, family)
+    base = teacher_config.to_dict()
+    for key in ("auto_map", "quantization_config", "_name_or_path"):
+        base.pop(key, None)
+    return AttnEditConfig(
+        base_config=base,
+        attention=family.attention_spec(teacher_config),
+        layer_attention=plan,
+        family=family.name,
+        edit={"target": target, "settings": vars(settings), "edited_layers": edited},
+        architectures=["AttnEditForCausalLM"],
+    )
+
+
+@torch.no_grad()
+def capture_attention_inputs(teacher, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Run the teacher once and return each listed layer's attention input, flattened to [tokens, hidden]."""
+    family = family_for(teacher.config)
+    found: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i in layers:
+
+        def hook(module, args, kwargs, i=i):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            found[i] = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+
+        hooks.append(family.attention(teacher, i).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        teacher(input_ids=input_ids.to(teacher.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def default_calibration_ids(teacher, n_seqs: int = 4, seq_len: int = 128, seed: int = 0) -> torch.Tensor:
+    """Random token ids: a data-free stand-in for real text when initialising from the teacher."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, teacher.config.vocab_size, (n_seqs, seq_len), generator=g)
+
+
+def _share_backbone(student: AttnEditForCausalLM, teacher) -> None:
+    family = family_for(teacher.config)
+    for name, child in teacher.model.named_children():
+        if name != "layers":
+            setattr(student.model, name, child)
+    for s_layer, t_layer in zip(family.layers(student), family.layers(teacher)):
+        for name, child in t_layer.named_children():
+            if name != "self_attn":
+                setattr(s_layer, name, child)
+    student.lm_head = teacher.get_output_embeddings()
+
+
+def edit_model(
+    teacher,
+    target: str,
+    target_args: dict | TargetSettings | None = None,
+    calibration_ids: torch.Tensor | None = None,
+) -> AttnEditForCausalLM:
+    """Return the edited (untrained) student. Frozen weights are shared with ``teacher``."""
+    config = edited_config(teacher.config, target, target_args)
+    settings = parse_settings(target, config.edit["settings"])
+    device = next(teacher.parameters()).device
+    dtype = next(teacher.parameters()).dtype
+    with torch.device("meta"):
+        student = AttnEditForCausalLM(config)
+    _share_backbone(student, teacher)
+    family = family_for(teacher.config)
+    edited = config.edit["edited_layers"]
+    calib = {}
+    if settings.init == "teacher" and target == "mla":
+        ids = calibration_ids if calibration_ids is not None else default_calibration_ids(teacher, seed=settings.seed)
+        calib = capture_attention_inputs(teacher, edited, ids)
+    torch.manual_seed(settings.seed)
+    for i, layer in enumerate(family.layers(student)):
+        attn = layer.self_attn.to_empty(device=device).to(dtype)
+        t_attn = family.attention(teacher, i)
+        if isinstance(attn, (MLAAttention, GateSWAAttention)):
+            if settings.init == "random":
+                random_init(attn, config.base_config.get("initializer_range", 0.02))
+                if isinstance(attn, GateSWAAttention):
+                    attn.g_proj.bias.data.fill_(config.layer_attention[i]["gate_bias"])
+            elif isinstance(attn, MLAAttention):
+                mla_from_teacher(attn, t_attn, config.attention, calib[i].to(torch.float64))
+            else:
+                gateswa_from_teacher(attn, t_attn, config.layer_attention[i]["gate_bias"])
+        else:  # unedited: share the teacher's projections
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+                if getattr(t_attn, name, None) is not None:
+                    setattr(attn, name, getattr(t_attn, name))
+    leftover = [n for n, p in student.named_parameters() if p.is_meta]
+    if leftover:
+        raise AttnEditError(f"internal: parameters left uninitialised after surgery: {leftover[:3]}")
+    student.generation_config = teacher.generation_config
+    return student.eval()
+
+
+def attention_parameters(student: AttnEditForCausalLM, edited_only: bool = True) -> list[nn.Parameter]:
+    """Parameters of the new attention modules (what stage 1 trains)."""
+    layers = student.config.edit.get("edited_layers", [])
+    params = []
+    for i, attn in enumerate(student.attentions()):
+        if not edited_only or i in layers:
+            params += list(attn.parameters())
+    return params
+
+
+__all__ = [
+    "attention_parameters",
+    "capture_attention_inputs",
+    "dense_from_teacher",
+    "edit_model",
+    "edited_config",
+]

@@ -1,0 +1,209 @@
+"""Typed settings of each target, their defaults from the teacher's shapes, and their validation.
+
+``attnedit edit --set key=value`` and a recipe's ``target_args`` fill the same dataclasses. Every
+field has a one-line help (``metadata['help']``) that ``--help``/``--explain`` print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+from ..errors import AttnEditError
+
+TARGETS = ("mla", "gateswa")
+
+
+def _help(text: str, default=None):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TargetSettings:
+    layers: str = _help("layers to edit: 'all', or indices and ranges like '0-11,20'", "all")
+    init: str = _help("how new attention weights start: 'random' (the paper's) or 'teacher'", "random")
+    seed: int = _help("seed for random initialisation", 0)
+
+
+@dataclass
+class MLASettings(TargetSettings):
+    kv_lora_rank: int | None = _help("latent size cached per token (default: a quarter of the teacher's K+V width)")
+    q_lora_rank: int | None = _help("low-rank query bottleneck (default: none, a full q_proj)")
+    qk_rope_head_dim: int | None = _help("size of the shared RoPE key (default: head_dim / 2)")
+    qk_nope_head_dim: int | None = _help("per-head query/key size without RoPE (default: head_dim - rope dim)")
+    v_head_dim: int | None = _help("per-head value size (default: the teacher's head_dim)")
+    absorb: str = _help("decode with W_uk/W_uv absorbed: auto (when decoding), always, never", "auto")
+
+
+@dataclass
+class GateSWASettings(TargetSettings):
+    window: int | None = _help("tokens a sliding layer sees, itself included (default: 1024, at most a quarter of the max context)")
+    sink: int = _help("first tokens every sliding layer always sees", 0)
+    full_layers: str = _help("full-attention layers: 'every:K' (layers K-1, 2K-1, ...), indices '3,9', or 'none'", "every:6")
+    gate: str = _help("output gate: 'elementwise' (one per channel) or 'headwise' (one per head)", "elementwise")
+    gate_init: float = _help("initial gate value sigmoid(bias), in (0, 1): near 1 = open", 0.98)
+
+
+SETTINGS = {"mla": MLASettings, "gateswa": GateSWASettings}
+
+
+def field_help(cls) -> list[tuple[str, str, object]]:
+    return [(f.name, f.metadata.get("help", ""), f.default) for f in dataclasses.fields(cls)]
+
+
+def coerce(name: str, value, annotation):
+    """Turn a string from ``--set`` (or a YAML scalar) into the field's type, or explain why not."""
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise AttnEditError(f"{name} needs a value of type {getattr(base, '__name__', base)}")
+    if base is str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    try:
+        if base is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise AttnEditError(f"{name}={value!r} is not a valid {base.__name__}") from None
+
+
+def parse_settings(target: str, args: dict | None) -> TargetSettings:
+    """Build the settings of ``target`` from a dict of overrides; unknown keys are an error."""
+    if target not in SETTINGS:
+        raise AttnEditError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    cls = SETTINGS[target]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in (args or {}).items():
+        if key not in fields:
+            raise AttnEditError(f"{target} has no setting {key!r}; known settings: {', '.join(fields)}")
+        values[key] = coerce(key, value, fields[key].type)
+    return cls(**values)
+
+
+def parse_layer_list(text, n_layers: int, what: str = "layers") -> list[int]:
+    """'all', 'none', 'every:K', '0-11,20' or a list of ints -> sorted layer indices, validated."""
+    if isinstance(text, (list, tuple)):
+        items = [str(x) for x in text]
+    else:
+        text = str(text).strip().lower()
+        if text == "all":
+            return list(range(n_layers))
+        if text in ("none", ""):
+            return []
+        if text.startswith("every:"):
+            try:
+                k = int(text.split(":", 1)[1])
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise AttnEditError(f"{what}='{text}': 'every:K' needs an integer K >= 1")
+            return [i for i in range(n_layers) if i % k == k - 1]
+        items = [x for x in text.replace(" ", "").split(",") if x]
+    out = set()
+    for item in items:
+        try:
+            if "-" in item.lstrip("-"):
+                lo, hi = (int(x) for x in item.split("-", 1))
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(item))
+        except ValueError:
+            raise AttnEditError(f"{what}: cannot read {item!r}; use 'all', indices like '0,3' or ranges like '0-11'") from None
+    bad = sorted(i for i in out if not 0 <= i < n_layers)
+    if bad:
+        raise AttnEditError(f"{what}: layer {bad[0]} does not exist; the model has layers 0-{n_layers - 1}")
+    return sorted(out)
+
+
+def _round_to(x: float, m: int) -> int:
+    return max(m, int(round(x / m)) * m)
+
+
+def plan_mla(s: MLASettings, spec: dict) -> dict:
+    """Fill MLA defaults from the teacher's shapes and reject impossible ones."""
+    d, kvh, heads, hidden = spec["head_dim"], spec["num_kv_heads"], spec["num_heads"], spec["hidden_size"]
+    rope = s.qk_rope_head_dim if s.qk_rope_head_dim is not None else max(2, d // 2 - (d // 2) % 2)
+    nope = s.qk_nope_head_dim if s.qk_nope_head_dim is not None else d - rope
+    v = s.v_head_dim if s.v_head_dim is not None else d
+    rank = s.kv_lora_rank if s.kv_lora_rank is not None else _round_to(kvh * d / 2, 16)
+    if rope < 2 or rope % 2:
+        raise AttnEditError(f"qk_rope_head_dim={rope}: must be an even number >= 2")
+    if nope < 0 or v < 1:
+        raise AttnEditError(f"qk_nope_head_dim={nope}, v_head_dim={v}: must be >= 0 and >= 1")
+    limit = min(hidden, heads * (nope + v))
+    if not 1 <= rank <= limit:
+        raise AttnEditError(f"kv_lora_rank={rank}: must be between 1 and {limit} (hidden size / per-head K+V width)")
+    if s.q_lora_rank is not None and not 1 <= s.q_lora_rank <= hidden:
+        raise AttnEditError(f"q_lora_rank={s.q_lora_rank}: must be between 1 and the hidden size {hidden}, or none")
+    if s.absorb not in ("auto", "always", "never"):
+        raise AttnEditError(f"absorb={s.absorb!r}: choose auto, always or never")
+    if s.init == "teacher" and (nope + rope != d or v != d or d % rope):
+        raise AttnEditError(
+            f"init=teacher for MLA needs qk_rope_head_dim dividing head_dim ({d}), "
+            f"qk_nope_head_dim + qk_rope_head_dim = {d} and v_head_dim = {d}; got {rope}/{nope}/{v}; "
+            "use these dims or init=random"
+        )
+    return {
+        "kind": "mla",
+        "kv_lora_rank": rank,
+        "q_lora_rank": s.q_lora_rank,
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": nope,
+        "v_head_dim": v,
+        "absorb": s.absorb,
+    }
+
+
+def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: set[int]) -> dict:
+    max_pos = getattr(config, "max_position_embeddings", None) or 4096
+    window = s.window if s.window is not None else min(1024, max(1, max_pos // 4))
+    if window < 1:
+        raise AttnEditError(f"window={window}: must be >= 1 token")
+    if s.sink < 0:
+        raise AttnEditError(f"sink={s.sink}: must be >= 0")
+    if s.gate not in ("elementwise", "headwise"):
+        raise AttnEditError(f"gate={s.gate!r}: choose elementwise or headwise")
+    if not 0.0 < s.gate_init < 1.0:
+        raise AttnEditError(f"gate_init={s.gate_init}: must be strictly between 0 and 1")
+    return {
+        "kind": "gateswa",
+        "layer_type": "full" if layer_idx in full else "sliding",
+        "window": window,
+        "sink": s.sink,
+        "gate": s.gate,
+        "gate_bias": math.log(s.gate_init / (1.0 - s.gate_init)),
+    }
+
+
+def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[list[dict], list[int]]:
+    """Per-layer attention descriptions for an edited model, and the indices of the edited layers."""
+    if settings.init not in ("random", "teacher"):
+        raise AttnEditError(f"init={settings.init!r}: choose random or teacher")
+    n = config.num_hidden_layers
+    spec = family.attention_spec(config)
+    edited = parse_layer_list(settings.layers, n, "layers")
+    if not edited:
+        raise AttnEditError("layers selects no layer; use 'all' or indices like '0-11'")
+    full = set(parse_layer_list(settings.full_layers, n, "full_layers")) if target == "gateswa" else set()
+    plan = []
+    for i in range(n):
+        if i not in edited:
+            plan.append({"kind": "dense", "window": family.window(config, i)})
+        elif target == "mla":
+            plan.append(plan_mla(settings, spec))
+        else:
+            plan.append(plan_gateswa(settings, spec, config, i, full))
+    return plan, edited

@@ -1,0 +1,38 @@
+"""Target attentions and the edited model class.
+
+Every file here is self-contained remote code: ``attnedit.export`` copies this folder's modules into
+each saved checkpoint, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works
+without attnedit installed.
+"""
+
+from .common import AttentionContext, RMSNorm, Rotary
+from .configuration_attnedit import AttnEditConfig
+from .dense import DenseAttention, KVCacheLayer
+from .gateswa import GateSWAAttention, SlidingKVCacheLayer
+from .mla import LatentCacheLayer, MLAAttention
+from .modeling_attnedit import AttnEditCache, AttnEditForCausalLM
+
+REMOTE_CODE_FILES = (
+    "common.py",
+    "configuration_attnedit.py",
+    "dense.py",
+    "gateswa.py",
+    "mla.py",
+    "modeling_attnedit.py",
+)
+
+__all__ = [
+    "AttentionContext",
+    "AttnEditCache",
+    "AttnEditConfig",
+    "AttnEditForCausalLM",
+    "DenseAttention",
+    "GateSWAAttention",
+    "KVCacheLayer",
+    "LatentCacheLayer",
+    "MLAAttention",
+    "REMOTE_CODE_FILES",
+    "RMSNorm",
+    "Rotary",
+    "SlidingKVCacheLayer",
+]

@@ -1,0 +1,54 @@
+"""Configuration of an edited model: the teacher's config plus one attention description per layer.
+
+``layer_attention[i]`` is a dict with ``kind`` in ``dense`` (the teacher's attention, unedited),
+``mla`` or ``gateswa`` and that kind's settings; ``attention`` describes the teacher's attention
+shapes (heads, head_dim, biases, QK-norm). The backbone (embeddings, MLP or MoE blocks, norms) is
+rebuilt from ``base_config`` by transformers itself.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+_COPIED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "rms_norm_eps",
+)
+
+
+class AttnEditConfig(PretrainedConfig):
+    model_type = "attnedit"
+
+    def __init__(
+        self,
+        base_config: dict | None = None,
+        attention: dict | None = None,
+        layer_attention: list | None = None,
+        family: str | None = None,
+        edit: dict | None = None,
+        **kwargs,
+    ):
+        self.base_config = dict(base_config or {})
+        self.attention = dict(attention or {})
+        self.layer_attention = [dict(x) for x in (layer_attention or [])]
+        self.family = family
+        self.edit = dict(edit or {})
+        for key in _COPIED:
+            if key in self.base_config and key not in kwargs:
+                kwargs[key] = self.base_config[key]
+        tie = kwargs.pop("tie_word_embeddings", False)
+        for key in _COPIED:
+            if key in kwargs and key not in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                setattr(self, key, kwargs.pop(key))
+        self.tie_word_embeddings = tie
+        super().__init__(**kwargs)
+        self.tie_word_embeddings = tie

@@ -1,0 +1,130 @@
+"""MLA: multi-head latent attention (DeepSeek-V2/V3 form) and its latent cache.
+
+    q            = q_proj(x)                     or  q_b_proj(q_a_layernorm(q_a_proj(x)))
+    [c_kv, k_pe] = kv_a_proj_with_mqa(x);  c_kv = kv_a_layernorm(c_kv)
+    [k_nope, v]  = kv_b_proj(c_kv)               (per head)
+    score        = (q_nope . k_nope + q_pe . rope(k_pe)) / sqrt(qk_nope_head_dim + qk_rope_head_dim)
+
+``k_pe`` is one RoPE key shared by all heads. The cache holds only ``c_kv`` and the rotated ``k_pe``:
+``kv_lora_rank + qk_rope_head_dim`` values per token per layer. Prefill and training use the
+expanded form; decoding absorbs ``W_uk`` into the query and ``W_uv`` into the output, which makes
+MLA a single-KV-head attention over the latent. Both give the same result (tested).
+Weight names are DeepSeek-V3's, so an export loads in stock DeepSeek-V3 code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, head_scale
+
+
+class LatentCacheLayer(CacheLayer):
+    """Keeps ``c_kv`` ``[batch, tokens, kv_lora_rank]`` and the rotated ``k_pe`` ``[batch, tokens, rope_dim]``."""
+
+    def __init__(self):
+        self.c_kv: torch.Tensor | None = None
+        self.k_pe: torch.Tensor | None = None
+        self.seen = 0
+
+    def tensors(self):
+        return [t for t in (self.c_kv, self.k_pe) if t is not None]
+
+    def update(self, c_kv, k_pe, ctx: AttentionContext):
+        if self.c_kv is None:
+            self.c_kv, self.k_pe = c_kv, k_pe
+        else:
+            self.c_kv = torch.cat([self.c_kv, c_kv], dim=1)
+            self.k_pe = torch.cat([self.k_pe, k_pe], dim=1)
+        self.seen += c_kv.shape[1]
+        return self.c_kv, self.k_pe, torch.arange(self.seen, device=c_kv.device)
+
+
+class MLAAttention(nn.Module):
+    kind = "mla"
+
+    def __init__(
+        self,
+        spec: dict,
+        base_config: dict,
+        layer_idx: int,
+        kv_lora_rank: int,
+        qk_rope_head_dim: int,
+        qk_nope_head_dim: int,
+        v_head_dim: int,
+        q_lora_rank: int | None = None,
+        absorb: str = "auto",
+    ):
+        super().__init__()
+        if absorb not in ("auto", "always", "never"):
+            raise ValueError(f"absorb must be auto, always or never, got {absorb!r}")
+        self.layer_idx = layer_idx
+        self.hidden_size = h = spec["hidden_size"]
+        self.num_heads = spec["num_heads"]
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.absorb = absorb
+        eps = spec["rms_norm_eps"]
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, self.num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * v_head_dim, h, bias=False)
+        self.rotary = Rotary(qk_rope_head_dim, base_config)
+
+    def new_cache(self) -> CacheLayer:
+        return LatentCacheLayer()
+
+    def kv_values_per_token(self, context: int) -> float:
+        return float(self.kv_lora_rank + self.qk_rope_head_dim)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def use_absorbed(self, ctx: AttentionContext) -> bool:
+        if self.absorb == "auto":
+            return ctx.cache is not None and ctx.q_len <= 16
+        return self.absorb == "always"
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        hds, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q = self.query(x).view(b, t, hds, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([nope, rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        cos, sin = ctx.rope(self.rotary, x.dtype)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
+        k_pe = apply_rope(k_pe, cos, sin)
+        if ctx.cache is not None:
+            c_kv, k_pe, key_index = ctx.cache.layers[self.layer_idx].update(c_kv, k_pe, ctx)
+        else:
+            key_index = torch.arange(t, device=x.device)
+        mask = ctx.mask(key_index)
+        scale = head_scale(self.qk_head_dim)
+        n = c_kv.shape[1]
+        if self.use_absorbed(ctx):
+            w = self.kv_b_proj.weight.view(hds, nope + self.v_head_dim, self.kv_lora_rank)
+            w_uk, w_uv = w[:, :nope], w[:, nope:]
+            q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+            keys = torch.cat([c_kv, k_pe], dim=-1)[:, None]
+            out = attend(torch.cat([q_lat, q_pe], dim=-1), keys, c_kv[:, None], mask, scale)
+            out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
+        else:
+            kv = self.kv_b_proj(c_kv).view(b, n, hds, nope + self.v_head_dim).transpose(1, 2)
+            k_nope, v = kv.split([nope, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, None].expand(b, hds, n, rope)], dim=-1)
+            out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, hds * self.v_head_dim))

