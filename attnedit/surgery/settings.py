@@ -59,7 +59,7 @@ def coerce(name: str, value, annotation):
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
         raise AttnEditError(f"{name} needs a value of type {getattr(base, '__name__', base)}")

