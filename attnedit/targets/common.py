@@ -103,12 +103,15 @@ class AttentionContext:
     def query_index(self, device) -> torch.Tensor:
         return torch.arange(self.past_length, self.past_length + self.q_len, device=device)
 
-    def mask(self, key_index: torch.Tensor, window: int | None = None, sink: int = 0) -> torch.Tensor | None:
+    def mask(
+        self, key_index: torch.Tensor, window: int | None = None, sink: int = 0, force: bool = False
+    ) -> torch.Tensor | None:
         """Boolean attention mask ``[B|1, 1, q_len, n_keys]`` (True = may attend), or None for plain causal.
 
         ``key_index`` holds the absolute index (0-based token count) of every key column. A key is visible
         when it is not in the future, not padding and, with a ``window``, among the last ``window`` tokens
-        (the query itself included) or among the first ``sink`` tokens.
+        (the query itself included) or among the first ``sink`` tokens. ``force`` returns the mask even
+        where plain causal attention (None) would do.
         """
         n = key_index.shape[0]
         plain = (
@@ -117,7 +120,7 @@ class AttentionContext:
             and n == self.past_length + self.q_len
             and (self.past_length == 0 or self.q_len == 1)
         )
-        if plain:
+        if plain and not force:
             return None
         q = self.query_index(key_index.device)[:, None]
         k = key_index[None, :]

@@ -119,8 +119,15 @@ class MLAAttention(nn.Module):
             w = self.kv_b_proj.weight.view(hds, nope + self.v_head_dim, self.kv_lora_rank)
             w_uk, w_uv = w[:, :nope], w[:, nope:]
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+            # one latent KV head shared by all heads: fold the heads into the query axis (an MQA read of
+            # the latent cache, never expanded per head)
+            queries = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, hds * t, -1)
             keys = torch.cat([c_kv, k_pe], dim=-1)[:, None]
-            out = attend(torch.cat([q_lat, q_pe], dim=-1), keys, c_kv[:, None], mask, scale)
+            if mask is None and t > 1:
+                mask = ctx.mask(key_index, force=True)
+            if mask is not None:
+                mask = mask.expand(-1, -1, t, -1).repeat(1, 1, hds, 1)
+            out = attend(queries, keys, c_kv[:, None], mask, scale).view(b, hds, t, self.kv_lora_rank)
             out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
         else:
             kv = self.kv_b_proj(c_kv).view(b, n, hds, nope + self.v_head_dim).transpose(1, 2)
