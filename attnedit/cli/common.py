@@ -8,7 +8,7 @@ import torch
 
 from ..errors import AttnEditError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_sets(items: list[str] | None) -> dict:
@@ -22,9 +22,12 @@ def parse_sets(items: list[str] | None) -> dict:
     return out
 
 
-def add_device_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
+def add_device_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=dtype_default, choices=sorted(DTYPES), help=f"weights' dtype (default {dtype_default})")
+    p.add_argument(
+        "--dtype", default=dtype_default, choices=sorted(DTYPES),
+        help=f"weights' dtype; auto = the checkpoint's own (default {dtype_default})",
+    )
 
 
 def device_of(args) -> torch.device:

@@ -129,7 +129,7 @@ def load_config(name: str):
         raise AttnEditError(f"cannot load a model config from {name!r}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(name: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
     """Load a causal LM (teacher or edited model) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
