@@ -143,7 +143,7 @@ def load_model(name: str, dtype: torch.dtype | str = torch.float32, device: str 
             f"Hugging Face id ({str(e).splitlines()[0]})"
         ) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model.to(device).eval(), tokenizer
