@@ -69,7 +69,7 @@ class MLAAttention(nn.Module):
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.absorb = absorb
-        eps = spec["rms_norm_eps"]
+        eps = 1e-6  # DeepSeek-V3's latent norms use 1e-6 whatever the model's eps: exports stay exact
         if q_lora_rank is None:
             self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
         else:
