@@ -40,7 +40,7 @@ class MLASettings(TargetSettings):
 @dataclass
 class GateSWASettings(TargetSettings):
     window: int | None = _help("tokens a sliding layer sees, itself included (default: 1024, at most a quarter of the max context)")
-    sink: int = _help("first tokens every sliding layer always sees", 0)
+    sink: int = _help("first tokens every sliding layer always sees (attention sinks; 0 doubles perplexity)", 4)
     full_layers: str = _help("full-attention layers: 'every:K' (layers K-1, 2K-1, ...), indices '3,9', or 'none'", "every:6")
     gate: str = _help("output gate: 'elementwise' (one per channel) or 'headwise' (one per head)", "elementwise")
     gate_init: float = _help("initial gate value sigmoid(bias), in (0, 1): near 1 = open", 0.98)
