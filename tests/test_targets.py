@@ -14,7 +14,7 @@ TARGET_CASES = {
     "mla-random": ("mla", {}),
     "mla-teacher": ("mla", {"init": "teacher"}),
     "mla-qlora": ("mla", {"q_lora_rank": 24, "kv_lora_rank": 24}),
-    "gateswa-random": ("gateswa", {"window": 5, "full_layers": "every:2"}),
+    "gateswa-random": ("gateswa", {"window": 5, "sink": 0, "full_layers": "every:2"}),
     "gateswa-teacher": ("gateswa", {"window": 6, "sink": 2, "init": "teacher", "gate": "headwise"}),
 }
 
