@@ -23,7 +23,7 @@ def teacher_dir(tmp_path_factory):
 
 def test_edit_then_inspect(tmp_path, teacher_dir):
     out = tmp_path / "edited"
-    res = attnedit("edit", str(teacher_dir), "--target", "gateswa", "--set", "window=8", "--set", "full_layers=every:2",
+    res = attnedit("edit", str(teacher_dir), "--target", "gateswa", "--set", "window=8", "--set", "sink=0", "--set", "full_layers=every:2",
                    "--out", str(out), "--context", "64")
     assert res.returncode == 0, res.stderr
     assert "gateswa-sliding" in res.stdout and "saved the edited" in res.stdout

@@ -116,7 +116,7 @@ def test_unedited_layers_keep_the_teachers_sliding_window():
 
     torch.manual_seed(0)
     teacher = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=5)).eval()
-    student = edit_model(teacher, "gateswa", {"init": "teacher", "window": 5, "layers": "2", "full_layers": "none"})
+    student = edit_model(teacher, "gateswa", {"init": "teacher", "window": 5, "sink": 0, "layers": "2", "full_layers": "none"})
     assert student.model.layers[0].self_attn.window == 5
     assert student.model.layers[0].self_attn.q_proj.weight is teacher.model.layers[0].self_attn.q_proj.weight
     ids = tiny_ids(length=17)
