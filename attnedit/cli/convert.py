@@ -1,0 +1,68 @@
+"""``attnedit convert``: run a recipe (edit -> stage 1 -> stage 2 -> saved model), or continue one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import AttnEditError
+from .common import parse_sets
+
+EPILOG = """\
+examples:
+  attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (<= 15 minutes)
+  attnedit convert recipes/smollm2-mla.yaml --dry-run           # the plan: layers, params, tokens, memory
+  attnedit convert recipes/smollm2-gateswa.yaml --set stage2.steps=2000 --set data.seq_len=2048
+  attnedit convert recipes/smollm2-mla.yaml --set stage1.steps=0 --out runs/stage2-only
+  attnedit convert runs/smollm2-mla --resume                    # continue an interrupted run
+
+The run folder (default runs/<recipe name>) gets recipe.yaml, metrics.jsonl, checkpoints/,
+summary.json and model/. `attnedit recipe --explain` lists every recipe field.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="run a recipe: edit -> stage 1 -> stage 2 -> saved model (resumable)",
+        description="Convert a teacher's attention as a recipe says: edit the model, train the new attention "
+        "layer by layer on the teacher's activations (stage 1), distil the whole model (stage 2), save it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="recipe YAML; or, with --resume, a run folder")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. stage1.lr=3e-4 (repeatable)")
+    p.add_argument("--out", help="run folder (default: runs/<recipe name>; with a run folder as source: that folder)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (layers, params, tokens, estimated memory) and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--resume", action="store_true", help="continue the run folder from its last good checkpoint")
+    p.add_argument(
+        "--progress", default="auto", choices=["auto", "bar", "lines", "none"],
+        help="progress display (auto: a bar on a terminal, else one line per log step)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..recipe import load_recipe
+    from ..stages import convert, format_plan, format_summary, make_plan
+
+    src = Path(args.source)
+    sets = parse_sets(args.set)
+    if src.is_dir():
+        if not (src / "recipe.yaml").is_file():
+            raise AttnEditError(f"{src} is a folder without recipe.yaml; give a recipe YAML or a run folder")
+        if not (args.resume or args.dry_run):
+            raise AttnEditError(f"{src} is a run folder; add --resume to continue it (or give a recipe YAML to start a new run)")
+        recipe, out = load_recipe(src / "recipe.yaml", sets), Path(args.out or src)
+    else:
+        recipe, out = load_recipe(src, sets), Path(args.out or Path("runs") / src.stem)
+    if args.dry_run:
+        plan = make_plan(recipe)
+        plan["run_dir"] = str(out)
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan) + f"\nrun folder       {out}")
+        return 0
+    summary = convert(recipe, out, resume=args.resume, progress=args.progress)
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,313 @@
+"""The training loop both stages share: AdamW with warm-up and decay, gradient accumulation and
+clipping, bf16 autocast where it pays, metrics, checkpoints, signals and non-finite recovery.
+
+A stage is a :class:`StageJob`: what trains, a loss function of one batch of token ids, and the
+data stream. The loop is deterministic given the seed: the learning rate is a pure function of the
+step (times a scale that only a non-finite restart changes), and everything else that evolves (weights,
+optimizer, data position, RNG) is in every checkpoint, so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import AttnEditError
+from ..recipe import Recipe, StageConfig
+from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class StageJob:
+    """One stage to run: ``loss_fn(ids) -> (loss, extras)``; extras are floats or per-layer lists."""
+
+    stage: int
+    cfg: StageConfig
+    params: list[tuple[str, nn.Parameter]]
+    loss_fn: LossFn
+    stream: object  # attnedit.data.BlockStream
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.seq_len
+
+
+def lr_at(step: int, cfg: StageConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine/linear/constant decay."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup - 1)
+    p = min(1.0, (step - cfg.warmup) / span)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - cfg.min_lr) * p
+    return cfg.lr
+
+
+def use_bf16(device: torch.device, precision: str) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision))
+
+
+def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg: StageConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm weights and biases are left alone)."""
+    decay = [p for _, p in params if p.dim() >= 2]
+    rest = [p for _, p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per logged step) plus TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.touch()
+        self.tb = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def offset(self) -> int:
+        return self.path.stat().st_size
+
+    def truncate(self, offset: int) -> None:
+        """Forget lines written after a checkpoint that a resume or restart goes back to."""
+        with open(self.path, "r+b") as fh:
+            fh.truncate(offset)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("stage", "step"):
+                    self.tb.add_scalar(f"stage{record['stage']}/{key}", value, record["step"])
+            self.tb.flush()
+
+
+class Run:
+    """One run folder while it trains: metrics, checkpoints, the summary so far, and stop requests."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, device: torch.device, summary: dict, progress: str = "auto"):
+        self.dir = Path(run_dir)
+        self.recipe = recipe
+        self.device = device
+        self.summary = summary
+        self.metrics = MetricsLog(self.dir)
+        self.progress = progress if progress != "auto" else ("bar" if sys.stderr.isatty() else "lines")
+        self.stop_signal: int | None = None
+        self.started = time.time()
+        self.wall_before = float(summary.get("wall_s", 0.0))
+        self.owned: list[tuple[str, nn.Parameter]] = []  # every trained weight: what checkpoints hold
+
+    def wall(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def checkpoint(self, job: StageJob, opt, step: int, lr_scale: float, restarts: int) -> Path:
+        self.summary["wall_s"] = self.wall()
+        info = self.summary.get(f"stage{job.stage}", {})
+        if "wall_start" in info:
+            info["wall_s"] = round(self.summary["wall_s"] - info["wall_start"], 1)
+        state = {
+            "version": 1,
+            "stage": job.stage,
+            "step": step,
+            "done": step >= job.cfg.steps,
+            "model": {n: p.detach().cpu().clone() for n, p in self.owned},
+            "optimizer": opt.state_dict(),
+            "lr_scale": lr_scale,
+            "restarts": restarts,
+            "data": job.stream.state_dict(),
+            "rng": rng_state(),
+            "metrics_offset": self.metrics.offset(),
+            "summary": self.summary,
+        }
+        return save_checkpoint(self.dir, state, self.recipe.keep_checkpoints)
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            print(f"\nattnedit: {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def load_weights(owned: list[tuple[str, nn.Parameter]], state: dict) -> None:
+    """Copy a checkpoint's weights into the live parameters (those it holds)."""
+    with torch.no_grad():
+        for name, p in owned:
+            if name in state["model"]:
+                p.copy_(state["model"][name])
+
+
+def _restore(run: Run, job: StageJob, opt, state: dict) -> None:
+    load_weights(run.owned, state)
+    opt.load_state_dict(state["optimizer"])
+    job.stream.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    run.metrics.truncate(state["metrics_offset"])
+    run.summary = state["summary"]
+
+
+class _Window:
+    """Running means of the loss and extras between two log lines."""
+
+    def __init__(self):
+        self.n, self.sums, self.t0, self.tokens = 0, {}, time.time(), 0
+
+    def add(self, values: dict, tokens: int) -> None:
+        self.n += 1
+        self.tokens += tokens
+        for k, v in values.items():
+            if isinstance(v, list):
+                prev = self.sums.get(k, [0.0] * len(v))
+                self.sums[k] = [a + b for a, b in zip(prev, v)]
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self) -> dict:
+        out = {}
+        for k, v in self.sums.items():
+            out[k] = [round(x / self.n, 6) for x in v] if isinstance(v, list) else v / self.n
+        return out
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(1e-9, time.time() - self.t0)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
+    """Run (or continue) one stage to its last step; the last logged metrics go to the summary."""
+    cfg, recipe = job.cfg, run.recipe
+    params = [p for _, p in job.params]
+    opt = make_optimizer(job.params, cfg)
+    step, lr_scale, restarts = 0, 1.0, 0
+    if resume is not None:
+        _restore(run, job, opt, resume)
+        step, lr_scale, restarts = resume["step"], resume["lr_scale"], resume["restarts"]
+    else:
+        run.checkpoint(job, opt, 0, lr_scale, restarts)  # the point a non-finite restart can go back to
+    bar = None
+    if run.progress == "bar":
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {job.stage}", unit="step", dynamic_ncols=True)
+    window, t_start, step_start = _Window(), time.time(), step
+    while step < cfg.steps:
+        lr = lr_at(step, cfg) * lr_scale
+        for group in opt.param_groups:
+            group["lr"] = lr
+        values, finite = {}, True
+        for _ in range(cfg.grad_accum):
+            ids = job.stream.next_batch(cfg.batch_size).to(run.device)
+            with autocast(run.device, cfg.precision):
+                loss, extras = job.loss_fn(ids)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.item(), **extras}.items():  # means over the micro-batches
+                if isinstance(v, list):
+                    values[k] = [a + b / cfg.grad_accum for a, b in zip(values.get(k, [0.0] * len(v)), v)]
+                else:
+                    values[k] = values.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")) if finite else None
+        if not finite or not torch.isfinite(grad_norm):
+            opt.zero_grad(set_to_none=True)
+            if restarts >= recipe.max_nonfinite_restarts:
+                raise AttnEditError(
+                    f"stage {job.stage} step {step + 1}: the loss is still non-finite after {restarts} restarts "
+                    f"with halved learning rates; lower stage{job.stage}.lr or raise max_nonfinite_restarts"
+                )
+            state = load_latest(run.dir)
+            _restore(run, job, opt, state)
+            step, lr_scale, restarts = state["step"], lr_scale * 0.5, restarts + 1
+            run.metrics.write({"stage": job.stage, "event": "nonfinite", "restored_step": step, "lr_scale": lr_scale})
+            print(f"attnedit: non-finite loss in stage {job.stage}; back to step {step}, lr x{lr_scale:g}", file=sys.stderr)
+            window = _Window()
+            if bar is not None:
+                bar.n = step
+                bar.refresh()
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        values["grad_norm"] = grad_norm.item()
+        window.add(values, job.tokens_per_step)
+        if step % recipe.log_every == 0 or step == cfg.steps:
+            means = window.means()
+            last = {"stage": job.stage, "step": step, "tokens": step * job.tokens_per_step, "lr": lr, **means}
+            last["tok_s"] = round(window.tokens_per_s(), 1)
+            run.metrics.write(last)
+            run.summary.setdefault(f"stage{job.stage}", {})["final"] = last
+            eta = (cfg.steps - step) * (time.time() - t_start) / max(1, step - step_start)
+            if bar is not None:
+                bar.set_postfix(loss=f"{means['loss']:.4g}", tok_s=f"{last['tok_s']:.0f}")
+            elif run.progress == "lines":
+                print(
+                    f"stage {job.stage} step {step}/{cfg.steps} loss {means['loss']:.4f} lr {lr:.2e} "
+                    f"{last['tok_s']:.0f} tok/s ETA {_fmt_eta(eta)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            window = _Window()
+        if bar is not None:
+            bar.update(1)
+        saved = False
+        if step % recipe.checkpoint_every == 0 or step == cfg.steps:
+            run.checkpoint(job, opt, step, lr_scale, restarts)
+            saved = True
+        if run.stop_signal is not None:
+            if not saved:
+                run.checkpoint(job, opt, step, lr_scale, restarts)
+            if bar is not None:
+                bar.close()
+            print(
+                f"attnedit: stopped at stage {job.stage} step {step}; checkpoint saved; "
+                f"continue with: attnedit convert {run.dir} --resume",
+                file=sys.stderr,
+            )
+            raise KeyboardInterrupt
+    if bar is not None:
+        bar.close()

