@@ -34,7 +34,7 @@ def test_layer_patterns():
         ("mla", {"kv_lora_rank": 10_000}, "kv_lora_rank=10000: must be between 1 and"),
         ("mla", {"kv_lora_rank": 0}, "kv_lora_rank=0"),
         ("mla", {"qk_rope_head_dim": 3}, "must be an even number"),
-        ("mla", {"init": "teacher", "qk_rope_head_dim": 6}, "init=teacher for MLA needs"),
+        ("mla", {"init": "teacher", "qk_nope_head_dim": 4}, "init=teacher for MLA needs"),
         ("mla", {"kv_lora_rank": "many"}, "is not a valid int"),
         ("mla", {"colour": "blue"}, "mla has no setting 'colour'"),
         ("gateswa", {"window": 0}, "window=0: must be >= 1"),

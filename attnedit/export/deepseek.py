@@ -51,7 +51,9 @@ def deepseek_v3_config(model) -> dict:
         raise AttnEditError("deepseek_v3 export needs a SiLU-gated MLP without biases")
     mla = layers[0]
     heads = cfg.attention["num_heads"]
-    rope_parameters = base.get("rope_parameters") or {"rope_type": "default", "rope_theta": base.get("rope_theta", 10000.0)}
+    rope_parameters = dict(base.get("rope_parameters") or {"rope_type": "default", "rope_theta": base.get("rope_theta", 10000.0)})
+    if mla.get("rope_theta") is not None:
+        rope_parameters["rope_theta"] = mla["rope_theta"]
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",

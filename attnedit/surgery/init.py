@@ -4,9 +4,10 @@ Teacher initialisation is approximate by nature and only a starting point for th
 
 * GateSWA copies q/k/v/o (and QK-norm); the gate starts at ``gate_init`` everywhere and ``o_proj`` is
   divided by it, so the layer starts as the teacher's attention restricted to its window.
-* MLA (TransMLA/MHA2MLA-style): the teacher's RoPE frequency pairs that MLA's smaller RoPE
-  reproduces exactly (every ``head_dim / qk_rope_head_dim``-th pair) become ``q_pe``/``k_pe`` (the
-  shared ``k_pe`` is the mean over KV heads); the other dims become ``q_nope``/``k_nope``; the
+* MLA (TransMLA/MHA2MLA-style): the teacher's ``qk_rope_head_dim / 2`` highest-frequency RoPE pairs,
+  which MLA's RoPE reproduces exactly (its base is ``theta ** (rope_dim / head_dim)``), become
+  ``q_pe``/``k_pe`` (the shared ``k_pe`` is the mean over KV heads); the low-frequency pairs, which
+  barely rotate over short distances, become ``q_nope``/``k_nope``; the
   keys' non-RoPE rows and the values are factored jointly, weighted by the layer's actual input
   statistics (activation-aware SVD), into ``kv_a_proj`` and ``kv_b_proj``. RMSNorms in the
   student's path (``kv_a_layernorm``, ``q_a_layernorm``) and a QK-norm in the teacher (Qwen3) are
@@ -95,8 +96,7 @@ def mla_from_teacher(student: MLAAttention, teacher: nn.Module, spec: dict, x: t
     wq = _norm_scale(teacher.q_proj.weight.double(), x, heads, getattr(teacher, "q_norm", None))
     wk = _norm_scale(teacher.k_proj.weight.double(), x, kvh, getattr(teacher, "k_norm", None))
     wv = teacher.v_proj.weight.double()
-    step = d // rope
-    pairs = torch.arange(0, d // 2, step)[: rope // 2]
+    pairs = torch.arange(rope // 2)  # the highest frequencies: MLA's RoPE reproduces exactly these
     rope_dims = torch.cat([pairs, pairs + d // 2])
     mask = torch.ones(d, dtype=torch.bool)
     mask[rope_dims] = False

@@ -35,6 +35,7 @@ class MLASettings(TargetSettings):
     qk_nope_head_dim: int | None = _help("per-head query/key size without RoPE (default: head_dim - rope dim)")
     v_head_dim: int | None = _help("per-head value size (default: the teacher's head_dim)")
     absorb: str = _help("decode with W_uk/W_uv absorbed: auto (when decoding), always, never", "auto")
+    rope_theta: float | None = _help("RoPE base of the shared key (default: theta^(rope_dim/head_dim): the teacher's highest frequencies)")
 
 
 @dataclass
@@ -132,7 +133,12 @@ def _round_to(x: float, m: int) -> int:
     return max(m, int(round(x / m)) * m)
 
 
-def plan_mla(s: MLASettings, spec: dict) -> dict:
+def teacher_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def plan_mla(s: MLASettings, spec: dict, config) -> dict:
     """Fill MLA defaults from the teacher's shapes and reject impossible ones."""
     d, kvh, heads, hidden = spec["head_dim"], spec["num_kv_heads"], spec["num_heads"], spec["hidden_size"]
     rope = s.qk_rope_head_dim if s.qk_rope_head_dim is not None else max(2, d // 2 - (d // 2) % 2)
@@ -150,12 +156,14 @@ def plan_mla(s: MLASettings, spec: dict) -> dict:
         raise AttnEditError(f"q_lora_rank={s.q_lora_rank}: must be between 1 and the hidden size {hidden}, or none")
     if s.absorb not in ("auto", "always", "never"):
         raise AttnEditError(f"absorb={s.absorb!r}: choose auto, always or never")
-    if s.init == "teacher" and (nope + rope != d or v != d or d % rope):
+    if s.init == "teacher" and (nope + rope != d or v != d):
         raise AttnEditError(
-            f"init=teacher for MLA needs qk_rope_head_dim dividing head_dim ({d}), "
-            f"qk_nope_head_dim + qk_rope_head_dim = {d} and v_head_dim = {d}; got {rope}/{nope}/{v}; "
-            "use these dims or init=random"
+            f"init=teacher for MLA needs qk_nope_head_dim + qk_rope_head_dim = head_dim ({d}) and "
+            f"v_head_dim = {d}; got {nope}+{rope} and {v}; use these dims or init=random"
         )
+    theta = s.rope_theta if s.rope_theta is not None else teacher_theta(config) ** (rope / d)
+    if theta <= 1.0:
+        raise AttnEditError(f"rope_theta={theta}: must be > 1")
     return {
         "kind": "mla",
         "kv_lora_rank": rank,
@@ -164,6 +172,7 @@ def plan_mla(s: MLASettings, spec: dict) -> dict:
         "qk_nope_head_dim": nope,
         "v_head_dim": v,
         "absorb": s.absorb,
+        "rope_theta": theta,
     }
 
 
@@ -203,7 +212,7 @@ def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[
         if i not in edited:
             plan.append({"kind": "dense", "window": family.window(config, i)})
         elif target == "mla":
-            plan.append(plan_mla(settings, spec))
+            plan.append(plan_mla(settings, spec, config))
         else:
             plan.append(plan_gateswa(settings, spec, config, i, full))
     return plan, edited

@@ -5,7 +5,9 @@
     [k_nope, v]  = kv_b_proj(c_kv)               (per head)
     score        = (q_nope . k_nope + q_pe . rope(k_pe)) / sqrt(qk_nope_head_dim + qk_rope_head_dim)
 
-``k_pe`` is one RoPE key shared by all heads. The cache holds only ``c_kv`` and the rotated ``k_pe``:
+``k_pe`` is one RoPE key shared by all heads. Its RoPE base defaults to ``theta ** (rope_dim / head_dim)``
+(teacher's ``theta``), which gives MLA's ``rope_dim / 2`` frequency pairs exactly the teacher's highest
+ones: the position-sensitive part of the teacher's attention keeps its RoPE. The cache holds only ``c_kv`` and the rotated ``k_pe``:
 ``kv_lora_rank + qk_rope_head_dim`` values per token per layer. Prefill and training use the
 expanded form; decoding absorbs ``W_uk`` into the query and ``W_uv`` into the output, which makes
 MLA a single-KV-head attention over the latent. Both give the same result (tested).
@@ -18,6 +20,17 @@ import torch
 import torch.nn as nn
 
 from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, head_scale
+
+
+def with_rope_theta(base_config: dict, theta: float | None) -> dict:
+    """The teacher's config with another RoPE base (None: unchanged)."""
+    if theta is None:
+        return base_config
+    cfg = dict(base_config)
+    params = dict(cfg.get("rope_parameters") or {"rope_type": "default"})
+    params["rope_theta"] = theta
+    cfg["rope_parameters"], cfg["rope_theta"] = params, theta
+    return cfg
 
 
 class LatentCacheLayer(CacheLayer):
@@ -55,6 +68,7 @@ class MLAAttention(nn.Module):
         v_head_dim: int,
         q_lora_rank: int | None = None,
         absorb: str = "auto",
+        rope_theta: float | None = None,
     ):
         super().__init__()
         if absorb not in ("auto", "always", "never"):
@@ -80,7 +94,8 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps)
         self.kv_b_proj = nn.Linear(kv_lora_rank, self.num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * v_head_dim, h, bias=False)
-        self.rotary = Rotary(qk_rope_head_dim, base_config)
+        self.rope_theta = rope_theta
+        self.rotary = Rotary(qk_rope_head_dim, with_rope_theta(base_config, rope_theta))
 
     def new_cache(self) -> CacheLayer:
         return LatentCacheLayer()
