@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import AttnEditError
 
 # subcommand modules, in the order the pipeline runs; each defines add_parser(subparsers)
-COMMANDS = ["edit", "inspect_cmd"]
+COMMANDS = ["edit", "recipe_cmd", "convert", "inspect_cmd", "eval_cmd", "bench_cmd", "passkey_cmd", "report_cmd", "export_cmd"]
 
 DESCRIPTION = """\
 attnedit converts a trained causal LM's attention into a cheaper one (MLA or gated hybrid

@@ -1,0 +1,113 @@
+"""Synthetic passkey retrieval: can the model fetch a 5-digit key hidden at a given depth of filler?
+
+Each prompt is exactly ``context`` tokens: an instruction, repeated filler sentences with the key
+sentence placed at ``depth`` (0 = right after the instruction, 1 = right before the question), and
+the question ``What is the pass key? The pass key is``. The model answers greedily through its real
+cache; a trial counts when the first number it writes is the key. Student and teacher see the same
+prompts (the student's tokenizer, which is the teacher's).
+
+Sliding-window layers cannot see a key further back than their window; only full-attention layers
+(and sink tokens) can carry it, so the accuracy grid shows what a hybrid layout keeps and loses.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import torch
+
+from ..errors import AttnEditError
+from .bench import check_contexts, generate_greedy
+
+INSTRUCTION = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n"
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> list[int]:
+    """Token ids of one prompt of exactly ``context`` tokens with ``key`` at ``depth`` (0..1) of the filler."""
+    if not 0.0 <= depth <= 1.0:
+        raise AttnEditError(f"depth {depth} is outside 0..1; give depths as fractions, e.g. --depths 0,0.5,1")
+    start = tokenizer("")["input_ids"]  # the special tokens this tokenizer puts first (BOS), if any
+    head, needle, question = (
+        _tokens(tokenizer, INSTRUCTION),
+        _tokens(tokenizer, NEEDLE.format(key=key)),
+        _tokens(tokenizer, QUESTION),
+    )
+    n_fill = context - len(start) - len(head) - len(needle) - len(question)
+    if n_fill < 0:
+        raise AttnEditError(
+            f"context {context} is too short for a passkey prompt; use at least {context - n_fill} tokens"
+        )
+    unit = _tokens(tokenizer, FILLER)
+    filler = (unit * (n_fill // len(unit) + 1))[:n_fill]
+    cut = round(depth * n_fill)
+    return start + head + filler[:cut] + needle + filler[cut:] + question
+
+
+def answer_is(text: str, key: str) -> bool:
+    """Whether the first number in ``text`` is ``key``."""
+    found = re.search(r"\d+", text)
+    return found is not None and found.group() == key
+
+
+def trial_keys(trials: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [str(rng.randint(10000, 99999)) for _ in range(trials)]
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, context: int, depth: float, keys: list[str], new_tokens: int = 8) -> float:
+    """Fraction of ``keys`` the model retrieves at (``context``, ``depth``); all trials run as one batch."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([passkey_prompt(tokenizer, context, depth, k) for k in keys], device=device)
+    answers = tokenizer.batch_decode(generate_greedy(model, ids, new_tokens).cpu(), skip_special_tokens=True)
+    return sum(answer_is(a, k) for a, k in zip(answers, keys)) / len(keys)
+
+
+def run_passkey(
+    models: dict, tokenizer, contexts: list[int], depths: list[float], trials: int = 5, seed: int = 0, log=print
+) -> dict:
+    """Accuracy per (context, depth) for each model in ``models``, as ``passkey.json``:
+    ``{"contexts": [...], "depths": [...], "trials": int, NAME: [[accuracy per depth] per context], ...}``."""
+    if tokenizer is None:
+        raise AttnEditError(
+            "the model folder has no tokenizer; passkey retrieval needs one (save it with the checkpoint)"
+        )
+    if trials < 1 or not contexts or not depths:
+        raise AttnEditError("passkey needs at least one context, one depth and one trial")
+    for name, model in models.items():
+        check_contexts(model.config, contexts, f"the {name}")
+        if model.config.vocab_size < len(tokenizer):
+            raise AttnEditError(
+                f"the {name}'s vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})"
+            )
+    keys = trial_keys(trials, seed)
+    result = {"contexts": list(contexts), "depths": list(depths), "trials": trials}
+    for name, model in models.items():
+        grid = []
+        for context in contexts:
+            grid.append([passkey_accuracy(model, tokenizer, context, d, keys) for d in depths])
+            log(f"passkey {name} context {context}: " + " ".join(f"{a:.2f}" for a in grid[-1]))
+        result[name] = grid
+    return result
+
+
+def format_passkey(result: dict) -> str:
+    from ..tables import text_table
+
+    names = [n for n in ("student", "teacher") if n in result]
+    headers = ["model", "context"] + [f"depth {d:g}" for d in result["depths"]]
+    rows = [[n, c] + [f"{a:.2f}" for a in accs] for n in names for c, accs in zip(result["contexts"], result[n])]
+    right = set(range(1, len(headers)))
+    return f"passkey retrieval, accuracy over {result['trials']} trials per cell\n" + text_table(headers, rows, right)

@@ -1,0 +1,326 @@
+"""``report.md`` for a conversion run folder, from whichever of its inputs exist.
+
+Inputs (all optional, at least one needed): ``model/config.json`` (the edited checkpoint),
+``metrics.jsonl`` (training log), ``summary.json``, ``eval.json``, ``bench.json``, ``passkey.json``
+(layouts in the module docstrings of ``attnedit.eval``). Every section whose input is missing says
+which command makes it. The report and its PNGs are written into the run folder itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import AttnEditError
+from ..tables import human_bytes, markdown_table
+from . import plots
+
+INPUTS = ("model/config.json", "metrics.jsonl", "summary.json", "eval.json", "bench.json", "passkey.json")
+REQUIRED_KEYS = {
+    "eval.json": ("tasks",),
+    "bench.json": ("runs", "kv"),
+    "passkey.json": ("contexts", "depths", "trials"),
+}
+
+
+# -------------------------------------------------------------------------------------------- inputs
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, None if the file is absent; a one-line error if it is malformed."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AttnEditError(
+            f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-run the command that writes it"
+        ) from None
+    missing = [k for k in REQUIRED_KEYS.get(path.name, ()) if not isinstance(data, dict) or k not in data]
+    if not isinstance(data, dict) or missing:
+        raise AttnEditError(f"{path} lacks {', '.join(missing) or 'a JSON object'}; re-run the command that writes it")
+    return data
+
+
+def read_metrics(path: Path) -> list[dict] | None:
+    """``metrics.jsonl`` records that carry a stage and a finite loss (events are skipped); stage 1 -> "stage1"."""
+    if not path.is_file():
+        return None
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AttnEditError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if (
+            isinstance(r, dict)
+            and "stage" in r
+            and isinstance(r.get("loss"), (int, float))
+            and math.isfinite(r["loss"])
+        ):
+            stage = r["stage"]
+            records.append({**r, "stage": f"stage{stage}" if isinstance(stage, int) else str(stage)})
+    return records
+
+
+def read_model_config(run: Path):
+    """The edited model's config (no remote code needed: the classes are attnedit's own), or None."""
+    path = run / "model" / "config.json"
+    if not path.is_file():
+        return None
+    from ..targets import AttnEditConfig
+
+    if json.loads(path.read_text()).get("model_type") != "attnedit":
+        raise AttnEditError(
+            f"{path} is not an attnedit (edited) model config; the run's model/ should come from attnedit"
+        )
+    return AttnEditConfig.from_pretrained(path.parent)
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _pm(value, err) -> str:
+    if not isinstance(value, (int, float)):
+        return "-" if value is None else str(value)
+    return f"{value:.4g}" if not isinstance(err, (int, float)) else f"{value:.4g} ± {err:.2g}"
+
+
+def quality_table(eval_json: dict) -> str:
+    rows = []
+    for task, t in eval_json["tasks"].items():
+        student, teacher, ratio = t.get("student") or {}, t.get("teacher") or {}, t.get("ratio") or {}
+        metrics = [m for m in student if not m.endswith("_stderr")] or [m for m in teacher if not m.endswith("_stderr")]
+        for m in metrics:
+            r = ratio.get(m)
+            rows.append(
+                [
+                    task,
+                    m,
+                    _pm(student.get(m), student.get(f"{m}_stderr")),
+                    _pm(teacher.get(m), teacher.get(f"{m}_stderr")),
+                    "-" if r is None else f"{r:.3f}",
+                ]
+            )
+    return markdown_table(["task", "metric", "student", "teacher", "student / teacher"], rows)
+
+
+def efficiency_table(bench: dict) -> str:
+    def fig(run, name, key, fmt):
+        f = run.get(name)
+        v = None if f is None else f.get(key)
+        return "-" if v is None else fmt(v)
+
+    def ratio(run, key):
+        v = (run.get("ratio") or {}).get(key)
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = []
+    for r in bench["runs"]:
+        rows.append(
+            [
+                r["batch"],
+                r["context"],
+                fig(r, "student", "ttft_ms", "{:,.1f}".format),
+                fig(r, "teacher", "ttft_ms", "{:,.1f}".format),
+                ratio(r, "ttft_ms"),
+                fig(r, "student", "decode_tok_s", "{:,.0f}".format),
+                fig(r, "teacher", "decode_tok_s", "{:,.0f}".format),
+                ratio(r, "decode_tok_s"),
+                fig(r, "student", "kv_bytes_measured", human_bytes),
+                fig(r, "teacher", "kv_bytes_measured", human_bytes),
+                ratio(r, "kv_bytes_measured"),
+                fig(r, "student", "peak_mem_bytes", human_bytes),
+                fig(r, "teacher", "peak_mem_bytes", human_bytes),
+            ]
+        )
+    headers = [
+        "batch",
+        "context",
+        "TTFT ms (S)",
+        "TTFT ms (T)",
+        "S/T",
+        "decode tok/s (S)",
+        "decode tok/s (T)",
+        "S/T",
+        "KV (S)",
+        "KV (T)",
+        "S/T",
+        "peak mem (S)",
+        "peak mem (T)",
+    ]
+    notes = [
+        f"- {name}: batch {r['batch']} at context {r['context']} does not fit in memory; the largest batch that fits is {best}."
+        for r in bench["runs"]
+        for name, best in (r.get("largest_batch") or {}).items()
+    ]
+    return "\n".join([markdown_table(headers, rows)] + ([""] + notes if notes else []))
+
+
+def kv_series(config, dtype: str) -> tuple[list[int], list[float], list[float]]:
+    """KV bytes per token of the student and its teacher at powers of two up to the max context."""
+    from ..eval.bench import max_context
+    from ..eval.kv import kv_summary
+    from ..targets.modeling_attnedit import base_config_object
+
+    teacher = base_config_object(config.base_config)
+    limit = max_context(config) or 32768
+    contexts = [2**k for k in range(7, int(math.log2(limit)) + 1)] or [limit]
+    student = [kv_summary(config, c, dtype)["kv_bytes_per_token"] for c in contexts]
+    return contexts, student, [kv_summary(teacher, c, dtype)["kv_bytes_per_token"] for c in contexts]
+
+
+def passkey_tables(passkey: dict) -> str:
+    out = []
+    for name in ("student", "teacher"):
+        if passkey.get(name) is None:
+            continue
+        rows = [[c] + [f"{a:.2f}" for a in accs] for c, accs in zip(passkey["contexts"], passkey[name])]
+        out.append(f"**{name}**\n\n" + markdown_table(["context"] + [f"depth {d:g}" for d in passkey["depths"]], rows))
+    return "\n\n".join(out)
+
+
+def _missing(what: str, command: str) -> str:
+    return f"_No {what} in this run folder yet. Make it with:_\n\n```\n{command}\n```"
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and its PNGs into ``run_dir``; return the report's path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise AttnEditError(f"{run} is not a folder; give a run folder written by attnedit convert")
+    if not any((run / name).is_file() for name in INPUTS):
+        raise AttnEditError(f"{run} holds none of {', '.join(INPUTS)}; give a run folder written by attnedit convert")
+    config = read_model_config(run)
+    metrics = read_metrics(run / "metrics.jsonl")
+    summary, eval_json = read_json(run / "summary.json"), read_json(run / "eval.json")
+    bench, passkey = read_json(run / "bench.json"), read_json(run / "passkey.json")
+    names = [
+        (eval_json or {}).get("teacher"),
+        (bench or {}).get("teacher"),
+        (passkey or {}).get("teacher_model"),
+        (summary or {}).get("teacher"),
+    ]
+    teacher = next((n for n in names if isinstance(n, str)), "TEACHER")
+    model = f"{run}/model"
+
+    lines = [f"# attnedit report: {run.resolve().name}", ""]
+    if config is not None:
+        edit = config.edit or {}
+        settings = ", ".join(f"{k}={v}" for k, v in (edit.get("settings") or {}).items())
+        layers = f"{len(edit.get('edited_layers', []))} of {len(config.layer_attention)} layers"
+        lines += [
+            f"Model `{model}`: target **{edit.get('target', '?')}** on {layers} ({settings}); teacher `{teacher}`.",
+            "",
+        ]
+    if summary:
+        scalars = [[k, v] for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+        if scalars:
+            lines += ["## Summary", "", markdown_table(["key", "value"], scalars), ""]
+
+    lines += ["## Training", ""]
+    if metrics:
+        plots.loss_curves(metrics, run / "loss_curves.png")
+        per_stage = {}
+        for r in metrics:
+            per_stage.setdefault(r["stage"], []).append(r)
+        rows = [
+            [s, len(rs), rs[-1].get("tokens", "-"), f"{rs[0]['loss']:.4g}", f"{rs[-1]['loss']:.4g}"]
+            for s, rs in sorted(per_stage.items())
+        ]
+        lines += [
+            "![loss curves](loss_curves.png)",
+            "",
+            markdown_table(["stage", "logged steps", "tokens", "first loss", "last loss"], rows),
+        ]
+    else:
+        lines += [_missing("training log (metrics.jsonl)", f"attnedit convert ...   # writes {run}/metrics.jsonl")]
+
+    lines += ["", "## Quality", ""]
+    if eval_json:
+        lines += [
+            f"Student vs teacher on the same data (limit: {eval_json.get('limit')}).",
+            "",
+            quality_table(eval_json),
+        ]
+    else:
+        lines += [
+            _missing("quality figures (eval.json)", f"attnedit eval {model} --teacher {teacher} --save {run}/eval.json")
+        ]
+
+    lines += ["", "## Efficiency", ""]
+    if bench:
+        measured = any(r.get(n) for r in bench["runs"] for n in ("student", "teacher"))
+        if measured:
+            plots.speed_vs_batch(bench, run / "speed_vs_batch.png")
+        lines += [
+            (
+                f"Device {bench.get('device')}, {bench.get('dtype')}, {bench.get('decode_tokens', '?')} decode tokens after the "
+                f"first, {bench.get('timing', 'timing')} over {bench.get('repeats', '?')} runs. KV = bytes the cache holds after "
+                "the prefill (whole batch); peak mem = the model's own weights plus the peak it allocates while generating "
+                "(null on CPU)."
+            ),
+            "",
+            efficiency_table(bench),
+        ]
+        if measured:
+            lines += ["", "![decode tokens/s and time to first token vs batch](speed_vs_batch.png)"]
+    else:
+        lines += [
+            _missing(
+                "efficiency figures (bench.json)", f"attnedit bench {model} --teacher {teacher} --save {run}/bench.json"
+            )
+        ]
+
+    lines += ["", "## KV cache", ""]
+    if config is not None:
+        dtype = (bench or {}).get("dtype") or "bfloat16"
+        contexts, student, teacher_kv = kv_series(config, dtype)
+        plots.kv_vs_context(contexts, student, teacher_kv, dtype, run / "kv_vs_context.png")
+        rows = [
+            [c, human_bytes(s), human_bytes(t), f"{s / t:.3f}", human_bytes(s * c), human_bytes(t * c)]
+            for c, s, t in zip(contexts, student, teacher_kv)
+        ]
+        lines += [
+            "Analytic, from the configs (`attnedit inspect`); the bench's measured bytes match these.",
+            "",
+            "![KV bytes vs context](kv_vs_context.png)",
+            "",
+            markdown_table(
+                ["context", "per token (S)", "per token (T)", "S/T", "per sequence (S)", "per sequence (T)"], rows
+            ),
+        ]
+    else:
+        lines += [
+            _missing(
+                "model checkpoint (model/config.json)",
+                f"attnedit convert ...   # or: attnedit edit {teacher} --target ... --out {model}",
+            )
+        ]
+
+    lines += ["", "## Long context: passkey retrieval", ""]
+    if passkey:
+        plots.passkey_heatmaps(passkey, run / "passkey.png")
+        intro = (
+            f"Accuracy per (context, depth) over {passkey['trials']} trials; depth 0 puts the key at the start of the "
+            "filler, 1 right before the question. Sliding layers only see their window, so this shows what the full "
+            "layers (and sink tokens) keep."
+        )
+        lines += [intro, "", "![passkey accuracy](passkey.png)", "", passkey_tables(passkey)]
+    else:
+        lines += [
+            _missing(
+                "passkey results (passkey.json)",
+                f"attnedit passkey {model} --teacher {teacher} --save {run}/passkey.json",
+            )
+        ]
+
+    out = run / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

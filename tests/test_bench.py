@@ -1,0 +1,194 @@
+"""attnedit bench and passkey on tiny models (CPU): KV bytes measured == analytic, OOM handling, grids, CLI."""
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_teacher
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from attnedit.cli.main import main
+from attnedit.errors import AttnEditError
+from attnedit.eval import bench
+from attnedit.eval.bench import BenchSettings, format_bench, largest_fit, run_bench
+from attnedit.eval.passkey import (
+    INSTRUCTION,
+    NEEDLE,
+    QUESTION,
+    answer_is,
+    passkey_prompt,
+    run_passkey,
+)
+from attnedit.export import save_edited
+from attnedit.surgery import edit_model
+
+GATESWA = {"window": 8, "sink": 2, "full_layers": "every:2"}
+SMALL = BenchSettings(contexts=[6, 24], batches=[1, 2], decode_tokens=3, repeats=1, warmup=0)
+
+
+def char_tokenizer():
+    """A character-level tokenizer built offline, small enough for the tiny models' 96-token vocabulary."""
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzTGFIHWR0123456789 .?\n"))
+    vocab = {"<unk>": 0, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    teacher = tiny_teacher("qwen3")
+    return edit_model(teacher, "gateswa", GATESWA), teacher
+
+
+@pytest.mark.parametrize("target,args", [("gateswa", GATESWA), ("mla", {"kv_lora_rank": 24})])
+def test_measured_kv_equals_analytic(target, args):
+    teacher = tiny_teacher("llama")
+    student = edit_model(teacher, target, args)
+    result = run_bench(student, teacher, SMALL, "float32", log=lambda _: None)
+    assert [(r["batch"], r["context"]) for r in result["runs"]] == [(1, 6), (2, 6), (1, 24), (2, 24)]
+    for r in result["runs"]:
+        for name in ("student", "teacher"):
+            f = r[name]
+            assert f["kv_bytes_measured"] == f["kv_bytes_analytic"] > 0
+            assert f["ttft_ms"] > 0 and f["decode_tok_s"] > 0 and f["peak_mem_bytes"] is None
+        # the edited cache is smaller than the teacher's, except a window longer than the context
+        assert r["ratio"]["kv_bytes_measured"] < 1 or (target == "gateswa" and r["context"] < 8 + 2)
+    teacher_per_token = 2 * 4 * 2 * 16 * 4  # 2 (K,V) * layers * kv heads * head dim * fp32 bytes
+    assert result["kv"]["teacher"]["bytes_per_token"] == [teacher_per_token] * 2
+    json.dumps(result)  # the bench.json layout is plain JSON
+
+
+def test_sliding_cache_stays_bounded(pair):
+    student, teacher = pair
+    long = run_bench(student, teacher, BenchSettings([48], [1], 2, 1, 0), "float32", log=lambda _: None)["runs"][0]
+    short = run_bench(student, teacher, BenchSettings([24], [1], 2, 1, 0), "float32", log=lambda _: None)["runs"][0]
+    # two sliding layers hold window + sink = 10 tokens whatever the context; two full layers grow
+    growth = long["student"]["kv_bytes_measured"] - short["student"]["kv_bytes_measured"]
+    assert growth == 2 * 2 * 2 * 16 * 4 * 24  # full layers * (K,V) * kv heads * head dim * 4 bytes * 24 tokens
+    assert long["teacher"]["kv_bytes_measured"] == 2 * short["teacher"]["kv_bytes_measured"]
+
+
+def test_largest_fit_searches_downward():
+    assert largest_fit(lambda b: b <= 5, 64) == 5
+    assert largest_fit(lambda b: b <= 5, 6) == 5
+    assert largest_fit(lambda b: b <= 40, 64) == 40
+    assert largest_fit(lambda b: False, 8) == 0
+
+
+def test_batch_that_does_not_fit_reports_largest(pair, monkeypatch):
+    student, teacher = pair
+    real = bench.run_once
+
+    def limited(model, batch, *args, **kwargs):
+        if batch > (3 if model is student else 5):
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_once", limited)
+    lines = []
+    result = run_bench(student, teacher, BenchSettings([8], [2, 8, 16], 2, 1, 0), "float32", log=lines.append)
+    fit, big, bigger = result["runs"]
+    assert fit["student"] and fit["teacher"] and "largest_batch" not in fit
+    assert big["student"] is None and big["teacher"] is None and big["largest_batch"] == {"student": 3, "teacher": 5}
+    assert bigger["largest_batch"] == {"student": 3, "teacher": 5} and bigger["ratio"]["decode_tok_s"] is None
+    assert any("the largest that fits is 3" in line for line in lines)
+    assert "largest that fits: 5" in format_bench(result)
+
+
+def test_bad_requests(pair):
+    student, teacher = pair
+    with pytest.raises(AttnEditError, match="longer than the student supports"):
+        run_bench(student, teacher, BenchSettings([1024], [1], 2), "float32")
+    with pytest.raises(AttnEditError, match="not an edited"):
+        run_bench(teacher, teacher, SMALL, "float32")
+    with pytest.raises(AttnEditError, match="positive integers"):
+        BenchSettings([0], [1])
+
+
+# ---------------------------------------------------------------------------------------------- passkey
+
+
+def test_passkey_prompt_has_exact_length_and_depth():
+    tok = char_tokenizer()  # one token per character
+    n_fill = 400 - len(INSTRUCTION) - len(NEEDLE.format(key="12345")) - len(QUESTION)
+    for depth in (0.0, 0.5, 1.0):
+        ids = passkey_prompt(tok, 400, depth, "12345")
+        text = tok.decode(ids)
+        assert len(ids) == 400 and text.count("12345") == 2
+        assert text.startswith(INSTRUCTION) and text.endswith(QUESTION)
+        assert text.index("The pass key") == len(INSTRUCTION) + round(depth * n_fill)
+    with pytest.raises(AttnEditError, match="too short"):
+        passkey_prompt(tok, 50, 0.5, "12345")
+    with pytest.raises(AttnEditError, match="outside 0..1"):
+        passkey_prompt(tok, 400, 1.5, "12345")
+
+
+def test_answer_parsing():
+    assert answer_is(" 12345. Remember", "12345")
+    assert not answer_is(" 1234 5", "12345") and not answer_is(" none", "12345") and not answer_is("123456", "12345")
+
+
+def test_passkey_grid(pair):
+    student, teacher = pair
+    result = run_passkey(
+        {"student": student, "teacher": teacher}, char_tokenizer(), [240, 300], [0.0, 0.5, 1.0], 3, log=lambda _: None
+    )
+    for name in ("student", "teacher"):
+        grid = result[name]
+        assert len(grid) == 2 and all(len(row) == 3 for row in grid)
+        assert all(a * 3 in (0, 1, 2, 3) for row in grid for a in row)
+    assert json.loads(json.dumps(result))["trials"] == 3
+    with pytest.raises(AttnEditError, match="longer than"):
+        run_passkey({"student": student}, char_tokenizer(), [4096], [0.5], 1)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
+    student, teacher = pair
+    save_edited(student, tmp_path / "student", char_tokenizer())
+    teacher.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "run" / "bench.json"
+    common = [str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--device", "cpu"]
+    args = [
+        "bench",
+        *common,
+        "--contexts",
+        "240",
+        "--batches",
+        "1,2",
+        "--decode-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    assert main([*args, "--save", str(out), "--passkey"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["teacher"] == str(tmp_path / "teacher") and saved["dtype"] == "float32"
+    assert all(
+        r[n]["kv_bytes_measured"] == r[n]["kv_bytes_analytic"] for r in saved["runs"] for n in ("student", "teacher")
+    )
+    passkey = json.loads((out.parent / "passkey.json").read_text())
+    assert passkey["contexts"] == [240] and len(passkey["student"][0]) == len(passkey["depths"])
+    assert "decode tok/s S" in capsys.readouterr().out
+
+    assert main(["bench", *common, "--contexts", "4096"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnedit: error: context 4096 is longer than") and "\n" not in err
+    assert (
+        main(["passkey", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher"), "--contexts", "240"]) == 2
+    )
+    assert "not an edited model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_teacher_retrieves_the_key(smollm2):
+    """With SmolLM2 the prompt, greedy decoding and answer parsing work end to end (it finds every key)."""
+    model, tokenizer = smollm2
+    result = run_passkey({"teacher": model}, tokenizer, [256], [0.0, 1.0], 1, log=lambda _: None)
+    assert result["teacher"] == [[1.0, 1.0]]

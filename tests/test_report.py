@@ -1,0 +1,133 @@
+"""attnedit report: report.md and PNGs from a synthetic run folder; missing inputs; bad inputs."""
+
+import json
+import math
+
+import pytest
+from tiny import tiny_teacher
+
+from attnedit.cli.main import main
+from attnedit.errors import AttnEditError
+from attnedit.eval.bench import BenchSettings, run_bench
+from attnedit.export import save_edited
+from attnedit.report import build_report
+from attnedit.surgery import edit_model
+
+PNGS = ("loss_curves.png", "kv_vs_context.png", "speed_vs_batch.png", "passkey.png")
+
+
+def _metrics() -> str:
+    """Lines as the trainer writes them: stage 1 with per-layer figures, stage 2 with its loss terms, an event."""
+    lines = []
+    for step in range(40):
+        loss = math.exp(-step / 10)
+        lines.append(
+            {
+                "stage": 1,
+                "step": step,
+                "tokens": 4096 * (step + 1),
+                "loss": loss,
+                "lr": 1e-3,
+                "layer_loss": [loss * (1 + i / 4) for i in range(4)],
+                "layer_rel_err": [0.5 * loss * (1 + i) for i in range(4)],
+            }
+        )
+    for step in range(30):
+        kl, ce = 3 * math.exp(-step / 10), 2 + math.exp(-step / 10)
+        lines.append({"stage": 2, "step": step, "tokens": 4096 * (step + 1), "loss": kl + 0.1 * ce, "kl": kl, "ce": ce})
+    lines.append({"stage": 1, "event": "nonfinite", "restored_step": 20, "lr_scale": 0.5})  # no loss: skipped
+    return "\n".join(json.dumps(x) for x in lines) + "\n"
+
+
+EVAL = {
+    "model": "run/model",
+    "teacher": "tiny-teacher",
+    "limit": 100,
+    "tasks": {
+        "wikitext2": {
+            "student": {"ppl": 21.5, "nll": 3.07, "tokens": 5000},
+            "teacher": {"ppl": 19.0, "nll": 2.94, "tokens": 5000},
+            "ratio": {"ppl": 1.13, "nll": 1.04, "tokens": 1.0},
+        },
+        "arc_easy": {
+            "student": {"acc": 0.55, "acc_stderr": 0.05, "acc_norm": 0.5, "acc_norm_stderr": 0.05},
+            "teacher": {"acc": 0.56, "acc_stderr": 0.05, "acc_norm": 0.52, "acc_norm_stderr": 0.05},
+            "ratio": {"acc": 0.982, "acc_norm": 0.962},
+        },
+    },
+}
+PASSKEY = {
+    "contexts": [256, 1024],
+    "depths": [0.0, 0.5, 1.0],
+    "trials": 4,
+    "student": [[0.25, 0.5, 1.0], [0.0, 0.25, 1.0]],
+    "teacher": [[1.0, 1.0, 1.0], [1.0, 0.75, 1.0]],
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    teacher = tiny_teacher("llama")
+    student = edit_model(teacher, "gateswa", {"window": 16, "full_layers": "every:2"})
+    save_edited(student, run / "model")
+    (run / "metrics.jsonl").write_text(_metrics())
+    (run / "summary.json").write_text(
+        json.dumps({"target": "gateswa", "stage1_tokens": 163840, "teacher": "tiny-teacher"})
+    )
+    (run / "eval.json").write_text(json.dumps(EVAL))
+    bench = run_bench(student, teacher, BenchSettings([32, 64], [1, 2], 2, 1, 0), "float32", log=lambda _: None)
+    last = bench["runs"][-1]  # as if the student's batch 2 at context 64 did not fit
+    last["student"], last["largest_batch"], last["ratio"] = None, {"student": 1}, dict.fromkeys(last["ratio"])
+    (run / "bench.json").write_text(json.dumps(bench))
+    (run / "passkey.json").write_text(json.dumps(PASSKEY))
+    return run
+
+
+def test_full_report(run_dir):
+    report = build_report(run_dir)
+    text = report.read_text()
+    for png in PNGS:
+        assert (run_dir / png).stat().st_size > 10_000, png
+        assert f"]({png})" in text
+    assert "No " not in text  # every input was there
+    assert "| arc_easy | acc | 0.55 ± 0.05 | 0.56 ± 0.05 | 0.982 |" in text
+    assert "| wikitext2 | ppl | 21.5 | 19 | 1.130 |" in text
+    assert "| 2 | 64 |" in text and "the largest batch that fits is 1" in text
+    assert "| stage1 | 40 | 163,840 |" in text and "| stage2 | 30 |" in text
+    assert "target **gateswa** on 4 of 4 layers" in text and "teacher `tiny-teacher`" in text
+    assert "| 1,024 | 0.00 | 0.25 | 1.00 |" in text  # the student's passkey row
+
+
+def test_missing_inputs_name_their_commands(tmp_path):
+    (tmp_path / "bench.json").write_text(
+        json.dumps({"device": "cpu", "dtype": "float32", "kv": {}, "runs": [], "teacher": "T0"})
+    )
+    text = build_report(tmp_path).read_text()
+    assert f"attnedit eval {tmp_path}/model --teacher T0 --save {tmp_path}/eval.json" in text
+    assert f"attnedit passkey {tmp_path}/model --teacher T0 --save {tmp_path}/passkey.json" in text
+    assert "attnedit convert" in text and "No model checkpoint" in text
+    assert not (tmp_path / "passkey.png").exists()
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("eval.json", "{not json", "eval.json is not valid JSON"),
+        ("bench.json", json.dumps({"device": "cpu"}), "bench.json lacks runs, kv"),
+        ("metrics.jsonl", '{"stage": "stage1", "loss": 1}\noops\n', "metrics.jsonl line 2 is not valid JSON"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(AttnEditError, match=message):
+        build_report(tmp_path)
+
+
+def test_cli(run_dir, tmp_path, capsys):
+    assert main(["report", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["report"] == str(run_dir / "report.md")
+    for bad in (tmp_path / "absent", tmp_path):  # no folder; a folder with nothing a report could use
+        assert main(["report", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("attnedit: error: ") and err.count("\n") == 1
