@@ -100,6 +100,12 @@ class AttentionContext:
             self._rope[key] = rotary.cos_sin(self.position_ids, dtype)
         return self._rope[key]
 
+    @property
+    def single_unpadded(self) -> bool:
+        """One new token and no padding: every cached key is visible (full caches hold the past, ring
+        buffers hold exactly the window and sinks), so decoding needs neither a mask nor key indices."""
+        return self.q_len == 1 and self.key_padding is None
+
     def query_index(self, device) -> torch.Tensor:
         return torch.arange(self.past_length, self.past_length + self.q_len, device=device)
 

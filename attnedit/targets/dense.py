@@ -30,7 +30,7 @@ class KVCacheLayer(CacheLayer):
             self.k = torch.cat([self.k, k], dim=2)
             self.v = torch.cat([self.v, v], dim=2)
         self.seen += k.shape[2]
-        return self.k, self.v, torch.arange(self.seen, device=k.device)
+        return self.k, self.v, None if ctx.single_unpadded else torch.arange(self.seen, device=k.device)
 
 
 class DenseAttention(nn.Module):
@@ -96,7 +96,7 @@ class DenseAttention(nn.Module):
             k, v, key_index = ctx.cache.layers[self.layer_idx].update(k, v, ctx)
         else:
             key_index = torch.arange(t, device=x.device)
-        mask = ctx.mask(key_index, self.window, self.sink)
+        mask = None if ctx.single_unpadded else ctx.mask(key_index, self.window, self.sink)
         out = attend(q, k, v, mask, head_scale(self.head_dim)).transpose(1, 2)
         out = self.gate(out, x)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -69,7 +69,7 @@ class SlidingKVCacheLayer(CacheLayer):
                 self.k[:, :, slot] = k[:, :, 0]
                 self.v[:, :, slot] = v[:, :, 0]
             self.seen = n + 1
-            return self.k, self.v, self.slot_positions(n + 1, k.device)
+            return self.k, self.v, None if ctx.single_unpadded else self.slot_positions(n + 1, k.device)
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
         key_index = torch.cat([self.slot_positions(n, k.device), torch.arange(n, n + t, device=k.device)])

@@ -51,7 +51,7 @@ class LatentCacheLayer(CacheLayer):
             self.c_kv = torch.cat([self.c_kv, c_kv], dim=1)
             self.k_pe = torch.cat([self.k_pe, k_pe], dim=1)
         self.seen += c_kv.shape[1]
-        return self.c_kv, self.k_pe, torch.arange(self.seen, device=c_kv.device)
+        return self.c_kv, self.k_pe, None if ctx.single_unpadded else torch.arange(self.seen, device=c_kv.device)
 
 
 class MLAAttention(nn.Module):
@@ -127,7 +127,7 @@ class MLAAttention(nn.Module):
             c_kv, k_pe, key_index = ctx.cache.layers[self.layer_idx].update(c_kv, k_pe, ctx)
         else:
             key_index = torch.arange(t, device=x.device)
-        mask = ctx.mask(key_index)
+        mask = None if ctx.single_unpadded else ctx.mask(key_index)
         scale = head_scale(self.qk_head_dim)
         n = c_kv.shape[1]
         if self.use_absorbed(ctx):
