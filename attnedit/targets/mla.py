@@ -34,24 +34,20 @@ def with_rope_theta(base_config: dict, theta: float | None) -> dict:
 
 
 class LatentCacheLayer(CacheLayer):
-    """Keeps ``c_kv`` ``[batch, tokens, kv_lora_rank]`` and the rotated ``k_pe`` ``[batch, tokens, rope_dim]``."""
+    """Keeps ``[c_kv, rotated k_pe]`` in one tensor ``[batch, tokens, kv_lora_rank + rope_dim]``: it is
+    the keys of the absorbed (MQA) decode as it stands, and its first ``kv_lora_rank`` columns the values."""
 
     def __init__(self):
-        self.c_kv: torch.Tensor | None = None
-        self.k_pe: torch.Tensor | None = None
+        self.latent: torch.Tensor | None = None
         self.seen = 0
 
     def tensors(self):
-        return [t for t in (self.c_kv, self.k_pe) if t is not None]
+        return [] if self.latent is None else [self.latent]
 
-    def update(self, c_kv, k_pe, ctx: AttentionContext):
-        if self.c_kv is None:
-            self.c_kv, self.k_pe = c_kv, k_pe
-        else:
-            self.c_kv = torch.cat([self.c_kv, c_kv], dim=1)
-            self.k_pe = torch.cat([self.k_pe, k_pe], dim=1)
-        self.seen += c_kv.shape[1]
-        return self.c_kv, self.k_pe, None if ctx.single_unpadded else torch.arange(self.seen, device=c_kv.device)
+    def update(self, latent, ctx: AttentionContext):
+        self.latent = latent if self.latent is None else torch.cat([self.latent, latent], dim=1)
+        self.seen += latent.shape[1]
+        return self.latent, None if ctx.single_unpadded else torch.arange(self.seen, device=latent.device)
 
 
 class MLAAttention(nn.Module):
@@ -122,11 +118,12 @@ class MLAAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         cos, sin = ctx.rope(self.rotary, x.dtype)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
-        k_pe = apply_rope(k_pe, cos, sin)
+        latent = torch.cat([c_kv, apply_rope(k_pe, cos, sin)], dim=-1)
         if ctx.cache is not None:
-            c_kv, k_pe, key_index = ctx.cache.layers[self.layer_idx].update(c_kv, k_pe, ctx)
+            latent, key_index = ctx.cache.layers[self.layer_idx].update(latent, ctx)
         else:
             key_index = torch.arange(t, device=x.device)
+        c_kv, k_pe = latent[..., : self.kv_lora_rank], latent[..., self.kv_lora_rank :]
         mask = None if ctx.single_unpadded else ctx.mask(key_index)
         scale = head_scale(self.qk_head_dim)
         n = c_kv.shape[1]
@@ -137,7 +134,7 @@ class MLAAttention(nn.Module):
             # one latent KV head shared by all heads: fold the heads into the query axis (an MQA read of
             # the latent cache, never expanded per head)
             queries = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, hds * t, -1)
-            keys = torch.cat([c_kv, k_pe], dim=-1)[:, None]
+            keys = latent[:, None]
             if mask is None and t > 1:
                 mask = ctx.mask(key_index, force=True)
             if mask is not None:
