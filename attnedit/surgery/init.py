@@ -54,6 +54,11 @@ def gateswa_from_teacher(student: GateSWAAttention, teacher: nn.Module, gate_bia
     student.o_proj.weight.div_(1.0 / (1.0 + math.exp(-gate_bias)))
 
 
+def _cpu64(t: torch.Tensor) -> torch.Tensor:
+    """Factorisations run on the CPU in float64, wherever the model lives."""
+    return t.detach().to("cpu", torch.float64)
+
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(-1).sqrt()
 
@@ -65,7 +70,8 @@ def _norm_scale(w: torch.Tensor, x: torch.Tensor, heads: int, norm: nn.Module | 
     d = w.shape[0] // heads
     proj = (x @ w.T).view(-1, heads, d)
     inv = 1.0 / _rms(proj).mean(0).clamp_min(1e-6)  # [heads]
-    return (w.view(heads, d, -1) * norm.weight.float().view(1, d, 1) * inv.view(heads, 1, 1)).reshape_as(w)
+    g = _cpu64(norm.weight).view(1, d, 1)
+    return (w.view(heads, d, -1) * g * inv.view(heads, 1, 1)).reshape_as(w)
 
 
 def _aware_lowrank(m: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +95,13 @@ def _aware_lowrank(m: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.T
 @torch.no_grad()
 def mla_from_teacher(student: MLAAttention, teacher: nn.Module, spec: dict, x: torch.Tensor) -> None:
     """Initialise an MLA layer from the teacher's attention, using calibration inputs ``x`` [n, hidden]."""
-    x = x.double()
+    x = _cpu64(x)
     heads, kvh, d = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
     rope, nope, r = student.qk_rope_head_dim, student.qk_nope_head_dim, student.kv_lora_rank
     group = heads // kvh
-    wq = _norm_scale(teacher.q_proj.weight.double(), x, heads, getattr(teacher, "q_norm", None))
-    wk = _norm_scale(teacher.k_proj.weight.double(), x, kvh, getattr(teacher, "k_norm", None))
-    wv = teacher.v_proj.weight.double()
+    wq = _norm_scale(_cpu64(teacher.q_proj.weight), x, heads, getattr(teacher, "q_norm", None))
+    wk = _norm_scale(_cpu64(teacher.k_proj.weight), x, kvh, getattr(teacher, "k_norm", None))
+    wv = _cpu64(teacher.v_proj.weight)
     pairs = torch.arange(rope // 2)  # the highest frequencies: MLA's RoPE reproduces exactly these
     rope_dims = torch.cat([pairs, pairs + d // 2])
     mask = torch.ones(d, dtype=torch.bool)

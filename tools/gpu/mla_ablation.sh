@@ -12,18 +12,21 @@ if [ "${1:-convert}" = convert ]; then
   python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"
   timeout -s TERM 530 python -m attnedit convert recipes/smollm2-mla.yaml --out /tmp/runs/mla-teacher $COMMON \
     --set target_args.init=teacher > /tmp/runs/mla-teacher.log 2>&1 &
-  timeout -s TERM 530 python -m attnedit convert recipes/smollm2-mla.yaml --out /tmp/runs/mla-s2only $COMMON \
-    --set stage1.steps=0 > /tmp/runs/mla-s2only.log 2>&1 &
+  [ -n "${ONLY_TEACHER:-}" ] || timeout -s TERM 530 python -m attnedit convert recipes/smollm2-mla.yaml \
+    --out /tmp/runs/mla-s2only $COMMON --set stage1.steps=0 > /tmp/runs/mla-s2only.log 2>&1 &
   wait
-  for t in mla-teacher mla-s2only; do echo "=== $t"; tail -n 6 /tmp/runs/$t.log; cp /tmp/runs/$t/summary.json "$OUT/$t-summary.json"; done
+  for t in mla-teacher mla-s2only; do
+    [ -f /tmp/runs/$t.log ] && { echo "=== $t"; tail -n 6 /tmp/runs/$t.log; cp /tmp/runs/$t/summary.json "$OUT/$t-summary.json"; }
+  done
 else
   D=/tmp/shared-data; mkdir -p $D/wikitext-2-raw; cp /tmp/attnedit-cache/extra/wiki.test.raw $D/wikitext-2-raw/
   for t in mla-teacher mla-s2only; do
+    [ -d /tmp/runs/$t/model ] || continue
     python -m attnedit eval /tmp/runs/$t/model --teacher smollm2-135m --tasks wikitext2 --data-dir $D \
       --save "$OUT/$t-eval.json" > /tmp/runs/$t.eval.log 2>&1 &
   done
   wait
   python -m attnedit bench /tmp/runs/mla-teacher/model --teacher smollm2-135m --contexts 1024,4096,8192 \
     --batches 1,16,64 --save "$OUT/mla-bench.json" 2>&1 | tail -n 14
-  for t in mla-teacher mla-s2only; do echo "=== $t"; tail -n 8 /tmp/runs/$t.eval.log; done
+  for t in mla-teacher mla-s2only; do [ -f /tmp/runs/$t.eval.log ] && { echo "=== $t"; tail -n 8 /tmp/runs/$t.eval.log; }; done
 fi
