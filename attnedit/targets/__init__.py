@@ -7,9 +7,10 @@ without attnedit installed.
 
 from .common import AttentionContext, RMSNorm, Rotary
 from .configuration_attnedit import AttnEditConfig
-from .dense import DenseAttention, KVCacheLayer
-from .gateswa import GateSWAAttention, SlidingKVCacheLayer
-from .mla import LatentCacheLayer, MLAAttention
+from .dense import DenseAttention, KVCacheLayer, StaticKVCacheLayer
+from .gateswa import GateSWAAttention, SlidingKVCacheLayer, StaticSlidingKVCacheLayer
+from .kernels import decode_attention, sliding_attention
+from .mla import LatentCacheLayer, MLAAttention, StaticLatentCacheLayer
 from .modeling_attnedit import AttnEditCache, AttnEditForCausalLM
 
 REMOTE_CODE_FILES = (
@@ -17,6 +18,7 @@ REMOTE_CODE_FILES = (
     "configuration_attnedit.py",
     "dense.py",
     "gateswa.py",
+    "kernels.py",
     "mla.py",
     "modeling_attnedit.py",
 )
@@ -35,4 +37,9 @@ __all__ = [
     "RMSNorm",
     "Rotary",
     "SlidingKVCacheLayer",
+    "StaticKVCacheLayer",
+    "StaticLatentCacheLayer",
+    "StaticSlidingKVCacheLayer",
+    "decode_attention",
+    "sliding_attention",
 ]

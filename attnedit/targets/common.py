@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import sliding_attention, window_mask
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 (as Llama, Qwen and DeepSeek do)."""
@@ -39,11 +41,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+_ROPE_TABLES: dict = {}
+
+
 class Rotary:
     """RoPE frequencies of size ``dim`` with the teacher's settings (theta and any scaling type).
 
-    Not an ``nn.Module`` and holds no buffers: frequencies are recomputed per device on first use, so
-    loading on the meta device never leaves them uninitialised.
+    Not an ``nn.Module`` and holds no buffers: frequencies are computed per device on first use (so
+    loading on the meta device never leaves them uninitialised) and shared by every layer with the same
+    ``(dim, RoPE settings)`` through a module-level table; within one forward call the cos/sin of the
+    positions are computed once per ``key`` and reused by all layers (:meth:`AttentionContext.rope`).
     """
 
     def __init__(self, dim: int, base_config: dict):
@@ -51,7 +58,9 @@ class Rotary:
             raise ValueError(f"RoPE dimension must be even, got {dim}")
         self.dim = dim
         self.base_config = base_config
-        self._cache: dict = {}
+        params = dict(base_config.get("rope_parameters") or {})
+        theta = params.get("rope_theta", base_config.get("rope_theta", 10000.0))
+        self.key = (dim, float(theta), repr(sorted((k, repr(v)) for k, v in params.items() if k != "rope_theta")))
 
     def _frequencies(self, device) -> tuple[torch.Tensor, float]:
         params = dict(self.base_config.get("rope_parameters") or {})
@@ -69,11 +78,14 @@ class Rotary:
         inv, scale = ROPE_INIT_FUNCTIONS[rope_type](config, device)
         return inv.float(), float(scale)
 
+    def frequencies(self, device) -> tuple[torch.Tensor, float]:
+        key = (self.key, str(device))
+        if key not in _ROPE_TABLES:
+            _ROPE_TABLES[key] = self._frequencies(device)
+        return _ROPE_TABLES[key]
+
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (position_ids.device,)
-        if key not in self._cache:
-            self._cache[key] = self._frequencies(position_ids.device)
-        inv, scale = self._cache[key]
+        inv, scale = self.frequencies(position_ids.device)
         freqs = position_ids[..., None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -84,26 +96,43 @@ class AttentionContext:
     """What every attention layer needs to know about the current forward call.
 
     ``key_padding`` is ``[batch, past + q_len]`` (True for real tokens) or None when nothing is padded.
-    ``past_length`` counts the tokens already in the cache before this call.
+    ``past_length`` counts the tokens already in the cache before this call; it is None in a decode
+    step over a static cache, where that count lives on the device (``n_written``: the slot the new
+    token goes to; ``n_filled``: slots holding keys after the write; ``key_valid``: [batch, slots]
+    False for padding, or None), so that a compiled step never reads it on the host.
     """
 
     position_ids: torch.Tensor
-    past_length: int
+    past_length: int | None
     q_len: int
     key_padding: torch.Tensor | None
     cache: object | None
-    _rope: dict = field(default_factory=dict)
-
-    def rope(self, rotary: Rotary, dtype: torch.dtype):
-        key = (rotary.dim, id(rotary.base_config), dtype)
-        if key not in self._rope:
-            self._rope[key] = rotary.cos_sin(self.position_ids, dtype)
-        return self._rope[key]
+    n_written: torch.Tensor | None = None
+    n_filled: torch.Tensor | None = None
+    key_valid: torch.Tensor | None = None
+    _memo: dict = field(default_factory=dict)
 
     @property
-    def single_unpadded(self) -> bool:
-        """One new token and no padding: every cached key is visible (full caches hold the past, ring
-        buffers hold exactly the window and sinks), so decoding needs neither a mask nor key indices."""
+    def decoding(self) -> bool:
+        """A one-token step over a static cache (the compiled path)."""
+        return self.past_length is None
+
+    def rope(self, rotary: Rotary, dtype: torch.dtype):
+        key = ("rope", rotary.key, dtype)
+        if key not in self._memo:
+            self._memo[key] = rotary.cos_sin(self.position_ids, dtype)
+        return self._memo[key]
+
+    def memo(self, key, fn):
+        """Compute ``fn()`` once per forward call and share it between layers."""
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+    @property
+    def all_keys_visible(self) -> bool:
+        """One new token and no padding over a growing cache: every cached key is visible (full caches
+        hold the past, ring buffers hold exactly the window and sinks), so no mask is needed."""
         return self.q_len == 1 and self.key_padding is None
 
     def query_index(self, device) -> torch.Tensor:
@@ -128,16 +157,12 @@ class AttentionContext:
         )
         if plain and not force:
             return None
-        q = self.query_index(key_index.device)[:, None]
-        k = key_index[None, :]
-        allowed = k <= q
-        if window is not None:
-            allowed = allowed & ((k > q - window) | (k < sink))
-        allowed = allowed[None, None]
+        q = self.query_index(key_index.device)
+        allowed = window_mask(q, key_index, window, sink)[None, None]
         if self.key_padding is not None:
             allowed = allowed & self.key_padding[:, key_index][:, None, None, :]
             # a padded query row would see nothing; let it see itself so the softmax stays finite
-            allowed = allowed | (k == q)[None, None]
+            allowed = allowed | (key_index[None, :] == q[:, None])[None, None]
         return allowed
 
 
@@ -149,9 +174,24 @@ def attend(q, k, v, mask, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-class CacheLayer:
-    """One layer's slot in an :class:`AttnEditCache`. Subclasses store their own tensors."""
+def attend_new(q, k, v, ctx: AttentionContext, window: int | None, sink: int, scale: float) -> torch.Tensor:
+    """Attention when the keys are exactly this call's tokens, starting at token 0 (training, or a
+    prefill into an empty cache): flash causal, or the sliding-window kernel; a mask only for padding."""
+    if ctx.key_padding is None:
+        if window is None:
+            return attend(q, k, v, None, scale)
+        return sliding_attention(q, k, v, window, sink, scale)
+    return attend(q, k, v, ctx.mask(torch.arange(k.shape[2], device=k.device), window, sink, force=True), scale)
 
+
+class CacheLayer:
+    """One layer's slot in an :class:`AttnEditCache`. Subclasses store their own tensors.
+
+    Growing layers (``static = False``) concatenate as tokens arrive; static layers allocate their
+    tensors once for (batch, max length) and write new tokens in place at device-side positions.
+    """
+
+    static = False
     is_compileable = False
     is_sliding = False
     is_croppable = False
@@ -168,22 +208,39 @@ class CacheLayer:
     def _map(self, fn) -> None:
         for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
-                setattr(self, name, fn(value))
+                if self.static:  # keep the storage (a compiled step holds its address)
+                    value.copy_(fn(value))
+                else:
+                    setattr(self, name, fn(value))
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.static:
+            raise NotImplementedError("a static attnedit cache keeps its batch size; use a growing cache")
         self._map(lambda t: t[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.static:
+            raise NotImplementedError("a static attnedit cache keeps its batch size; use a growing cache")
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
+        if self.static:  # positions live in the parent cache; stale slots are never read
+            return
         for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, None)
         self.seen = 0
+
+
+def static_buffer(shape, dtype, device) -> torch.Tensor:
+    """A cache tensor allocated once; marked as a fixed address so CUDA graphs can write into it."""
+    t = torch.zeros(shape, dtype=dtype, device=device)
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+    return t
 
 
 def head_scale(dim: int) -> float:

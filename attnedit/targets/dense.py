@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, head_scale
+from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, attend_new, head_scale, static_buffer
+from .kernels import decode_attention
 
 
 class KVCacheLayer(CacheLayer):
-    """Full cache: keeps K and V of every token, ``[batch, kv_heads, tokens, head_dim]`` each."""
+    """Growing full cache: K and V of every token, ``[batch, kv_heads, tokens, head_dim]`` each."""
 
     def __init__(self):
         self.k: torch.Tensor | None = None
@@ -24,13 +25,47 @@ class KVCacheLayer(CacheLayer):
         return [t for t in (self.k, self.v) if t is not None]
 
     def update(self, k, v, ctx: AttentionContext):
-        if self.k is None:
+        """Append; returns (keys, values, key_index), key_index None when the keys are just the new tokens."""
+        first = self.k is None
+        if first:
             self.k, self.v = k, v
         else:
             self.k = torch.cat([self.k, k], dim=2)
             self.v = torch.cat([self.v, v], dim=2)
         self.seen += k.shape[2]
-        return self.k, self.v, None if ctx.single_unpadded else torch.arange(self.seen, device=k.device)
+        if first:
+            return self.k, self.v, None
+        return self.k, self.v, torch.arange(self.seen, device=k.device)
+
+
+class StaticKVCacheLayer(CacheLayer):
+    """Static full cache: ``[batch, kv_heads, max_length, head_dim]`` K and V allocated once; token ``p``
+    is written in place at column ``p``."""
+
+    static = True
+    is_compileable = True
+
+    def __init__(self, batch: int, kv_heads: int, max_length: int, head_dim: int, v_dim: int, dtype, device):
+        self.k = static_buffer((batch, kv_heads, max_length, head_dim), dtype, device)
+        self.v = static_buffer((batch, kv_heads, max_length, v_dim), dtype, device)
+
+    def tensors(self):
+        return [self.k, self.v]
+
+    def update(self, k, v, ctx: AttentionContext):
+        """Eager write of a chunk at its columns; returns what a chunk's attention reads."""
+        past, t = ctx.past_length, k.shape[2]
+        self.k[:, :, past : past + t] = k
+        self.v[:, :, past : past + t] = v
+        if past == 0:
+            return k, v, None
+        return self.k[:, :, : past + t], self.v[:, :, : past + t], torch.arange(past + t, device=k.device)
+
+    def decode_update(self, k, v, ctx: AttentionContext):
+        """Write one token at column ``n_written`` (a device tensor); returns the decode kernel's inputs."""
+        self.k.index_copy_(2, ctx.n_written.view(1), k)
+        self.v.index_copy_(2, ctx.n_written.view(1), v)
+        return self.k, self.v, ctx.n_filled, ctx.key_valid
 
 
 class DenseAttention(nn.Module):
@@ -59,12 +94,16 @@ class DenseAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(d, base_config)
 
-    def new_cache(self) -> CacheLayer:
-        if self.window is None:
-            return KVCacheLayer()
-        from .gateswa import SlidingKVCacheLayer
+    def new_cache(self, static: bool = False, batch: int = 1, max_length: int = 0, dtype=None, device=None) -> CacheLayer:
+        if self.window is not None:
+            from .gateswa import SlidingKVCacheLayer, StaticSlidingKVCacheLayer
 
-        return SlidingKVCacheLayer(self.window, self.sink)
+            if static:
+                return StaticSlidingKVCacheLayer(self.window, self.sink, batch, self.num_kv_heads, self.head_dim, dtype, device)
+            return SlidingKVCacheLayer(self.window, self.sink)
+        if static:
+            return StaticKVCacheLayer(batch, self.num_kv_heads, max_length, self.head_dim, self.head_dim, dtype, device)
+        return KVCacheLayer()
 
     def kv_values_per_token(self, context: int) -> float:
         """Cached values per token per layer at sequence length ``context`` (K and V together)."""
@@ -89,14 +128,24 @@ class DenseAttention(nn.Module):
         """``out`` is ``[batch, tokens, heads, head_dim]``; the plain attention has no gate."""
         return out
 
+    def attention(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
+        """``q`` [B, H, T, D], ``k``/``v`` [B, Hkv, T, D] of this call's tokens -> [B, H, T, D]."""
+        scale = head_scale(self.head_dim)
+        if ctx.cache is None:
+            return attend_new(q, k, v, ctx, self.window, self.sink, scale)
+        layer = ctx.cache.layers[self.layer_idx]
+        if ctx.decoding:
+            keys, values, n_filled, valid = layer.decode_update(k, v, ctx)
+            return decode_attention(q[:, :, 0], keys, values, n_filled, valid, scale)[:, :, None]
+        keys, values, key_index = layer.update(k, v, ctx)
+        if key_index is None:
+            return attend_new(q, keys, values, ctx, self.window, self.sink, scale)
+        mask = None if ctx.all_keys_visible else ctx.mask(key_index, self.window, self.sink)
+        return attend(q, keys, values, mask, scale)
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x, ctx)
-        if ctx.cache is not None:
-            k, v, key_index = ctx.cache.layers[self.layer_idx].update(k, v, ctx)
-        else:
-            key_index = torch.arange(t, device=x.device)
-        mask = None if ctx.single_unpadded else ctx.mask(key_index, self.window, self.sink)
-        out = attend(q, k, v, mask, head_scale(self.head_dim)).transpose(1, 2)
+        out = self.attention(q, k, v, ctx).transpose(1, 2)
         out = self.gate(out, x)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

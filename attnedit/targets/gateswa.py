@@ -8,8 +8,7 @@ weights can start from the teacher's.
 
 A sliding layer's cache holds at most ``window + sink`` tokens whatever the sequence length.
 Sink tokens are the first ``sink`` token *indices*: in a left-padded batch, a padded row's sink slots
-hold padding (masked), so that row runs without sinks. Serving engines do not pad, and sink=0 is the
-default.
+hold padding (masked), so that row runs without sinks. Serving engines do not pad. The default is sink=4.
 """
 
 from __future__ import annotations
@@ -17,12 +16,33 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import AttentionContext, CacheLayer
+from .common import AttentionContext, CacheLayer, static_buffer
 from .dense import DenseAttention
 
 
+def ring_slot(p, sink: int, window: int):
+    """Slot of token ``p`` (int or tensor): sinks stay in slots ``0..sink-1``, the rest rotate."""
+    if isinstance(p, torch.Tensor):
+        return torch.where(p < sink, p, sink + (p - sink).remainder(window))
+    return p if p < sink else sink + (p - sink) % window
+
+
+def ring_positions(n, sink: int, window: int, device) -> torch.Tensor:
+    """Absolute index of the token held by each of the ``sink + window`` slots after ``n`` tokens (``n``
+    an int or a device tensor); slots not written yet get index 0 (callers mask them by count)."""
+    slots = torch.arange(sink + window, device=device)
+    r = slots - sink
+    latest = sink + r + window * torch.div(n - 1 - sink - r, window, rounding_mode="floor")
+    return torch.where(slots < sink, slots, latest).clamp(min=0)
+
+
+def kept_tokens(start: int, end: int, sink: int, window: int) -> list[int]:
+    """Tokens of ``start..end-1`` a ring still holds once ``end`` tokens have been seen."""
+    return [p for p in range(start, end) if p < sink or p >= end - window]
+
+
 class SlidingKVCacheLayer(CacheLayer):
-    """Ring buffer of at most ``window + sink`` tokens, ``[batch, kv_heads, slots, head_dim]``.
+    """Growing ring buffer of at most ``window + sink`` tokens, ``[batch, kv_heads, slots, head_dim]``.
 
     Slots ``0..sink-1`` hold the first tokens for good; token ``p >= sink`` lives in slot
     ``sink + (p - sink) % window``. Keys carry their RoPE already, so slot order does not matter
@@ -46,40 +66,96 @@ class SlidingKVCacheLayer(CacheLayer):
         return [t for t in (self.k, self.v) if t is not None]
 
     def slot_positions(self, n: int, device) -> torch.Tensor:
-        """Absolute index of the token in each slot after ``n`` tokens, in slot order."""
-        heads = torch.arange(min(self.sink, n), device=device)
-        ring = max(0, min(n - self.sink, self.window))
-        r = torch.arange(ring, device=device)
-        latest = self.sink + r + self.window * torch.div(n - 1 - self.sink - r, self.window, rounding_mode="floor")
-        return torch.cat([heads, latest])
+        """Absolute index of the token in each filled slot after ``n`` tokens, in slot order."""
+        return ring_positions(n, self.sink, self.window, device)[: min(n, self.capacity)]
 
     def slot_of(self, p: int) -> int:
-        return p if p < self.sink else self.sink + (p - self.sink) % self.window
+        return ring_slot(p, self.sink, self.window)
 
     def update(self, k, v, ctx: AttentionContext):
         n, t = self.seen, k.shape[2]
-        if self.k is None:
-            self.k, self.v = k[:, :, :0], v[:, :, :0]
-        if t == 1:
+        total = n + t
+        if n == 0:  # the keys are this chunk's tokens: keep what the ring holds after it
+            keep = kept_tokens(0, t, self.sink, self.window)
+            order = sorted(keep, key=self.slot_of)
+            idx = torch.tensor(order, device=k.device)
+            self.k, self.v = k[:, :, idx], v[:, :, idx]
+            self.seen = total
+            return k, v, None
+        if t == 1 and n >= self.capacity:  # overwrite the oldest token in place
             slot = self.slot_of(n)
-            if slot == self.k.shape[2]:  # still filling up
-                self.k = torch.cat([self.k, k], dim=2)
-                self.v = torch.cat([self.v, v], dim=2)
-            else:  # overwrite the oldest token in place
-                self.k[:, :, slot] = k[:, :, 0]
-                self.v[:, :, slot] = v[:, :, 0]
-            self.seen = n + 1
-            return self.k, self.v, None if ctx.single_unpadded else self.slot_positions(n + 1, k.device)
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            self.seen = total
+            return self.k, self.v, self.slot_positions(total, k.device)
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
-        key_index = torch.cat([self.slot_positions(n, k.device), torch.arange(n, n + t, device=k.device)])
-        total = n + t
+        key_index = torch.cat([self.slot_positions(n, k.device), torch.arange(n, total, device=k.device)])
         column = torch.full((total,), -1, dtype=torch.long, device=k.device)
         column[key_index] = torch.arange(key_index.shape[0], device=k.device)
         keep = column[self.slot_positions(total, k.device)]
         self.k, self.v = keys[:, :, keep], values[:, :, keep]
         self.seen = total
         return keys, values, key_index
+
+
+class StaticSlidingKVCacheLayer(CacheLayer):
+    """Static ring buffer: ``[batch, kv_heads, window + sink, head_dim]`` allocated once, token ``p``
+    written in place at slot ``ring_slot(p)``. The token count lives in the parent cache."""
+
+    static = True
+    is_compileable = True
+    is_sliding = True
+
+    def __init__(self, window: int, sink: int, batch: int, kv_heads: int, head_dim: int, dtype, device):
+        self.window, self.sink = window, sink
+        self.k = static_buffer((batch, kv_heads, window + sink, head_dim), dtype, device)
+        self.v = static_buffer((batch, kv_heads, window + sink, head_dim), dtype, device)
+
+    @property
+    def capacity(self) -> int:
+        return self.window + self.sink
+
+    def tensors(self):
+        return [self.k, self.v]
+
+    def _write(self, k, v, start: int, end: int) -> None:
+        keep = kept_tokens(start, end, self.sink, self.window)
+        if keep:
+            src = torch.tensor([p - start for p in keep], device=k.device)
+            slots = torch.tensor([ring_slot(p, self.sink, self.window) for p in keep], device=k.device)
+            self.k.index_copy_(2, slots, k[:, :, src])
+            self.v.index_copy_(2, slots, v[:, :, src])
+
+    def update(self, k, v, ctx: AttentionContext):
+        past, t = ctx.past_length, k.shape[2]
+        if past == 0:
+            self._write(k, v, 0, t)
+            return k, v, None
+        filled = min(past, self.capacity)
+        keys = torch.cat([self.k[:, :, :filled], k], dim=2)
+        values = torch.cat([self.v[:, :, :filled], v], dim=2)
+        key_index = torch.cat(
+            [ring_positions(past, self.sink, self.window, k.device)[:filled], torch.arange(past, past + t, device=k.device)]
+        )
+        self._write(k, v, past, past + t)
+        return keys, values, key_index
+
+    def decode_update(self, k, v, ctx: AttentionContext):
+        n = ctx.n_written
+        slot = ring_slot(n, self.sink, self.window).view(1)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        n_filled = ctx.memo(("ring-filled", self.capacity), lambda: torch.clamp(ctx.n_filled, max=self.capacity))
+        valid = None
+        if ctx.key_valid is not None:
+
+            def slot_valid():
+                pos = ring_positions(ctx.n_filled, self.sink, self.window, k.device)
+                return ctx.key_valid.gather(1, pos[None].expand(ctx.key_valid.shape[0], -1))
+
+            valid = ctx.memo(("ring-valid", self.sink, self.window), slot_valid)
+        return self.k, self.v, n_filled, valid
 
 
 class GateSWAAttention(DenseAttention):

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, head_scale
+from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, head_scale, static_buffer
+from .kernels import decode_attention
 
 
 def with_rope_theta(base_config: dict, theta: float | None) -> dict:
@@ -34,8 +36,8 @@ def with_rope_theta(base_config: dict, theta: float | None) -> dict:
 
 
 class LatentCacheLayer(CacheLayer):
-    """Keeps ``[c_kv, rotated k_pe]`` in one tensor ``[batch, tokens, kv_lora_rank + rope_dim]``: it is
-    the keys of the absorbed (MQA) decode as it stands, and its first ``kv_lora_rank`` columns the values."""
+    """Growing cache of ``[c_kv, rotated k_pe]`` in one tensor ``[batch, tokens, kv_lora_rank + rope_dim]``:
+    the keys of the absorbed (MQA) decode as they stand, and its first ``kv_lora_rank`` columns the values."""
 
     def __init__(self):
         self.latent: torch.Tensor | None = None
@@ -45,9 +47,34 @@ class LatentCacheLayer(CacheLayer):
         return [] if self.latent is None else [self.latent]
 
     def update(self, latent, ctx: AttentionContext):
-        self.latent = latent if self.latent is None else torch.cat([self.latent, latent], dim=1)
+        first = self.latent is None
+        self.latent = latent if first else torch.cat([self.latent, latent], dim=1)
         self.seen += latent.shape[1]
-        return self.latent, None if ctx.single_unpadded else torch.arange(self.seen, device=latent.device)
+        return self.latent, None if first else torch.arange(self.seen, device=latent.device)
+
+
+class StaticLatentCacheLayer(CacheLayer):
+    """Static latent cache ``[batch, max_length, kv_lora_rank + rope_dim]``, written in place."""
+
+    static = True
+    is_compileable = True
+
+    def __init__(self, batch: int, max_length: int, width: int, dtype, device):
+        self.latent = static_buffer((batch, max_length, width), dtype, device)
+
+    def tensors(self):
+        return [self.latent]
+
+    def update(self, latent, ctx: AttentionContext):
+        past, t = ctx.past_length, latent.shape[1]
+        self.latent[:, past : past + t] = latent
+        if past == 0:
+            return latent, None
+        return self.latent[:, : past + t], torch.arange(past + t, device=latent.device)
+
+    def decode_update(self, latent, ctx: AttentionContext):
+        self.latent.index_copy_(1, ctx.n_written.view(1), latent)
+        return self.latent, ctx.n_filled, ctx.key_valid
 
 
 class MLAAttention(nn.Module):
@@ -93,7 +120,9 @@ class MLAAttention(nn.Module):
         self.rope_theta = rope_theta
         self.rotary = Rotary(qk_rope_head_dim, with_rope_theta(base_config, rope_theta))
 
-    def new_cache(self) -> CacheLayer:
+    def new_cache(self, static: bool = False, batch: int = 1, max_length: int = 0, dtype=None, device=None) -> CacheLayer:
+        if static:
+            return StaticLatentCacheLayer(batch, max_length, self.kv_lora_rank + self.qk_rope_head_dim, dtype, device)
         return LatentCacheLayer()
 
     def kv_values_per_token(self, context: int) -> float:
@@ -109,37 +138,55 @@ class MLAAttention(nn.Module):
             return ctx.cache is not None and ctx.q_len <= 16
         return self.absorb == "always"
 
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_uk`` [heads, nope, rank] and ``W_uv`` [heads, v, rank], views of ``kv_b_proj``."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
-        hds, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        hds, nope, rope, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         q = self.query(x).view(b, t, hds, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = q.split([nope, rope], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         cos, sin = ctx.rope(self.rotary, x.dtype)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
         latent = torch.cat([c_kv, apply_rope(k_pe, cos, sin)], dim=-1)
+        scale = head_scale(self.qk_head_dim)
+        if ctx.cache is not None and ctx.decoding:
+            # absorbed decode: one latent KV head read once, values = its first r columns
+            buf, n_filled, valid = ctx.cache.layers[self.layer_idx].decode_update(latent, ctx)
+            w_uk, w_uv = self.absorbed_weights()
+            q_lat = torch.einsum("bhn,hnr->bhr", q_nope[:, :, 0], w_uk)
+            queries = torch.cat([q_lat, q_pe[:, :, 0]], dim=-1)
+            out = decode_attention(queries, buf[:, None], buf[:, None, :, :r], n_filled, valid, scale)
+            out = torch.einsum("bhr,hvr->bhv", out, w_uv)
+            return self.o_proj(out.reshape(b, 1, hds * self.v_head_dim))
         if ctx.cache is not None:
             latent, key_index = ctx.cache.layers[self.layer_idx].update(latent, ctx)
         else:
-            key_index = torch.arange(t, device=x.device)
-        c_kv, k_pe = latent[..., : self.kv_lora_rank], latent[..., self.kv_lora_rank :]
-        mask = None if ctx.single_unpadded else ctx.mask(key_index)
-        scale = head_scale(self.qk_head_dim)
+            key_index = None
+        c_kv, k_pe = latent[..., :r], latent[..., r:]
+        if key_index is None:  # the keys are this call's tokens
+            mask = None if ctx.key_padding is None else ctx.mask(torch.arange(t, device=x.device), force=True)
+        else:
+            mask = None if ctx.all_keys_visible else ctx.mask(key_index)
         n = c_kv.shape[1]
         if self.use_absorbed(ctx):
-            w = self.kv_b_proj.weight.view(hds, nope + self.v_head_dim, self.kv_lora_rank)
-            w_uk, w_uv = w[:, :nope], w[:, nope:]
+            w_uk, w_uv = self.absorbed_weights()
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
             # one latent KV head shared by all heads: fold the heads into the query axis (an MQA read of
             # the latent cache, never expanded per head)
             queries = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, hds * t, -1)
-            keys = latent[:, None]
             if mask is None and t > 1:
-                mask = ctx.mask(key_index, force=True)
+                mask = ctx.mask(key_index if key_index is not None else torch.arange(n, device=x.device), force=True)
             if mask is not None:
                 mask = mask.expand(-1, -1, t, -1).repeat(1, 1, hds, 1)
-            out = attend(queries, keys, c_kv[:, None], mask, scale).view(b, hds, t, self.kv_lora_rank)
+            # heads x tokens are one query axis here, so never let SDPA read it as causal
+            out = F.scaled_dot_product_attention(
+                queries, latent[:, None], c_kv[:, None], attn_mask=mask, scale=scale, enable_gqa=True
+            ).view(b, hds, t, r)
             out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
         else:
             kv = self.kv_b_proj(c_kv).view(b, n, hds, nope + self.v_head_dim).transpose(1, 2)

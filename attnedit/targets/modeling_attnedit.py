@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .common import AttentionContext, RMSNorm
+from .common import AttentionContext, RMSNorm, static_buffer
 from .configuration_attnedit import AttnEditConfig
 from .dense import DenseAttention
 from .gateswa import GateSWAAttention
@@ -45,30 +45,54 @@ def base_config_object(base_config: dict):
 
 
 class AttnEditCache(Cache):
-    """One attnedit cache layer per model layer (full K/V, latent, or sliding ring buffer)."""
+    """One attnedit cache layer per model layer (full K/V, latent, or sliding ring buffer).
 
-    def __init__(self, layers: list):
+    Growing (default for a bare forward call): tensors grow as tokens arrive. Static
+    (``static=True``, what ``generate()`` uses): every tensor is allocated once for ``batch_size`` x
+    ``max_length`` and written in place; the token count (``length``), each row's count of real tokens
+    (``real``) and which columns hold padding (``valid``, only read once padding was seen) are device
+    tensors, so a one-token step runs without reading anything on the host: it compiles into one
+    graph (``torch.compile``, CUDA graphs), which is how ``generate()`` runs it on a GPU.
+    """
+
+    def __init__(self, layers: list, static: bool = False, batch_size: int = 0, max_length: int = 0, device=None):
         super().__init__(layers=layers)
+        self.static = static
         self.seen_tokens = 0
+        self.rows, self.max_length = batch_size, max_length
+        if static:
+            self.length = static_buffer((), torch.long, device)
+            self.real = static_buffer((batch_size,), torch.long, device)
+            self.valid = static_buffer((batch_size, max_length), torch.bool, device)
+            self.valid.fill_(True)
+            self.padded = False  # set (on the host) by a prefill that contains padding
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.static:
+            return int(self.length)  # reads the device count (eager code only; decoding never calls it)
         return self.seen_tokens
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_length if self.static else -1
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        return self.static
 
     @property
     def is_croppable(self) -> bool:
         return False
 
     def allocated_bytes(self) -> int:
-        """Bytes of storage the cache tensors actually hold, summed over layers."""
+        """Bytes of storage the K/V (or latent) tensors hold, summed over layers."""
         return sum(layer.allocated_bytes() for layer in self.layers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
+        if self.static:
+            self.real.copy_(self.real.index_select(0, beam_idx.to(self.real.device)))
+            self.valid.copy_(self.valid.index_select(0, beam_idx.to(self.valid.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         for layer in self.layers:
@@ -82,9 +106,103 @@ class AttnEditCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.seen_tokens = 0
+        if self.static:
+            self.length.zero_()
+            self.real.zero_()
+            self.valid.fill_(True)
+            self.padded = False
 
     def crop(self, max_length: int):
         raise NotImplementedError("attnedit caches cannot be cropped (assisted decoding is not supported)")
+
+    # ------------------------------------------------------------------ per-call bookkeeping
+
+    def begin(self, b: int, t: int, attention_mask, position_ids, device) -> AttentionContext:
+        """The context of a forward call over ``t`` new tokens; :meth:`end` records them."""
+        if self.static and t == 1:
+            return self._begin_decode(b, attention_mask, position_ids)
+        past = self.get_seq_length()
+        if self.static and past + t > self.max_length:
+            raise ValueError(
+                f"this static cache holds {self.max_length} tokens; {past} are in it and {t} more do not fit "
+                "(allocate a larger one: model.new_cache(static=True, batch_size=..., max_length=...))"
+            )
+        if not self.static and attention_mask is not None and attention_mask.shape[-1] != past + t:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens; expected past + new = {past + t}")
+        new_mask = _new_token_mask(attention_mask, past, t)
+        if self.static:
+            if new_mask is not None:
+                self.padded = True
+            if self.padded:
+                self.valid[:, past : past + t] = True if new_mask is None else new_mask
+            key_padding = self.valid[:, : past + t] if self.padded else None
+            real_before = self.real
+        else:
+            key_padding = None
+            if attention_mask is not None and new_mask is not None:
+                key_padding = attention_mask.bool()
+            real_before = None
+        if position_ids is None:
+            if key_padding is None:
+                position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
+            elif real_before is not None:
+                counts = (new_mask if new_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)).long()
+                position_ids = (real_before[:, None] + counts.cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+        elif position_ids.shape[-1] != t:
+            position_ids = position_ids[..., -t:]
+        ctx = AttentionContext(position_ids, past, t, key_padding, self)
+        ctx._memo["new_mask"] = new_mask
+        return ctx
+
+    def _begin_decode(self, b: int, attention_mask, position_ids) -> AttentionContext:
+        n = self.length
+        if position_ids is None:
+            position_ids = self.real[:, None]
+        elif position_ids.shape[-1] != 1:
+            position_ids = position_ids[..., -1:]
+        key_valid = None
+        if self.padded:
+            new = attention_mask[:, -1:].bool() if attention_mask is not None else torch.ones(b, 1, dtype=torch.bool, device=n.device)
+            self.valid.index_copy_(1, n.view(1), new)
+            key_valid = self.valid
+        ctx = AttentionContext(position_ids, None, 1, None, self, n_written=n, n_filled=n + 1, key_valid=key_valid)
+        if self.padded and attention_mask is not None:
+            ctx._memo["new_mask"] = attention_mask[:, -1:].bool()
+        return ctx
+
+    def end(self, ctx: AttentionContext) -> None:
+        if not self.static:
+            self.seen_tokens = ctx.past_length + ctx.q_len
+            return
+        new_mask = ctx._memo.get("new_mask")
+        self.real.add_(ctx.q_len if new_mask is None else new_mask.long().sum(-1))
+        self.length.add_(ctx.q_len)
+
+
+def _new_token_mask(attention_mask, past: int, t: int) -> torch.Tensor | None:
+    """The new tokens' part of a 2-D attention mask as bool, or None when it has no padding."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError("attnedit models take a 2-D attention_mask [batch, tokens] (1 = real token)")
+    if attention_mask.shape[1] not in (past + t, t):
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens; expected past + new = {past + t}")
+    new = attention_mask[:, -t:].bool()
+    if bool(new.all()) and bool(attention_mask.all()):
+        return None
+    return new
+
+
+def _context_without_cache(b: int, t: int, attention_mask, position_ids, device) -> AttentionContext:
+    key_padding = _new_token_mask(attention_mask, 0, t)
+    if position_ids is None:
+        if key_padding is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(t, device=device)[None].expand(b, t)
+    return AttentionContext(position_ids, 0, t, key_padding, None)
 
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; name the output field as this version does
@@ -139,8 +257,17 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
     def attentions(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
 
-    def new_cache(self) -> AttnEditCache:
-        return AttnEditCache([attn.new_cache() for attn in self.attentions()])
+    def new_cache(
+        self, static: bool = False, batch_size: int = 1, max_length: int | None = None, dtype=None, device=None
+    ) -> AttnEditCache:
+        """A growing cache, or (``static=True``) one allocated once for ``batch_size`` x ``max_length`` tokens."""
+        if not static:
+            return AttnEditCache([attn.new_cache() for attn in self.attentions()])
+        max_length = max_length or self.config.max_position_embeddings
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        layers = [attn.new_cache(True, batch_size, max_length, dtype, device) for attn in self.attentions()]
+        return AttnEditCache(layers, static=True, batch_size=batch_size, max_length=max_length, device=device)
 
     @staticmethod
     def _layer(layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -170,23 +297,10 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
             cache = self.new_cache()
         h = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
         b, t = h.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        key_padding = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("attnedit models take a 2-D attention_mask [batch, tokens] (1 = real token)")
-            if attention_mask.shape[1] != past + t:
-                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens; expected past + new = {past + t}")
-            if not bool(attention_mask.all()):
-                key_padding = attention_mask.bool()
-        if position_ids is None:
-            if key_padding is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
-            else:
-                position_ids = torch.arange(past, past + t, device=h.device)[None].expand(b, t)
-        elif position_ids.shape[-1] != t:
-            position_ids = position_ids[..., -t:]
-        ctx = AttentionContext(position_ids, past, t, key_padding, cache)
+        if cache is not None:
+            ctx = cache.begin(b, t, attention_mask, position_ids, h.device)
+        else:
+            ctx = _context_without_cache(b, t, attention_mask, position_ids, h.device)
         hidden_states = [] if output_hidden_states else None
         for layer in self.model.layers:
             if hidden_states is not None:
@@ -199,7 +313,7 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         if hidden_states is not None:
             hidden_states.append(h)
         if cache is not None:
-            cache.seen_tokens = past + t
+            cache.end(ctx)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(h[:, keep])
         loss = None
@@ -214,11 +328,39 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
             **{_CACHE_FIELD: cache},
         )
 
-    # generation: attnedit supplies its own cache (like Mamba-style models do), so generate() works the
-    # same on transformers versions that call the cache `past_key_values` and those that call it `cache`.
+    # ------------------------------------------------------------------------------- generation
+    # attnedit supplies its own cache (as Mamba-style models do): `generate()` allocates a static
+    # attnedit cache for the whole generation (unless `cache_implementation="dynamic"` asks for a growing
+    # one), hands it to transformers as a user cache, and transformers then compiles the one-token step
+    # (`torch.compile`, CUDA graphs) on a GPU, as it does for its own static caches.
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        given = kwargs.get("cache", kwargs.get("past_key_values"))
+        config = generation_config if generation_config is not None else self.generation_config
+        implementation = kwargs.pop("cache_implementation", getattr(config, "cache_implementation", None))
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        if given is None and use_cache is not False:
+            ids = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if ids is None:
+                raise ValueError("attnedit generate() needs input_ids (or inputs_embeds)")
+            batch, length = ids.shape[0], ids.shape[1]
+            rows = max(kwargs.get("num_beams", config.num_beams or 1), kwargs.get("num_return_sequences", config.num_return_sequences or 1))
+            new = kwargs.get("max_new_tokens", config.max_new_tokens)
+            total = length + new if new is not None else max(kwargs.get("max_length", config.max_length or 20), length + 1)
+            static = implementation != "dynamic" and rows == 1
+            cache = self.new_cache(static=static, batch_size=batch, max_length=total, device=ids.device)
+            kwargs[_CACHE_FIELD] = cache
+            kwargs.pop("past_key_values" if _CACHE_FIELD == "cache" else "cache", None)
+        if getattr(config, "cache_implementation", None) is not None:
+            import copy
+
+            generation_config = copy.deepcopy(config)
+            generation_config.cache_implementation = None
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
@@ -235,15 +377,24 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = self.new_cache()
-        past = cache.get_seq_length() if cache is not None else 0
-        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, "past_key_values": cache}
+        if cache is not None and cache.static and getattr(cache, "_gen_len", None) == input_ids.shape[1] - 1:
+            past = input_ids.shape[1] - 1  # a decode step: no host read of the device count
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            cache._gen_len = input_ids.shape[1]
+        inputs = {"use_cache": use_cache, _CACHE_FIELD: cache}
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
             t = inputs_embeds.shape[1]
         else:
             inputs["input_ids"] = input_ids[:, past:]
             t = inputs["input_ids"].shape[1]
-        if position_ids is not None:
+        if attention_mask is not None:
+            # a static cache keeps the mask of earlier tokens itself: pass only the new tokens' columns, so
+            # the compiled step sees the same shapes at every step
+            inputs["attention_mask"] = attention_mask[:, -t:] if cache is not None and cache.static else attention_mask
+        if position_ids is not None and not (cache is not None and cache.static):
             inputs["position_ids"] = position_ids[..., -t:]
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep

@@ -1,0 +1,259 @@
+"""Attention kernels: decode over a static cache, and sliding-window prefill/training.
+
+Remote code (torch + transformers only): Triton, which ships with CUDA builds of PyTorch, is imported
+lazily and only on CUDA; everywhere else the same functions run through PyTorch's SDPA.
+
+* :func:`decode_attention` - one query token per sequence against a preallocated cache of ``S`` slots
+  of which the first ``n_filled`` are written (``n_filled`` is a device tensor, so a compiled decode
+  step never reads it on the host). K/V may have fewer heads than Q (grouped-query; MLA's absorbed
+  decode is the case of one latent head, the values being the first ``Dv`` columns of the keys). On
+  CUDA a split-K Triton kernel reads each cached K/V row once per KV head (no expansion to the query
+  heads) and only the filled slots; it is a ``torch.library`` custom op, so ``torch.compile`` and CUDA
+  graphs take it as one opaque call.
+* :func:`sliding_attention` - causal attention restricted to a window (plus ``sink`` first tokens),
+  for prefill and training. On CUDA it is FlexAttention with a block mask (blocks outside the band
+  are skipped, never a T x T mask); elsewhere SDPA with a boolean mask.
+
+``ATTNEDIT_KERNELS=sdpa`` forces the PyTorch paths everywhere (for comparisons).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def _use_fast(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("ATTNEDIT_KERNELS", "auto") != "sdpa"
+
+
+# ------------------------------------------------------------------------------------------ decode
+
+
+def decode_attention_sdpa(q, k, v, n_filled, valid, scale: float) -> torch.Tensor:
+    """Reference decode: ``q`` [B, Hq, Dk], ``k`` [B, Hk, S, Dk], ``v`` [B, Hk, S, Dv] -> [B, Hq, Dv].
+
+    ``n_filled``: 0-dim integer tensor, slots ``0..n_filled-1`` hold keys; ``valid``: [B, S] bool
+    (False = padding) or None.
+    """
+    s = k.shape[2]
+    keep = torch.arange(s, device=k.device) < n_filled
+    mask = keep[None, :] if valid is None else keep[None, :] & valid
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+    return out[:, :, 0]
+
+
+_TRITON = None
+
+
+def _triton_kernel():
+    """Compile-on-first-use Triton kernel (None when Triton is unavailable)."""
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON or None
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _TRITON = False
+        return None
+
+    @triton.jit
+    def _decode_partial(
+        Q, K, V, VALID, NF, PO, PM, PL,
+        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sval_b,
+        scale, split_len, HK,
+        G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr,
+        DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+        HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        sp = tl.program_id(2)
+        n = tl.load(NF).to(tl.int32)
+        start = sp * split_len
+        end = tl.minimum(start + split_len, n)
+        offs_g = tl.arange(0, G_PAD)
+        offs_dk = tl.arange(0, DK_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        gmask = offs_g < G
+        q = tl.load(
+            Q + b * sq_b + (hk * G + offs_g)[:, None] * sq_h + offs_dk[None, :],
+            mask=gmask[:, None] & (offs_dk[None, :] < DK),
+            other=0.0,
+        )
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+        for s in range(start, end, BLOCK_N):
+            offs_n = s + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            kt = tl.load(
+                K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_n + offs_dk[:, None],
+                mask=nmask[None, :] & (offs_dk[:, None] < DK),
+                other=0.0,
+            )
+            vt = tl.load(
+                V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_dv[None, :],
+                mask=nmask[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            if IEEE:
+                qk = tl.dot(q, kt, input_precision="ieee")
+            else:
+                qk = tl.dot(q, kt)
+            qk = qk * scale
+            keep = nmask
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * sval_b + offs_n, mask=nmask, other=0) != 0)
+            qk = tl.where(keep[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(qk - m_safe[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m = m_new
+        row = (b * HK + hk) * NSPLIT + sp
+        tl.store(PO + row * G_PAD * DV_PAD + offs_g[:, None] * DV_PAD + offs_dv[None, :], acc)
+        tl.store(PM + row * G_PAD + offs_g, m)
+        tl.store(PL + row * G_PAD + offs_g, l)
+
+    _TRITON = _decode_partial
+    return _TRITON
+
+
+def _pow2(x: int, least: int = 16) -> int:
+    return max(least, 1 << (max(1, x) - 1).bit_length())
+
+
+def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Tensor:
+    """Split-K flash decoding over the filled slots; partial softmax states are merged in PyTorch."""
+    kernel = _triton_kernel()
+    bsz, hq, dk = q.shape
+    hk, s, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hk
+    g_pad, dk_pad, dv_pad = _pow2(g), _pow2(dk), _pow2(dv)
+    block_n = 64 if max(dk_pad, dv_pad) <= 128 else 32
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    want = max(1, math.ceil(4 * sms / (bsz * hk)))
+    split_len = max(block_n, math.ceil(math.ceil(s / want) / block_n) * block_n)
+    nsplit = math.ceil(s / split_len)
+    f32 = torch.float32
+    po = torch.empty(bsz, hk, nsplit, g_pad, dv_pad, device=q.device, dtype=f32)
+    pm = torch.empty(bsz, hk, nsplit, g_pad, device=q.device, dtype=f32)
+    pl = torch.empty(bsz, hk, nsplit, g_pad, device=q.device, dtype=f32)
+    q = q.to(k.dtype)
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("decode_attention: the last dimension of q, k and v must be contiguous")
+    val = valid if valid is not None else q  # any tensor; unused when HAS_VALID is False
+    kernel[(bsz, hk, nsplit)](
+        q, k, v, val, n_filled, po, pm, pl,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        valid.stride(0) if valid is not None else 0,
+        scale, split_len, hk,
+        G=g, G_PAD=g_pad, DK=dk, DK_PAD=dk_pad, DV=dv, DV_PAD=dv_pad, BLOCK_N=block_n, NSPLIT=nsplit,
+        HAS_VALID=valid is not None, IEEE=k.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    m_max = pm.amax(2, keepdim=True)
+    w = torch.exp(pm - torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max))
+    denom = (w * pl).sum(2).clamp_min(1e-30)
+    out = (w[..., None] * po).sum(2) / denom[..., None]
+    return out[:, :, :g, :dv].reshape(bsz, hq, dv).to(v.dtype)
+
+
+_OP_NAME = "attnedit::decode_attention_v1"
+
+
+def _decode_op():
+    """The Triton decode as a torch.library custom op (registered once per process)."""
+    ns, name = _OP_NAME.split("::")
+    existing = getattr(getattr(torch.ops, ns), name, None)
+    if existing is not None:
+        return existing
+    try:
+        op = torch.library.custom_op(_OP_NAME, mutates_args=())(_decode_impl)
+    except RuntimeError:  # registered by another copy of this module (remote code loaded twice)
+        return getattr(getattr(torch.ops, ns), name)
+    op.register_fake(_decode_fake)
+    return getattr(getattr(torch.ops, ns), name)
+
+
+def _decode_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_filled: torch.Tensor, valid: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    return decode_attention_triton(q, k, v, n_filled, valid, scale)
+
+
+def _decode_fake(q, k, v, n_filled, valid, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1], dtype=v.dtype)
+
+
+def decode_attention(q, k, v, n_filled, valid, scale: float) -> torch.Tensor:
+    """One query per sequence over a static cache; see the module docstring. [B, Hq, Dk] -> [B, Hq, Dv]."""
+    if _use_fast(q) and _triton_kernel() is not None:
+        return _decode_op()(q, k, v, n_filled, valid, scale)
+    return decode_attention_sdpa(q, k, v, n_filled, valid, scale)
+
+
+# ------------------------------------------------------------------------------- sliding prefill
+
+
+def window_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None, sink: int) -> torch.Tensor:
+    """[Tq, Tk] bool: key visible to query (causal, within ``window`` tokens or among the first ``sink``)."""
+    q, k = q_index[:, None], k_index[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & ((k > q - window) | (k < sink))
+    return allowed
+
+
+_BLOCK_MASKS: dict = {}
+_FLEX = None
+
+
+def _flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def _sliding_block_mask(t: int, window: int, sink: int, device):
+    key = (t, window, sink, str(device))
+    if key not in _BLOCK_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mod(b, h, q, k):
+            return (k <= q) & ((q - k < window) | (k < sink))
+
+        if len(_BLOCK_MASKS) > 32:
+            _BLOCK_MASKS.clear()
+        _BLOCK_MASKS[key] = create_block_mask(mod, None, None, t, t, device=device)
+    return _BLOCK_MASKS[key]
+
+
+def sliding_attention(q, k, v, window: int, sink: int, scale: float) -> torch.Tensor:
+    """Causal self-attention over one unpadded chunk starting at token 0, restricted to the window.
+
+    ``q`` [B, Hq, T, D], ``k``/``v`` [B, Hk, T, D] -> [B, Hq, T, D].
+    """
+    t = q.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if window >= t:  # the window covers everything: plain causal (flash kernel)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if _use_fast(q) and q.shape[-1] == v.shape[-1] and q.shape[-1] >= 16:
+        return _flex()(q, k, v, block_mask=_sliding_block_mask(t, window, sink, q.device), scale=scale, enable_gqa=gqa)
+    idx = torch.arange(t, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(idx, idx, window, sink), scale=scale, enable_gqa=gqa)

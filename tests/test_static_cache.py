@@ -1,0 +1,167 @@
+"""Static caches (allocated once, written in place) and the compiled decode step: decoding through them
+equals the full forward for every family and target, they hold the analytic bytes, generate() uses
+them, and a decode step traces into one graph that is not re-traced from step to step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_targets import TARGET_CASES
+from tiny import FAMILY_NAMES, tiny_ids, tiny_teacher
+
+from attnedit.eval.kv import kv_summary
+from attnedit.surgery import edit_model
+from attnedit.targets.kernels import decode_attention_sdpa, sliding_attention, window_mask
+
+
+def static_logits(model, ids, attention_mask=None, pieces=(7, 3), max_length=None):
+    cache = model.new_cache(static=True, batch_size=ids.shape[0], max_length=max_length or ids.shape[1] + 3)
+    outs, pos = [], 0
+    for size in list(pieces) + [1] * (ids.shape[1] - sum(pieces)):
+        mask = None if attention_mask is None else attention_mask[:, : pos + size]
+        outs.append(model(ids[:, pos : pos + size], attention_mask=mask, past_key_values=cache, use_cache=True).logits)
+        pos += size
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("case", list(TARGET_CASES))
+@torch.no_grad()
+def test_static_cache_decoding_equals_full_forward(family, case):
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher(family), target, args)
+    ids = tiny_ids(length=21)  # longer than every window
+    full = student(ids).logits
+    inc, cache = static_logits(student, ids)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
+    assert cache.get_seq_length() == ids.shape[1]
+    assert cache.is_compileable
+
+
+@pytest.mark.parametrize("case", list(TARGET_CASES))
+@torch.no_grad()
+def test_static_cache_with_left_padding(case):
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher("qwen2"), target, args)
+    ids = tiny_ids(length=19)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    full = student(ids, attention_mask=mask).logits
+    inc, _ = static_logits(student, ids, mask, pieces=(9,))
+    torch.testing.assert_close(inc[0, 4:], full[0, 4:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(inc[1], full[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("target,args", [("mla", {}), ("gateswa", {"window": 6, "sink": 1, "full_layers": "1"})])
+def test_static_cache_bytes_equal_analytic(family, target, args):
+    student = edit_model(tiny_teacher(family), target, args)
+    cache = student.new_cache(static=True, batch_size=3, max_length=29)
+    analytic = kv_summary(student.config, 29, dtype="float32")["kv_bytes_total"] * 3
+    assert cache.allocated_bytes() == analytic
+
+
+def test_static_cache_overflow_is_one_line_error():
+    student = edit_model(tiny_teacher("llama"), "mla", {})
+    cache = student.new_cache(static=True, batch_size=1, max_length=8)
+    with pytest.raises(ValueError, match="static cache holds 8 tokens"):
+        student(tiny_ids(batch=1, length=9), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("case", ["mla-random", "gateswa-teacher"])
+@torch.no_grad()
+def test_generate_static_equals_dynamic_and_manual(case):
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher("llama"), target, args)
+    ids = tiny_ids(length=12)
+    static = student.generate(ids, max_new_tokens=9, do_sample=False)
+    dynamic = student.generate(ids, max_new_tokens=9, do_sample=False, cache_implementation="dynamic")
+    seq = ids
+    for _ in range(9):  # greedy without any cache
+        seq = torch.cat([seq, student(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(static, seq) and torch.equal(dynamic, seq)
+
+
+@torch.no_grad()
+def test_generate_left_padded_batch_matches_rows_alone():
+    student = edit_model(tiny_teacher("qwen2"), "gateswa", {"window": 5, "sink": 0, "full_layers": "every:2"})
+    ids = tiny_ids(length=10)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    both = student.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    alone = student.generate(ids[:1, 3:], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(both[0, 10:], alone[0, 7:])
+
+
+@torch.no_grad()
+def test_beam_search_reorders_the_cache():
+    student = edit_model(tiny_teacher("llama"), "mla", {"seed": 2})
+    ids = tiny_ids(batch=1, length=8)
+    out = student.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True)
+    ref = student.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True, use_cache=False)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("case", ["mla-random", "gateswa-teacher", "gateswa-random"])
+def test_decode_step_traces_into_one_graph_without_retracing(case):
+    """fullgraph=True fails on any graph break; the frame counter catches a re-trace per step."""
+    from torch._dynamo.testing import CompileCounter
+
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher("qwen3"), target, args)
+    ids = tiny_ids(length=9)
+    cache = student.new_cache(static=True, batch_size=2, max_length=20)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :2] = 0  # padding on, so the padded decode path is traced too
+    with torch.no_grad():
+        student(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        step = torch.compile(student, backend=counter, fullgraph=True)
+        token = ids[:, -1:].clone(memory_format=torch.contiguous_format)  # strides as in generate()
+        eager = []
+        for _ in range(5):
+            out = step(input_ids=token, attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+    assert counter.frame_count == 1
+    assert cache.get_seq_length() == 14
+
+
+def test_decode_reference_equals_softmax_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 8)
+    valid = torch.rand(3, 10) > 0.3
+    valid[:, 0] = True
+    out = decode_attention_sdpa(q, k, v, torch.tensor(7), valid, 0.25)
+    kk, vv = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    scores = torch.einsum("bhd,bhnd->bhn", q, kk) * 0.25
+    keep = (torch.arange(10) < 7)[None] & valid
+    scores = scores.masked_fill(~keep[:, None], float("-inf"))
+    ref = torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), vv)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,sink", [(4, 0), (5, 2), (64, 1)])
+def test_sliding_attention_equals_masked_softmax(window, sink):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 19, 16), torch.randn(2, 2, 19, 16), torch.randn(2, 2, 19, 16)
+    out = sliding_attention(q, k, v, window, sink, 0.25)
+    idx = torch.arange(19)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) * 0.25
+    scores = scores.masked_fill(~window_mask(idx, idx, window, sink), float("-inf"))
+    ref = scores.softmax(-1) @ v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_matches_the_window_rule():
+    """The FlexAttention mask used on GPUs for sliding layers: same visibility as window_mask."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    window, sink, t = 5, 2, 23
+
+    def mod(b, h, q, k):
+        return (k <= q) & ((q - k < window) | (k < sink))
+
+    dense = create_mask(mod, 1, 1, t, t, device="cpu")[0, 0]
+    idx = torch.arange(t)
+    assert torch.equal(dense, window_mask(idx, idx, window, sink))
