@@ -81,10 +81,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="KV bytes, peak memory, time to first token and decode tokens/s: student vs teacher",
-        description="For every (batch, context), both models prefill `context` random tokens and decode "
-        "--decode-tokens more greedily through their real caches (attnedit's latent / ring-buffer cache, "
-        "the teacher's DynamicCache). On CUDA: CUDA events after warm-up, medians over --repeats. "
-        "A cell that does not fit in memory is reported with the largest batch that fits.",
+        description="For every (batch, context), three engines prefill `context` random tokens and decode "
+        "--decode-tokens more greedily: the student on attnedit's engine (static cache allocated once, "
+        "decode step compiled with CUDA graphs on a GPU), the teacher on the same engine, and the teacher "
+        "on its best stock path (transformers generate with cache_implementation='static' and its automatic "
+        "torch.compile). Per cell: TTFT, decode step ms and tok/s, the step's HBM bound (weights + KV bytes "
+        "over the measured copy bandwidth), KV bytes (measured = analytic), peak memory, compile time. "
+        "On CUDA: CUDA events after warm-up. A cell that does not fit in memory is reported with the "
+        "largest batch that fits.",
         epilog="example:\n  attnedit bench runs/smol-mla/model --teacher smollm2-135m --contexts 1024,4096,8192 "
         "--batches 1,16,64 --save runs/smol-mla/bench.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,6 +102,16 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per cell before timing (default 1)")
     p.add_argument(
+        "--no-stock",
+        action="store_true",
+        help="skip timing the teacher on stock transformers (static cache + automatic compile)",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="decode eagerly instead of through torch.compile + CUDA graphs (compiled by default on CUDA)",
+    )
+    p.add_argument(
         "--passkey",
         action="store_true",
         help="also run passkey retrieval at the same contexts (saved as passkey.json beside --save)",
@@ -109,7 +123,10 @@ def run(args) -> int:
     from ..eval.bench import BenchSettings, format_bench, run_bench
     from ..eval.passkey import DEFAULT_DEPTHS, format_passkey, run_passkey
 
-    settings = BenchSettings(args.contexts, args.batches, args.decode_tokens, args.repeats, args.warmup)
+    settings = BenchSettings(
+        args.contexts, args.batches, args.decode_tokens, args.repeats, args.warmup,
+        stock=not args.no_stock, compile=False if args.no_compile else None,
+    )
     student, teacher, tokenizer, dtype = load_pair(args)
     result = {"model": args.model, "teacher": args.teacher, **run_bench(student, teacher, settings, dtype, log=log)}
     passkey = None

@@ -1,29 +1,33 @@
 """Efficiency next to the teacher: KV bytes, peak memory, time to first token and decode speed.
 
-For every (batch, context) both models, loaded in the same process, prefill ``context`` random tokens
-and then decode ``decode_tokens`` more greedily, each through its own real cache: the student through
-``AttnEditCache`` (MLA latent cache, sliding-window ring buffers), the teacher through transformers'
-``DynamicCache``. Figures per model and cell:
+Three engines per (batch, context), each in the same process and run:
 
-- ``ttft_ms``: time to first token, i.e. the prefill plus the choice of the first token;
-- ``decode_tok_s``: ``batch * decode_tokens`` over the time of the decode steps that follow;
-- ``kv_bytes_measured``: bytes of storage the cache tensors hold right after the prefill (all
-  ``batch`` sequences at ``context`` tokens); ``kv_bytes_analytic``: the same from the config alone
-  (:mod:`attnedit.eval.kv`); a test checks that they are equal;
-- ``peak_mem_bytes``: what one generation needs at its peak: the model's weights plus the most
-  memory allocated above what was already there (``torch.cuda.max_memory_allocated``), so the other
-  model resident in the same process is not counted; null on CPU, where torch keeps no such counter.
+- ``student``: the edited model on attnedit's engine: a static cache allocated once for the whole
+  generation (MLA latent, sliding-window rings, full K/V), an eager prefill (flash / sliding-window
+  kernels), then a one-token decode step compiled with ``torch.compile(mode="reduce-overhead")``
+  (CUDA graphs) on a GPU - what ``generate()`` runs;
+- ``teacher``: the teacher on the *same* engine (an attnedit model whose every layer is the teacher's
+  own attention, sharing its weights), so the ratio isolates the attention;
+- ``teacher_stock``: the teacher's best stock path, ``transformers`` ``generate(...,
+  cache_implementation="static")`` with its automatic ``torch.compile`` - what a user would otherwise
+  run. Its TTFT is a 1-token generate; its decode rate comes from the extra time of ``decode_tokens``
+  more tokens.
 
-On CUDA the times come from CUDA events (no host synchronisation inside the timed region), after
-``warmup`` untimed runs, as medians over ``repeats`` runs. On CPU the wall clock is used; CPU
-figures show that the code runs, not how fast a GPU would be.
+Figures per engine and cell: ``ttft_ms`` (prefill + first token), ``step_ms`` and ``decode_tok_s``
+(decode steps after warm-up, CUDA events), ``bytes_per_step`` (weights + the KV the step must read),
+``hbm_bound_ms`` (those bytes at the measured device-to-device copy bandwidth) and ``step_over_bound``,
+``kv_bytes_measured`` (what the static cache allocates, for ``kv_tokens`` = context + decoded tokens)
+next to ``kv_bytes_analytic`` (the same from the config alone), ``peak_mem_bytes`` and
+``compile_s`` (first-step compile time, excluded from every other figure). On CPU there is no
+compile and the wall clock is used: CPU figures show that the code runs, not how fast a GPU would be.
 
-A cell that does not fit in memory (``torch.OutOfMemoryError``) is recorded as null, together with
-the largest batch that does fit at that context (searched downward), and the table goes on.
+A cell that does not fit in memory (``torch.OutOfMemoryError``, or a CPU allocation failure) is recorded
+as null, with the largest batch that fits at that context (searched downward).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import statistics
@@ -36,8 +40,17 @@ import torch
 from ..errors import AttnEditError
 from .kv import kv_summary
 
-MODELS = ("student", "teacher")
-FIGURES = ("ttft_ms", "decode_tok_s", "peak_mem_bytes", "kv_bytes_measured", "kv_bytes_analytic")
+MODELS = ("student", "teacher", "teacher_stock")
+FIGURES = (
+    "ttft_ms",
+    "step_ms",
+    "decode_tok_s",
+    "hbm_bound_ms",
+    "step_over_bound",
+    "peak_mem_bytes",
+    "kv_bytes_measured",
+    "kv_bytes_analytic",
+)
 
 
 @dataclass
@@ -50,6 +63,8 @@ class BenchSettings:
     repeats: int = 3
     warmup: int = 1
     seed: int = 0
+    stock: bool = True  # also time the teacher on stock transformers (static cache + compile)
+    compile: bool | None = None  # compile the decode step; None = on CUDA only
 
     def __post_init__(self):
         for name in ("contexts", "batches"):
@@ -158,44 +173,163 @@ class Clock:
 
 
 def weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes of the distinct weights (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
-def run_once(model, batch: int, context: int, decode_tokens: int, seed: int = 0) -> dict:
-    """One timed generation: prefill ``context`` random tokens for ``batch`` sequences, then decode."""
-    device = next(model.parameters()).device
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + written), None on CPU."""
+    if device.type != "cuda":
+        return None
+    n = 1 << 28  # 512 MiB of bf16 each way
+    a = torch.empty(n, dtype=torch.bfloat16, device=device).uniform_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    clock = Clock(device)
+    clock.mark()
+    for _ in range(10):
+        b.copy_(a)
+    clock.mark()
+    ms = clock.intervals_ms()[0] / 10
+    del a, b
+    return 2 * n * 2 / (ms / 1e3)
+
+
+def _random_ids(model, batch: int, context: int, seed: int, device) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    clock, kv = Clock(device), []
-    clock.mark()
-    generate_greedy(model, ids, decode_tokens + 1, on_first=lambda cache: (clock.mark(), kv.append(cache_bytes(cache))))
-    clock.mark()
-    prefill_ms, decode_ms = clock.intervals_ms()
-    return {
-        "ttft_ms": prefill_ms,
-        "decode_tok_s": batch * decode_tokens / (decode_ms / 1e3),
-        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) - before + weight_bytes(model) if cuda else None,
-        "kv_bytes_measured": kv[0],
-    }
+    return torch.randint(3, model.config.vocab_size, (batch, context), generator=g).to(device)
 
 
-def measure(model, batch: int, context: int, settings: BenchSettings) -> dict:
-    """Medians over ``repeats`` timed runs after ``warmup`` untimed ones (raises OutOfMemoryError)."""
-    for _ in range(settings.warmup):
-        run_once(model, batch, context, settings.decode_tokens, settings.seed)
-    runs = [run_once(model, batch, context, settings.decode_tokens, settings.seed) for _ in range(settings.repeats)]
-    peaks = [r["peak_mem_bytes"] for r in runs if r["peak_mem_bytes"] is not None]
-    return {
-        "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
-        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-        "peak_mem_bytes": max(peaks) if peaks else None,
-        "kv_bytes_measured": runs[0]["kv_bytes_measured"],
-    }
+def _peak_start(device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak(device, before: int, model) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) - before + weight_bytes(model)
+
+
+class AttnEditEngine:
+    """Prefill eagerly into a static cache, then decode with a (compiled) one-token step."""
+
+    def __init__(self, model, compile: bool):
+        self.model = model
+        self.compile = compile
+        self.kw = _cache_kwarg(model)
+        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
+
+    def _step(self, token, cache):
+        out = self.model(input_ids=token, use_cache=True, logits_to_keep=1, **{self.kw: cache})
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def run(self, batch: int, context: int, settings: BenchSettings) -> dict:
+        model, device = self.model, next(self.model.parameters()).device
+        steps = settings.decode_tokens
+        warm = 3 if self.compile else 1
+        ids = _random_ids(model, batch, context, settings.seed, device)
+        before = _peak_start(device)
+        cache = model.new_cache(static=True, batch_size=batch, max_length=context + warm + steps + 1)
+        kv = cache.allocated_bytes()
+        ttfts, clock = [], Clock(device)
+        with torch.no_grad():
+            for _ in range(max(1, settings.repeats)):
+                cache.reset()
+                clock.marks = []
+                clock.mark()
+                token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+                clock.mark()
+                ttfts.append(clock.intervals_ms()[0])
+            t0 = time.perf_counter()
+            for _ in range(warm):  # compilation and CUDA-graph capture happen here
+                if self.compile:
+                    torch.compiler.cudagraph_mark_step_begin()
+                token = self.step(token, cache).clone()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_s = time.perf_counter() - t0
+            clock.marks = []
+            clock.mark()
+            for _ in range(steps):
+                if self.compile:
+                    torch.compiler.cudagraph_mark_step_begin()
+                token = self.step(token, cache).clone()
+            clock.mark()
+            decode_ms = clock.intervals_ms()[0]
+        return {
+            "ttft_ms": statistics.median(ttfts),
+            "step_ms": decode_ms / steps,
+            "decode_tok_s": batch * steps / (decode_ms / 1e3),
+            "peak_mem_bytes": _peak(device, before, model),
+            "kv_bytes_measured": kv,
+            "kv_tokens": cache.max_length,
+            "compile_s": round(compile_s, 2) if self.compile else None,
+        }
+
+
+class StockEngine:
+    """The teacher through stock ``transformers.generate`` with a static cache (auto-compiled on a GPU)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def _generate(self, ids, new: int):
+        return self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
+
+    def _timed(self, ids, new: int) -> float:
+        device = ids.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        self._generate(ids, new)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    def run(self, batch: int, context: int, settings: BenchSettings) -> dict:
+        model, device = self.model, next(self.model.parameters()).device
+        ids = _random_ids(model, batch, context, settings.seed, device)
+        before = _peak_start(device)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            self._generate(ids, settings.decode_tokens + 1)  # compiles the decode step for this shape
+            compile_s = time.perf_counter() - t0
+            firsts = [self._timed(ids, 1) for _ in range(max(1, settings.repeats))]
+            totals = [self._timed(ids, settings.decode_tokens + 1) for _ in range(max(1, settings.repeats))]
+        ttft, total = statistics.median(firsts), statistics.median(totals)
+        decode_ms = max(total - ttft, 1e-6)
+        return {
+            "ttft_ms": ttft,
+            "step_ms": decode_ms / settings.decode_tokens,
+            "decode_tok_s": batch * settings.decode_tokens / (decode_ms / 1e3),
+            "peak_mem_bytes": _peak(device, before, model),
+            "kv_bytes_measured": None,
+            "kv_tokens": context + settings.decode_tokens + 1,
+            "compile_s": round(compile_s, 2),
+        }
+
+
+def run_once(engine, batch: int, context: int, settings: BenchSettings) -> dict:
+    """One cell for one engine (raises OutOfMemoryError when it does not fit)."""
+    return engine.run(batch, context, settings)
 
 
 # ---------------------------------------------------------------------------------- out of memory
@@ -264,80 +398,113 @@ def kv_by_context(config, contexts: list[int], dtype: str) -> dict:
     }
 
 
-def run_bench(student, teacher, settings: BenchSettings, dtype: str, log: Callable[[str], None] = print) -> dict:
-    """Every (batch, context) cell for both models, as ``bench.json``::
+def bytes_per_step(model, config, batch: int, context: int, dtype: str) -> int:
+    """What one decode step must read at least: every weight once, and the KV of ``context`` tokens."""
+    return weight_bytes(model) + analytic_cache_bytes(config, context, batch, dtype)
 
-        {"device", "dtype", "decode_tokens", "repeats", "timing",
+
+def run_bench(student, teacher, settings: BenchSettings, dtype: str, log: Callable[[str], None] = print) -> dict:
+    """Every (batch, context) cell for the three engines, as ``bench.json``::
+
+        {"device", "dtype", "decode_tokens", "repeats", "timing", "copy_bandwidth_bytes_s",
          "kv": {"student"|"teacher": {"contexts": [...], "bytes_per_token": [...]}, "ratio": [...]},
-         "runs": [{"batch", "context", "student": {FIGURES} | null, "teacher": {...} | null,
-                   "ratio": {figure: student / teacher | null}, "largest_batch": {model: int} (when one did not fit)}]}
+         "runs": [{"batch", "context", "student"|"teacher"|"teacher_stock": {FIGURES...} | null,
+                   "ratio": {figure: student / teacher}, "ratio_stock": {figure: student / teacher_stock},
+                   "largest_batch": {engine: int} (when one did not fit)}]}
     """
+    from ..surgery import teacher_on_attnedit
+
     check_pair(student, teacher)
-    models = {"student": student, "teacher": teacher}
-    for name, model in models.items():
+    for name, model in (("student", student), ("teacher", teacher)):
         check_contexts(model.config, settings.contexts, f"the {name}")
     device = next(student.parameters()).device
+    compile_ = settings.compile if settings.compile is not None else device.type == "cuda"
+    bandwidth = copy_bandwidth(device)
+    same_engine = teacher_on_attnedit(teacher)
+    engines = {"student": AttnEditEngine(student, compile_), "teacher": AttnEditEngine(same_engine, compile_)}
+    if settings.stock:
+        engines["teacher_stock"] = StockEngine(teacher)
+    configs = {"student": student.config, "teacher": teacher.config, "teacher_stock": teacher.config}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": dtype,
         "decode_tokens": settings.decode_tokens,
         "repeats": settings.repeats,
         "timing": "CUDA events, medians" if device.type == "cuda" else "wall clock, medians",
-        "kv": {name: kv_by_context(m.config, settings.contexts, dtype) for name, m in models.items()},
+        "engines": {
+            "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager"),
+            "teacher": "the teacher on the same engine as the student",
+            "teacher_stock": "transformers generate(cache_implementation='static')" + (" + automatic torch.compile" if device.type == "cuda" else ""),
+        },
+        "copy_bandwidth_bytes_s": bandwidth,
+        "kv": {name: kv_by_context(configs[name], settings.contexts, dtype) for name in ("student", "teacher")},
         "runs": [],
     }
     result["kv"]["ratio"] = [
         _ratio(s, t)
         for s, t in zip(result["kv"]["student"]["bytes_per_token"], result["kv"]["teacher"]["bytes_per_token"])
     ]
-    limits: dict[tuple[str, int], tuple[int, int]] = {}  # (model, context) -> (largest fit, smallest failure)
-    for context in settings.contexts:
-        for batch in settings.batches:
-            run = {"batch": batch, "context": context}
-            for name, model in models.items():
-                figures = _cell(model, batch, context, settings, limits.get((name, context)))
-                if isinstance(figures, int):  # did not fit: the largest batch that does
-                    limits[(name, context)] = (figures, min(batch, limits.get((name, context), (0, batch))[1]))
+    cells = {(b, c): {"batch": b, "context": c} for c in settings.contexts for b in settings.batches}
+    for name, engine in engines.items():
+        if compile_:
+            torch._dynamo.reset()  # each engine compiles its own step; stale graphs would count against the limit
+        limits: dict[int, tuple[int, int]] = {}  # context -> (largest fit, smallest failure)
+        for context in settings.contexts:
+            for batch in settings.batches:
+                run = cells[(batch, context)]
+                if name == "teacher_stock" and compile_:
+                    torch._dynamo.reset()  # stock compiles per shape; keep every cell within the recompile limit
+                figures = _cell(engine, batch, context, settings, limits.get(context))
+                if isinstance(figures, int):
+                    limits[context] = (figures, min(batch, limits.get(context, (0, batch))[1]))
                     run.setdefault("largest_batch", {})[name] = figures
-                    log(
-                        f"{name}: batch {batch} at context {context} does not fit in memory; the largest that fits is {figures}"
-                    )
+                    log(f"{name}: batch {batch} at context {context} does not fit in memory; the largest that fits is {figures}")
                     figures = None
                 else:
-                    figures["kv_bytes_analytic"] = analytic_cache_bytes(model.config, context, batch, dtype)
+                    model = engine.model
+                    need = bytes_per_step(model, configs[name], batch, context, dtype)
+                    figures["kv_bytes_analytic"] = analytic_cache_bytes(configs[name], figures["kv_tokens"], batch, dtype)
+                    if name == "teacher_stock":
+                        figures["kv_bytes_measured"] = None
+                    figures["bytes_per_step"] = need
+                    figures["hbm_bound_ms"] = need / bandwidth * 1e3 if bandwidth else None
+                    figures["step_over_bound"] = _ratio(figures["step_ms"], figures["hbm_bound_ms"])
                 run[name] = figures
-            run["ratio"] = ratios(run["student"], run["teacher"])
-            result["runs"].append(run)
-            log(_progress(run))
+                log(_progress_one(name, run))
+    for run in cells.values():
+        for name in engines:
+            run.setdefault(name, None)
+        run["ratio"] = ratios(run["student"], run["teacher"])
+        run["ratio_stock"] = ratios(run["student"], run.get("teacher_stock"))
+        result["runs"].append(run)
     return result
 
 
-def _cell(model, batch: int, context: int, settings: BenchSettings, known: tuple[int, int] | None) -> dict | int:
+def _cell(engine, batch: int, context: int, settings: BenchSettings, known: tuple[int, int] | None) -> dict | int:
     """The figures of one cell, or (when it does not fit) the largest batch that fits at this context.
 
     ``known`` is (largest fit, smallest failure) from an earlier batch at the same context, if any.
     """
     if known and batch >= known[1]:
         return known[0]
-    figures = fits(lambda: measure(model, batch, context, settings))
+    figures = fits(lambda: run_once(engine, batch, context, settings))
     if figures is not None:
         return figures
+    quick = dataclasses.replace(settings, decode_tokens=2, repeats=1)
 
     def ok(b: int) -> bool:
-        return fits(lambda: run_once(model, b, context, settings.decode_tokens, settings.seed)) is not None
+        return fits(lambda: run_once(engine, b, context, quick)) is not None
 
     return largest_fit(ok, batch)
 
 
-def _progress(run: dict) -> str:
-    parts = [f"batch {run['batch']:>4} context {run['context']:>6}"]
-    for name in MODELS:
-        f = run[name]
-        parts.append(
-            f"{name} "
-            + ("out of memory" if f is None else f"ttft {f['ttft_ms']:.1f} ms, {f['decode_tok_s']:.1f} tok/s")
-        )
-    return " | ".join(parts)
+def _progress_one(name: str, run: dict) -> str:
+    f = run.get(name)
+    head = f"batch {run['batch']:>4} context {run['context']:>6} {name:>13}: "
+    if f is None:
+        return head + "out of memory"
+    bound = f" ({f['step_over_bound']:.2f}x HBM bound)" if f.get("step_over_bound") else ""
+    return head + f"ttft {f['ttft_ms']:.1f} ms, step {f['step_ms']:.3f} ms{bound}, {f['decode_tok_s']:,.0f} tok/s"
 
 
 def format_bench(result: dict) -> str:
@@ -351,50 +518,46 @@ def format_bench(result: dict) -> str:
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
 
-    def size(v):
-        return "-" if v is None else human_bytes(v)
-
-    show_peak = any(get(r, n, "peak_mem_bytes") is not None for r in result["runs"] for n in MODELS)
-    headers = [
-        "batch",
-        "context",
-        "TTFT ms S",
-        "TTFT ms T",
-        "S/T",
-        "decode tok/s S",
-        "decode tok/s T",
-        "S/T",
-        "KV S",
-        "KV T",
-        "S/T",
-    ]
-    if show_peak:
-        headers += ["peak S", "peak T"]
+    stock = any(r.get("teacher_stock") for r in result["runs"])
+    headers = ["batch", "context", "TTFT ms S", "TTFT ms T", "S/T", "tok/s S", "tok/s T"]
+    headers += ["tok/s stock"] if stock else []
+    headers += ["S/T", "S/stock"] if stock else ["S/T"]
+    headers += ["step/bound S", "step/bound T", "KV S", "KV T", "peak S", "peak T"]
     rows = []
     for r in result["runs"]:
-        ratio = r["ratio"]
         row = [
             r["batch"],
             r["context"],
             num(get(r, "student", "ttft_ms"), "{:,.1f}"),
             num(get(r, "teacher", "ttft_ms"), "{:,.1f}"),
-            num(ratio["ttft_ms"], "{:.2f}"),
+            num(r["ratio"]["ttft_ms"], "{:.2f}"),
             num(get(r, "student", "decode_tok_s"), "{:,.0f}"),
             num(get(r, "teacher", "decode_tok_s"), "{:,.0f}"),
-            num(ratio["decode_tok_s"], "{:.2f}"),
-            size(get(r, "student", "kv_bytes_measured")),
-            size(get(r, "teacher", "kv_bytes_measured")),
-            num(ratio["kv_bytes_measured"], "{:.3f}"),
         ]
-        if show_peak:
-            row += [size(get(r, "student", "peak_mem_bytes")), size(get(r, "teacher", "peak_mem_bytes"))]
+        if stock:
+            row.append(num(get(r, "teacher_stock", "decode_tok_s"), "{:,.0f}"))
+        row.append(num(r["ratio"]["decode_tok_s"], "{:.2f}"))
+        if stock:
+            row.append(num(r.get("ratio_stock", {}).get("decode_tok_s"), "{:.2f}"))
+        row += [
+            num(get(r, "student", "step_over_bound"), "{:.2f}"),
+            num(get(r, "teacher", "step_over_bound"), "{:.2f}"),
+            "-" if get(r, "student", "kv_bytes_measured") is None else human_bytes(get(r, "student", "kv_bytes_measured")),
+            "-" if get(r, "teacher", "kv_bytes_measured") is None else human_bytes(get(r, "teacher", "kv_bytes_measured")),
+            "-" if get(r, "student", "peak_mem_bytes") is None else human_bytes(get(r, "student", "peak_mem_bytes")),
+            "-" if get(r, "teacher", "peak_mem_bytes") is None else human_bytes(get(r, "teacher", "peak_mem_bytes")),
+        ]
         rows.append(row)
     kv = result["kv"]
+    bw = result.get("copy_bandwidth_bytes_s")
     lines = [
         (
             f"device {result['device']}, {result['dtype']}, {result['decode_tokens']} decode tokens, {result['timing']} of "
-            f"{result['repeats']}; S = student, T = teacher; KV = cache bytes after the prefill (whole batch)"
+            f"{result['repeats']}" + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "")
         ),
+        "S = student and T = teacher on attnedit's engine (" + result.get("engines", {}).get("student", "") + "); stock = "
+        + result.get("engines", {}).get("teacher_stock", "not run")
+        + "; step/bound = decode step time over (weights + KV bytes) / copy bandwidth; KV = bytes the static cache allocates",
         text_table(headers, rows, right=set(range(len(headers)))),
         "",
         "KV bytes per token: "
@@ -407,7 +570,5 @@ def format_bench(result: dict) -> str:
     ]
     for r in result["runs"]:
         for name, best in r.get("largest_batch", {}).items():
-            lines.append(
-                f"{name}: batch {r['batch']} at context {r['context']} does not fit; largest that fits: {best}"
-            )
+            lines.append(f"{name}: batch {r['batch']} at context {r['context']} does not fit; largest that fits: {best}")
     return "\n".join(lines)

@@ -119,6 +119,38 @@ def edit_model(
     return student.eval()
 
 
+def teacher_on_attnedit(teacher) -> AttnEditForCausalLM:
+    """The teacher itself as an attnedit model (every layer its own attention, sharing every weight):
+    the same engine as a converted model, for like-for-like speed comparisons."""
+    family = family_for(teacher.config)
+    base = teacher.config.to_dict()
+    for key in ("auto_map", "quantization_config", "_name_or_path", "dtype", "torch_dtype"):
+        base.pop(key, None)
+    n = teacher.config.num_hidden_layers
+    config = AttnEditConfig(
+        base_config=base,
+        attention=family.attention_spec(teacher.config),
+        layer_attention=[{"kind": "dense", "window": family.window(teacher.config, i)} for i in range(n)],
+        family=family.name,
+        edit={"target": "none", "settings": {}, "edited_layers": []},
+        architectures=["AttnEditForCausalLM"],
+    )
+    with torch.device("meta"):
+        model = AttnEditForCausalLM(config)
+    _share_backbone(model, teacher)
+    for i, layer in enumerate(family.layers(model)):
+        t_attn = family.attention(teacher, i)
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+            if getattr(t_attn, name, None) is not None:
+                setattr(attn, name, getattr(t_attn, name))
+    leftover = [name for name, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise AttnEditError(f"internal: parameters left uninitialised: {leftover[:3]}")
+    model.generation_config = teacher.generation_config
+    return model.eval()
+
+
 def attention_parameters(student: AttnEditForCausalLM, edited_only: bool = True) -> list[nn.Parameter]:
     """Parameters of the new attention modules (what stage 1 trains)."""
     layers = student.config.edit.get("edited_layers", [])
@@ -135,4 +167,5 @@ __all__ = [
     "dense_from_teacher",
     "edit_model",
     "edited_config",
+    "teacher_on_attnedit",
 ]
