@@ -41,6 +41,8 @@ def build_attention(layer: dict, spec: dict, base_config: dict, layer_idx: int) 
 
 def base_config_object(base_config: dict):
     cfg = dict(base_config)
+    for key in ("dtype", "torch_dtype"):  # the backbone takes the dtype the model is loaded in, not the teacher's
+        cfg.pop(key, None)
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
