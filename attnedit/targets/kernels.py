@@ -42,26 +42,24 @@ def decode_attention_sdpa(q, k, v, n_filled, valid, scale: float) -> torch.Tenso
     s = k.shape[2]
     keep = torch.arange(s, device=k.device) < n_filled
     mask = keep[None, :] if valid is None else keep[None, :] & valid
+    if k.shape[1] == 1:  # one shared (latent) head: fold the query heads into the query axis, read K/V once
+        out = F.scaled_dot_product_attention(q[:, None], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        return out[:, 0]
     out = F.scaled_dot_product_attention(
         q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
     return out[:, :, 0]
 
 
-_TRITON = None
+try:  # Triton ships with CUDA builds of PyTorch; without it the SDPA paths run
+    import triton
+    import triton.language as tl
 
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU-only installs
+    HAS_TRITON = False
 
-def _triton_kernel():
-    """Compile-on-first-use Triton kernel (None when Triton is unavailable)."""
-    global _TRITON
-    if _TRITON is not None:
-        return _TRITON or None
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        _TRITON = False
-        return None
+if HAS_TRITON:
 
     @triton.jit
     def _decode_partial(
@@ -93,20 +91,20 @@ def _triton_kernel():
         for s in range(start, end, BLOCK_N):
             offs_n = s + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
-            kt = tl.load(
-                K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_n + offs_dk[:, None],
-                mask=nmask[None, :] & (offs_dk[:, None] < DK),
+            k = tl.load(  # [BLOCK_N, DK]: rows of the cache, contiguous along the head dim
+                K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_dk[None, :],
+                mask=nmask[:, None] & (offs_dk[None, :] < DK),
                 other=0.0,
             )
-            vt = tl.load(
+            v = tl.load(
                 V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_dv[None, :],
                 mask=nmask[:, None] & (offs_dv[None, :] < DV),
                 other=0.0,
             )
             if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
-                qk = tl.dot(q, kt)
+                qk = tl.dot(q, tl.trans(k))
             qk = qk * scale
             keep = nmask
             if HAS_VALID:
@@ -118,17 +116,14 @@ def _triton_kernel():
             p = tl.exp(qk - m_safe[:, None])
             l = l * alpha + tl.sum(p, 1)
             if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         row = (b * HK + hk) * NSPLIT + sp
         tl.store(PO + row * G_PAD * DV_PAD + offs_g[:, None] * DV_PAD + offs_dv[None, :], acc)
         tl.store(PM + row * G_PAD + offs_g, m)
         tl.store(PL + row * G_PAD + offs_g, l)
-
-    _TRITON = _decode_partial
-    return _TRITON
 
 
 def _pow2(x: int, least: int = 16) -> int:
@@ -137,7 +132,7 @@ def _pow2(x: int, least: int = 16) -> int:
 
 def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Tensor:
     """Split-K flash decoding over the filled slots; partial softmax states are merged in PyTorch."""
-    kernel = _triton_kernel()
+    kernel = _decode_partial
     bsz, hq, dk = q.shape
     hk, s, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hk
@@ -162,7 +157,7 @@ def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Ten
         scale, split_len, hk,
         G=g, G_PAD=g_pad, DK=dk, DK_PAD=dk_pad, DV=dv, DV_PAD=dv_pad, BLOCK_N=block_n, NSPLIT=nsplit,
         HAS_VALID=valid is not None, IEEE=k.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=4 if max(dk_pad, dv_pad) <= 128 else 8, num_stages=3,
     )  # fmt: skip
     m_max = pm.amax(2, keepdim=True)
     w = torch.exp(pm - torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max))
@@ -174,34 +169,44 @@ def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Ten
 _OP_NAME = "attnedit::decode_attention_v1"
 
 
-def _decode_op():
-    """The Triton decode as a torch.library custom op (registered once per process)."""
-    ns, name = _OP_NAME.split("::")
-    existing = getattr(getattr(torch.ops, ns), name, None)
-    if existing is not None:
-        return existing
-    try:
-        op = torch.library.custom_op(_OP_NAME, mutates_args=())(_decode_impl)
-    except RuntimeError:  # registered by another copy of this module (remote code loaded twice)
-        return getattr(getattr(torch.ops, ns), name)
-    op.register_fake(_decode_fake)
-    return getattr(getattr(torch.ops, ns), name)
-
-
 def _decode_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_filled: torch.Tensor, valid: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     return decode_attention_triton(q, k, v, n_filled, valid, scale)
 
 
-def _decode_fake(q, k, v, n_filled, valid, scale):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1], dtype=v.dtype)
+def _register_decode_op():
+    """The Triton decode as a torch.library custom op, registered once per process (a second copy of
+    this module, e.g. remote code loaded from another checkpoint, reuses the first registration)."""
+    ns, name = _OP_NAME.split("::")
+    try:
+        op = torch.library.custom_op(_OP_NAME, mutates_args=())(_decode_impl)
+        op.register_fake(lambda q, k, v, n_filled, valid, scale: q.new_empty(q.shape[0], q.shape[1], v.shape[-1], dtype=v.dtype))
+    except RuntimeError:
+        pass
+    return getattr(getattr(torch.ops, ns), name)
+
+
+_DECODE_OP = _register_decode_op() if HAS_TRITON else None
+
+
+def decode_kernel_choice(q: torch.Tensor, k: torch.Tensor) -> str:
+    """Which decode implementation runs for these shapes (measured on an H200, tools/gpu/check_kernels.py):
+    SDPA with a length mask reads a grouped-query cache near the HBM bound; a one-head latent (MLA) is read
+    by SDPA with the heads folded into the query axis, or by the Triton kernel where SDPA has no fused kernel
+    for its head dim (> 256). ``ATTNEDIT_DECODE=triton|sdpa`` overrides the choice."""
+    forced = os.environ.get("ATTNEDIT_DECODE", "auto")
+    if not _use_fast(q) or not HAS_TRITON or forced == "sdpa":
+        return "sdpa"
+    if forced == "triton":
+        return "triton"
+    return "triton" if k.shape[-1] > 256 else "sdpa"
 
 
 def decode_attention(q, k, v, n_filled, valid, scale: float) -> torch.Tensor:
     """One query per sequence over a static cache; see the module docstring. [B, Hq, Dk] -> [B, Hq, Dv]."""
-    if _use_fast(q) and _triton_kernel() is not None:
-        return _decode_op()(q, k, v, n_filled, valid, scale)
+    if decode_kernel_choice(q, k) == "triton":
+        return _DECODE_OP(q, k, v, n_filled, valid, scale)
     return decode_attention_sdpa(q, k, v, n_filled, valid, scale)
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from attnedit.targets.kernels import decode_attention, decode_attention_sdpa, sliding_attention, window_mask
+from attnedit.targets import kernels
+from attnedit.targets.kernels import decode_attention_sdpa, decode_kernel_choice, sliding_attention, window_mask
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -56,11 +57,13 @@ for name, b, hq, hk, dk, dv, s, padded in cases:
     if valid is not None:
         valid[:, 0] = True
     scale = dk**-0.5
-    out = decode_attention(q, k, v, nf, valid, scale)
+    out = kernels._DECODE_OP(q, k, v, nf, valid, scale)
     ref = decode_attention_sdpa(q.double(), k.double(), v.double(), nf, valid, scale)
     err = rel(out, ref)
     bad |= not err < 2e-2
-    t_kernel = do_bench(lambda: decode_attention(q, k, v, nf, valid, scale), warmup=25, rep=100, return_mode="median")
+    t_kernel = do_bench(lambda: kernels._DECODE_OP(q, k, v, nf, valid, scale), warmup=25, rep=100, return_mode="median")
+    err_sdpa = rel(decode_attention_sdpa(q, k, v, nf, valid, scale), ref)
+    bad |= not err_sdpa < 2e-2
     t_mask = do_bench(lambda: decode_attention_sdpa(q, k, v, nf, valid, scale), warmup=25, rep=100, return_mode="median")
     kk, vv = k[:, :, :n], v[:, :, :n]
     t_plain = do_bench(
@@ -69,11 +72,11 @@ for name, b, hq, hk, dk, dv, s, padded in cases:
     )
     nbytes = b * hk * n * (dk + (dv if (dv == dk or hk > 1) else 0)) * 2
     bound = nbytes / bw * 1e3
-    rows.append((name, f"{err:.1e}", f"{t_kernel:.3f}", f"{t_kernel / bound:.2f}", f"{t_mask / bound:.2f}", f"{t_plain / bound:.2f}"))
+    rows.append((name, f"{err:.1e}", f"{t_kernel:.3f}", f"{t_kernel / bound:.2f}", f"{t_mask / bound:.2f}", f"{t_plain / bound:.2f}", decode_kernel_choice(q, k)))
 
-print(f"{'decode case':26} {'rel err':>8} {'kernel ms':>10} {'kernel/bound':>13} {'sdpa+mask/bound':>16} {'sdpa exact/bound':>17}")
+print(f"{'decode case':26} {'rel err':>8} {'triton ms':>10} {'triton/bound':>13} {'sdpa+mask/bound':>16} {'sdpa exact/bound':>17} {'used':>7}")
 for r in rows:
-    print(f"{r[0]:26} {r[1]:>8} {r[2]:>10} {r[3]:>13} {r[4]:>16} {r[5]:>17}")
+    print(f"{r[0]:26} {r[1]:>8} {r[2]:>10} {r[3]:>13} {r[4]:>16} {r[5]:>17} {r[6]:>7}")
 
 # sliding-window prefill / training: FlexAttention block mask vs SDPA + boolean mask, fwd + bwd
 b, h, hk, t, d, window, sink = 16, 9, 3, 2048, 64, 512, 4
