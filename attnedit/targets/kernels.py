@@ -137,7 +137,8 @@ def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Ten
     hk, s, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hk
     g_pad, dk_pad, dv_pad = _pow2(g), _pow2(dk), _pow2(dv)
-    block_n = 64 if max(dk_pad, dv_pad) <= 128 else 32
+    big = max(dk_pad, dv_pad) > 128
+    block_n = 16 if big else 64
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     want = max(1, math.ceil(4 * sms / (bsz * hk)))
     split_len = max(block_n, math.ceil(math.ceil(s / want) / block_n) * block_n)
@@ -157,7 +158,7 @@ def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Ten
         scale, split_len, hk,
         G=g, G_PAD=g_pad, DK=dk, DK_PAD=dk_pad, DV=dv, DV_PAD=dv_pad, BLOCK_N=block_n, NSPLIT=nsplit,
         HAS_VALID=valid is not None, IEEE=k.dtype == torch.float32,
-        num_warps=4 if max(dk_pad, dv_pad) <= 128 else 8, num_stages=3,
+        num_warps=8 if big else 4, num_stages=1 if big else 3,
     )  # fmt: skip
     m_max = pm.amax(2, keepdim=True)
     w = torch.exp(pm - torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max))
