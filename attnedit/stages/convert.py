@@ -21,7 +21,7 @@ from ..errors import AttnEditError
 from ..recipe import Recipe, diff, load_recipe, to_yaml
 from ..tables import human_bytes, text_table
 from . import stage1, stage2
-from .checkpoint import load_latest
+from .checkpoint import load_latest, remove_temp_files, write_error_text, write_errors
 from .trainer import Run, StageJob, autocast, load_weights, train_stage, use_bf16
 
 
@@ -295,6 +295,8 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
             stage2.unshare(student, teacher, recipe.stage2.trainable)
         load_weights(owned_parameters(student, teacher), state)
         run.metrics.truncate(state["metrics_offset"])
+    elif resume:
+        run.metrics.truncate(0)  # no checkpoint was ever written: the run starts over, its lines too
     blocks = heldout_blocks(recipe.data, tokenizer) if recipe.heldout_eval else None
     evaluate = None
     if blocks is not None and len(blocks):
@@ -328,7 +330,14 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     if evaluate is not None:
         run.summary["heldout_after"] = evaluate()
     student.to(wdtype)
-    save_edited(student, run_dir / "model", tokenizer, overwrite=True)
+    try:
+        save_edited(student, run_dir / "model", tokenizer, overwrite=True)
+    except write_errors() as e:  # a full disk, as OSError or torch's/safetensors' own error
+        remove_temp_files(run_dir)
+        raise AttnEditError(
+            f"could not write the model to {run_dir / 'model'}: {write_error_text(e)}; the trained weights are in the "
+            f"last checkpoint; free disk space, then run: attnedit convert {run_dir} --resume"
+        ) from None
     for stage in (1, 2):
         run.summary.get(f"stage{stage}", {}).pop("wall_start", None)
     run.summary["wall_s"] = round(run.wall(), 1)
