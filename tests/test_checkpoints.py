@@ -130,7 +130,7 @@ def test_disk_full_in_the_final_save_is_one_line_and_resumable(root, tmp_path, m
         convert(parse_recipe(raw), run, progress="none")
     msg = str(e.value)
     assert "\n" not in msg and "No space left on device" in msg and f"attnedit convert {run} --resume" in msg
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml"]  # no temp folder
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml", "recipe.yaml.sha256"]  # no temp folder
     monkeypatch.setattr(mu, "safe_save_file", real)
     convert(parse_recipe(raw), run, resume=True, progress="none")
     assert (run / "model" / "model.safetensors").is_file()
@@ -226,3 +226,44 @@ def test_a_signal_between_two_log_steps_resumes_to_the_same_summary(root, tmp_pa
     assert rows(tmp_path / "run") == rows(tmp_path / "ref")
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["stage1"]["final"]["loss"] == ref["stage1"]["final"]["loss"]
+
+
+def _stopped_run(root, tmp_path, monkeypatch, docs=None):
+    """A run stopped by SIGTERM after stage 1 step 2, resumable with `attnedit convert RUN --resume`."""
+    raw = yaml.safe_load((root / "recipe.yaml").read_text())
+    if docs is not None:
+        raw["data"]["files"] = [str(docs)]
+    real = trainer.lr_at
+
+    def stop(step, cfg):
+        if step == 1 and cfg.steps == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, cfg)
+
+    monkeypatch.setattr(trainer, "lr_at", stop)
+    with pytest.raises(KeyboardInterrupt):
+        convert(parse_recipe(raw), tmp_path / "run", progress="none")
+    monkeypatch.setattr(trainer, "lr_at", real)
+    return tmp_path / "run"
+
+
+def test_resume_refuses_a_hand_edited_recipe(root, tmp_path, monkeypatch, capsys):
+    run = _stopped_run(root, tmp_path, monkeypatch)
+    text = (run / "recipe.yaml").read_text()
+    (run / "recipe.yaml").write_text(text.replace("lr: 0.003", "lr: 0.03", 1))
+    assert main(["convert", str(run), "--resume", "--progress", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "recipe.yaml was edited after the run started" in err and "another --out" in err
+    (run / "recipe.yaml").write_text(text)  # put back as it was: resumes
+    assert main(["convert", str(run), "--resume", "--progress", "none"]) == 0
+
+
+def test_resume_refuses_a_data_file_reordered_at_the_same_size(root, tmp_path, monkeypatch, capsys):
+    docs = tmp_path / "docs.jsonl"
+    shutil.copy(root / "docs.jsonl", docs)
+    run = _stopped_run(root, tmp_path, monkeypatch, docs)
+    lines = docs.read_text().splitlines(keepends=True)
+    docs.write_text("".join(lines[::-1]))
+    assert docs.stat().st_size == (root / "docs.jsonl").stat().st_size
+    assert main(["convert", str(run), "--resume", "--progress", "none"]) == 2
+    assert "different data (file contents" in capsys.readouterr().err.strip().splitlines()[-1]

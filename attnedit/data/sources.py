@@ -264,3 +264,46 @@ def iter_pieces(path: Source, cfg: DataConfig) -> Iterator[tuple[str, bool]]:
             yield from _text_pieces(f, cfg.txt_documents)
         else:
             yield from _record_pieces(_jsonl_texts(f, path, cfg.text_field))
+
+
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a data file's bytes, cached by (path, size, mtime, ctime) in this process and in
+    ``$ATTNEDIT_CACHE/data-sha256.json``, so a resume does not read unchanged files again."""
+    import hashlib
+    import json
+    import os
+
+    from ..teachers.load import cache_root
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _SHA256_CACHE:
+        return _SHA256_CACHE[key]
+    store = cache_root() / "data-sha256.json"
+    try:
+        saved = json.loads(store.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    entry = saved.get(key[0])
+    if isinstance(entry, dict) and [entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns")] == list(key[1:]):
+        digest = entry["sha256"]
+    else:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        digest = h.hexdigest()
+        saved[key[0]] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": digest}
+        try:  # a cache only: a read-only or full disk just means hashing again next time
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f".{store.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(saved))
+            os.replace(tmp, store)
+        except OSError:
+            pass
+    _SHA256_CACHE[key] = digest
+    return digest
+

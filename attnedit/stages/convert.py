@@ -9,6 +9,7 @@ reaches the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -206,7 +207,7 @@ def format_plan(plan: dict) -> str:
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -216,9 +217,15 @@ def _write_atomic(path: Path, text: str) -> None:
 def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     """A new run folder gets the resolved recipe; a resumed one must have been started with the same recipe."""
     saved = run_dir / "recipe.yaml"
+    checksum = run_dir / "recipe.yaml.sha256"
     if resume:
         if not saved.is_file():
             raise AttnEditError(f"{run_dir} has no recipe.yaml, so it is not a run to resume; start it without --resume")
+        if checksum.is_file() and checksum.read_text().split()[:1] != [hashlib.sha256(saved.read_bytes()).hexdigest()]:
+            raise AttnEditError(
+                f"{saved} was edited after the run started (its sha256 differs from {checksum.name}); put it back as it was "
+                f"to resume, or start a new run from the edited recipe with another --out"
+            )
         old = load_recipe(saved)
         changed = sorted(diff(old, recipe))
         if changed:
@@ -231,7 +238,9 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise AttnEditError(f"{run_dir} already exists; continue it with --resume, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(saved, to_yaml(recipe, "the fully resolved recipe of this run (attnedit convert)"))
+    text = to_yaml(recipe, "the fully resolved recipe of this run (attnedit convert)")
+    _write_atomic(checksum, f"{hashlib.sha256(text.encode()).hexdigest()}  recipe.yaml\n")
+    _write_atomic(saved, text)
 
 
 def _stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer) -> StageJob:
