@@ -248,7 +248,11 @@ def load_recipe(path: str | os.PathLike, sets: dict | None = None) -> Recipe:
     except yaml.YAMLError as e:
         first = str(e).replace("\n", " ")
         raise AttnEditError(f"recipe {path} is not valid YAML: {first}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if not raw:
+        raise AttnEditError(
+            f"recipe {path} is empty; give at least teacher:, target: and data: (see recipes/ or attnedit recipe --explain)"
+        )
+    if not isinstance(raw, dict):
         raise AttnEditError(f"recipe {path} must be a YAML mapping of fields (teacher:, target:, ...); see recipes/")
     return parse_recipe(raw, sets, p.resolve().parent)
 

@@ -266,4 +266,4 @@ def test_resume_refuses_a_data_file_reordered_at_the_same_size(root, tmp_path, m
     docs.write_text("".join(lines[::-1]))
     assert docs.stat().st_size == (root / "docs.jsonl").stat().st_size
     assert main(["convert", str(run), "--resume", "--progress", "none"]) == 2
-    assert "different data (file contents" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "different data settings or contents" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -116,6 +116,30 @@ def _require_pyarrow(path: Path):
     return pq
 
 
+def _check_is_text(path: Path, probe: int = 1 << 16) -> None:
+    """A .txt/.jsonl file (compressed or not) must start as UTF-8 text: NUL bytes or undecodable bytes in
+    its first 64 KiB mean a binary file, which would otherwise train on replacement characters."""
+    opener = _COMPRESSED.get(path.suffix)
+    try:
+        with opener(path, "rb") if opener is not None else open(path, "rb") as f:
+            head = f.read(probe)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise AttnEditError(f"cannot read data file {path}: {e}; is it a valid {path.suffix} file?") from None
+    # a multi-byte character may be cut at the end of the probe: up to 3 bytes of it may be left out
+    cuts = range(4) if len(head) == probe else range(1)
+    decodes = any(_decodes(head[: len(head) - cut]) for cut in cuts)
+    if not decodes or b"\x00" in head:
+        raise AttnEditError(f"data file {path} is not UTF-8 text (binary content at its start); remove it from data.files")
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _check_one(path: Source, cfg: DataConfig) -> None:
     """Cheap checks that need at most one record: readable, not empty, has the text field."""
     kind = kind_of(path)
@@ -136,6 +160,7 @@ def _check_one(path: Source, cfg: DataConfig) -> None:
         if meta.metadata.num_rows == 0:
             raise AttnEditError(f"data file {path} is empty (no rows); remove it from data.files")
         return
+    _check_is_text(path)
     try:
         with open_text(path) as f:
             if kind == "text":

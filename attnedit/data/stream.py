@@ -258,6 +258,12 @@ class BlockStream:
         self.tokens_served += batch_size * self.cfg.seq_len
         return torch.stack(rows)
 
+    def check(self) -> None:
+        """Read the first chunk now (what the first ``next_batch`` would do), so data that holds no
+        training block fails before a run writes anything; the batches served are the same."""
+        if self._served == len(self._chunk):
+            self._next_chunk()
+
     def fingerprint(self) -> str:
         """What the stream's order depends on, the files' content included (sha256, cached); a state
         only loads into a stream with the same one."""
@@ -284,8 +290,8 @@ class BlockStream:
         """Continue exactly where ``state`` was taken: the next batches equal the uninterrupted stream's."""
         if state.get("version") != STATE_VERSION or state.get("fingerprint") != self.fingerprint():
             raise AttnEditError(
-                "the saved data position belongs to different data (file contents, files, seq_len, shuffle, seed or "
-                "tokenizer); restore the run's data files as they were, or start a new run with another --out"
+                "the saved data position belongs to different data settings or contents (files and their bytes, seq_len, "
+                "shuffle, seed or tokenizer); restore the run's data files as they were, or start a new run with another --out"
             )
         chunk = int(state["chunk"])
         self._restart(int(state["epoch"]), chunk, Position(*state["start"]), int(state["served"]) if chunk >= 0 else None)

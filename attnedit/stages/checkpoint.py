@@ -126,10 +126,12 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
             side.unlink(missing_ok=True)
         previous = list_checkpoints(run_dir)
         kept = f"the last good checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
-        raise AttnEditError(
+        error = AttnEditError(
             f"could not write checkpoint {out.name} in {out.parent}: {write_error_text(e)}; {kept}; "
             f"free disk space, then run: attnedit convert {run_dir} --resume"
-        ) from None
+        )
+        error.resumable = True  # the run folder stays, whatever it holds
+        raise error from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         side_tmp.unlink(missing_ok=True)

@@ -162,8 +162,13 @@ def plan_mla(s: MLASettings, spec: dict, config) -> dict:
             f"v_head_dim = {d}; got {nope}+{rope} and {v}; use these dims or init=random"
         )
     theta = s.rope_theta if s.rope_theta is not None else teacher_theta(config) ** (rope / d)
-    if theta <= 1.0:
-        raise AttnEditError(f"rope_theta={theta}: must be > 1")
+    if not math.isfinite(theta) or theta <= 1.0:
+        raise AttnEditError(f"rope_theta={theta}: must be a finite number > 1")
+    if rank + rope > 2 * kvh * d:
+        raise AttnEditError(
+            f"kv_lora_rank + qk_rope_head_dim = {rank} + {rope} values per token is more than the teacher caches "
+            f"(2 x {kvh} KV heads x head_dim {d} = {2 * kvh * d}): the KV cache would grow; lower kv_lora_rank"
+        )
     return {
         "kind": "mla",
         "kv_lora_rank": rank,
