@@ -94,7 +94,8 @@ class Recipe:
     seed: int = _f(0, "seed for data order and any randomness in training")
     device: str = _f("auto", "cpu, cuda, cuda:1 ...; auto = cuda if available, else cpu")
     weights_dtype: str = _f("auto", "dtype of the frozen teacher weights; auto = bfloat16 when both stages run in bf16, else float32", WEIGHTS_DTYPES)
-    max_nonfinite_restarts: int = _f(3, "on a non-finite loss: restore the last checkpoint and halve the lr, at most this many times")
+    max_nonfinite_restarts: int = _f(3, "on a non-finite or diverging loss: restore the last good checkpoint and halve the lr, at most this many times")
+    divergence_factor: float = _f(10.0, "a logged loss above this many times the median of the last 5 logged losses is treated like a non-finite one (0 = off)")
     heldout_eval: bool = _f(True, "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json)")
     eval: dict = _f({}, "reserved for the evaluation step (`attnedit eval`); convert does not read it")
 
@@ -212,6 +213,7 @@ def validate(r: Recipe) -> Recipe:
         (r.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
         (r.log_every >= 1, "log_every", ">= 1"),
         (r.max_nonfinite_restarts >= 0, "max_nonfinite_restarts", ">= 0"),
+        (r.divergence_factor == 0 or r.divergence_factor > 1, "divergence_factor", "> 1, or 0 to turn the check off"),
     ]:
         if not ok:
             raise AttnEditError(f"{fname}={getattr(r, fname)!r}: must be {rule}")
@@ -246,7 +248,11 @@ def load_recipe(path: str | os.PathLike, sets: dict | None = None) -> Recipe:
     except yaml.YAMLError as e:
         first = str(e).replace("\n", " ")
         raise AttnEditError(f"recipe {path} is not valid YAML: {first}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if not raw:
+        raise AttnEditError(
+            f"recipe {path} is empty; give at least teacher:, target: and data: (see recipes/ or attnedit recipe --explain)"
+        )
+    if not isinstance(raw, dict):
         raise AttnEditError(f"recipe {path} must be a YAML mapping of fields (teacher:, target:, ...); see recipes/")
     return parse_recipe(raw, sets, p.resolve().parent)
 

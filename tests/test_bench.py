@@ -101,6 +101,36 @@ def test_batch_that_does_not_fit_reports_largest(pair, monkeypatch):
     assert "largest that fits: 5" in format_bench(result)
 
 
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
+
+
+def test_a_cpu_out_of_memory_counts_as_not_fitting(pair, monkeypatch):
+    student, teacher = pair
+    real = bench.run_once
+
+    def limited(model, batch, *args, **kwargs):
+        if batch > 2:
+            raise RuntimeError(CPU_OOM)  # what torch's CPU allocator raises (before: a traceback)
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_once", limited)
+    result = run_bench(student, teacher, BenchSettings([8], [4], 2, 1, 0), "float32", log=lambda _: None)
+    assert result["runs"][0]["largest_batch"] == {"student": 2, "teacher": 2}
+    monkeypatch.setattr(bench, "run_once", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("some other bug")))
+    with pytest.raises(RuntimeError, match="some other bug"):  # only out-of-memory is swallowed
+        run_bench(student, teacher, BenchSettings([8], [4], 2, 1, 0), "float32", log=lambda _: None)
+
+
+def test_passkey_out_of_memory_is_one_line(pair, monkeypatch):
+    from attnedit.eval import passkey
+
+    student, _ = pair
+    monkeypatch.setattr(passkey, "generate_greedy", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
+    with pytest.raises(AttnEditError, match="ran out of memory at context 240") as e:
+        run_passkey({"student": student}, char_tokenizer(), [240], [0.5], 2, log=lambda _: None)
+    assert "\n" not in str(e.value)
+
+
 def test_bad_requests(pair):
     student, teacher = pair
     with pytest.raises(AttnEditError, match="longer than the student supports"):

@@ -175,3 +175,28 @@ def test_eval_cli_bad_input_is_one_line(models, tmp_path, capsys, make_args, mes
     assert main(["eval", *make_args(models["root"], tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("attnedit: error: ") and message in err[-1]
+
+
+@pytest.fixture(scope="module")
+def bf16_student(models):
+    """An MLA student (Qwen2 teacher) saved in bfloat16 from a teacher whose config says bfloat16 (a GPU conversion)."""
+    teacher = tiny_teacher("qwen2").to(torch.bfloat16)
+    teacher.config.dtype = torch.bfloat16
+    out = models["root"] / "student-bf16"
+    save_edited(edit_model(teacher, "mla", {"init": "teacher"}), out, models["tokenizer"])
+    return out
+
+
+def test_eval_cli_loads_a_bf16_model_in_float32_and_back(bf16_student, small_data, capsys):
+    # before the fix: "expected m1 and m2 to have the same dtype" (backbone bf16, attention fp32)
+    for dtype in ("float32", "bfloat16"):
+        args = ["eval", str(bf16_student), "--tasks", "wikitext2", "--ppl-tokens", "100", "--ppl-context", "32",
+                "--ppl-stride", "32", "--data-dir", str(small_data), "--device", "cpu", "--dtype", dtype, "--json"]
+        assert main(args) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert math.isfinite(out["tasks"]["wikitext2"]["student"]["ppl"])
+
+
+def test_harness_loads_a_bf16_model_as_float32(bf16_student, shared_data):
+    res = run_harness(str(bf16_student), ["arc_easy"], shared_data / "fewshot", HarnessSettings(limit=2, batch_size=2, dtype="float32"))
+    assert 0 <= res["arc_easy"]["acc"] <= 1

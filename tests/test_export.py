@@ -12,7 +12,7 @@ from attnedit.export.deepseek import export_deepseek_v3
 from attnedit.surgery import edit_model
 
 
-@pytest.mark.parametrize("family,args", [("llama", {}), ("qwen3", {"q_lora_rank": 24}), ("qwen2", {"init": "teacher"})])
+@pytest.mark.parametrize("family,args", [("llama", {}), ("qwen3", {"q_lora_rank": 24}), ("qwen2", {"init": "teacher", "bias": "false"})])
 def test_deepseek_v3_export_matches_stock_loader(tmp_path, family, args):
     student = edit_model(tiny_teacher(family), "mla", args)
     with torch.no_grad():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..errors import AttnEditError
 from ..surgery import SETTINGS, field_help
 from .common import DTYPES, add_device_args, device_of, parse_sets
 
@@ -50,6 +52,8 @@ def run(args) -> int:
     from ..teachers import load_config, load_model
 
     target_args = parse_sets(args.set)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AttnEditError(f"--out {args.out} is a file; give a folder for the edited checkpoint")
     edited_config(load_config(args.teacher), args.target, target_args)  # validate before loading weights
     teacher, tokenizer = load_model(args.teacher, dtype=DTYPES[args.dtype], device=device_of(args))
     student = edit_model(teacher, args.target, target_args)

@@ -36,6 +36,10 @@ def run(args) -> int:
     from ..export.deepseek import export_deepseek_v3
     from ..teachers import load_model
 
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AttnEditError(f"--out {args.out} is a file; give a folder for the export")
     model, tokenizer = load_model(args.model, dtype="auto")
     if getattr(model.config, "model_type", None) != "attnedit":
         raise AttnEditError(f"{args.model} is not an attnedit model; export takes a converted checkpoint folder")

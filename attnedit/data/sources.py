@@ -116,6 +116,30 @@ def _require_pyarrow(path: Path):
     return pq
 
 
+def _check_is_text(path: Path, probe: int = 1 << 16) -> None:
+    """A .txt/.jsonl file (compressed or not) must start as UTF-8 text: NUL bytes or undecodable bytes in
+    its first 64 KiB mean a binary file, which would otherwise train on replacement characters."""
+    opener = _COMPRESSED.get(path.suffix)
+    try:
+        with opener(path, "rb") if opener is not None else open(path, "rb") as f:
+            head = f.read(probe)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise AttnEditError(f"cannot read data file {path}: {e}; is it a valid {path.suffix} file?") from None
+    # a multi-byte character may be cut at the end of the probe: up to 3 bytes of it may be left out
+    cuts = range(4) if len(head) == probe else range(1)
+    decodes = any(_decodes(head[: len(head) - cut]) for cut in cuts)
+    if not decodes or b"\x00" in head:
+        raise AttnEditError(f"data file {path} is not UTF-8 text (binary content at its start); remove it from data.files")
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _check_one(path: Source, cfg: DataConfig) -> None:
     """Cheap checks that need at most one record: readable, not empty, has the text field."""
     kind = kind_of(path)
@@ -136,6 +160,7 @@ def _check_one(path: Source, cfg: DataConfig) -> None:
         if meta.metadata.num_rows == 0:
             raise AttnEditError(f"data file {path} is empty (no rows); remove it from data.files")
         return
+    _check_is_text(path)
     try:
         with open_text(path) as f:
             if kind == "text":
@@ -264,3 +289,46 @@ def iter_pieces(path: Source, cfg: DataConfig) -> Iterator[tuple[str, bool]]:
             yield from _text_pieces(f, cfg.txt_documents)
         else:
             yield from _record_pieces(_jsonl_texts(f, path, cfg.text_field))
+
+
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a data file's bytes, cached by (path, size, mtime, ctime) in this process and in
+    ``$ATTNEDIT_CACHE/data-sha256.json``, so a resume does not read unchanged files again."""
+    import hashlib
+    import json
+    import os
+
+    from ..teachers.load import cache_root
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _SHA256_CACHE:
+        return _SHA256_CACHE[key]
+    store = cache_root() / "data-sha256.json"
+    try:
+        saved = json.loads(store.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    entry = saved.get(key[0])
+    if isinstance(entry, dict) and [entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns")] == list(key[1:]):
+        digest = entry["sha256"]
+    else:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        digest = h.hexdigest()
+        saved[key[0]] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": digest}
+        try:  # a cache only: a read-only or full disk just means hashing again next time
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f".{store.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(saved))
+            os.replace(tmp, store)
+        except OSError:
+            pass
+    _SHA256_CACHE[key] = digest
+    return digest
+

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import AttnEditError
 from .config import DataConfig
-from .sources import Source, check_files, iter_pieces
+from .sources import Source, check_files, content_sha256, iter_pieces
 
 TOKENIZE_PIECES = 64  # pieces per tokenizer call (fast tokenizers encode a batch in parallel)
 TOKENIZE_CHARS = 1 << 20  # ... or fewer, once their text reaches this many characters
@@ -258,12 +258,21 @@ class BlockStream:
         self.tokens_served += batch_size * self.cfg.seq_len
         return torch.stack(rows)
 
+    def check(self) -> None:
+        """Read the first chunk now (what the first ``next_batch`` would do), so data that holds no
+        training block fails before a run writes anything; the batches served are the same."""
+        if self._served == len(self._chunk):
+            self._next_chunk()
+
     def fingerprint(self) -> str:
-        """What the stream's order depends on; a state only loads into a stream with the same one."""
-        c = self.cfg
-        parts = [c.seq_len, c.heldout_blocks, c.shuffle_buffer, c.text_field, c.txt_documents, self.eos, self.seed, len(self.tokenizer)]
-        parts += [(p.name, p.stat().st_size) if isinstance(p, Path) else astuple(p) for p in self.files]
-        return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+        """What the stream's order depends on, the files' content included (sha256, cached); a state
+        only loads into a stream with the same one."""
+        if getattr(self, "_fingerprint", None) is None:
+            c = self.cfg
+            parts = [c.seq_len, c.heldout_blocks, c.shuffle_buffer, c.text_field, c.txt_documents, self.eos, self.seed, len(self.tokenizer)]
+            parts += [(p.name, content_sha256(p)) if isinstance(p, Path) else astuple(p) for p in self.files]
+            self._fingerprint = hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def state_dict(self) -> dict:
         """A few integers (JSON-serialisable): the current chunk's start, blocks served from it, counters."""
@@ -281,8 +290,8 @@ class BlockStream:
         """Continue exactly where ``state`` was taken: the next batches equal the uninterrupted stream's."""
         if state.get("version") != STATE_VERSION or state.get("fingerprint") != self.fingerprint():
             raise AttnEditError(
-                "the saved data position belongs to different data settings (files, seq_len, shuffle, seed or tokenizer); "
-                "resume with the run's own recipe or start a new run"
+                "the saved data position belongs to different data settings or contents (files and their bytes, seq_len, "
+                "shuffle, seed or tokenizer); restore the run's data files as they were, or start a new run with another --out"
             )
         chunk = int(state["chunk"])
         self._restart(int(state["epoch"]), chunk, Position(*state["start"]), int(state["served"]) if chunk >= 0 else None)

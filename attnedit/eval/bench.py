@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AttnEditError
+from ..errors import AttnEditError, is_out_of_memory
 from .kv import kv_summary
 
 MODELS = ("student", "teacher", "teacher_stock")
@@ -345,8 +345,9 @@ def fits(fn: Callable[[], object]) -> object | None:
     """``fn()``, or None when it runs out of device memory (memory is released before returning)."""
     try:
         return fn()
-    except torch.OutOfMemoryError:
-        pass
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # CPU allocators raise RuntimeError
+        if not is_out_of_memory(e):
+            raise
     release_memory()  # outside the except block, so the traceback's tensors are already freed
     return None
 

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from ..errors import AttnEditError
+from ..errors import AttnEditError, is_out_of_memory
 from .bench import check_contexts, generate_greedy
 
 INSTRUCTION = (
@@ -97,7 +97,15 @@ def run_passkey(
     for name, model in models.items():
         grid = []
         for context in contexts:
-            grid.append([passkey_accuracy(model, tokenizer, context, d, keys) for d in depths])
+            try:
+                grid.append([passkey_accuracy(model, tokenizer, context, d, keys) for d in depths])
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise AttnEditError(
+                    f"the {name} ran out of memory at context {context} with {len(keys)} trials in one batch; "
+                    "use shorter --contexts, fewer --trials or a device with more memory"
+                ) from None
             log(f"passkey {name} context {context}: " + " ".join(f"{a:.2f}" for a in grid[-1]))
         result[name] = grid
     return result

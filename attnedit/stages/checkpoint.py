@@ -4,15 +4,23 @@ A checkpoint is one ``torch.save`` file ``checkpoints/stage{S}-step{N:06d}.pt`` 
 weights, optimizer state, learning-rate state, data-stream position, RNG states and the run's summary
 so far. It is written to a temporary file in the same folder, flushed to disk and renamed into
 place, so a checkpoint file either is complete or does not exist; a failed write (a full disk)
-leaves the previous checkpoints untouched.
+leaves the previous checkpoints untouched and no temporary file behind.
+
+Each checkpoint has a sidecar ``<name>.sha256`` holding the sha256 of its bytes, written before the
+checkpoint is renamed into place. Loading verifies it: a corrupt, truncated or zero-length checkpoint
+(or one holding non-finite weights) is skipped for the newest good one, and when checkpoints exist
+but none is good, resuming stops with a one-line error instead of silently starting over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,35 +60,128 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a full disk raises while writing: OSError, or torch's/safetensors' own wrappers of it."""
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:  # older safetensors
+        pass
+    return errors
+
+
+def write_error_text(e: BaseException) -> str:
+    """One line for a failed write, whatever raised it."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Temporary files a killed process left behind (a checkpoint folder has one writer at a time)."""
+    for p in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``state['stage']``/``state['step']``; keep the newest ``keep``."""
+    """Write ``state`` atomically as the checkpoint of ``state['stage']``/``state['step']`` with its
+    checksum; keep the newest ``keep``."""
     out = checkpoint_path(run_dir, state["stage"], state["step"])
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out.parent)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    side = checksum_path(out)
+    side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        with open(side_tmp, "w") as fh:
+            fh.write(f"{sha256_of(tmp)}  {out.name}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(side_tmp, side)
         os.replace(tmp, out)
-    except OSError as e:
+    except write_errors() as e:
         tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        if not out.exists():
+            side.unlink(missing_ok=True)
         previous = list_checkpoints(run_dir)
         kept = f"the last good checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
-        raise AttnEditError(
-            f"could not write checkpoint {out.name} in {out.parent}: {e.strerror or e}; {kept}; "
+        error = AttnEditError(
+            f"could not write checkpoint {out.name} in {out.parent}: {write_error_text(e)}; {kept}; "
             f"free disk space, then run: attnedit convert {run_dir} --resume"
-        ) from None
+        )
+        error.resumable = True  # the run folder stays, whatever it holds
+        raise error from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
     return out
 
 
-def load_latest(run_dir: Path) -> dict | None:
-    """The newest checkpoint that loads; unreadable ones (a disk error after the rename) are skipped with a note."""
-    for path in reversed(list_checkpoints(run_dir)):
+def _finite(state: dict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.get("model", {}).values() if t.is_floating_point())
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load one checkpoint after checking its sha256 (a checkpoint without a sidecar, written by an older
+    attnedit, is loaded unverified); raises ValueError saying what is wrong with it."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
+    side = checksum_path(path)
+    if side.is_file():
+        expected = side.read_text().split()[:1]
+        if not expected or sha256_of(path) != expected[0]:
+            raise ValueError("its sha256 does not match the checksum written with it (corrupt or truncated)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError("not an attnedit checkpoint")
+    if not _finite(state):
+        raise ValueError("its weights hold non-finite values")
+    return state
+
+
+def load_latest(run_dir: Path, accept: Callable[[Path], bool] | None = None, required: bool = True) -> dict | None:
+    """The newest good checkpoint (among those ``accept`` allows); bad ones are skipped with a note.
+
+    ``None`` when there is no checkpoint at all. When checkpoints exist but none is good: a one-line
+    AttnEditError if ``required``, else ``None``.
+    """
+    paths = [p for p in list_checkpoints(run_dir) if accept is None or accept(p)]
+    reasons = []
+    for path in reversed(paths):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return read_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous one
-            print(f"attnedit: skipping unreadable checkpoint {path.name}: {str(e).splitlines()[0]}", file=sys.stderr)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reasons.append(f"{path.name}: {reason}")
+            print(f"attnedit: skipping unreadable checkpoint {path.name}: {reason}", file=sys.stderr)
+    if paths and required:
+        raise AttnEditError(
+            f"no good checkpoint in {Path(run_dir) / CHECKPOINT_DIR} ({'; '.join(reasons[:2])}); "
+            f"the run cannot continue: start it again with another --out (or remove {run_dir})"
+        )
     return None

@@ -9,9 +9,11 @@ reaches the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from ..errors import AttnEditError
 from ..recipe import Recipe, diff, load_recipe, to_yaml
 from ..tables import human_bytes, text_table
 from . import stage1, stage2
-from .checkpoint import load_latest
+from .checkpoint import list_checkpoints, load_latest, remove_temp_files, write_error_text, write_errors
 from .trainer import Run, StageJob, autocast, load_weights, train_stage, use_bf16
 
 
@@ -206,19 +208,36 @@ def format_plan(plan: dict) -> str:
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise AttnEditError(f"could not write {path}: {e.strerror or e}; free disk space and retry") from None
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run needs a folder that does not exist yet (or is empty); nothing is written here."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AttnEditError(f"{run_dir} is a file; give a folder for the run (--out)")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise AttnEditError(f"{run_dir} already exists; continue it with --resume, or choose another --out")
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
-    """A new run folder gets the resolved recipe; a resumed one must have been started with the same recipe."""
+    """A new run folder gets the resolved recipe (and its sha256); a resumed one must have been started
+    with the same recipe, and its recipe.yaml must be the one written then."""
     saved = run_dir / "recipe.yaml"
+    checksum = run_dir / "recipe.yaml.sha256"
     if resume:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise AttnEditError(f"{run_dir} is a file, not a run folder to resume")
         if not saved.is_file():
             raise AttnEditError(f"{run_dir} has no recipe.yaml, so it is not a run to resume; start it without --resume")
+        if checksum.is_file() and checksum.read_text().split()[:1] != [hashlib.sha256(saved.read_bytes()).hexdigest()]:
+            raise AttnEditError(
+                f"{saved} was edited after the run started (its sha256 differs from {checksum.name}); put it back as it was "
+                f"to resume, or start a new run from the edited recipe with another --out"
+            )
         old = load_recipe(saved)
         changed = sorted(diff(old, recipe))
         if changed:
@@ -228,10 +247,37 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
                 f"resume with its own recipe (attnedit convert {run_dir} --resume) or choose another --out"
             )
         return
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise AttnEditError(f"{run_dir} already exists; continue it with --resume, or choose another --out")
+    check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(saved, to_yaml(recipe, "the fully resolved recipe of this run (attnedit convert)"))
+    text = to_yaml(recipe, "the fully resolved recipe of this run (attnedit convert)")
+    _write_atomic(checksum, f"{hashlib.sha256(text.encode()).hexdigest()}  recipe.yaml\n")
+    _write_atomic(saved, text)
+
+
+def validate_start(recipe: Recipe) -> None:
+    """What can fail from configs and files alone (family, target settings, seq_len, data files), checked
+    before a new run folder is written."""
+    from ..data import check_files
+    from ..surgery import edited_config
+    from ..teachers import load_config
+
+    config = load_config(recipe.teacher)
+    check_seq_len(recipe, config)
+    edited_config(config, recipe.target, recipe.target_args)
+    check_files(recipe.data)
+    resolve_device(recipe.device)
+
+
+def calibration_ids(recipe: Recipe, tokenizer, hidden_size: int) -> torch.Tensor:
+    """Blocks of the run's own training data (never the held-out documents) for the teacher
+    initialisation of MLA, instead of random token ids."""
+    from ..data import BlockStream
+
+    seq = min(recipe.data.seq_len, 256)
+    held = -(-recipe.data.heldout_blocks * recipe.data.seq_len // seq)
+    data = dataclasses.replace(recipe.data, seq_len=seq, heldout_blocks=held)
+    n = max(4, min(16, -(-2 * hidden_size // seq)))  # about twice the hidden size in tokens
+    return BlockStream(data, tokenizer, seed=recipe.seed, prefetch=False).next_batch(n)
 
 
 def _stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer) -> StageJob:
@@ -265,28 +311,54 @@ def _finished(state: dict | None, stage: int) -> bool:
 
 def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, progress: str = "auto") -> dict:
     """Run a recipe into ``run_dir`` (or continue it with ``resume``); return the summary."""
-    from ..data import heldout_blocks, resolve_tokenizer
-    from ..export import save_edited
+    from ..data import resolve_tokenizer
     from ..surgery import edit_model
     from ..teachers import load_model
 
     run_dir = Path(run_dir)
-    prepare_run_dir(recipe, run_dir, resume)
-    if resume and (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
-        print(f"attnedit: {run_dir} has already finished; its model is in {run_dir / 'model'}", file=sys.stderr)
-        return json.loads((run_dir / "summary.json").read_text())
+    if resume:
+        prepare_run_dir(recipe, run_dir, resume)
+        if (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
+            print(f"attnedit: {run_dir} has already finished; its model is in {run_dir / 'model'}", file=sys.stderr)
+            return json.loads((run_dir / "summary.json").read_text())
+    else:  # a failed start must not leave a folder that refuses both a new start and --resume
+        check_new_run_dir(run_dir)
+        validate_start(recipe)
     device = resolve_device(recipe.device)
     wdtype = weights_dtype(recipe, device)
     teacher, teacher_tok = load_model(recipe.teacher, dtype=wdtype, device=device)
     check_seq_len(recipe, teacher.config)
     tokenizer = resolve_tokenizer(recipe.data, teacher_tok, teacher.config.vocab_size)
     teacher.requires_grad_(False)
+    calib = None
+    if recipe.target == "mla" and recipe.target_args.get("init") == "teacher":
+        calib = calibration_ids(recipe, tokenizer, teacher.config.hidden_size)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    student = edit_model(teacher, recipe.target, recipe.target_args)
+    student = edit_model(teacher, recipe.target, recipe.target_args, calibration_ids=calib)
     layers = student.config.edit["edited_layers"]
     for i in layers:
         student.attentions()[i].float()  # trained weights stay fp32 (AdamW master copies); autocast does the rest
+    existed = run_dir.exists()
+    if not resume:
+        prepare_run_dir(recipe, run_dir, resume)
+    try:
+        return _run(recipe, run_dir, resume, progress, teacher, student, tokenizer, device, wdtype)
+    except Exception as e:
+        # a new run that fails before its first checkpoint leaves nothing behind: the same --out starts
+        # again once the input is fixed (a failed checkpoint write says to resume: that folder stays)
+        if not resume and not list_checkpoints(run_dir) and not getattr(e, "resumable", False):
+            for p in list(run_dir.iterdir()) if existed else [run_dir]:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
+
+
+def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, student, tokenizer, device, wdtype) -> dict:
+    """Train the stages (from the last good checkpoint when resuming) and save the model."""
+    from ..data import heldout_blocks
+    from ..export import save_edited
+
+    layers = student.config.edit["edited_layers"]
     state = load_latest(run_dir) if resume else None
     summary = state["summary"] if state else {"teacher": recipe.teacher, "target": recipe.target, "edited_layers": layers}
     run = Run(run_dir, recipe, device, summary, progress)
@@ -295,6 +367,8 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
             stage2.unshare(student, teacher, recipe.stage2.trainable)
         load_weights(owned_parameters(student, teacher), state)
         run.metrics.truncate(state["metrics_offset"])
+    elif resume:
+        run.metrics.truncate(0)  # no checkpoint was ever written: the run starts over, its lines too
     blocks = heldout_blocks(recipe.data, tokenizer) if recipe.heldout_eval else None
     evaluate = None
     if blocks is not None and len(blocks):
@@ -318,6 +392,8 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
             job = _stage_job(stage, recipe, teacher, student, tokenizer)
             resume_state = state if state is not None and state["stage"] == stage else None
             if resume_state is None:
+                job.stream.check()  # too little data fails here, before the stage's first checkpoint
+            if resume_state is None:
                 run.summary[f"stage{stage}"] = {"steps": cfg.steps, "tokens": cfg.steps * job.tokens_per_step, "wall_start": run.wall()}
             train_stage(run, job, resume_state)
             state = None
@@ -328,7 +404,14 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     if evaluate is not None:
         run.summary["heldout_after"] = evaluate()
     student.to(wdtype)
-    save_edited(student, run_dir / "model", tokenizer, overwrite=True)
+    try:
+        save_edited(student, run_dir / "model", tokenizer, overwrite=True)
+    except write_errors() as e:  # a full disk, as OSError or torch's/safetensors' own error
+        remove_temp_files(run_dir)
+        raise AttnEditError(
+            f"could not write the model to {run_dir / 'model'}: {write_error_text(e)}; the trained weights are in the "
+            f"last checkpoint; free disk space, then run: attnedit convert {run_dir} --resume"
+        ) from None
     for stage in (1, 2):
         run.summary.get(f"stage{stage}", {}).pop("wall_start", None)
     run.summary["wall_s"] = round(run.wall(), 1)

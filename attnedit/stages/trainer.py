@@ -27,6 +27,8 @@ from ..errors import AttnEditError
 from ..recipe import Recipe, StageConfig
 from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 
+DIVERGENCE_HISTORY = 5  # logged losses the divergence guard compares with (their median)
+
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 
 
@@ -127,7 +129,7 @@ class Run:
     def wall(self) -> float:
         return self.wall_before + time.time() - self.started
 
-    def checkpoint(self, job: StageJob, opt, step: int, lr_scale: float, restarts: int) -> Path:
+    def checkpoint(self, job: StageJob, opt, step: int, lr_scale: float, restarts: int, window: _Window | None = None) -> Path:
         self.summary["wall_s"] = self.wall()
         info = self.summary.get(f"stage{job.stage}", {})
         if "wall_start" in info:
@@ -145,6 +147,9 @@ class Run:
             "rng": rng_state(),
             "metrics_offset": self.metrics.offset(),
             "summary": self.summary,
+            # the log window in progress and the guard's recent losses: a resume logs what the
+            # uninterrupted run logs, even when it stopped between two log steps
+            "window": window.state_dict() if window is not None else None,
         }
         return save_checkpoint(self.dir, state, self.recipe.keep_checkpoints)
 
@@ -177,20 +182,37 @@ def load_weights(owned: list[tuple[str, nn.Parameter]], state: dict) -> None:
                 p.copy_(state["model"][name])
 
 
-def _restore(run: Run, job: StageJob, opt, state: dict) -> None:
+def _restore(run: Run, job: StageJob, opt, state: dict) -> _Window:
+    """Put the run back to ``state``; returns the log window as it stood then."""
     load_weights(run.owned, state)
     opt.load_state_dict(state["optimizer"])
     job.stream.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     run.metrics.truncate(state["metrics_offset"])
     run.summary = state["summary"]
+    return _Window.from_state(state.get("window"))
 
 
 class _Window:
     """Running means of the loss and extras between two log lines."""
 
-    def __init__(self):
+    def __init__(self, logged: list[float] | None = None):
         self.n, self.sums, self.t0, self.tokens = 0, {}, time.time(), 0
+        self.logged = list(logged or [])[-DIVERGENCE_HISTORY:]  # recent logged losses (divergence guard)
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "sums": self.sums, "tokens": self.tokens, "logged": self.logged}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> _Window:
+        w = cls()
+        if state:
+            w.n, w.sums, w.logged = state["n"], state["sums"], list(state["logged"])  # tokens only time tok_s
+        return w
+
+    def next(self, loss: float) -> _Window:
+        """A fresh window after a log line with mean ``loss``."""
+        return _Window(self.logged + [loss])
 
     def add(self, values: dict, tokens: int) -> None:
         self.n += 1
@@ -212,9 +234,43 @@ class _Window:
         return self.tokens / max(1e-9, time.time() - self.t0)
 
 
+def diverged(loss: float, logged: list[float], factor: float) -> bool:
+    """A logged loss far above its recent level: over ``factor`` x the median of the last logged losses.
+
+    Needs 3 earlier log lines first, so the first steps of a stage (whose losses only fall) never count.
+    """
+    if factor <= 0 or len(logged) < 3:
+        return False
+    recent = sorted(logged[-DIVERGENCE_HISTORY:])
+    median = recent[len(recent) // 2]
+    return loss > factor * max(median, 1e-12)
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _recover(run: Run, job: StageJob, opt, step: int, lr_scale: float, restarts: int, what: str):
+    """A non-finite or diverging loss at ``step``: back to the newest good checkpoint of this stage
+    (verified; older ones are tried when the newest is bad), with the learning rate halved."""
+    if restarts >= run.recipe.max_nonfinite_restarts:
+        raise AttnEditError(
+            f"stage {job.stage} step {step}: the loss is still {what} after {restarts} restarts "
+            f"with halved learning rates; lower stage{job.stage}.lr or raise max_nonfinite_restarts"
+        )
+    state = load_latest(run.dir, accept=lambda p: p.name.startswith(f"stage{job.stage}-"), required=False)
+    if state is None:
+        raise AttnEditError(
+            f"stage {job.stage} step {step}: the loss is {what} and no good checkpoint of stage {job.stage} is left "
+            f"to go back to; lower stage{job.stage}.lr and start the run again with another --out"
+        )
+    window = _restore(run, job, opt, state)
+    step, lr_scale, restarts = state["step"], lr_scale * 0.5, restarts + 1
+    event = "nonfinite" if what == "non-finite" else "diverged"
+    run.metrics.write({"stage": job.stage, "event": event, "restored_step": step, "lr_scale": lr_scale})
+    print(f"attnedit: {what} loss in stage {job.stage}; back to step {step}, lr x{lr_scale:g}", file=sys.stderr)
+    return step, lr_scale, restarts, window
 
 
 def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
@@ -223,17 +279,18 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
     params = [p for _, p in job.params]
     opt = make_optimizer(job.params, cfg)
     step, lr_scale, restarts = 0, 1.0, 0
+    window = _Window()
     if resume is not None:
-        _restore(run, job, opt, resume)
+        window = _restore(run, job, opt, resume)
         step, lr_scale, restarts = resume["step"], resume["lr_scale"], resume["restarts"]
     else:
-        run.checkpoint(job, opt, 0, lr_scale, restarts)  # the point a non-finite restart can go back to
+        run.checkpoint(job, opt, 0, lr_scale, restarts, window)  # the point a non-finite restart can go back to
     bar = None
     if run.progress == "bar":
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {job.stage}", unit="step", dynamic_ncols=True)
-    window, t_start, step_start = _Window(), time.time(), step
+    t_start, step_start = time.time(), step
     while step < cfg.steps:
         lr = lr_at(step, cfg) * lr_scale
         for group in opt.param_groups:
@@ -255,17 +312,7 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")) if finite else None
         if not finite or not torch.isfinite(grad_norm):
             opt.zero_grad(set_to_none=True)
-            if restarts >= recipe.max_nonfinite_restarts:
-                raise AttnEditError(
-                    f"stage {job.stage} step {step + 1}: the loss is still non-finite after {restarts} restarts "
-                    f"with halved learning rates; lower stage{job.stage}.lr or raise max_nonfinite_restarts"
-                )
-            state = load_latest(run.dir)
-            _restore(run, job, opt, state)
-            step, lr_scale, restarts = state["step"], lr_scale * 0.5, restarts + 1
-            run.metrics.write({"stage": job.stage, "event": "nonfinite", "restored_step": step, "lr_scale": lr_scale})
-            print(f"attnedit: non-finite loss in stage {job.stage}; back to step {step}, lr x{lr_scale:g}", file=sys.stderr)
-            window = _Window()
+            step, lr_scale, restarts, window = _recover(run, job, opt, step + 1, lr_scale, restarts, "non-finite")
             if bar is not None:
                 bar.n = step
                 bar.refresh()
@@ -277,6 +324,12 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
         window.add(values, job.tokens_per_step)
         if step % recipe.log_every == 0 or step == cfg.steps:
             means = window.means()
+            if diverged(means["loss"], window.logged, recipe.divergence_factor):
+                step, lr_scale, restarts, window = _recover(run, job, opt, step, lr_scale, restarts, "diverging")
+                if bar is not None:
+                    bar.n = step
+                    bar.refresh()
+                continue
             last = {"stage": job.stage, "step": step, "tokens": step * job.tokens_per_step, "lr": lr, **means}
             last["tok_s"] = round(window.tokens_per_s(), 1)
             run.metrics.write(last)
@@ -291,16 +344,16 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-            window = _Window()
+            window = window.next(means["loss"])
         if bar is not None:
             bar.update(1)
         saved = False
         if step % recipe.checkpoint_every == 0 or step == cfg.steps:
-            run.checkpoint(job, opt, step, lr_scale, restarts)
+            run.checkpoint(job, opt, step, lr_scale, restarts, window)
             saved = True
         if run.stop_signal is not None:
             if not saved:
-                run.checkpoint(job, opt, step, lr_scale, restarts)
+                run.checkpoint(job, opt, step, lr_scale, restarts, window)
             if bar is not None:
                 bar.close()
             print(

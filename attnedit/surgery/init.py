@@ -12,7 +12,13 @@ Teacher initialisation is approximate by nature and only a starting point for th
   statistics (activation-aware SVD), into ``kv_a_proj`` and ``kv_b_proj``. RMSNorms in the
   student's path (``kv_a_layernorm``, ``q_a_layernorm``) and a QK-norm in the teacher (Qwen3) are
   not linear: their average scale, measured on calibration inputs, is folded into the weights.
-  (Pure weight algebra breaks here: TransMLA issue #22.) Teacher q/k/v biases are dropped.
+  (Pure weight algebra breaks here: TransMLA issue #22.)
+* MLA with ``bias`` (the default for teachers with q/k/v biases, e.g. Qwen2) keeps them where the math
+  is exact: the query bias on ``q_proj``; the RoPE rows of the key bias on ``kv_a_proj_with_mqa``
+  (rotated with the key, as in the teacher); the value bias, which passes through the softmax-weighted
+  sum unchanged, folded into ``o_proj``'s bias (``W_o b_v + b_o``). The non-RoPE part of the key bias
+  adds ``q . b_k`` to every score of a query alike, which the softmax ignores: it is dropped exactly.
+  Without ``bias`` the teacher's biases are dropped.
 """
 
 from __future__ import annotations
@@ -127,6 +133,30 @@ def mla_from_teacher(student: MLAAttention, teacher: nn.Module, spec: dict, x: t
         student.q_a_layernorm.weight.fill_(float(_rms(x @ qb.T).mean().clamp_min(1e-6)))
         student.q_b_proj.weight.copy_(qa.to(student.q_b_proj.weight))
     student.o_proj.weight.copy_(teacher.o_proj.weight.to(student.o_proj.weight))
+    if student.o_proj.bias is not None:
+        _mla_biases(student, teacher, heads, kvh, d, nope_dims, rope_dims)
+
+
+def _bias(module: nn.Module, size: int) -> torch.Tensor:
+    b = getattr(module, "bias", None)
+    return _cpu64(b) if b is not None else torch.zeros(size, dtype=torch.float64)
+
+
+@torch.no_grad()
+def _mla_biases(student: MLAAttention, teacher: nn.Module, heads: int, kvh: int, d: int, nope_dims, rope_dims) -> None:
+    """Carry the teacher's q/k/v/o biases into a biased MLA layer (exact where the math allows)."""
+    group = heads // kvh
+    bq = _bias(teacher.q_proj, heads * d).view(heads, d)
+    bk = _bias(teacher.k_proj, kvh * d).view(kvh, d)
+    bv = _bias(teacher.v_proj, kvh * d).view(kvh, d)
+    bo = _bias(teacher.o_proj, student.hidden_size)
+    q_bias = torch.cat([bq[:, nope_dims], bq[:, rope_dims]], dim=1).reshape(-1)
+    (student.q_proj if student.q_lora_rank is None else student.q_b_proj).bias.copy_(q_bias)
+    kv_a = torch.zeros(student.kv_a_proj_with_mqa.out_features, dtype=torch.float64)
+    kv_a[student.kv_lora_rank :] = bk[:, rope_dims].mean(0)  # the shared k_pe: the mean over KV heads, as its weights
+    student.kv_a_proj_with_mqa.bias.copy_(kv_a)
+    v_all = bv[torch.arange(heads) // group].reshape(-1)  # every query head reads its KV head's values
+    student.o_proj.bias.copy_(_cpu64(teacher.o_proj.weight) @ v_all + bo)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ class MLASettings(TargetSettings):
     v_head_dim: int | None = _help("per-head value size (default: the teacher's head_dim)")
     absorb: str = _help("decode with W_uk/W_uv absorbed: auto (when decoding), always, never", "auto")
     rope_theta: float | None = _help("RoPE base of the shared key (default: theta^(rope_dim/head_dim): the teacher's highest frequencies)")
+    bias: str = _help("biases on q_proj, kv_a_proj_with_mqa and o_proj: auto (when the teacher has q/k/v biases, e.g. Qwen2), true, false; export --format deepseek_v3 needs false", "auto")
 
 
 @dataclass
@@ -156,14 +157,22 @@ def plan_mla(s: MLASettings, spec: dict, config) -> dict:
         raise AttnEditError(f"q_lora_rank={s.q_lora_rank}: must be between 1 and the hidden size {hidden}, or none")
     if s.absorb not in ("auto", "always", "never"):
         raise AttnEditError(f"absorb={s.absorb!r}: choose auto, always or never")
+    bias = str(s.bias).lower()
+    if bias not in ("auto", "true", "false"):
+        raise AttnEditError(f"bias={s.bias!r}: choose auto (follow the teacher), true or false")
     if s.init == "teacher" and (nope + rope != d or v != d):
         raise AttnEditError(
             f"init=teacher for MLA needs qk_nope_head_dim + qk_rope_head_dim = head_dim ({d}) and "
             f"v_head_dim = {d}; got {nope}+{rope} and {v}; use these dims or init=random"
         )
     theta = s.rope_theta if s.rope_theta is not None else teacher_theta(config) ** (rope / d)
-    if theta <= 1.0:
-        raise AttnEditError(f"rope_theta={theta}: must be > 1")
+    if not math.isfinite(theta) or theta <= 1.0:
+        raise AttnEditError(f"rope_theta={theta}: must be a finite number > 1")
+    if rank + rope > 2 * kvh * d:
+        raise AttnEditError(
+            f"kv_lora_rank + qk_rope_head_dim = {rank} + {rope} values per token is more than the teacher caches "
+            f"(2 x {kvh} KV heads x head_dim {d} = {2 * kvh * d}): the KV cache would grow; lower kv_lora_rank"
+        )
     return {
         "kind": "mla",
         "kv_lora_rank": rank,
@@ -173,6 +182,7 @@ def plan_mla(s: MLASettings, spec: dict, config) -> dict:
         "v_head_dim": v,
         "absorb": s.absorb,
         "rope_theta": theta,
+        "bias": bool(spec.get("qkv_bias") or spec.get("o_bias")) if bias == "auto" else bias == "true",
     }
 
 

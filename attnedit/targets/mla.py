@@ -92,6 +92,7 @@ class MLAAttention(nn.Module):
         q_lora_rank: int | None = None,
         absorb: str = "auto",
         rope_theta: float | None = None,
+        bias: bool = False,
     ):
         super().__init__()
         if absorb not in ("auto", "always", "never"):
@@ -107,16 +108,18 @@ class MLAAttention(nn.Module):
         self.v_head_dim = v_head_dim
         self.absorb = absorb
         eps = 1e-6  # DeepSeek-V3's latent norms use 1e-6 whatever the model's eps: exports stay exact
+        # bias: the teacher's q/k/v biases (Qwen2) in the places they survive exactly: q's on the query,
+        # the RoPE key's on kv_a_proj_with_mqa, the values' folded into o_proj (see surgery/init.py)
         if q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=bias)
         else:
             self.q_a_proj = nn.Linear(h, q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(q_lora_rank, eps)
-            self.q_b_proj = nn.Linear(q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, kv_lora_rank + qk_rope_head_dim, bias=False)
+            self.q_b_proj = nn.Linear(q_lora_rank, self.num_heads * self.qk_head_dim, bias=bias)
+        self.kv_a_proj_with_mqa = nn.Linear(h, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps)
         self.kv_b_proj = nn.Linear(kv_lora_rank, self.num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * v_head_dim, h, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * v_head_dim, h, bias=bias)
         self.rope_theta = rope_theta
         self.rotary = Rotary(qk_rope_head_dim, with_rope_theta(base_config, rope_theta))
 

@@ -40,9 +40,9 @@ def build_attention(layer: dict, spec: dict, base_config: dict, layer_idx: int) 
 
 
 def base_config_object(base_config: dict):
-    cfg = dict(base_config)
-    for key in ("dtype", "torch_dtype"):  # the backbone takes the dtype the model is loaded in, not the teacher's
-        cfg.pop(key, None)
+    """The teacher's config object, without the teacher's dtype: the backbone is built in the dtype the
+    edited model is being built or loaded in (``from_pretrained(..., dtype=X)`` sets it), never the teacher's."""
+    cfg = {k: v for k, v in base_config.items() if k not in ("dtype", "torch_dtype")}
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 

@@ -20,6 +20,11 @@ import torch
 
 from ..errors import AttnEditError
 
+try:  # transformers' strict config dataclasses raise this for a field of the wrong type
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub
+    StrictDataclassError = ValueError
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # where ../shared/device/pack.sh unpacks the teacher on the GPU machine
@@ -90,8 +95,12 @@ def _dequantise_to_cache(src: TeacherSource) -> Path:
             raise AttnEditError(f"loading a .gguf teacher needs the '{mod}' package: pip install gguf accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    gguf_config(src)  # a junk or unsupported file fails here, in one line, before any dequantising
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise AttnEditError(f"cannot load the GGUF file {src.name}: {_first_line(e)}") from None
     model.hf_quantizer = None  # weights are plain float tensors now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -108,6 +117,23 @@ def _dequantise_to_cache(src: TeacherSource) -> Path:
     return out
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def gguf_config(src: TeacherSource):
+    """The config of a GGUF teacher from the file's header alone (no tensor is read or dequantised)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+    except (ValueError, KeyError, OSError, RuntimeError, IndexError, TypeError) as e:
+        raise AttnEditError(
+            f"{Path(src.path) / src.gguf_file} is not a readable GGUF model ({_first_line(e)}); give a valid .gguf file"
+        ) from None
+
+
 def local_path(name: str) -> str:
     """A path or hub id that ``from_pretrained`` can read directly (GGUF teachers: their cache)."""
     src = resolve(name)
@@ -116,17 +142,26 @@ def local_path(name: str) -> str:
 
 def _is_edited(path: str) -> bool:
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "attnedit"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "attnedit"
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise AttnEditError(f"{cfg} is not valid JSON ({_first_line(e)}); fix or replace the file") from None
 
 
 def load_config(name: str):
+    """A model's config without loading weights (a GGUF: from its header, or its dequantised cache)."""
     from transformers import AutoConfig
 
+    src = resolve(name)
+    if src.is_gguf and not (_gguf_cache_dir(src) / "config.json").is_file():
+        return gguf_config(src)
     path = local_path(name)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=_is_edited(path))
-    except OSError as e:
-        raise AttnEditError(f"cannot load a model config from {name!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # a malformed config.json, an unknown model_type
+        raise AttnEditError(f"cannot load a model config from {name!r}: {_first_line(e)}; is config.json valid?") from None
 
 
 def load_model(name: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
@@ -137,6 +172,8 @@ def load_model(name: str, dtype: torch.dtype | str = torch.float32, device: str 
     remote = _is_edited(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:  # a malformed or unsupported config.json
+        raise AttnEditError(f"cannot load {name!r}: {_first_line(e)}; is its config.json valid?") from None
     except OSError as e:
         raise AttnEditError(
             f"cannot load {name!r}: not a local folder, .gguf file, alias ({SMOLLM2_ALIAS}) or reachable "
