@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..families import family_for
+from .speed import CompileGroup
 from .stage1 import trainable as attention_trainable
 
 
@@ -197,6 +198,37 @@ def heldout_losses(teacher, student, blocks: torch.Tensor, batch_size: int, chun
         sums["teacher_ce"] += ce_t * w
         n += w
     return {k: round(float(v) / max(1, n), 6) for k, v in sums.items()}
+
+
+class _DecoderLayer(nn.Module):
+    """One decoder layer of the student as a module of its own, for ``torch.compile``: every layer's
+    wrapper shares this class's code, so identical layers compile once."""
+
+    def __init__(self, layer: nn.Module, step):
+        super().__init__()
+        self.layer, self.step = layer, step
+
+    def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:
+        return self.step(self.layer, h, ctx)
+
+
+def compile_layers(student, group: CompileGroup):
+    """Run the student's decoder layers compiled (when ``group`` is enabled); returns the undo function.
+
+    The student's forward calls ``self._layer(layer, h, ctx)`` for every layer (also under gradient
+    checkpointing); an instance attribute of that name routes each call to its layer's compiled wrapper.
+    """
+    if not group.enabled:
+        return lambda: None
+    eager = type(student)._layer
+    wrapped = {id(layer): group.wrap(_DecoderLayer(layer, eager)) for layer in student.model.layers}
+
+    def layer_step(layer, h, ctx):
+        call = wrapped.get(id(layer))
+        return call(h, ctx) if call is not None else eager(layer, h, ctx)
+
+    student._layer = layer_step
+    return lambda: student.__dict__.pop("_layer", None)
 
 
 def _is_norm(module: nn.Module) -> bool:
