@@ -103,3 +103,130 @@ def test_fused_kd_loss_never_keeps_logits_for_the_backward():
     assert max(saved) <= h_s.numel()
     (kl + ce).backward()
     assert h_s.grad is not None and torch.isfinite(h_s.grad).all()
+
+
+# --------------------------------------------------------------------------- compilation
+
+import contextlib  # noqa: E402
+
+from tiny import VOCAB, tiny_ids, tiny_teacher  # noqa: E402
+
+from attnedit.recipe import parse_recipe  # noqa: E402
+from attnedit.stages import stage1  # noqa: E402
+from attnedit.stages.speed import CompileGroup, warm_up  # noqa: E402
+from attnedit.surgery import edit_model  # noqa: E402
+
+
+def _stage1_setup(target, args):
+    teacher = tiny_teacher("qwen3")
+    student = edit_model(teacher, target, args)
+    params = stage1.trainable(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    return teacher, student, params
+
+
+def _loss_and_grads(loss_fn, params, ids):
+    for _, p in params:
+        p.grad = None
+    loss, extras = loss_fn(ids)
+    loss.backward()
+    return loss.detach(), extras, [p.grad.clone() for _, p in params]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,args", [("mla", {}), ("gateswa", {"window": 8, "full_layers": "every:2"})])
+def test_compiled_stage1_matches_eager_and_compiles_each_layer_kind_once(target, args):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    teacher, student, params = _stage1_setup(target, args)
+    ids = tiny_ids(2, 24)
+    eager = _loss_and_grads(stage1.make_loss(teacher, student), params, ids)
+    group = CompileGroup(True, "test", backend="aot_eager")
+    compiled_fn = stage1.make_loss(teacher, student, group)
+    warm_up(compiled_fn, [p for _, p in params], 2, 24, VOCAB, torch.device("cpu"), contextlib.nullcontext, group)
+    for _ in range(2):
+        got = _loss_and_grads(compiled_fn, params, ids)
+    assert group.enabled and not group.warned
+    torch.testing.assert_close(got[0], eager[0])
+    torch.testing.assert_close(got[1]["layer_rel_err"], eager[1]["layer_rel_err"])
+    for a, b in zip(got[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # 4 edited layers, one graph per layer kind (GateSWA: sliding and full): never one per layer
+    assert counters["stats"]["unique_graphs"] == (1 if target == "mla" else 2), dict(counters["stats"])
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    teacher, student, params = _stage1_setup("mla", {})
+    ids = tiny_ids(2, 16)
+    eager = _loss_and_grads(stage1.make_loss(teacher, student), params, ids)
+    group = CompileGroup(True, "the stage-1 attentions", backend=broken)
+    got = _loss_and_grads(stage1.make_loss(teacher, student, group), params, ids)
+    assert not group.enabled
+    torch.testing.assert_close(got[0], eager[0])
+    err = capsys.readouterr().err
+    assert err.count("torch.compile of the stage-1 attentions failed") == 1 and "running eagerly" in err
+
+
+@pytest.mark.slow
+def test_compiled_stage2_layers_match_eager_and_undo_restores_the_model():
+    torch._dynamo.reset()
+    teacher = tiny_teacher("llama")
+    student = edit_model(teacher, "gateswa", {"window": 8, "full_layers": "every:2"})
+    params = stage2.trainable(student, "attention")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    cfg = parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2
+    loss_fn = stage2.make_loss(teacher, student, cfg)
+    ids = tiny_ids(2, 24)
+    eager = _loss_and_grads(loss_fn, params, ids)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    group = CompileGroup(True, "test", backend="aot_eager")
+    undo = stage2.compile_layers(student, group)
+    assert "_layer" in vars(student)
+    warm_up(loss_fn, [p for _, p in params], 2, 24, VOCAB, torch.device("cpu"), contextlib.nullcontext, group)
+    got = _loss_and_grads(loss_fn, params, ids)
+    undo()
+    assert "_layer" not in vars(student) and group.enabled
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # sliding and full layers
+    torch.testing.assert_close(got[0], eager[0])
+    for a, b in zip(got[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- no host syncs in the losses
+
+
+def test_loss_functions_read_nothing_back_to_the_host(monkeypatch):
+    """Stage 1 and stage 2 losses (teacher forward excluded) never call .item()/float()/tolist()/bool()."""
+    teacher = tiny_teacher("llama")
+    student = edit_model(teacher, "mla")
+    cfg = parse_recipe({"stage2": {"ce_weight": 0.5, "feature_weight": 0.1, "kl_chunk": 16}}).stage2
+    fns = [stage1.make_loss(teacher, student), stage2.make_loss(teacher, student, cfg)]
+    ids = tiny_ids(2, 24)
+    xs = stage1.capture(teacher, student.config.edit["edited_layers"], ids)  # the teacher runs before the patch
+    th = stage2.teacher_hidden(teacher, ids, True)
+    monkeypatch.setattr(stage1, "capture", lambda *a: xs)
+    monkeypatch.setattr(stage2, "teacher_hidden", lambda *a: th)
+
+    def sync(*a, **k):
+        raise AssertionError("host sync in the loss")
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for fn in fns:
+        loss, extras = fn(ids)
+        assert all(isinstance(v, torch.Tensor) for v in extras.values())
+        loss.backward()

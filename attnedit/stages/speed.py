@@ -8,11 +8,14 @@ at each stage's batch shape before training, so its progress lines, ``metrics.js
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
 import torch
 import torch.nn as nn
+
+from ..targets import AttentionContext
 
 COMPILE_CHOICES = ("auto", "on", "off")
 
@@ -70,6 +73,22 @@ class CompileGroup:
             print(f"attnedit: warning: torch.compile of {self.what} failed ({type(error).__name__}: {first}); running eagerly", file=sys.stderr)
 
 
+@dataclasses.dataclass
+class _LayerContext(AttentionContext):
+    """An :class:`AttentionContext` for one compiled layer call: RoPE tables computed in the graph, not
+    looked up in a cache keyed by object ids (dynamo would guard on each layer's id and recompile per layer)."""
+
+    def rope(self, rotary, dtype):
+        cos_sin = getattr(rotary, "cos_sin", None)
+        return cos_sin(self.position_ids, dtype) if cos_sin is not None else super().rope(rotary, dtype)
+
+
+def layer_context(ctx: AttentionContext) -> AttentionContext:
+    """``ctx`` for one compiled layer call (same fields, no shared RoPE cache); identical results."""
+    values = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.init and f.name != "_rope"}
+    return _LayerContext(**values)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -103,6 +122,15 @@ def warm_up(loss_fn, params: list, batch: int, seq: int, vocab: int, device: tor
     """One forward and backward on dummy ids before training: compiles (forward and backward) where
     compilation is on, and falls back to eager if that fails. Leaves no gradients behind."""
     ids = _ids(batch, seq, vocab, device)
+    if group is not None and group.enabled:
+        # an eager pass on a sliver first fills the modules' lazy caches (RoPE frequencies), so the
+        # compiled graphs never see them empty: fewer graph variants to compile
+        group.enabled = False
+        try:
+            with torch.no_grad(), autocast_ctx():
+                loss_fn(ids[:1, : min(seq, 16)])
+        finally:
+            group.enabled = True
     try:
         with autocast_ctx():
             loss, _ = loss_fn(ids)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..families import family_for
 from ..targets import AttentionContext
-from .speed import CompileGroup
+from .speed import CompileGroup, layer_context
 
 
 class _Stop(Exception):
@@ -98,12 +98,15 @@ def make_loss(teacher, student, compile_group: CompileGroup | None = None):
     modules = student.attentions()
     group = compile_group or CompileGroup(False, "stage-1 attention")
     terms = {i: group.wrap(LayerLoss(modules[i])) for i in layers}
+    compiled = group.enabled
 
     def loss_fn(ids: torch.Tensor):
         xs, ys = capture(teacher, layers, ids)
         b, t = ids.shape
         positions = torch.arange(t, device=ids.device)[None].expand(b, t)
         ctx = AttentionContext(positions, past_length=0, q_len=t, key_padding=None, cache=None)
+        if compiled:
+            ctx = layer_context(ctx)  # one compiled graph serves every layer of a kind
         losses, rel_errs = layer_losses(terms, xs, ys, ctx)
         loss = torch.stack(losses).sum()
         rel = torch.stack([torch.as_tensor(r, dtype=torch.float32, device=loss.device) for r in rel_errs])

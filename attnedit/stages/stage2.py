@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..families import family_for
-from .speed import CompileGroup
+from .speed import CompileGroup, layer_context
 from .stage1 import trainable as attention_trainable
 
 
@@ -225,7 +225,12 @@ def compile_layers(student, group: CompileGroup):
 
     def layer_step(layer, h, ctx):
         call = wrapped.get(id(layer))
-        return call(h, ctx) if call is not None else eager(layer, h, ctx)
+        if call is None:
+            return eager(layer, h, ctx)
+        if torch.is_grad_enabled() and not h.requires_grad:
+            h = h.detach().requires_grad_()  # the first layer's input too: the same graph as the others
+        # a context without the RoPE cache keyed by object ids: one compiled graph per layer kind
+        return call(h, layer_context(ctx))
 
     student._layer = layer_step
     return lambda: student.__dict__.pop("_layer", None)
