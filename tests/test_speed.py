@@ -230,3 +230,55 @@ def test_loss_functions_read_nothing_back_to_the_host(monkeypatch):
         loss, extras = fn(ids)
         assert all(isinstance(v, torch.Tensor) for v in extras.values())
         loss.backward()
+
+
+# --------------------------------------------------------------------------- batches drawn ahead
+
+
+def test_device_batches_are_the_streams_batches_and_save_the_next_batchs_position(tmp_path):
+    from test_stages import char_tokenizer, make_docs
+
+    from attnedit.data import BlockStream, DataConfig, DeviceBatches
+
+    cfg = DataConfig(files=[str(make_docs(tmp_path / "docs.jsonl"))], seq_len=16, heldout_blocks=2, shuffle_buffer=8)
+    tok = char_tokenizer()
+    plain = BlockStream(cfg, tok, seed=1)
+    ahead = DeviceBatches(BlockStream(cfg, tok, seed=1), "cpu")
+    for k in range(7):  # across chunk boundaries (8 blocks per chunk, 3 per batch)
+        assert torch.equal(ahead.next_batch(3), plain.next_batch(3)), k
+        assert ahead.state_dict() == plain.state_dict(), k  # not the position after the batch drawn ahead
+    state = ahead.state_dict()
+    want = [plain.next_batch(3) for _ in range(4)]
+    resumed = DeviceBatches(BlockStream(cfg, tok, seed=1), "cpu")
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch(3), w) for w in want)
+    ahead.load_state_dict(state)  # also with a batch pending
+    assert all(torch.equal(ahead.next_batch(3), w) for w in want)
+    assert torch.equal(ahead.next_batch(5), plain.next_batch(5))  # another batch size rewinds the one drawn ahead
+    ahead.close()
+    resumed.close()
+
+
+# --------------------------------------------------------------------------- what convert reports
+
+
+def test_convert_reports_speed_against_the_teachers_forward_and_memory(tmp_path, capsys):
+    import json
+
+    from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
+
+    from attnedit.stages.convert import convert, format_summary
+
+    raw = tiny_raw(make_teacher_dir(tmp_path), make_docs(tmp_path / "docs.jsonl"), stage1__steps=4, stage2__steps=4, log_every=2)
+    summary = convert(parse_recipe(raw), tmp_path / "run", progress="lines")
+    err = capsys.readouterr().err
+    assert "teacher plain forward at stage 1's batch (4 x 32)" in err and "x teacher fwd" in err
+    for stage in (1, 2):
+        info = summary[f"stage{stage}"]
+        assert info["tok_s"] > 0 and info["teacher_fwd_tok_s"] > 0
+        assert info["ratio"] == pytest.approx(info["tok_s"] / info["teacher_fwd_tok_s"], rel=1e-2)
+        assert info["peak_memory_bytes"] is None and info["est_memory_bytes"] > 0 and info["compiled"] is False
+    rows = [r for r in metrics(tmp_path / "run") if "step" in r]
+    assert all({"tok_s", "teacher_fwd_tok_s", "ratio"} <= set(r) for r in rows)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stage2"]["ratio"] == summary["stage2"]["ratio"]
+    assert "x the teacher's forward" in format_summary(summary)
