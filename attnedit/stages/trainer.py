@@ -255,7 +255,7 @@ class _Speed:
     def figures(self, baseline: float | None) -> dict:
         tokens, seconds = (self.tokens, self.seconds) if self.windows > 1 else self.first
         tok_s = round(tokens / max(1e-9, seconds), 1)
-        ratio = round(tok_s / baseline, 3) if baseline else None
+        ratio = float(f"{tok_s / baseline:.4g}") if baseline else None
         return {"tok_s": tok_s, "teacher_fwd_tok_s": round(baseline, 1) if baseline else None, "ratio": ratio}
 
 
@@ -333,7 +333,7 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
             speed_line = ""
             if job.teacher_fwd_tok_s:
                 last["teacher_fwd_tok_s"] = round(job.teacher_fwd_tok_s, 1)
-                last["ratio"] = round(last["tok_s"] / job.teacher_fwd_tok_s, 3)
+                last["ratio"] = float(f"{last['tok_s'] / job.teacher_fwd_tok_s:.4g}")
                 speed_line = f" ({last['ratio']:.2f}x teacher fwd)"
             run.metrics.write(last)
             info = run.summary.setdefault(f"stage{job.stage}", {})
