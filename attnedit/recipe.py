@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 TRAINABLE = ("attention", "attention+norms", "all")
 WEIGHTS_DTYPES = ("auto", "float32", "bfloat16")
+COMPILE = ("auto", "on", "off")
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -53,6 +54,7 @@ class StageConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay (matrices only, not norms or biases)")
     clip: float = _f(1.0, "clip the gradient norm to this value; 0 turns clipping off")
     precision: str = _f("auto", "auto = bf16 autocast on a GPU that supports it, fp32 otherwise", PRECISIONS)
+    compile: str = _f("auto", "torch.compile the trained computation (stage 1: each attention and its loss; stage 2: the decoder layers); auto = on CUDA only; falls back to eager if compiling fails", COMPILE)
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Recipe:
     weights_dtype: str = _f("auto", "dtype of the frozen teacher weights; auto = bfloat16 when both stages run in bf16, else float32", WEIGHTS_DTYPES)
     max_nonfinite_restarts: int = _f(3, "on a non-finite or diverging loss: restore the last good checkpoint and halve the lr, at most this many times")
     divergence_factor: float = _f(10.0, "a logged loss above this many times the median of the last 5 logged losses is treated like a non-finite one (0 = off)")
+    baseline_batches: int = _f(3, "batches of the teacher's plain forward timed at each stage's batch shape before training: tokens/s ratios in progress, metrics.jsonl, summary.json; 0 skips it")
     heldout_eval: bool = _f(True, "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json)")
     eval: dict = _f({}, "reserved for the evaluation step (`attnedit eval`); convert does not read it")
 
@@ -214,6 +217,7 @@ def validate(r: Recipe) -> Recipe:
         (r.log_every >= 1, "log_every", ">= 1"),
         (r.max_nonfinite_restarts >= 0, "max_nonfinite_restarts", ">= 0"),
         (r.divergence_factor == 0 or r.divergence_factor > 1, "divergence_factor", "> 1, or 0 to turn the check off"),
+        (r.baseline_batches >= 0, "baseline_batches", ">= 0"),
     ]:
         if not ok:
             raise AttnEditError(f"{fname}={getattr(r, fname)!r}: must be {rule}")

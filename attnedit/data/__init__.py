@@ -4,12 +4,14 @@
 ``heldout_blocks`` gives the validation blocks, whose documents training never sees.
 """
 
+from .batches import DeviceBatches
 from .config import DataConfig, default_files
 from .sources import DatasetSource, check_files, iter_pieces
 from .stream import BlockStream, Position, eos_id, heldout_blocks, resolve_tokenizer
 
 __all__ = [
     "BlockStream",
+    "DeviceBatches",
     "DataConfig",
     "DatasetSource",
     "Position",

@@ -274,16 +274,24 @@ class BlockStream:
             self._fingerprint = hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
         return self._fingerprint
 
-    def state_dict(self) -> dict:
-        """A few integers (JSON-serialisable): the current chunk's start, blocks served from it, counters."""
+    def mark(self) -> tuple:
+        """The position as it is now, cheaply (no file access): :meth:`state_dict` turns it into a state later."""
+        return (self.epoch, self._chunk_index, list(astuple(self._chunk_start)), self._served, self.tokens_served)
+
+    def state_dict(self, mark: tuple | None = None) -> dict:
+        """A few integers (JSON-serialisable): the current chunk's start, blocks served from it, counters.
+
+        With ``mark`` (from :meth:`mark`), the state at that earlier point of the same stream.
+        """
+        epoch, chunk, start, served, tokens = mark if mark is not None else self.mark()
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint(),
-            "epoch": self.epoch,
-            "chunk": self._chunk_index,
-            "start": list(astuple(self._chunk_start)),
-            "served": self._served,
-            "tokens_served": self.tokens_served,
+            "epoch": epoch,
+            "chunk": chunk,
+            "start": list(start),
+            "served": served,
+            "tokens_served": tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:

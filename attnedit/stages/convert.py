@@ -24,6 +24,7 @@ from ..recipe import Recipe, diff, load_recipe, to_yaml
 from ..tables import human_bytes, text_table
 from . import stage1, stage2
 from .checkpoint import list_checkpoints, load_latest, remove_temp_files, write_error_text, write_errors
+from .speed import CompileGroup, compile_wanted, peak_memory, reset_peak_memory, teacher_forward_tok_s, warm_up
 from .trainer import Run, StageJob, autocast, load_weights, train_stage, use_bf16
 
 
@@ -280,8 +281,8 @@ def calibration_ids(recipe: Recipe, tokenizer, hidden_size: int) -> torch.Tensor
     return BlockStream(data, tokenizer, seed=recipe.seed, prefetch=False).next_batch(n)
 
 
-def _stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer) -> StageJob:
-    from ..data import BlockStream
+def _stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer, group: CompileGroup | None = None) -> StageJob:
+    from ..data import BlockStream, DeviceBatches
 
     cfg = recipe.stage1 if stage == 1 else recipe.stage2
     seq = stage_seq_len(recipe, stage)
@@ -289,9 +290,10 @@ def _stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer) -> Stage
     # holds out at least the documents of the held-out blocks (counted at data.seq_len)
     held = -(-recipe.data.heldout_blocks * recipe.data.seq_len // seq)
     data = dataclasses.replace(recipe.data, seq_len=seq, heldout_blocks=held)
-    stream = BlockStream(data, tokenizer, seed=recipe.seed + stage - 1)
+    # batches reach the device one ahead of training (pinned, non-blocking on CUDA); resume stays exact
+    stream = DeviceBatches(BlockStream(data, tokenizer, seed=recipe.seed + stage - 1), resolve_device(recipe.device))
     if stage == 1:
-        params, loss_fn = stage1.trainable(student), stage1.make_loss(teacher, student)
+        params, loss_fn = stage1.trainable(student), stage1.make_loss(teacher, student, group)
     else:
         params, loss_fn = stage2.trainable(student, cfg.trainable), stage2.make_loss(teacher, student, cfg)
         student.gradient_checkpointing = cfg.gradient_checkpointing
@@ -303,6 +305,29 @@ def _stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer) -> Stage
     for _, p in params:
         p.requires_grad_(True)
     return StageJob(stage, cfg, params, loss_fn, stream, seq)
+
+
+def _estimate(recipe: Recipe, stage: int) -> float:
+    """The ``--dry-run`` memory estimate of ``stage`` (bytes)."""
+    return next(s["memory_bytes"] for s in make_plan(recipe)["stages"] if s["stage"] == stage)
+
+
+def _teacher_baselines(recipe: Recipe, teacher, device: torch.device, state: dict | None, quiet: bool) -> dict[int, float]:
+    """Tokens/s of the teacher's plain forward at the batch shape of each stage still to run (this session's hardware)."""
+    out: dict[int, float] = {}
+    if recipe.baseline_batches == 0:
+        return out
+    for stage in (1, 2):
+        cfg = recipe.stage1 if stage == 1 else recipe.stage2
+        if cfg.steps == 0 or _finished(state, stage):
+            continue
+        out[stage] = teacher_forward_tok_s(
+            teacher, cfg.batch_size, stage_seq_len(recipe, stage), device,
+            lambda cfg=cfg: autocast(device, cfg.precision), recipe.baseline_batches,
+        )  # fmt: skip
+        if not quiet:
+            print(f"attnedit: teacher plain forward at stage {stage}'s batch ({cfg.batch_size} x {stage_seq_len(recipe, stage)}): {out[stage]:,.0f} tok/s", file=sys.stderr)
+    return out
 
 
 def _finished(state: dict | None, stage: int) -> bool:
@@ -381,6 +406,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
 
         if "heldout_before" not in run.summary:
             run.summary["heldout_before"] = evaluate()
+    baselines = _teacher_baselines(recipe, teacher, device, state, quiet=run.progress == "none")
     with run.stop_on_signals():
         for stage in (1, 2):
             cfg = recipe.stage1 if stage == 1 else recipe.stage2
@@ -389,13 +415,29 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
             if stage == 2:
                 stage2.unshare(student, teacher, cfg.trainable)
             run.owned = owned_parameters(student, teacher)
-            job = _stage_job(stage, recipe, teacher, student, tokenizer)
-            resume_state = state if state is not None and state["stage"] == stage else None
-            if resume_state is None:
-                job.stream.check()  # too little data fails here, before the stage's first checkpoint
-            if resume_state is None:
-                run.summary[f"stage{stage}"] = {"steps": cfg.steps, "tokens": cfg.steps * job.tokens_per_step, "wall_start": run.wall()}
-            train_stage(run, job, resume_state)
+            what = "the stage-1 attentions" if stage == 1 else "the stage-2 decoder layers"
+            group = CompileGroup(compile_wanted(cfg.compile, device), what)
+            job = _stage_job(stage, recipe, teacher, student, tokenizer, group)
+            job.teacher_fwd_tok_s = baselines.get(stage)
+            undo = stage2.compile_layers(student, group) if stage == 2 else (lambda: None)
+            try:
+                resume_state = state if state is not None and state["stage"] == stage else None
+                if resume_state is None:
+                    job.stream.check()  # too little data fails here, before the stage's first checkpoint
+                if group.enabled:  # compile (forward and backward) now, not inside the first timed steps
+                    warm_up(job.loss_fn, [p for _, p in job.params], cfg.batch_size, job.seq_len,
+                            teacher.config.vocab_size, device, lambda cfg=cfg: autocast(device, cfg.precision), group)  # fmt: skip
+                if resume_state is None:
+                    run.summary[f"stage{stage}"] = {"steps": cfg.steps, "tokens": cfg.steps * job.tokens_per_step, "wall_start": run.wall()}
+                reset_peak_memory(device)
+                train_stage(run, job, resume_state)
+                info = run.summary[f"stage{stage}"]
+                info["peak_memory_bytes"] = peak_memory(device)
+                info["est_memory_bytes"] = int(_estimate(recipe, stage))
+                info["compiled"] = group.enabled
+            finally:
+                undo()
+                job.stream.close()
             state = None
     student.eval()
     student.gradient_checkpointing = False
@@ -426,8 +468,15 @@ def format_summary(summary: dict) -> str:
         info = summary.get(f"stage{stage}")
         if info:
             final = info.get("final", {})
+            speed = ""
+            if info.get("tok_s"):
+                speed = f", {info['tok_s']:,.0f} tok/s"
+                if info.get("ratio"):
+                    speed += f" ({info['ratio']:.2f}x the teacher's forward)"
+            if info.get("peak_memory_bytes"):
+                speed += f", peak {human_bytes(info['peak_memory_bytes'])} (est. {human_bytes(info['est_memory_bytes'])})"
             lines.append(
-                f"stage {stage}: {info['steps']} steps, {info['tokens']:,} tokens, {info.get('wall_s', 0):.0f} s, "
+                f"stage {stage}: {info['steps']} steps, {info['tokens']:,} tokens, {info.get('wall_s', 0):.0f} s{speed}, "
                 f"final loss {final.get('loss', float('nan')):.4f}"
             )
     before, after = summary.get("heldout_before"), summary.get("heldout_after")

@@ -5,6 +5,9 @@ attention (after the input norm) ``x_i`` and the teacher attention's output ``y_
 residual add). Every edited student attention then runs on the *teacher's* ``x_i``, all at once,
 with the loss ``sum_i MSE(y_hat_i, y_i) / Var(y_i)``: normalised per layer so that no layer dominates,
 and free of error accumulation because no layer sees another student layer's output.
+
+The per-layer losses and relative errors stay on the device (the trainer reads them at log steps only);
+with compilation on, each layer's attention and loss run as one compiled graph, shared by the layers.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn as nn
 
 from ..families import family_for
 from ..targets import AttentionContext
+from .speed import CompileGroup, layer_context
 
 
 class _Stop(Exception):
@@ -56,31 +61,56 @@ def capture(teacher, layers: list[int], ids: torch.Tensor) -> tuple[dict, dict]:
     return found["x"], found["y"]
 
 
-def layer_losses(attentions: dict, xs: dict, ys: dict, ctx: AttentionContext) -> tuple[list, list]:
-    """Per-layer normalised MSE (differentiable) and relative error ``||y_hat - y|| / ||y||`` (a float)."""
+class LayerLoss(nn.Module):
+    """One edited attention on the teacher's input: its normalised MSE (differentiable) and relative error.
+
+    A module, so that ``torch.compile`` sees one graph per layer kind: every layer's wrapper shares it.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        y = y.float()
+        mse = (self.attn(x, ctx).float() - y).pow(2).mean()
+        loss = mse / y.var().clamp_min(1e-12)
+        rel_err = torch.sqrt(mse.detach() / y.pow(2).mean().clamp_min(1e-12))
+        return loss, rel_err
+
+
+def layer_losses(terms: dict, xs: dict, ys: dict, ctx: AttentionContext) -> tuple[list, list]:
+    """Per-layer normalised MSE (differentiable) and relative error ``||y_hat - y|| / ||y||`` (device tensors)."""
     losses, rel_errs = [], []
-    for i, attn in attentions.items():
-        y = ys[i].float()
-        mse = (attn(xs[i], ctx).float() - y).pow(2).mean()
-        losses.append(mse / y.var().clamp_min(1e-12))
-        rel_errs.append(torch.sqrt(mse.detach() / y.pow(2).mean().clamp_min(1e-12)).item())
+    for i, term in terms.items():
+        loss, rel_err = term(xs[i], ys[i], ctx)
+        losses.append(loss)
+        rel_errs.append(rel_err)
     return losses, rel_errs
 
 
-def make_loss(teacher, student):
-    """The stage-1 loss of one batch of token ids, plus per-layer figures for the metrics."""
+def make_loss(teacher, student, compile_group: CompileGroup | None = None):
+    """The stage-1 loss of one batch of token ids, plus per-layer figures (device tensors) for the metrics.
+
+    With a ``compile_group`` that is enabled, each layer's attention and loss run compiled.
+    """
     layers = list(student.config.edit["edited_layers"])
     modules = student.attentions()
-    attentions = {i: modules[i] for i in layers}
+    group = compile_group or CompileGroup(False, "stage-1 attention")
+    terms = {i: group.wrap(LayerLoss(modules[i])) for i in layers}
+    compiled = group.enabled
 
     def loss_fn(ids: torch.Tensor):
         xs, ys = capture(teacher, layers, ids)
         b, t = ids.shape
         positions = torch.arange(t, device=ids.device)[None].expand(b, t)
         ctx = AttentionContext(positions, past_length=0, q_len=t, key_padding=None, cache=None)
-        losses, rel_errs = layer_losses(attentions, xs, ys, ctx)
+        if compiled:
+            ctx = layer_context(ctx)  # one compiled graph serves every layer of a kind
+        losses, rel_errs = layer_losses(terms, xs, ys, ctx)
         loss = torch.stack(losses).sum()
-        return loss, {"layer_loss": [round(x.item(), 6) for x in losses], "layer_rel_err": [round(x, 6) for x in rel_errs]}
+        rel = torch.stack([torch.as_tensor(r, dtype=torch.float32, device=loss.device) for r in rel_errs])
+        return loss, {"layer_loss": torch.stack(losses).detach(), "layer_rel_err": rel.detach()}
 
     return loss_fn
 

@@ -4,8 +4,9 @@ Loss = ``kl_weight * T^2 KL(p_T^(1/T) || p_S^(1/T))`` on every position's next-t
 ``+ ce_weight * CE`` on the data ``+ feature_weight * sum_l (1 - cos(h_S,l, h_T,l))`` on hidden states.
 
 The student shares its frozen weights with the teacher. The loss never materialises full-vocabulary
-logits for the whole batch: the LM head and softmaxes run over ``kl_chunk`` tokens at a time, each
-chunk under activation checkpointing, so only the final hidden states are kept for the backward pass.
+logits for the whole batch: the LM head and softmaxes run over ``kl_chunk`` tokens at a time, and each
+chunk's gradient w.r.t. the student's final hidden states is computed right there (:class:`_ChunkedKD`),
+so the backward pass neither keeps logits nor runs the LM heads again.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..families import family_for
+from .speed import CompileGroup, layer_context
 from .stage1 import trainable as attention_trainable
 
 
@@ -53,32 +54,104 @@ def teacher_hidden(teacher, ids: torch.Tensor, all_layers: bool) -> list[torch.T
     return [found[i] for i in layers] + [final]
 
 
-def _chunk_terms(h_s, h_t, labels, head_s, head_t, temperature: float):
-    """KL(teacher || student) at temperature T, student CE and teacher CE, summed over a chunk of tokens."""
-    z_s = head_s(h_s).float()
-    with torch.no_grad():
-        z_t = head_t(h_t).float()
-    logp_s = F.log_softmax(z_s / temperature, dim=-1)
-    logp_t = F.log_softmax(z_t / temperature, dim=-1)
-    kl = F.kl_div(logp_s, logp_t, log_target=True, reduction="sum")
-    ce = F.cross_entropy(z_s, labels, ignore_index=-100, reduction="sum")
-    ce_t = F.cross_entropy(z_t, labels, ignore_index=-100, reduction="sum")
-    return kl, ce, ce_t
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the LM-head matmuls run in: autocast's where it is on, else the weight's."""
+    dev = weight.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
 
 
-def kd_terms(h_s, h_t, ids, head_s, head_t, temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mean ``T^2 KL`` per token, mean student CE and mean teacher CE over the next tokens, chunk by chunk."""
+class _ChunkedKD(torch.autograd.Function):
+    """KL/CE over the LM head, chunk by chunk, with the gradients computed in the forward pass.
+
+    Per chunk of tokens it computes the student logits, the teacher log-probs (no grad), the KL, student
+    CE and teacher CE sums and, for the terms that need it, the gradient of each term w.r.t. the student
+    hidden states (``dKL/dz = T (p_s - p_t) / N``, ``dCE/dz = (softmax(z_s) - onehot) / n_labels``, times
+    the head's weight) and w.r.t. the head's weight and bias when they train. The backward only scales
+    them by the incoming gradients: no logits are kept or recomputed, and the teacher's LM head runs once.
+    Nothing here reads a value back to the host.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, weight, bias, h_t, weight_t, bias_t, labels, temperature, chunk, grad_kl, grad_ce):
+        n, T = h_s.shape[0], float(temperature)
+        valid = labels != -100
+        n_labels = valid.sum().clamp_min(1)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # logits and sums in fp32 (fp64 stays fp64)
+        cdt = _compute_dtype(weight)
+        grads = {"kl": grad_kl, "ce": grad_ce}
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        g_h = {k: h_s.new_zeros(h_s.shape, dtype=acc) for k, on in grads.items() if on and want_h}
+        g_w = {k: torch.zeros(weight.shape, dtype=acc, device=weight.device) for k, on in grads.items() if on and want_w}
+        g_b = {k: torch.zeros(bias.shape, dtype=acc, device=bias.device) for k, on in grads.items() if on and want_b}
+        kl = h_s.new_zeros((), dtype=acc)
+        ce, ce_t = kl.clone(), kl.clone()
+        for s in range(0, n, chunk):
+            hs, ht, lab, v = h_s[s : s + chunk], h_t[s : s + chunk], labels[s : s + chunk], valid[s : s + chunk]
+            rows = lab.clamp_min(0)[:, None]
+            z_s = F.linear(hs, weight, bias).to(acc)
+            z_t = F.linear(ht, weight_t, bias_t).to(acc)
+            lse_s = torch.logsumexp(z_s, -1)
+            ce = ce + ((lse_s - z_s.gather(1, rows)[:, 0]) * v).sum()
+            ce_t = ce_t + ((torch.logsumexp(z_t, -1) - z_t.gather(1, rows)[:, 0]) * v).sum()
+            logp_s = F.log_softmax(z_s / T if T != 1.0 else z_s, dim=-1)
+            logp_t = F.log_softmax(z_t / T if T != 1.0 else z_t, dim=-1)
+            del z_t
+            kl = kl + F.kl_div(logp_s, logp_t, log_target=True, reduction="sum")
+            dz = {}
+            if "ce" in g_h or "ce" in g_w or "ce" in g_b:
+                g = (z_s - lse_s[:, None]).exp_()  # softmax(z_s)
+                g.scatter_add_(1, rows, torch.full_like(rows, -1, dtype=g.dtype))
+                dz["ce"] = g.mul_((v.to(acc) / n_labels)[:, None])
+            del z_s
+            if "kl" in g_h or "kl" in g_w or "kl" in g_b:
+                dz["kl"] = logp_s.exp_().sub_(logp_t.exp_()).mul_(T / n)
+            del logp_s, logp_t
+            for k, g in dz.items():
+                g = g.to(cdt)
+                if k in g_h:
+                    g_h[k][s : s + chunk] = torch.matmul(g, weight.to(cdt))
+                if k in g_w:
+                    g_w[k] += torch.matmul(g.t(), hs.to(cdt))
+                if k in g_b:
+                    g_b[k] += g.sum(0)
+        kl = kl * (T * T / n)
+        ce, ce_t = ce / n_labels, ce_t / n_labels
+        ctx.keys = [(k, name) for name, d in (("h", g_h), ("w", g_w), ("b", g_b)) for k in d]
+        ctx.save_for_backward(*[d[k] for name, d in (("h", g_h), ("w", g_w), ("b", g_b)) for k in d])
+        ctx.dtypes = (h_s.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(*[t for t, on in ((kl, grad_kl), (ce, grad_ce), (ce_t, False)) if not on])
+        return kl, ce, ce_t
+
+    @staticmethod
+    def backward(ctx, d_kl, d_ce, d_ce_t):
+        scale = {"kl": d_kl, "ce": d_ce}
+        out = {"h": None, "w": None, "b": None}
+        for (k, name), g in zip(ctx.keys, ctx.saved_tensors):
+            term = g * scale[k]
+            out[name] = term if out[name] is None else out[name] + term
+        dt_h, dt_w, dt_b = ctx.dtypes
+        cast = lambda t, dt: None if t is None else t.to(dt)  # noqa: E731
+        return cast(out["h"], dt_h), cast(out["w"], dt_w), cast(out["b"], dt_b), *([None] * 8)
+
+
+def kd_terms(
+    h_s, h_t, ids, head_s, head_t, temperature: float, chunk: int, grads: tuple[bool, bool] = (True, True)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``T^2 KL`` per token, mean student CE and mean teacher CE over the next tokens, chunk by chunk.
+
+    All three are device tensors (nothing is read back to the host). ``grads`` says which of KL and
+    student CE can be back-propagated; one that cannot is returned as a constant.
+    """
     hs, ht = h_s.flatten(0, 1), h_t.flatten(0, 1)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
-    kl = ce = hs.new_zeros((), dtype=torch.float32)
-    ce_t = 0.0
-    grad = torch.is_grad_enabled()
-    for s in range(0, hs.shape[0], chunk):
-        args = (hs[s : s + chunk], ht[s : s + chunk], labels[s : s + chunk], head_s, head_t, temperature)
-        k, c, ct = checkpoint(_chunk_terms, *args, use_reentrant=False) if grad else _chunk_terms(*args)
-        kl, ce, ce_t = kl + k, ce + c, ce_t + ct.item()
-    n_labels = max(1, int((labels != -100).sum()))
-    return kl * temperature**2 / hs.shape[0], ce / n_labels, ce_t / n_labels
+    grad_kl, grad_ce = (g and torch.is_grad_enabled() for g in grads)
+    return _ChunkedKD.apply(
+        hs, head_s.weight, head_s.bias, ht.detach(), head_t.weight.detach(),
+        None if head_t.bias is None else head_t.bias.detach(), labels, temperature, chunk, grad_kl, grad_ce,
+    )  # fmt: skip
 
 
 def feature_loss(student_hidden: list, teacher_hidden_: list) -> torch.Tensor:
@@ -88,19 +161,20 @@ def feature_loss(student_hidden: list, teacher_hidden_: list) -> torch.Tensor:
 
 
 def make_loss(teacher, student, cfg):
-    """The stage-2 loss of one batch of token ids; extras: kl, ce (student), teacher_ce and feature."""
+    """The stage-2 loss of one batch of token ids; extras (device tensors): kl, ce (student), teacher_ce, feature."""
     head_t, features = teacher.get_output_embeddings(), cfg.feature_weight > 0
+    grads = (cfg.kl_weight > 0, cfg.ce_weight > 0)
 
     def loss_fn(ids: torch.Tensor):
         t_hidden = teacher_hidden(teacher, ids, features)
         s_hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[1:]
-        kl, ce, ce_t = kd_terms(s_hidden[-1], t_hidden[-1], ids, student.lm_head, head_t, cfg.temperature, cfg.kl_chunk)
+        kl, ce, ce_t = kd_terms(s_hidden[-1], t_hidden[-1], ids, student.lm_head, head_t, cfg.temperature, cfg.kl_chunk, grads)
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce
-        extras = {"kl": kl.item(), "ce": ce.item(), "teacher_ce": ce_t}
+        extras = {"kl": kl.detach(), "ce": ce.detach(), "teacher_ce": ce_t}
         if features:
             feat = feature_loss(s_hidden, t_hidden)
             loss = loss + cfg.feature_weight * feat
-            extras["feature"] = feat.item()
+            extras["feature"] = feat.detach()
         return loss, extras
 
     return loss_fn
@@ -119,11 +193,47 @@ def heldout_losses(teacher, student, blocks: torch.Tensor, batch_size: int, chun
             s_h = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
             kl, ce, ce_t = kd_terms(s_h, t_h, ids, student.lm_head, head_t, 1.0, chunk)
         w = ids.shape[0]
-        sums["kl"] += kl.item() * w
-        sums["student_ce"] += ce.item() * w
+        sums["kl"] += kl * w
+        sums["student_ce"] += ce * w
         sums["teacher_ce"] += ce_t * w
         n += w
-    return {k: round(v / max(1, n), 6) for k, v in sums.items()}
+    return {k: round(float(v) / max(1, n), 6) for k, v in sums.items()}
+
+
+class _DecoderLayer(nn.Module):
+    """One decoder layer of the student as a module of its own, for ``torch.compile``: every layer's
+    wrapper shares this class's code, so identical layers compile once."""
+
+    def __init__(self, layer: nn.Module, step):
+        super().__init__()
+        self.layer, self.step = layer, step
+
+    def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:
+        return self.step(self.layer, h, ctx)
+
+
+def compile_layers(student, group: CompileGroup):
+    """Run the student's decoder layers compiled (when ``group`` is enabled); returns the undo function.
+
+    The student's forward calls ``self._layer(layer, h, ctx)`` for every layer (also under gradient
+    checkpointing); an instance attribute of that name routes each call to its layer's compiled wrapper.
+    """
+    if not group.enabled:
+        return lambda: None
+    eager = type(student)._layer
+    wrapped = {id(layer): group.wrap(_DecoderLayer(layer, eager)) for layer in student.model.layers}
+
+    def layer_step(layer, h, ctx):
+        call = wrapped.get(id(layer))
+        if call is None:
+            return eager(layer, h, ctx)
+        if torch.is_grad_enabled() and not h.requires_grad:
+            h = h.detach().requires_grad_()  # the first layer's input too: the same graph as the others
+        # a context without the RoPE cache keyed by object ids: one compiled graph per layer kind
+        return call(h, layer_context(ctx))
+
+    student._layer = layer_step
+    return lambda: student.__dict__.pop("_layer", None)
 
 
 def _is_norm(module: nn.Module) -> bool:

@@ -40,8 +40,9 @@ class StageJob:
     cfg: StageConfig
     params: list[tuple[str, nn.Parameter]]
     loss_fn: LossFn
-    stream: object  # attnedit.data.BlockStream
+    stream: object  # attnedit.data.BlockStream (or the DeviceBatches that prefetch from one)
     seq_len: int
+    teacher_fwd_tok_s: float | None = None  # the teacher's plain forward at this stage's batch shape
 
     @property
     def tokens_per_step(self) -> int:
@@ -74,11 +75,16 @@ def autocast(device: torch.device, precision: str):
 
 
 def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg: StageConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm weights and biases are left alone)."""
+    """AdamW; weight decay on matrices only (norm weights and biases are left alone).
+
+    The fused CUDA kernel when every weight is on a GPU, the multi-tensor (foreach) one elsewhere.
+    """
     decay = [p for _, p in params if p.dim() >= 2]
     rest = [p for _, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    on_gpu = bool(params) and all(p.is_cuda and p.is_floating_point() for _, p in params)
+    kind = {"fused": True} if on_gpu else {"foreach": True}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), **kind)
 
 
 class MetricsLog:
@@ -194,13 +200,19 @@ def _restore(run: Run, job: StageJob, opt, state: dict) -> _Window:
 
 
 class _Window:
-    """Running means of the loss and extras between two log lines."""
+    """Running means of the loss and extras between two log lines.
+
+    Values may be device tensors (scalars or per-layer vectors): they are summed on the device and read
+    back to the host in one transfer, by :meth:`means`, at a log step. ``paused`` is time to leave out
+    of the tokens/s figure (checkpoint writes).
+    """
 
     def __init__(self, logged: list[float] | None = None):
-        self.n, self.sums, self.t0, self.tokens = 0, {}, time.time(), 0
+        self.n, self.sums, self.t0, self.tokens, self.paused = 0, {}, time.time(), 0, 0.0
         self.logged = list(logged or [])[-DIVERGENCE_HISTORY:]  # recent logged losses (divergence guard)
 
     def state_dict(self) -> dict:
+        self.materialise()
         return {"n": self.n, "sums": self.sums, "tokens": self.tokens, "logged": self.logged}
 
     @classmethod
@@ -222,16 +234,52 @@ class _Window:
                 prev = self.sums.get(k, [0.0] * len(v))
                 self.sums[k] = [a + b for a, b in zip(prev, v)]
             else:
-                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def materialise(self) -> None:
+        """Replace device sums by Python floats / lists of floats (one host sync for all of them)."""
+        tensors = {k: v for k, v in self.sums.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            return
+        flat = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in tensors.values()]).tolist()
+        for k, v in tensors.items():
+            part, flat = flat[: v.numel()], flat[v.numel() :]
+            self.sums[k] = part if v.dim() else part[0]
 
     def means(self) -> dict:
+        self.materialise()
         out = {}
         for k, v in self.sums.items():
             out[k] = [round(x / self.n, 6) for x in v] if isinstance(v, list) else v / self.n
         return out
 
+    def seconds(self) -> float:
+        return max(1e-9, time.time() - self.t0 - self.paused)
+
     def tokens_per_s(self) -> float:
-        return self.tokens / max(1e-9, time.time() - self.t0)
+        return self.tokens / self.seconds()
+
+
+class _Speed:
+    """This session's tokens/s over a stage, leaving out its first log window (warm-up, allocator growth)."""
+
+    def __init__(self):
+        self.windows, self.tokens, self.seconds = 0, 0, 0.0
+        self.first = (0, 0.0)
+
+    def add(self, window: _Window) -> None:
+        self.windows += 1
+        if self.windows == 1:
+            self.first = (window.tokens, window.seconds())
+        else:
+            self.tokens += window.tokens
+            self.seconds += window.seconds()
+
+    def figures(self, baseline: float | None) -> dict:
+        tokens, seconds = (self.tokens, self.seconds) if self.windows > 1 else self.first
+        tok_s = round(tokens / max(1e-9, seconds), 1)
+        ratio = float(f"{tok_s / baseline:.4g}") if baseline else None
+        return {"tok_s": tok_s, "teacher_fwd_tok_s": round(baseline, 1) if baseline else None, "ratio": ratio}
 
 
 def diverged(loss: float, logged: list[float], factor: float) -> bool:
@@ -290,27 +338,30 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {job.stage}", unit="step", dynamic_ncols=True)
-    t_start, step_start = time.time(), step
+    t_start, step_start, speed = time.time(), step, _Speed()
     while step < cfg.steps:
         lr = lr_at(step, cfg) * lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
-        values, finite = {}, True
+        # the hot path reads nothing back from the device but one flag per step: losses, extras and the
+        # gradient norm stay device tensors until a log step (see _Window)
+        values, finite = {}, None
         for _ in range(cfg.grad_accum):
-            ids = job.stream.next_batch(cfg.batch_size).to(run.device)
+            ids = job.stream.next_batch(cfg.batch_size).to(run.device, non_blocking=True)
             with autocast(run.device, cfg.precision):
                 loss, extras = job.loss_fn(ids)
-            if not torch.isfinite(loss):
-                finite = False
-                break
+            loss = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), device=run.device)
+            ok = torch.isfinite(loss.detach())
+            finite = ok if finite is None else finite & ok
             (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": loss.item(), **extras}.items():  # means over the micro-batches
+            for k, v in {"loss": loss.detach(), **extras}.items():  # means over the micro-batches
                 if isinstance(v, list):
                     values[k] = [a + b / cfg.grad_accum for a, b in zip(values.get(k, [0.0] * len(v)), v)]
                 else:
-                    values[k] = values.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")) if finite else None
-        if not finite or not torch.isfinite(grad_norm):
+                    values[k] = values[k] + v / cfg.grad_accum if k in values else v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+        finite = bool(finite & torch.isfinite(grad_norm).to(finite.device))  # the step's one host sync
+        if not finite:
             opt.zero_grad(set_to_none=True)
             step, lr_scale, restarts, window = _recover(run, job, opt, step + 1, lr_scale, restarts, "non-finite")
             if bar is not None:
@@ -320,10 +371,10 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        values["grad_norm"] = grad_norm.item()
+        values["grad_norm"] = grad_norm.detach()
         window.add(values, job.tokens_per_step)
         if step % recipe.log_every == 0 or step == cfg.steps:
-            means = window.means()
+            means = window.means()  # the one read-back of the window's figures
             if diverged(means["loss"], window.logged, recipe.divergence_factor):
                 step, lr_scale, restarts, window = _recover(run, job, opt, step, lr_scale, restarts, "diverging")
                 if bar is not None:
@@ -332,15 +383,23 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
                 continue
             last = {"stage": job.stage, "step": step, "tokens": step * job.tokens_per_step, "lr": lr, **means}
             last["tok_s"] = round(window.tokens_per_s(), 1)
+            speed.add(window)
+            speed_line = ""
+            if job.teacher_fwd_tok_s:
+                last["teacher_fwd_tok_s"] = round(job.teacher_fwd_tok_s, 1)
+                last["ratio"] = float(f"{last['tok_s'] / job.teacher_fwd_tok_s:.4g}")
+                speed_line = f" ({last['ratio']:.2f}x teacher fwd)"
             run.metrics.write(last)
-            run.summary.setdefault(f"stage{job.stage}", {})["final"] = last
+            info = run.summary.setdefault(f"stage{job.stage}", {})
+            info["final"] = last
+            info.update(speed.figures(job.teacher_fwd_tok_s))
             eta = (cfg.steps - step) * (time.time() - t_start) / max(1, step - step_start)
             if bar is not None:
-                bar.set_postfix(loss=f"{means['loss']:.4g}", tok_s=f"{last['tok_s']:.0f}")
+                bar.set_postfix(loss=f"{means['loss']:.4g}", tok_s=f"{last['tok_s']:.0f}{speed_line}")
             elif run.progress == "lines":
                 print(
                     f"stage {job.stage} step {step}/{cfg.steps} loss {means['loss']:.4f} lr {lr:.2e} "
-                    f"{last['tok_s']:.0f} tok/s ETA {_fmt_eta(eta)}",
+                    f"{last['tok_s']:.0f} tok/s{speed_line} ETA {_fmt_eta(eta)}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -349,7 +408,9 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
             bar.update(1)
         saved = False
         if step % recipe.checkpoint_every == 0 or step == cfg.steps:
+            t_ckpt = time.time()
             run.checkpoint(job, opt, step, lr_scale, restarts, window)
+            window.paused += time.time() - t_ckpt  # checkpoint writes are not training speed
             saved = True
         if run.stop_signal is not None:
             if not saved:

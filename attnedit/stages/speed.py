@@ -1,0 +1,155 @@
+"""How fast training runs next to the hardware: compilation with an eager fallback, the teacher's
+plain-forward baseline, and peak memory.
+
+Every run measures the teacher's plain forward (``teacher(input_ids)``, no grad, the stage's autocast)
+at each stage's batch shape before training, so its progress lines, ``metrics.jsonl`` and
+``summary.json`` can say what fraction of that speed each stage reaches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from ..targets import AttentionContext
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def compile_wanted(setting: str, device: torch.device) -> bool:
+    """``auto`` compiles on CUDA only (CPU compilation costs more than it saves at test sizes)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
+
+
+def _raise_recompile_limit(at_least: int) -> None:
+    """Room for one graph per distinct layer kind (e.g. GateSWA's sliding and full layers) and both grad modes."""
+    import torch._dynamo.config as dcfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, name) and getattr(dcfg, name) < at_least:
+            setattr(dcfg, name, at_least)
+
+
+class CompileGroup:
+    """Modules compiled together; if compiling any of them fails, all run eagerly (one warning).
+
+    ``wrap(module)`` returns a callable that runs ``torch.compile(module)`` while the group is healthy
+    and the eager module otherwise. Modules of one class share their compiled code: dynamo inlines
+    ``nn.Module`` calls and treats parameters as inputs, so identical layers compile once.
+    """
+
+    def __init__(self, enabled: bool, what: str, backend: str | None = None):
+        self.enabled, self.what, self.backend = enabled, what, backend or "inductor"
+        self.warned = False
+        if enabled:
+            _raise_recompile_limit(64)
+
+    def wrap(self, module: nn.Module):
+        if not self.enabled:
+            return module
+        compiled = torch.compile(module, backend=self.backend, dynamic=False)
+
+        def call(*args, **kwargs):
+            if self.enabled:
+                try:
+                    return compiled(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly instead
+                    self.disable(e)
+            return module(*args, **kwargs)
+
+        return call
+
+    def disable(self, error: BaseException) -> None:
+        self.enabled = False
+        if not self.warned:
+            self.warned = True
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            print(f"attnedit: warning: torch.compile of {self.what} failed ({type(error).__name__}: {first}); running eagerly", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class _LayerContext(AttentionContext):
+    """An :class:`AttentionContext` for one compiled layer call: RoPE tables computed in the graph, not
+    looked up in a cache keyed by object ids (dynamo would guard on each layer's id and recompile per layer)."""
+
+    def rope(self, rotary, dtype):
+        cos_sin = getattr(rotary, "cos_sin", None)
+        return cos_sin(self.position_ids, dtype) if cos_sin is not None else super().rope(rotary, dtype)
+
+
+def layer_context(ctx: AttentionContext) -> AttentionContext:
+    """``ctx`` for one compiled layer call (same fields, no shared RoPE cache); identical results."""
+    values = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.init and f.name != "_rope"}
+    return _LayerContext(**values)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ids(batch: int, seq: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Token ids from a private generator (the run's RNG state stays untouched)."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+@torch.no_grad()
+def teacher_forward_tok_s(teacher, batch: int, seq: int, device: torch.device, autocast_ctx, batches: int = 3) -> float:
+    """Tokens/s of the teacher's plain forward (``teacher(input_ids)``, logits included) at ``batch x seq``.
+
+    One warm-up batch, then ``batches`` timed ones; on CUDA the timing is synchronised at both ends.
+    """
+    ids = _ids(batch, seq, teacher.config.vocab_size, device)
+    with autocast_ctx():
+        teacher(input_ids=ids, use_cache=False)
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            out = teacher(input_ids=ids, use_cache=False)
+        del out
+        synchronize(device)
+    return batches * batch * seq / max(1e-9, time.perf_counter() - t0)
+
+
+def warm_up(loss_fn, params: list, batch: int, seq: int, vocab: int, device: torch.device, autocast_ctx, group: CompileGroup | None) -> None:
+    """One forward and backward on dummy ids before training: compiles (forward and backward) where
+    compilation is on, and falls back to eager if that fails. Leaves no gradients behind."""
+    ids = _ids(batch, seq, vocab, device)
+    if group is not None and group.enabled:
+        # an eager pass on a sliver first fills the modules' lazy caches (RoPE frequencies), so the
+        # compiled graphs never see them empty: fewer graph variants to compile
+        group.enabled = False
+        try:
+            with torch.no_grad(), autocast_ctx():
+                loss_fn(ids[:1, : min(seq, 16)])
+        finally:
+            group.enabled = True
+    try:
+        with autocast_ctx():
+            loss, _ = loss_fn(ids)
+        loss.backward()
+    except Exception as e:  # noqa: BLE001
+        if group is None or not group.enabled:
+            raise
+        group.disable(e)
+    finally:
+        for p in params:
+            p.grad = None
+    synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak bytes allocated on the GPU since the last reset; None on the CPU."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None

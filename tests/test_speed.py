@@ -1,0 +1,284 @@
+"""The fast paths of training: the fused chunked KD loss, device-side metrics, prefetched batches,
+compilation with an eager fallback, and the throughput/memory figures `convert` reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from attnedit.stages import stage2
+
+# --------------------------------------------------------------------------- the chunked KD loss
+
+
+def _reference_chunk(h_s, h_t, labels, head_s, head_t, temperature):
+    """The implementation stage 2 had before the fused loss (autograd through a checkpointed chunk)."""
+    z_s = head_s(h_s)
+    with torch.no_grad():
+        z_t = head_t(h_t)
+    logp_s = F.log_softmax(z_s / temperature, dim=-1)
+    logp_t = F.log_softmax(z_t / temperature, dim=-1)
+    kl = F.kl_div(logp_s, logp_t, log_target=True, reduction="sum")
+    ce = F.cross_entropy(z_s, labels, ignore_index=-100, reduction="sum")
+    ce_t = F.cross_entropy(z_t, labels, ignore_index=-100, reduction="sum")
+    return kl, ce, ce_t
+
+
+def reference_kd_terms(h_s, h_t, ids, head_s, head_t, temperature, chunk):
+    hs, ht = h_s.flatten(0, 1), h_t.flatten(0, 1)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
+    kl = ce = ce_t = hs.new_zeros(())
+    for s in range(0, hs.shape[0], chunk):
+        args = (hs[s : s + chunk], ht[s : s + chunk], labels[s : s + chunk], head_s, head_t, temperature)
+        k, c, ct = checkpoint(_reference_chunk, *args, use_reentrant=False)
+        kl, ce, ce_t = kl + k, ce + c, ce_t + ct
+    n_labels = max(1, int((labels != -100).sum()))
+    return kl * temperature**2 / hs.shape[0], ce / n_labels, ce_t / n_labels
+
+
+def _heads(vocab=37, dim=12, bias=False):
+    torch.manual_seed(0)
+    head_s = torch.nn.Linear(dim, vocab, bias=bias).double()
+    head_t = torch.nn.Linear(dim, vocab, bias=bias).double()
+    return head_s, head_t
+
+
+@pytest.mark.parametrize("temperature,kl_w,ce_w,chunk", [(1.0, 1.0, 0.0, 7), (2.0, 0.7, 0.3, 5), (0.5, 0.0, 1.0, 64)])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_kd_loss_matches_the_reference_values_and_gradients_in_float64(temperature, kl_w, ce_w, chunk, train_head):
+    head_s, head_t = _heads(bias=train_head)
+    head_s.requires_grad_(train_head)
+    head_t.requires_grad_(False)
+    h_s = torch.randn(3, 11, 12, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(3, 11, 12, dtype=torch.float64)
+    ids = torch.randint(0, 37, (3, 11))
+    ids[1, 4] = -100  # an ignored label inside a row, besides every row's last position
+
+    def grads(fn, **kw):
+        h_s.grad = None
+        head_s.zero_grad(set_to_none=True)
+        kl, ce, ce_t = fn(h_s, h_t, ids, head_s, head_t, temperature, chunk, **kw)
+        (kl_w * kl + ce_w * ce).backward()
+        out = [h_s.grad.clone()] + ([head_s.weight.grad.clone(), head_s.bias.grad.clone()] if train_head else [])
+        return (kl.detach(), ce.detach(), ce_t.detach()), out
+
+    values, got = grads(stage2.kd_terms, grads=(kl_w > 0, ce_w > 0))
+    ref_values, want = grads(reference_kd_terms)
+    for a, b in zip(values, ref_values):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_kd_loss_passes_gradcheck():
+    head_s, head_t = _heads(vocab=9, dim=4, bias=True)
+    head_t.requires_grad_(False)
+    h_t = torch.randn(2, 5, 4, dtype=torch.float64)
+    ids = torch.randint(0, 9, (2, 5))
+
+    def fn(h_s, w, b):
+        head_s.weight.data, head_s.bias.data = w, b  # gradcheck perturbs its own inputs
+        kl, ce, _ = stage2._ChunkedKD.apply(
+            h_s.flatten(0, 1), w, b, h_t.flatten(0, 1), head_t.weight, None,
+            torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).flatten(), 1.5, 3, True, True,
+        )  # fmt: skip
+        return kl, ce
+
+    h_s = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = head_s.weight.detach().clone().requires_grad_(True)
+    b = head_s.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (h_s, w, b))
+
+
+def test_fused_kd_loss_never_keeps_logits_for_the_backward():
+    """What autograd saves for the backward is the hidden-state gradient, not chunk x vocab logits."""
+    head_s, head_t = _heads(vocab=1000, dim=8)
+    head_s.requires_grad_(False)
+    h_s = torch.randn(4, 64, 8, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        kl, ce, _ = stage2.kd_terms(h_s, torch.randn_like(h_s), torch.randint(0, 1000, (4, 64)), head_s, head_t, 1.0, 32)
+    assert max(saved) <= h_s.numel()
+    (kl + ce).backward()
+    assert h_s.grad is not None and torch.isfinite(h_s.grad).all()
+
+
+# --------------------------------------------------------------------------- compilation
+
+import contextlib  # noqa: E402
+
+from tiny import VOCAB, tiny_ids, tiny_teacher  # noqa: E402
+
+from attnedit.recipe import parse_recipe  # noqa: E402
+from attnedit.stages import stage1  # noqa: E402
+from attnedit.stages.speed import CompileGroup, warm_up  # noqa: E402
+from attnedit.surgery import edit_model  # noqa: E402
+
+
+def _stage1_setup(target, args):
+    teacher = tiny_teacher("qwen3")
+    student = edit_model(teacher, target, args)
+    params = stage1.trainable(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    return teacher, student, params
+
+
+def _loss_and_grads(loss_fn, params, ids):
+    for _, p in params:
+        p.grad = None
+    loss, extras = loss_fn(ids)
+    loss.backward()
+    return loss.detach(), extras, [p.grad.clone() for _, p in params]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,args", [("mla", {}), ("gateswa", {"window": 8, "full_layers": "every:2"})])
+def test_compiled_stage1_matches_eager_and_compiles_each_layer_kind_once(target, args):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    teacher, student, params = _stage1_setup(target, args)
+    ids = tiny_ids(2, 24)
+    eager = _loss_and_grads(stage1.make_loss(teacher, student), params, ids)
+    group = CompileGroup(True, "test", backend="aot_eager")
+    compiled_fn = stage1.make_loss(teacher, student, group)
+    warm_up(compiled_fn, [p for _, p in params], 2, 24, VOCAB, torch.device("cpu"), contextlib.nullcontext, group)
+    for _ in range(2):
+        got = _loss_and_grads(compiled_fn, params, ids)
+    assert group.enabled and not group.warned
+    torch.testing.assert_close(got[0], eager[0])
+    torch.testing.assert_close(got[1]["layer_rel_err"], eager[1]["layer_rel_err"])
+    for a, b in zip(got[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # 4 edited layers, one graph per layer kind (GateSWA: sliding and full): never one per layer
+    assert counters["stats"]["unique_graphs"] == (1 if target == "mla" else 2), dict(counters["stats"])
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    teacher, student, params = _stage1_setup("mla", {})
+    ids = tiny_ids(2, 16)
+    eager = _loss_and_grads(stage1.make_loss(teacher, student), params, ids)
+    group = CompileGroup(True, "the stage-1 attentions", backend=broken)
+    got = _loss_and_grads(stage1.make_loss(teacher, student, group), params, ids)
+    assert not group.enabled
+    torch.testing.assert_close(got[0], eager[0])
+    err = capsys.readouterr().err
+    assert err.count("torch.compile of the stage-1 attentions failed") == 1 and "running eagerly" in err
+
+
+@pytest.mark.slow
+def test_compiled_stage2_layers_match_eager_and_undo_restores_the_model():
+    torch._dynamo.reset()
+    teacher = tiny_teacher("llama")
+    student = edit_model(teacher, "gateswa", {"window": 8, "full_layers": "every:2"})
+    params = stage2.trainable(student, "attention")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    cfg = parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2
+    loss_fn = stage2.make_loss(teacher, student, cfg)
+    ids = tiny_ids(2, 24)
+    eager = _loss_and_grads(loss_fn, params, ids)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    group = CompileGroup(True, "test", backend="aot_eager")
+    undo = stage2.compile_layers(student, group)
+    assert "_layer" in vars(student)
+    warm_up(loss_fn, [p for _, p in params], 2, 24, VOCAB, torch.device("cpu"), contextlib.nullcontext, group)
+    got = _loss_and_grads(loss_fn, params, ids)
+    undo()
+    assert "_layer" not in vars(student) and group.enabled
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # sliding and full layers
+    torch.testing.assert_close(got[0], eager[0])
+    for a, b in zip(got[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- no host syncs in the losses
+
+
+def test_loss_functions_read_nothing_back_to_the_host(monkeypatch):
+    """Stage 1 and stage 2 losses (teacher forward excluded) never call .item()/float()/tolist()/bool()."""
+    teacher = tiny_teacher("llama")
+    student = edit_model(teacher, "mla")
+    cfg = parse_recipe({"stage2": {"ce_weight": 0.5, "feature_weight": 0.1, "kl_chunk": 16}}).stage2
+    fns = [stage1.make_loss(teacher, student), stage2.make_loss(teacher, student, cfg)]
+    ids = tiny_ids(2, 24)
+    xs = stage1.capture(teacher, student.config.edit["edited_layers"], ids)  # the teacher runs before the patch
+    th = stage2.teacher_hidden(teacher, ids, True)
+    monkeypatch.setattr(stage1, "capture", lambda *a: xs)
+    monkeypatch.setattr(stage2, "teacher_hidden", lambda *a: th)
+
+    def sync(*a, **k):
+        raise AssertionError("host sync in the loss")
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for fn in fns:
+        loss, extras = fn(ids)
+        assert all(isinstance(v, torch.Tensor) for v in extras.values())
+        loss.backward()
+
+
+# --------------------------------------------------------------------------- batches drawn ahead
+
+
+def test_device_batches_are_the_streams_batches_and_save_the_next_batchs_position(tmp_path):
+    from test_stages import char_tokenizer, make_docs
+
+    from attnedit.data import BlockStream, DataConfig, DeviceBatches
+
+    cfg = DataConfig(files=[str(make_docs(tmp_path / "docs.jsonl"))], seq_len=16, heldout_blocks=2, shuffle_buffer=8)
+    tok = char_tokenizer()
+    plain = BlockStream(cfg, tok, seed=1)
+    ahead = DeviceBatches(BlockStream(cfg, tok, seed=1), "cpu")
+    for k in range(7):  # across chunk boundaries (8 blocks per chunk, 3 per batch)
+        assert torch.equal(ahead.next_batch(3), plain.next_batch(3)), k
+        assert ahead.state_dict() == plain.state_dict(), k  # not the position after the batch drawn ahead
+    state = ahead.state_dict()
+    want = [plain.next_batch(3) for _ in range(4)]
+    resumed = DeviceBatches(BlockStream(cfg, tok, seed=1), "cpu")
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch(3), w) for w in want)
+    ahead.load_state_dict(state)  # also with a batch pending
+    assert all(torch.equal(ahead.next_batch(3), w) for w in want)
+    assert torch.equal(ahead.next_batch(5), plain.next_batch(5))  # another batch size rewinds the one drawn ahead
+    ahead.close()
+    resumed.close()
+
+
+# --------------------------------------------------------------------------- what convert reports
+
+
+def test_convert_reports_speed_against_the_teachers_forward_and_memory(tmp_path, capsys):
+    import json
+
+    from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
+
+    from attnedit.stages.convert import convert, format_summary
+
+    raw = tiny_raw(make_teacher_dir(tmp_path), make_docs(tmp_path / "docs.jsonl"), stage1__steps=4, stage2__steps=4, log_every=2)
+    summary = convert(parse_recipe(raw), tmp_path / "run", progress="lines")
+    err = capsys.readouterr().err
+    assert "teacher plain forward at stage 1's batch (4 x 32)" in err and "x teacher fwd" in err
+    for stage in (1, 2):
+        info = summary[f"stage{stage}"]
+        assert info["tok_s"] > 0 and info["teacher_fwd_tok_s"] > 0
+        assert info["ratio"] == pytest.approx(info["tok_s"] / info["teacher_fwd_tok_s"], rel=1e-2)
+        assert info["peak_memory_bytes"] is None and info["est_memory_bytes"] > 0 and info["compiled"] is False
+    rows = [r for r in metrics(tmp_path / "run") if "step" in r]
+    assert all({"tok_s", "teacher_fwd_tok_s", "ratio"} <= set(r) for r in rows)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stage2"]["ratio"] == summary["stage2"]["ratio"]
+    assert "x the teacher's forward" in format_summary(summary)

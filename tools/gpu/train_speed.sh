@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Training throughput of both shipped SmolLM2 GPU recipes next to the teacher's plain forward (issue 10).
+# usage (on the GPU machine, after the teacher chunks are unpacked, see ../shared/device/README.md):
+#   test -d /tmp/attnedit-cache || { echo "machine recycled: resend the chunks"; exit 3; }
+#   export PYTHONPATH=/tmp/site:$PYTHONPATH; bash tools/gpu/train_speed.sh
+# env: S1 / S2 stage steps (60 / 40), LIMIT seconds per run (170), EXTRA more --set flags
+#      (e.g. EXTRA="--set stage1.compile=off --set stage2.compile=off" for the eager figures).
+# Each run measures the teacher's forward at each stage's batch shape itself (attnedit convert does, at
+# its start) and writes tok_s, teacher_fwd_tok_s, ratio and peak vs estimated memory into summary.json;
+# this prints them as one table, with the issue's targets (stage 1 >= 0.5x, stage 2 >= 0.25x).
+set -u
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
+R=/tmp/runs-speed; rm -rf $R; mkdir -p $R
+OUTDIR=${OUT:-$R}
+python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"  # dequantise once, not per run
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for t in gateswa mla; do  # one at a time: the GPU is timed
+  start=$(date +%s)
+  timeout -s TERM "${LIMIT:-170}" python -m attnedit convert recipes/smollm2-$t.yaml --out $R/$t --progress lines \
+    --set data.files=$W --set stage1.steps=${S1:-60} --set stage2.steps=${S2:-40} --set stage1.warmup=10 \
+    --set stage2.warmup=10 --set checkpoint_every=1000 --set heldout_eval=false ${EXTRA:-} > $R/$t.log 2>&1
+  echo "$t: exit $? after $(( $(date +%s) - start )) s"
+  grep -E "warning|Error|teacher plain forward" $R/$t.log | head -n 8
+  cp $R/$t.log "$OUTDIR/$t-speed.log" 2>/dev/null; cp $R/$t/summary.json "$OUTDIR/$t-summary.json" 2>/dev/null
+done
+python - "$R" <<'PY'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+target = {1: 0.5, 2: 0.25}
+gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
+print(f"\n{'run':<8} {'stage':<6} {'tokens/step':>11} {'tok/s':>10} {'teacher fwd':>12} {'ratio':>6} {'target':>11} {'peak mem':>10} {'est.':>10} compiled")
+for t in ("gateswa", "mla"):
+    try:
+        s = json.loads((root / t / "summary.json").read_text())
+    except OSError:
+        print(f"{t:<8} (no summary.json: see {t}.log)")
+        continue
+    for n in (1, 2):
+        i = s.get(f"stage{n}", {})
+        ratio = i.get("ratio") or 0
+        verdict = f">={target[n]} " + ("ok" if ratio >= target[n] else "MISS")
+        print(f"{t:<8} {n:<6} {i.get('tokens', 0) // max(1, i.get('steps', 1)):>11,} {i.get('tok_s', 0):>10,.0f} "
+              f"{i.get('teacher_fwd_tok_s') or 0:>12,.0f} {ratio:>6.3f} {verdict:>11} {gib(i.get('peak_memory_bytes')):>10} "
+              f"{gib(i.get('est_memory_bytes')):>10} {i.get('compiled')}")
+print("issue 10 before (H100): stage 1 GateSWA 0.28x, MLA 0.23x; stage 2 0.11x (of 343k / 422k tok/s)")
+PY
