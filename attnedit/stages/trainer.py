@@ -233,8 +233,13 @@ class _Window:
             if isinstance(v, list):
                 prev = self.sums.get(k, [0.0] * len(v))
                 self.sums[k] = [a + b for a, b in zip(prev, v)]
+            elif k not in self.sums:
+                self.sums[k] = v
             else:
-                self.sums[k] = self.sums[k] + v if k in self.sums else v
+                prev = self.sums[k]
+                if isinstance(prev, list) and isinstance(v, torch.Tensor):  # materialised by a checkpoint mid-window
+                    prev = torch.tensor(prev, dtype=v.dtype, device=v.device)
+                self.sums[k] = prev + v
 
     def materialise(self) -> None:
         """Replace device sums by Python floats / lists of floats (one host sync for all of them)."""
