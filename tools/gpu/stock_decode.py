@@ -97,7 +97,7 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
                 try:
                     r = cell(model, b, c, args.new)
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     r = {"batch": b, "context": c, "error": "out of memory"}
                     torch.cuda.empty_cache()
                 results[name]["cells"].append(r)

@@ -38,9 +38,9 @@ fi
 
 if has export; then
   python -m attnedit export $R/model --format stock --out $R/export --overwrite --check-context 1024 --json \
-    > $R.export.json 2> $R.export.log
+    > $R.export.json 2> $R.export.log || { echo "=== export FAILED"; tail -n 3 $R.export.log; }
   cp $R.export.json $R.export.log "$OUT/"
-  python - "$R.export.json" <<'EOF'
+  grep -q '"ok"' $R.export.json && python - "$R.export.json" <<'EOF'
 import json, sys
 t = open(sys.argv[1]).read()
 r = json.loads(t[t.index("{"):])
