@@ -36,7 +36,7 @@ def test_deepseek_v3_export_matches_stock_loader(tmp_path, family, args):
     [
         ("llama", "mla", {"layers": "0-2"}, "needs every layer converted to MLA"),
         ("qwen3_moe", "mla", {}, "dense MLPs"),
-        ("llama", "gateswa", {}, "needs every layer converted to MLA"),
+        ("llama", "gateswa", {}, "this model is GateSWA, not MLA"),
     ],
 )
 def test_deepseek_v3_export_refuses_what_it_cannot_express(tmp_path, family, target, args, message):

@@ -63,7 +63,7 @@ def _attention_params(spec: dict, layer: dict) -> int:
         n += h
     if spec["qk_norm"]:
         n += 2 * d
-    if kind == "gateswa":
+    if kind == "gateswa" and layer.get("gate") != "none":
         width = heads * d if layer["gate"] == "elementwise" else heads
         n += h * width + width
     return n

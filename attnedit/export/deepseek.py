@@ -13,14 +13,12 @@ the export with ``DeepseekV3ForCausalLM`` and compares logits with the attnedit 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import AttnEditError
-from .hf import replace_dir
+from .write import write_stock
 
 DENSE_MLP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -39,6 +37,14 @@ def _interleave_rows(w: torch.Tensor, start: int, rope: int, group: int, n_group
 def deepseek_v3_config(model) -> dict:
     cfg = model.config
     layers = cfg.layer_attention
+    if any(x["kind"] == "gateswa" for x in layers):
+        from .stock import SWA_FORMATS
+
+        swa = " or ".join(f for f, families in SWA_FORMATS.items() if cfg.family in families)
+        raise AttnEditError(
+            "this model is GateSWA, not MLA: deepseek_v3 takes all-MLA models. Export it with --format hf (remote code)"
+            + (f", or --format {swa} (stock sliding-window, needs gate=none and sink=0)" if swa else "")
+        )
     not_mla = [i for i, x in enumerate(layers) if x["kind"] != "mla"]
     if not_mla:
         raise AttnEditError(f"deepseek_v3 export needs every layer converted to MLA; layers {not_mla} are not (edit with layers=all)")
@@ -114,28 +120,5 @@ def export_deepseek_v3(model, out_dir: str | os.PathLike, tokenizer=None, overwr
                             "stock DeepSeek-V3 cannot hold; convert with --set bias=false, or export --format hf")
     config = deepseek_v3_config(model)
     state = deepseek_v3_state_dict(model, config)
-    out = Path(out_dir)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise AttnEditError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
-    dtype = next(model.parameters()).dtype
-    with torch.device("meta"):
-        ds = DeepseekV3ForCausalLM(DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")}))
-    missing = set(ds.state_dict()) - set(state) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
-    if missing:
-        raise AttnEditError(f"internal: DeepSeek-V3 expects weights the export lacks: {sorted(missing)[:3]}")
-    ds.load_state_dict(state, strict=False, assign=True)
-    if config["tie_word_embeddings"]:
-        ds.tie_weights()
-    ds.to(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        ds.generation_config = model.generation_config
-        ds.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    ds_config = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    return write_stock(model, DeepseekV3ForCausalLM, ds_config, state, out_dir, tokenizer, overwrite)

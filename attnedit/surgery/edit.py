@@ -102,7 +102,7 @@ def edit_model(
         if isinstance(attn, (MLAAttention, GateSWAAttention)):
             if settings.init == "random":
                 random_init(attn, config.base_config.get("initializer_range", 0.02))
-                if isinstance(attn, GateSWAAttention):
+                if isinstance(attn, GateSWAAttention) and attn.g_proj is not None:
                     attn.g_proj.bias.data.fill_(config.layer_attention[i]["gate_bias"])
             elif isinstance(attn, MLAAttention):
                 mla_from_teacher(attn, t_attn, config.attention, calib[i].to(torch.float64))

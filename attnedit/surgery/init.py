@@ -3,7 +3,8 @@
 Teacher initialisation is approximate by nature and only a starting point for the distillation:
 
 * GateSWA copies q/k/v/o (and QK-norm); the gate starts at ``gate_init`` everywhere and ``o_proj`` is
-  divided by it, so the layer starts as the teacher's attention restricted to its window.
+  divided by it, so the layer starts as the teacher's attention restricted to its window. With
+  ``gate=none`` there is no gate and the copy is exact.
 * MLA (TransMLA/MHA2MLA-style): the teacher's ``qk_rope_head_dim / 2`` highest-frequency RoPE pairs,
   which MLA's RoPE reproduces exactly (its base is ``theta ** (rope_dim / head_dim)``), become
   ``q_pe``/``k_pe`` (the shared ``k_pe`` is the mean over KV heads); the low-frequency pairs, which
@@ -40,12 +41,15 @@ def random_init(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm):
             nn.init.ones_(m.weight)
-    if isinstance(module, GateSWAAttention):
+    if isinstance(module, GateSWAAttention) and module.g_proj is not None:
         module.g_proj.weight.zero_()
 
 
 @torch.no_grad()
 def set_gate(module: GateSWAAttention, gate_bias: float) -> None:
+    """Open the gate at ``sigmoid(gate_bias)``; a layer with ``gate=none`` has no gate to set."""
+    if module.g_proj is None:
+        return
     module.g_proj.weight.zero_()
     module.g_proj.bias.fill_(gate_bias)
 
@@ -56,8 +60,9 @@ def gateswa_from_teacher(student: GateSWAAttention, teacher: nn.Module, gate_bia
         src, dst = getattr(teacher, name, None), getattr(student, name, None)
         if dst is not None and src is not None:
             dst.load_state_dict(src.state_dict())
-    set_gate(student, gate_bias)
-    student.o_proj.weight.div_(1.0 / (1.0 + math.exp(-gate_bias)))
+    if student.g_proj is not None:  # gate=none: the copy is exactly the teacher restricted to its window
+        set_gate(student, gate_bias)
+        student.o_proj.weight.div_(1.0 / (1.0 + math.exp(-gate_bias)))
 
 
 def _cpu64(t: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,11 @@ class GateSWASettings(TargetSettings):
     window: int | None = _help("tokens a sliding layer sees, itself included (default: 1024, at most a quarter of the max context)")
     sink: int = _help("first tokens every sliding layer always sees (attention sinks; 0 doubles perplexity)", 4)
     full_layers: str = _help("full-attention layers: 'every:K' (layers K-1, 2K-1, ...), indices '3,9', or 'none'", "every:6")
-    gate: str = _help("output gate: 'elementwise' (one per channel) or 'headwise' (one per head)", "elementwise")
+    gate: str = _help(
+        "output gate: 'elementwise' (one per channel), 'headwise' (one per head) or 'none' (no gate: with sink=0 "
+        "the model is a stock sliding-window architecture that `attnedit export` writes for vLLM/SGLang)",
+        "elementwise",
+    )
     gate_init: float = _help("initial gate value sigmoid(bias), in (0, 1): near 1 = open", 0.98)
 
 
@@ -193,8 +197,8 @@ def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: s
         raise AttnEditError(f"window={window}: must be >= 1 token")
     if s.sink < 0:
         raise AttnEditError(f"sink={s.sink}: must be >= 0")
-    if s.gate not in ("elementwise", "headwise"):
-        raise AttnEditError(f"gate={s.gate!r}: choose elementwise or headwise")
+    if s.gate not in ("elementwise", "headwise", "none"):
+        raise AttnEditError(f"gate={s.gate!r}: choose elementwise, headwise or none")
     if not 0.0 < s.gate_init < 1.0:
         raise AttnEditError(f"gate_init={s.gate_init}: must be strictly between 0 and 1")
     return {

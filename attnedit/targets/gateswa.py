@@ -179,6 +179,9 @@ class GateSWAAttention(DenseAttention):
         super().__init__(spec, base_config, layer_idx, window if layer_type == "sliding" else None, sink)
         self.layer_type = layer_type
         self.gate_kind = gate
+        if gate == "none":  # no gate parameters at all: the layer's weights are the stock architecture's
+            self.g_proj = None
+            return
         width = self.num_heads * self.head_dim if gate == "elementwise" else self.num_heads
         self.g_proj = nn.Linear(self.hidden_size, width, bias=True)
         with torch.no_grad():
@@ -186,6 +189,8 @@ class GateSWAAttention(DenseAttention):
             self.g_proj.bias.fill_(gate_bias)
 
     def gate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.g_proj is None:
+            return out
         g = torch.sigmoid(self.g_proj(x))
         b, t = x.shape[:2]
         g = g.view(b, t, self.num_heads, -1)

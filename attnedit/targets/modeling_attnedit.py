@@ -228,7 +228,7 @@ class AttnEditPreTrainedModel(PreTrainedModel):
             module.weight.normal_(0.0, std)
         elif isinstance(module, RMSNorm) or "RMSNorm" in type(module).__name__:
             module.weight.fill_(1.0)
-        if isinstance(module, GateSWAAttention):
+        if isinstance(module, GateSWAAttention) and module.g_proj is not None:
             module.g_proj.weight.zero_()
 
 

@@ -1,0 +1,49 @@
+"""Writing a stock transformers checkpoint (no remote code) from weights the exporters computed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import AttnEditError
+from .hf import replace_dir
+
+
+def write_stock(model, model_cls, config, state: dict, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Build ``model_cls(config)`` on the meta device, assign ``state`` (every weight it expects, nothing
+    else), cast to ``model``'s dtype and save it, with the tokenizer and generation config, atomically."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise AttnEditError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+    dtype = next(model.parameters()).dtype
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    with torch.device("meta"):
+        stock = model_cls(config)
+    expected = set(stock.state_dict())
+    missing = expected - set(state) - tied
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise AttnEditError(
+            f"internal: {model_cls.__name__} expects weights the export lacks {sorted(missing)[:3]} "
+            f"or does not know {sorted(unexpected)[:3]}; please report this"
+        )
+    stock.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        stock.tie_weights()
+    stock.to(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        stock.generation_config = model.generation_config
+        stock.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
