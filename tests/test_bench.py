@@ -115,7 +115,7 @@ def test_a_cpu_out_of_memory_counts_as_not_fitting(pair, monkeypatch):
 
     monkeypatch.setattr(bench, "run_once", limited)
     result = run_bench(student, teacher, BenchSettings([8], [4], 2, 1, 0), "float32", log=lambda _: None)
-    assert result["runs"][0]["largest_batch"] == {"student": 2, "teacher": 2}
+    assert result["runs"][0]["largest_batch"] == {"student": 2, "teacher": 2, "teacher_stock": 2}
     monkeypatch.setattr(bench, "run_once", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("some other bug")))
     with pytest.raises(RuntimeError, match="some other bug"):  # only out-of-memory is swallowed
         run_bench(student, teacher, BenchSettings([8], [4], 2, 1, 0), "float32", log=lambda _: None)

@@ -165,3 +165,14 @@ def test_flex_block_mask_matches_the_window_rule():
     dense = create_mask(mod, 1, 1, t, t, device="cpu")[0, 0]
     idx = torch.arange(t)
     assert torch.equal(dense, window_mask(idx, idx, window, sink))
+
+
+def test_latent_decode_reads_values_from_the_keys():
+    """MLA's decode passes v=None: values are the keys' first columns; same result as separate values."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 5, 24), torch.randn(2, 1, 12, 24)
+    n = torch.tensor(9)
+    got = decode_attention_sdpa(q, k, None, n, None, 0.2, v_dim=16)
+    ref = decode_attention_sdpa(q, k, k[..., :16], n, None, 0.2)
+    assert got.shape == (2, 5, 16)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)

@@ -184,10 +184,12 @@ def check_export(
         first = int(bad[0, 0]) - context if len(bad) else n - context
     cache = getattr(out_stock, "cache", None) or getattr(out_stock, "past_key_values", None)
     cache_tokens = s_stock.shape[1] - 1  # the last generated token is never fed back
+    # a static cache (attnedit's generate() default) is allocated once for the whole generation
+    held = cache.max_length if getattr(cache, "static", False) else cache_tokens
     layers = []
     for i, layer in enumerate(cache.layers):
         tensors = _layer_tensors(layer)
-        kind, kept, designed, teacher = designed_layer(model.config, i, cache_tokens, 1, 4)
+        kind, kept, designed, teacher = designed_layer(model.config, i, held, 1, 4)
         visible = max((t.shape[-2] for t in tensors if isinstance(t, torch.Tensor) and t.dim() >= 2), default=0)
         layers.append(LayerCache(i, kind, kept, visible, _storage_bytes(tensors), designed, teacher))
     return ParityReport(

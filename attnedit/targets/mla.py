@@ -163,7 +163,7 @@ class MLAAttention(nn.Module):
             w_uk, w_uv = self.absorbed_weights()
             q_lat = torch.einsum("bhn,hnr->bhr", q_nope[:, :, 0], w_uk)
             queries = torch.cat([q_lat, q_pe[:, :, 0]], dim=-1)
-            out = decode_attention(queries, buf[:, None], buf[:, None, :, :r], n_filled, valid, scale)
+            out = decode_attention(queries, buf[:, None], None, n_filled, valid, scale, v_dim=r)
             out = torch.einsum("bhr,hvr->bhv", out, w_uv)
             return self.o_proj(out.reshape(b, 1, hds * self.v_head_dim))
         if ctx.cache is not None:
