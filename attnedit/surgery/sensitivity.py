@@ -1,0 +1,76 @@
+"""Which layers should stay full: each layer's cost of being restricted to a sliding window, measured.
+
+For a GateSWA conversion with ``full_layers: auto:K``, the K layers kept full are those whose
+restriction to the window (with its sink tokens) changes the teacher's next-token distributions most.
+One teacher forward per layer on calibration blocks, each with only that layer windowed (the teacher's
+own weights, on attnedit's engine): ``KL(teacher || teacher with layer i windowed)`` per token, averaged
+over the positions the window actually cuts (those past ``window + sink``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AttnEditError
+
+
+def parse_auto(full_layers: str) -> int | None:
+    """``'auto:K'`` -> K; anything else -> None."""
+    text = str(full_layers).strip().lower()
+    if not text.startswith("auto:"):
+        return None
+    try:
+        k = int(text.split(":", 1)[1])
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise AttnEditError(f"full_layers='{full_layers}': 'auto:K' needs an integer K >= 0")
+    return k
+
+
+def _kl_per_token(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(
+        F.log_softmax(logits.float(), -1), F.log_softmax(logits_ref.float(), -1), log_target=True, reduction="none"
+    ).sum(-1)
+
+
+@torch.no_grad()
+def window_sensitivity(teacher, ids: torch.Tensor, window: int, sink: int, batch_size: int = 4) -> list[float]:
+    """Per layer, the mean KL (nats per token) that restricting only that layer to ``window`` (+ ``sink``)
+    costs the teacher on ``ids`` [n, T], over the positions past ``window + sink``."""
+    from .edit import teacher_on_attnedit
+
+    t = ids.shape[1]
+    if t <= window + sink:
+        raise AttnEditError(
+            f"calibration blocks of {t} tokens are not longer than window + sink = {window + sink}: "
+            "the window cuts nothing there; use longer blocks (data.seq_len) or a smaller window"
+        )
+    model = teacher_on_attnedit(teacher)
+    device = next(model.parameters()).device
+    attentions = model.attentions()
+    scores = [0.0] * len(attentions)
+    start = window + sink
+    for s in range(0, ids.shape[0], batch_size):
+        batch = ids[s : s + batch_size].to(device)
+        ref = model(input_ids=batch).logits[:, start:]
+        for i, attn in enumerate(attentions):
+            if attn.window is not None:  # already sliding in the teacher: nothing to measure
+                continue
+            attn.window, attn.sink = window, sink
+            try:
+                out = model(input_ids=batch).logits[:, start:]
+            finally:
+                attn.window, attn.sink = None, 0
+            scores[i] += float(_kl_per_token(ref, out).sum())
+    n = ids.shape[0] * (t - start)
+    return [x / n for x in scores]
+
+
+def choose_full_layers(scores: list[float], k: int) -> list[int]:
+    """The ``k`` layers with the largest scores, in layer order (ties: the earlier layer)."""
+    if k > len(scores):
+        raise AttnEditError(f"full_layers=auto:{k}: the model has only {len(scores)} layers")
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(order[:k])
