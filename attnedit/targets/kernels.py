@@ -233,7 +233,9 @@ def _flex():
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=False)
+        # automatic dynamic shapes: a second prompt shape recompiles once with symbolic sizes instead of
+        # once per shape (and never runs into the recompile limit, past which flex would run unfused)
+        _FLEX = torch.compile(flex_attention)
     return _FLEX
 
 
