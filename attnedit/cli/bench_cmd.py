@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..io import write_json
 from .common import DTYPES, device_of
 
 
@@ -66,15 +67,6 @@ def load_pair(args):
 def log(line: str) -> None:
     """Progress lines go to stderr, so that --json output on stdout stays clean."""
     print(line, file=sys.stderr, flush=True)
-
-
-def write_json(data: dict, path: str) -> None:
-    out = Path(path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=2) + "\n")
-    except OSError as e:
-        raise AttnEditError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def add_parser(sub) -> None:
@@ -139,9 +131,9 @@ def run(args) -> int:
             ),
         }
     if args.save:
-        write_json(result, args.save)
+        write_json(args.save, result)
         if passkey:
-            write_json(passkey, str(Path(args.save).with_name("passkey.json")))
+            write_json(Path(args.save).with_name("passkey.json"), passkey)
     if args.json:
         print(json.dumps({**result, "passkey": passkey} if passkey else result, indent=2))
     else:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..errors import AttnEditError
+from ..io import write_json
 from .common import DTYPES, device_of
 
 
@@ -88,12 +88,7 @@ def run(args) -> int:
     )
     result = evaluate_quality(args.model, args.teacher, settings)
     if args.save:
-        out = Path(args.save)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            raise AttnEditError(f"cannot write {out}: {e.strerror or e}") from None
+        write_json(args.save, result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from ..errors import AttnEditError
+from ..io import atomic_dir, check_free
 from ..targets import REMOTE_CODE_FILES
 
 AUTO_MAP = {
@@ -24,25 +23,11 @@ AUTO_MAP = {
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; an existing folder is swapped out, then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_edited(model, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False, extra_files: dict | None = None) -> Path:
     """Write ``model`` (an ``AttnEditForCausalLM``) and ``tokenizer`` to ``out_dir`` atomically."""
     out = Path(out_dir)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise AttnEditError(f"{out} already exists and is not empty; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    check_free(out, overwrite)
+    with atomic_dir(out) as tmp:
         model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(tmp)
         for name in REMOTE_CODE_FILES:
@@ -51,10 +36,4 @@ def save_edited(model, out_dir: str | os.PathLike, tokenizer=None, overwrite: bo
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        replace_dir(tmp, out)
-    except OSError as e:
-        raise AttnEditError(f"could not write the checkpoint to {out}: {e.strerror or e}; nothing was replaced") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

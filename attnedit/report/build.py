@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..io import write_text
 from ..tables import human_bytes, markdown_table
 from . import plots
 
@@ -322,5 +323,5 @@ def build_report(run_dir: str | Path) -> Path:
         ]
 
     out = run / "report.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_text(out, "\n".join(lines) + "\n")
     return out

@@ -23,7 +23,8 @@ from ..errors import AttnEditError
 from ..recipe import Recipe, diff, load_recipe, to_yaml
 from ..tables import human_bytes, text_table
 from . import stage1, stage2
-from .checkpoint import list_checkpoints, load_latest, remove_temp_files, write_error_text, write_errors
+from ..io import remove_temp_files, write_error_text, write_errors, write_text
+from .checkpoint import list_checkpoints, load_latest
 from .speed import CompileGroup, compile_wanted, peak_memory, reset_peak_memory, teacher_forward_tok_s, warm_up
 from .trainer import Run, StageJob, autocast, load_weights, train_stage, use_bf16
 
@@ -206,16 +207,6 @@ def format_plan(plan: dict) -> str:
 # ----------------------------------------------------------------------------------- the run
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise AttnEditError(f"could not write {path}: {e.strerror or e}; free disk space and retry") from None
-
-
 def check_new_run_dir(run_dir: Path) -> None:
     """A new run needs a folder that does not exist yet (or is empty); nothing is written here."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -251,8 +242,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text = to_yaml(recipe, "the fully resolved recipe of this run (attnedit convert)")
-    _write_atomic(checksum, f"{hashlib.sha256(text.encode()).hexdigest()}  recipe.yaml\n")
-    _write_atomic(saved, text)
+    write_text(checksum, f"{hashlib.sha256(text.encode()).hexdigest()}  recipe.yaml\n")
+    write_text(saved, text)
 
 
 def validate_start(recipe: Recipe) -> None:
@@ -458,7 +449,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
         run.summary.get(f"stage{stage}", {}).pop("wall_start", None)
     run.summary["wall_s"] = round(run.wall(), 1)
     run.summary["model"] = str(run_dir / "model")
-    _write_atomic(run_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
+    write_text(run_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
     return run.summary
 
 
