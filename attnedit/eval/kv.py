@@ -75,7 +75,7 @@ def kv_layout(config, context: int, dtype: str | None = None) -> list[LayerKV]:
         raise ValueError("context must be >= 1")
     _, nbytes = dtype_bytes(config, override=dtype)
     if getattr(config, "model_type", None) == "attnedit":
-        spec = config.attention
+        spec = config.teacher_attention
         layers = config.layer_attention
     else:
         layers = _teacher_layers(config)
