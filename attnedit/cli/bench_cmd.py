@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import AttnEditError
 from ..io import write_json
-from .common import DTYPES, device_of
+from .common import DTYPES, RUN_AUTO, add_device_args, device_of, dtype_of
 
 
 def int_list(text: str) -> list[int]:
@@ -34,13 +34,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="the teacher it was edited from (Hugging Face id, folder, .gguf or smollm2-135m)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=sorted({"auto", *DTYPES}),
-        help="weights and cache dtype (auto: bfloat16 on CUDA, float32 on CPU)",
-    )
+    add_device_args(p, RUN_AUTO, "weights and cache dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument(
         "--save", metavar="FILE", help="also write the JSON to FILE (e.g. RUN/bench.json, read by attnedit report)"
@@ -58,7 +52,7 @@ def load_pair(args):
     check_contexts(config, args.contexts, "the model")
     check_contexts(load_config(args.teacher), args.contexts, "the teacher")
     device = device_of(args)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = dtype_of(args, device)
     student, tokenizer = load_model(args.model, dtype=DTYPES[dtype], device=device)
     teacher, _ = load_model(args.teacher, dtype=DTYPES[dtype], device=device)
     return student, teacher, tokenizer, dtype
