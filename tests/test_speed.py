@@ -267,7 +267,7 @@ def test_convert_reports_speed_against_the_teachers_forward_and_memory(tmp_path,
 
     from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
 
-    from attnedit.stages.convert import convert, format_summary
+    from attnedit.stages import convert, format_summary
 
     raw = tiny_raw(make_teacher_dir(tmp_path), make_docs(tmp_path / "docs.jsonl"), stage1__steps=4, stage2__steps=4, log_every=2)
     summary = convert(parse_recipe(raw), tmp_path / "run", progress="lines")

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import AttnEditError
-from .common import DTYPES, device_of
+from ..io import write_json
+from .common import DTYPES, RUN_AUTO, add_device_args, device_of, dtype_of
 
 
 def int_list(text: str) -> list[int]:
@@ -33,13 +34,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="the teacher it was edited from (Hugging Face id, folder, .gguf or smollm2-135m)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=sorted({"auto", *DTYPES}),
-        help="weights and cache dtype (auto: bfloat16 on CUDA, float32 on CPU)",
-    )
+    add_device_args(p, RUN_AUTO, "weights and cache dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument(
         "--save", metavar="FILE", help="also write the JSON to FILE (e.g. RUN/bench.json, read by attnedit report)"
@@ -57,7 +52,7 @@ def load_pair(args):
     check_contexts(config, args.contexts, "the model")
     check_contexts(load_config(args.teacher), args.contexts, "the teacher")
     device = device_of(args)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = dtype_of(args, device)
     student, tokenizer = load_model(args.model, dtype=DTYPES[dtype], device=device)
     teacher, _ = load_model(args.teacher, dtype=DTYPES[dtype], device=device)
     return student, teacher, tokenizer, dtype
@@ -66,15 +61,6 @@ def load_pair(args):
 def log(line: str) -> None:
     """Progress lines go to stderr, so that --json output on stdout stays clean."""
     print(line, file=sys.stderr, flush=True)
-
-
-def write_json(data: dict, path: str) -> None:
-    out = Path(path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=2) + "\n")
-    except OSError as e:
-        raise AttnEditError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def add_parser(sub) -> None:
@@ -139,9 +125,9 @@ def run(args) -> int:
             ),
         }
     if args.save:
-        write_json(result, args.save)
+        write_json(args.save, result)
         if passkey:
-            write_json(passkey, str(Path(args.save).with_name("passkey.json")))
+            write_json(Path(args.save).with_name("passkey.json"), passkey)
     if args.json:
         print(json.dumps({**result, "passkey": passkey} if passkey else result, indent=2))
     else:

@@ -1,4 +1,4 @@
-"""Argument helpers shared by subcommands."""
+"""Argument helpers shared by subcommands: one definition of --set, --device and --dtype."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 
 import torch
 
+from ..devices import DTYPES, resolve_device, run_dtype
 from ..errors import AttnEditError
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RUN_AUTO = "bfloat16 on CUDA, float32 on CPU"
 
 
 def parse_sets(items: list[str] | None) -> dict:
@@ -22,17 +23,21 @@ def parse_sets(items: list[str] | None) -> dict:
     return out
 
 
-def add_device_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
+def add_device_args(p: argparse.ArgumentParser, auto: str = "the checkpoint's own", what: str = "weights' dtype") -> None:
+    """--device and --dtype; ``auto`` says what --dtype auto means for this command."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--dtype", default=dtype_default, choices=sorted(DTYPES),
-        help=f"weights' dtype; auto = the checkpoint's own (default {dtype_default})",
-    )
+    p.add_argument("--dtype", default="auto", choices=sorted({"auto", *DTYPES}), help=f"{what} (auto: {auto})")
 
 
 def device_of(args) -> torch.device:
-    if args.device:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise AttnEditError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(args.device)
+
+
+def dtype_of(args, device: torch.device) -> str:
+    """--dtype for commands that run models side by side: auto = bfloat16 on CUDA, float32 elsewhere."""
+    return run_dtype(args.dtype, device)
+
+
+def load_dtype(name: str):
+    """--dtype for commands that load one checkpoint: auto = the checkpoint's own."""
+    return "auto" if name == "auto" else DTYPES[name]

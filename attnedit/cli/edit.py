@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import AttnEditError
 from ..surgery import SETTINGS, field_help
-from .common import DTYPES, add_device_args, device_of, parse_sets
+from .common import add_device_args, device_of, load_dtype, parse_sets
 
 
 def _settings_epilog() -> str:
@@ -55,7 +55,7 @@ def run(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AttnEditError(f"--out {args.out} is a file; give a folder for the edited checkpoint")
     edited_config(load_config(args.teacher), args.target, target_args)  # validate before loading weights
-    teacher, tokenizer = load_model(args.teacher, dtype=DTYPES[args.dtype], device=device_of(args))
+    teacher, tokenizer = load_model(args.teacher, dtype=load_dtype(args.dtype), device=device_of(args))
     student = edit_model(teacher, args.target, target_args)
     out = save_edited(student, args.out, tokenizer, overwrite=args.overwrite)
     print(format_inspection(inspect_config(student.config, args.context)))

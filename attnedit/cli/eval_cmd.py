@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..errors import AttnEditError
-from .common import DTYPES, device_of
+from ..io import write_json
+from .common import RUN_AUTO, add_device_args, device_of, dtype_of
 
 
 def batch_size(text: str) -> int | str:
@@ -57,9 +57,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ppl-context", type=positive, default=2048, help="perplexity window in tokens, capped at the model's maximum (default 2048)")
     p.add_argument("--ppl-stride", type=positive, default=1024, help="tokens between perplexity windows (default 1024)")
     p.add_argument("--ppl-tokens", type=positive, help="score only the first N tokens of WikiText-2 (default: all, 304,986 for SmolLM2)")
-    p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and fewshot/ (default: $ATTNEDIT_SHARED_DATA or ../shared/data)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=sorted({"auto", *DTYPES}), help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and fewshot/ (default: $ATTNEDIT_SHARED_DATA, else ../shared/data)")
+    add_device_args(p, RUN_AUTO)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--save", metavar="FILE", help="also write the JSON to FILE (e.g. RUN/eval.json, read by attnedit report)")
     p.set_defaults(func=run)
@@ -75,7 +74,7 @@ def run(args) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise AttnEditError("--num-fewshot must be 0 or more")
     device = device_of(args)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = dtype_of(args, device)
     settings = QualitySettings(
         tasks=parse_tasks(args.tasks),
         data_dir=args.data_dir,
@@ -88,12 +87,7 @@ def run(args) -> int:
     )
     result = evaluate_quality(args.model, args.teacher, settings)
     if args.save:
-        out = Path(args.save)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            raise AttnEditError(f"cannot write {out}: {e.strerror or e}") from None
+        write_json(args.save, result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="edited checkpoint folder, Hugging Face id, local folder, .gguf or smollm2-135m")
     p.add_argument("--context", type=int, default=8192, help="sequence length for the KV figures (default 8192)")
     p.add_argument("--dtype", default=None, help="cache dtype (default: the model's, else bfloat16)")
-    p.add_argument("--json", action="store_true", help="print JSON (totals include kv_bytes_per_token and params)")
+    p.add_argument("--json", action="store_true", help="print JSON: layers (per layer), kv_bytes_per_token, kv_bytes_total, attention_params, params, and for an edited model the teacher's KV and the ratio")
     p.set_defaults(func=run)
 
 

@@ -7,19 +7,17 @@ prints through :meth:`DataConfig.help`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import AttnEditError
+from ..paths import data_root
 
 TXT_DOCUMENTS = ("paragraph", "line", "file")
 
 
 def default_files() -> list[str]:
-    """The offline Wikipedia shards: ``$ATTNEDIT_SHARED_DATA`` or ``../shared/data`` beside the repo."""
-    root = os.environ.get("ATTNEDIT_SHARED_DATA", "../shared/data")
-    return [str(Path(root) / "wikipedia-en-2019" / "*.jsonl.xz")]
+    """The offline Wikipedia shards under :func:`attnedit.paths.data_root`."""
+    return [str(data_root() / "wikipedia-en-2019" / "*.jsonl.xz")]
 
 
 def _help(text: str, default=None, factory=None):

@@ -27,7 +27,8 @@ import torch
 
 from ..errors import AttnEditError
 from .config import DataConfig
-from .sources import Source, check_files, content_sha256, iter_pieces
+from ..io import content_sha256
+from .sources import Source, check_files, iter_pieces
 
 TOKENIZE_PIECES = 64  # pieces per tokenizer call (fast tokenizers encode a batch in parallel)
 TOKENIZE_CHARS = 1 << 20  # ... or fewer, once their text reaches this many characters

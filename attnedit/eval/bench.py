@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttnEditError, is_out_of_memory
-from .kv import kv_summary
+from .kv import analytic_cache_bytes, kv_by_context, max_context
 
 MODELS = ("student", "teacher", "teacher_stock")
 FIGURES = (
@@ -100,22 +100,9 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def analytic_cache_bytes(config, context: int, batch: int, dtype: str) -> int:
-    """What the cache of ``batch`` sequences of ``context`` tokens should hold, from the config alone."""
-    return round(kv_summary(config, context, dtype)["kv_bytes_per_token"] * context) * batch
-
-
 def _cache_kwarg(model) -> str:
     # transformers renamed the forward's `past_key_values` to `cache` in 5.2x; attnedit models take both
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def max_context(config) -> int | None:
-    """The longest sequence the model was built for (``max_position_embeddings``), if it says."""
-    base = getattr(config, "base_config", None)
-    if isinstance(base, dict) and base.get("max_position_embeddings"):
-        return int(base["max_position_embeddings"])
-    return getattr(config, "max_position_embeddings", None)
 
 
 def check_contexts(config, contexts: list[int], name: str) -> None:
@@ -393,13 +380,6 @@ def check_pair(student, teacher) -> None:
             raise AttnEditError(
                 f"--teacher does not match the model: {key} {getattr(t, key, None)} vs {base.get(key)}; give the teacher it was edited from"
             )
-
-
-def kv_by_context(config, contexts: list[int], dtype: str) -> dict:
-    return {
-        "contexts": list(contexts),
-        "bytes_per_token": [kv_summary(config, c, dtype)["kv_bytes_per_token"] for c in contexts],
-    }
 
 
 def bytes_per_step(model, config, batch: int, context: int, dtype: str) -> int:

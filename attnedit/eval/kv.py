@@ -2,11 +2,14 @@
 
 Analytic figures come from the model's config alone (teachers included); measured figures come from
 running a prefill with attnedit's real cache and summing the storage its tensors hold. A test checks
-that the two agree exactly.
+that the two agree exactly. This module is the one source of KV sizes: ``inspect``, the ``--dry-run``
+plan, ``bench`` and the KV figures ``convert`` writes into ``summary.json`` (which ``report`` reads) all
+come from :func:`kv_layout`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,7 +78,7 @@ def kv_layout(config, context: int, dtype: str | None = None) -> list[LayerKV]:
         raise ValueError("context must be >= 1")
     _, nbytes = dtype_bytes(config, override=dtype)
     if getattr(config, "model_type", None) == "attnedit":
-        spec = config.attention
+        spec = config.teacher_attention
         layers = config.layer_attention
     else:
         layers = _teacher_layers(config)
@@ -110,6 +113,36 @@ def kv_summary(config, context: int, dtype: str | None = None) -> dict:
         "kv_bytes_total": sum(x.bytes_per_token for x in layers) * context,
         "attention_params": sum(x.params for x in layers),
     }
+
+
+def max_context(config) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``), if it says."""
+    base = getattr(config, "base_config", None)
+    if isinstance(base, dict) and base.get("max_position_embeddings"):
+        return int(base["max_position_embeddings"])
+    return getattr(config, "max_position_embeddings", None)
+
+
+def kv_by_context(config, contexts: list[int], dtype: str) -> dict:
+    return {
+        "contexts": list(contexts),
+        "bytes_per_token": [kv_summary(config, c, dtype)["kv_bytes_per_token"] for c in contexts],
+    }
+
+
+def analytic_cache_bytes(config, context: int, batch: int, dtype: str) -> int:
+    """What the cache of ``batch`` sequences of ``context`` tokens should hold, from the config alone."""
+    return round(kv_summary(config, context, dtype)["kv_bytes_per_token"] * context) * batch
+
+
+def kv_figures(config, teacher_config, dtype: str = "bfloat16") -> dict:
+    """KV bytes per token of an edited model and its teacher at powers of two from 128 up to the max
+    context, in the layout of ``bench.json``'s ``kv`` (what ``convert`` writes into ``summary.json``)."""
+    limit = max_context(config) or 32768
+    contexts = [2**k for k in range(7, int(math.log2(limit)) + 1)] or [limit]
+    out = {"dtype": dtype, "student": kv_by_context(config, contexts, dtype), "teacher": kv_by_context(teacher_config, contexts, dtype)}
+    out["ratio"] = [s / t for s, t in zip(out["student"]["bytes_per_token"], out["teacher"]["bytes_per_token"])]
+    return out
 
 
 @torch.no_grad()

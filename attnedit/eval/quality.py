@@ -18,11 +18,11 @@ reports them. Ratios exist for every metric but stderr and ``tokens``.
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..paths import data_root
 from .harness import LOCAL_TASKS, HarnessSettings, check_data, run_harness, split_tasks
 from .perplexity import WIKITEXT2_FILE, PerplexitySettings, perplexity, tokenize_text, wikitext2_text
 
@@ -37,7 +37,7 @@ class QualitySettings:
     """Which tasks, where their data lives, and how to run them."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    data_dir: str | None = None  # holds wikitext-2-raw/ and fewshot/ (default: default_data_dir())
+    data_dir: str | None = None  # holds wikitext-2-raw/ and fewshot/ (default: attnedit.paths.data_root())
     limit: int | None = None  # few-shot examples per task
     num_fewshot: int | None = None
     batch_size: int | str = 8
@@ -46,16 +46,8 @@ class QualitySettings:
     perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
 
 
-def default_data_dir() -> Path:
-    """``$ATTNEDIT_SHARED_DATA``, else ``../shared/data`` from the working directory, else beside the repo."""
-    if os.environ.get("ATTNEDIT_SHARED_DATA"):
-        return Path(os.environ["ATTNEDIT_SHARED_DATA"])
-    here = Path("../shared/data")
-    return here if here.is_dir() else Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
 def data_dir_of(settings: QualitySettings) -> Path:
-    return Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
+    return Path(settings.data_dir).expanduser() if settings.data_dir else data_root()
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:

@@ -124,7 +124,7 @@ def _layer_tensors(layer) -> list[torch.Tensor]:
 
 def designed_layer(config, i: int, tokens: int, batch: int, nbytes: int) -> tuple[str, int, int, int]:
     """(kind, tokens kept, designed bytes, teacher bytes) for layer ``i`` of an attnedit config."""
-    spec = config.attention
+    spec = config.teacher_attention
     layer = config.layer_attention[i]
     gqa = 2 * spec["num_kv_heads"] * spec["head_dim"]
     teacher = tokens * gqa * batch * nbytes

@@ -56,7 +56,7 @@ def deepseek_v3_config(model) -> dict:
     if base.get("hidden_act", "silu") != "silu" or base.get("mlp_bias", False):
         raise AttnEditError("deepseek_v3 export needs a SiLU-gated MLP without biases")
     mla = layers[0]
-    heads = cfg.attention["num_heads"]
+    heads = cfg.teacher_attention["num_heads"]
     rope_parameters = dict(base.get("rope_parameters") or {"rope_type": "default", "rope_theta": base.get("rope_theta", 10000.0)})
     if mla.get("rope_theta") is not None:
         rope_parameters["rope_theta"] = mla["rope_theta"]

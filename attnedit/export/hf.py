@@ -1,7 +1,7 @@
 """Save an edited model as an ordinary Hugging Face checkpoint that loads without attnedit.
 
 The folder holds ``model.safetensors``, ``config.json`` with ``auto_map``, the modeling code (the files
-of ``attnedit/targets``) and the teacher's tokenizer, so
+of ``attnedit/targets``), the teacher's tokenizer and ``attnedit.json`` (what made it), so
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works in any environment with
 torch and transformers. The folder is written next to its destination and renamed into place, so a
 crash never leaves a half-written checkpoint where a good one was.
@@ -9,12 +9,14 @@ crash never leaves a half-written checkpoint where a good one was.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from ..errors import AttnEditError
+from ..io import atomic_dir, check_free
+from ..provenance import FILE as PROVENANCE_FILE
+from ..provenance import provenance
 from ..targets import REMOTE_CODE_FILES
 
 AUTO_MAP = {
@@ -24,37 +26,17 @@ AUTO_MAP = {
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; an existing folder is swapped out, then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_edited(model, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False, extra_files: dict | None = None) -> Path:
-    """Write ``model`` (an ``AttnEditForCausalLM``) and ``tokenizer`` to ``out_dir`` atomically."""
+def save_edited(model, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False, recipe=None) -> Path:
+    """Write ``model`` (an ``AttnEditForCausalLM``) and ``tokenizer`` to ``out_dir`` atomically, with
+    ``attnedit.json``: attnedit's version, the target settings and (from ``convert``) the resolved ``recipe``."""
     out = Path(out_dir)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise AttnEditError(f"{out} already exists and is not empty; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    check_free(out, overwrite)
+    with atomic_dir(out) as tmp:
         model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(tmp)
         for name in REMOTE_CODE_FILES:
             shutil.copy2(TARGETS_DIR / name, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        replace_dir(tmp, out)
-    except OSError as e:
-        raise AttnEditError(f"could not write the checkpoint to {out}: {e.strerror or e}; nothing was replaced") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(recipe, model.config.edit), indent=2) + "\n")
     return out

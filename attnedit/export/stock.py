@@ -118,7 +118,7 @@ def stock_swa_config(model, fmt: str | None = None) -> tuple[str, dict]:
         raise AttnEditError(f"a {family} model cannot be written as stock {fmt}; its formats: {', '.join(takes + ['hf'])}")
     layer_types, window = swa_layout(model, fmt)
     base = dict(cfg.base_config)
-    spec = cfg.attention
+    spec = cfg.teacher_attention
     if base.get("mlp_bias", False) or spec["o_bias"]:
         raise AttnEditError(f"stock {fmt} has no {'MLP' if base.get('mlp_bias') else 'o_proj'} bias; this {family} teacher has one")
     if fmt == "ministral" and spec["qkv_bias"]:
@@ -158,7 +158,7 @@ def stock_swa_state_dict(model, fmt: str, config: dict) -> dict[str, torch.Tenso
         if config["tie_word_embeddings"] and name == "lm_head.weight":
             continue
         out[name] = t.detach().cpu().contiguous()
-    if fmt == "qwen2" and not model.config.attention["qkv_bias"]:
+    if fmt == "qwen2" and not model.config.teacher_attention["qkv_bias"]:
         for i in range(config["num_hidden_layers"]):
             for p in ("q_proj", "k_proj", "v_proj"):
                 w = out[f"model.layers.{i}.self_attn.{p}.weight"]

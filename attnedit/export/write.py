@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import AttnEditError
-from .hf import replace_dir
+from ..io import atomic_dir, check_free
 
 
 def write_stock(model, model_cls, config, state: dict, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
     """Build ``model_cls(config)`` on the meta device, assign ``state`` (every weight it expects, nothing
     else), cast to ``model``'s dtype and save it, with the tokenizer and generation config, atomically."""
     out = Path(out_dir)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise AttnEditError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+    check_free(out, overwrite, "choose another folder or pass --overwrite")
     dtype = next(model.parameters()).dtype
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     with torch.device("meta"):
@@ -35,15 +32,9 @@ def write_stock(model, model_cls, config, state: dict, out_dir: str | os.PathLik
     if config.tie_word_embeddings:
         stock.tie_weights()
     stock.to(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         stock.generation_config = model.generation_config
         stock.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -2,8 +2,10 @@
 
 Inputs (all optional, at least one needed): ``model/config.json`` (the edited checkpoint),
 ``metrics.jsonl`` (training log), ``summary.json``, ``eval.json``, ``bench.json``, ``passkey.json``
-(layouts in the module docstrings of ``attnedit.eval``). Every section whose input is missing says
-which command makes it. The report and its PNGs are written into the run folder itself.
+(layouts in the module docstrings of ``attnedit.eval``). A report reads these artefacts only: it
+computes no figure from a model (the KV figures are the ones ``convert`` wrote into ``summary.json``,
+else ``bench``'s). Every section whose input is missing says which command makes it. The report and
+its PNGs are written into the run folder itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..io import write_text
 from ..tables import human_bytes, markdown_table
 from . import plots
 
@@ -66,18 +69,17 @@ def read_metrics(path: Path) -> list[dict] | None:
     return records
 
 
-def read_model_config(run: Path):
-    """The edited model's config (no remote code needed: the classes are attnedit's own), or None."""
+def read_model_config(run: Path) -> dict | None:
+    """The edited model's ``config.json`` as a dict, or None."""
     path = run / "model" / "config.json"
     if not path.is_file():
         return None
-    from ..targets import AttnEditConfig
-
-    if json.loads(path.read_text()).get("model_type") != "attnedit":
+    config = read_json(path)
+    if config.get("model_type") != "attnedit":
         raise AttnEditError(
             f"{path} is not an attnedit (edited) model config; the run's model/ should come from attnedit"
         )
-    return AttnEditConfig.from_pretrained(path.parent)
+    return config
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -160,17 +162,15 @@ def efficiency_table(bench: dict) -> str:
     return "\n".join([markdown_table(headers, rows)] + ([""] + notes if notes else []))
 
 
-def kv_series(config, dtype: str) -> tuple[list[int], list[float], list[float]]:
-    """KV bytes per token of the student and its teacher at powers of two up to the max context."""
-    from ..eval.bench import max_context
-    from ..eval.kv import kv_summary
-    from ..targets.modeling_attnedit import base_config_object
-
-    teacher = base_config_object(config.base_config)
-    limit = max_context(config) or 32768
-    contexts = [2**k for k in range(7, int(math.log2(limit)) + 1)] or [limit]
-    student = [kv_summary(config, c, dtype)["kv_bytes_per_token"] for c in contexts]
-    return contexts, student, [kv_summary(teacher, c, dtype)["kv_bytes_per_token"] for c in contexts]
+def kv_series(summary: dict | None, bench: dict | None) -> tuple[str, list[int], list[float], list[float]] | None:
+    """(dtype, contexts, student and teacher KV bytes per token) from ``summary.json``, else ``bench.json``."""
+    for source in (summary, bench):
+        kv = (source or {}).get("kv") or {}
+        if kv.get("student") and kv.get("teacher"):
+            dtype = kv.get("dtype") or (source or {}).get("dtype") or "bfloat16"
+            s, t = kv["student"], kv["teacher"]
+            return dtype, s["contexts"], s["bytes_per_token"], t["bytes_per_token"]
+    return None
 
 
 def passkey_tables(passkey: dict) -> str:
@@ -212,9 +212,9 @@ def build_report(run_dir: str | Path) -> Path:
 
     lines = [f"# attnedit report: {run.resolve().name}", ""]
     if config is not None:
-        edit = config.edit or {}
+        edit = config.get("edit") or {}
         settings = ", ".join(f"{k}={v}" for k, v in (edit.get("settings") or {}).items())
-        layers = f"{len(edit.get('edited_layers', []))} of {len(config.layer_attention)} layers"
+        layers = f"{len(edit.get('edited_layers', []))} of {len(config.get('layer_attention') or [])} layers"
         lines += [
             f"Model `{model}`: target **{edit.get('target', '?')}** on {layers} ({settings}); teacher `{teacher}`.",
             "",
@@ -279,9 +279,9 @@ def build_report(run_dir: str | Path) -> Path:
         ]
 
     lines += ["", "## KV cache", ""]
-    if config is not None:
-        dtype = (bench or {}).get("dtype") or "bfloat16"
-        contexts, student, teacher_kv = kv_series(config, dtype)
+    series = kv_series(summary, bench)
+    if series is not None:
+        dtype, contexts, student, teacher_kv = series
         plots.kv_vs_context(contexts, student, teacher_kv, dtype, run / "kv_vs_context.png")
         rows = [
             [c, human_bytes(s), human_bytes(t), f"{s / t:.3f}", human_bytes(s * c), human_bytes(t * c)]
@@ -299,10 +299,12 @@ def build_report(run_dir: str | Path) -> Path:
     else:
         lines += [
             _missing(
-                "model checkpoint (model/config.json)",
-                f"attnedit convert ...   # or: attnedit edit {teacher} --target ... --out {model}",
+                "KV figures (summary.json's kv, or bench.json)",
+                f"attnedit convert ...   # or: attnedit bench {model} --teacher {teacher} --save {run}/bench.json",
             )
         ]
+    if config is None:
+        lines += ["", _missing("model checkpoint (model/config.json)", f"attnedit convert ...   # or: attnedit edit {teacher} --target ... --out {model}")]
 
     lines += ["", "## Long context: passkey retrieval", ""]
     if passkey:
@@ -322,5 +324,5 @@ def build_report(run_dir: str | Path) -> Path:
         ]
 
     out = run / "report.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_text(out, "\n".join(lines) + "\n")
     return out

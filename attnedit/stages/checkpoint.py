@@ -14,11 +14,9 @@ but none is good, resuming stops with a one-line error instead of silently start
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnEditError
+from ..io import remove_temp_files, sha256_of, temp_path, write_error_text, write_errors
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^stage(\d)-step(\d{6,})\.pt$")
@@ -60,43 +59,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
-
-
-def write_errors() -> tuple[type[BaseException], ...]:
-    """What a full disk raises while writing: OSError, or torch's/safetensors' own wrappers of it."""
-    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
-    try:
-        from safetensors import SafetensorError
-
-        errors += (SafetensorError,)
-    except ImportError:  # older safetensors
-        pass
-    return errors
-
-
-def write_error_text(e: BaseException) -> str:
-    """One line for a failed write, whatever raised it."""
-    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
-
-
-def remove_temp_files(folder: Path) -> None:
-    """Temporary files a killed process left behind (a checkpoint folder has one writer at a time)."""
-    for p in folder.glob(".*.tmp-*") if folder.is_dir() else []:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
@@ -105,9 +69,9 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
     out = checkpoint_path(run_dir, state["stage"], state["step"])
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out.parent)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out)
     side = checksum_path(out)
-    side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    side_tmp = temp_path(side)
     try:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..families import family_for
+from ..families.hooks import watch
 from ..targets import AttentionContext
 from .speed import CompileGroup, layer_context
 
@@ -32,25 +33,17 @@ def teacher_taps(teacher, layers: list[int]):
     family = family_for(teacher.config)
     found: dict[str, dict[int, torch.Tensor]] = {"x": {}, "y": {}}
     last = max(layers)
-    hooks = []
-    for i in layers:
 
-        def pre(module, args, kwargs, i=i):
-            found["x"][i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def on_input(i, x):
+        found["x"][i] = x
 
-        def post(module, args, kwargs, output, i=i):
-            found["y"][i] = output[0] if isinstance(output, tuple) else output
-            if i == last:
-                raise _Stop
+    def on_output(i, y):
+        found["y"][i] = y
+        if i == last:
+            raise _Stop
 
-        attn = family.attention(teacher, i)
-        hooks.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
-        hooks.append(attn.register_forward_hook(post, with_kwargs=True))
-    try:
+    with watch({i: family.attention(teacher, i) for i in layers}, on_input, on_output):
         yield found
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ so the backward pass neither keeps logits nor runs the LM heads again.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -19,26 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..families import family_for
+from ..families.hooks import watch
 from .speed import CompileGroup, layer_context
 from .stage1 import trainable as attention_trainable
-
-
-@contextlib.contextmanager
-def _layer_outputs(teacher, layers: list[int]):
-    family = family_for(teacher.config)
-    found: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i in layers:
-
-        def post(module, args, output, i=i):
-            found[i] = output[0] if isinstance(output, tuple) else output
-
-        hooks.append(family.layers(teacher)[i].register_forward_hook(post))
-    try:
-        yield found
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @torch.no_grad()
@@ -49,7 +31,9 @@ def teacher_hidden(teacher, ids: torch.Tensor, all_layers: bool) -> list[torch.T
     """
     n = teacher.config.num_hidden_layers
     layers = list(range(n - 1)) if all_layers else []
-    with _layer_outputs(teacher, layers) as found:
+    found: dict[int, torch.Tensor] = {}
+    family = family_for(teacher.config)
+    with watch({i: family.layers(teacher)[i] for i in layers}, on_output=found.__setitem__):
         final = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
     return [found[i] for i in layers] + [final]
 

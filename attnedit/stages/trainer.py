@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..devices import autocast
 from ..errors import AttnEditError
+from ..provenance import provenance
 from ..recipe import Recipe, StageConfig
 from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 
@@ -60,18 +62,6 @@ def lr_at(step: int, cfg: StageConfig) -> float:
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - cfg.min_lr) * p
     return cfg.lr
-
-
-def use_bf16(device: torch.device, precision: str) -> bool:
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision))
 
 
 def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg: StageConfig) -> torch.optim.AdamW:
@@ -153,6 +143,7 @@ class Run:
             "rng": rng_state(),
             "metrics_offset": self.metrics.offset(),
             "summary": self.summary,
+            "attnedit": provenance(self.recipe),  # version and resolved recipe that made this checkpoint
             # the log window in progress and the guard's recent losses: a resume logs what the
             # uninterrupted run logs, even when it stopped between two log steps
             "window": window.state_dict() if window is not None else None,

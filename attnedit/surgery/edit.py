@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from ..errors import AttnEditError
 from ..families import family_for
-from ..targets import AttnEditConfig, AttnEditForCausalLM, DenseAttention, GateSWAAttention, MLAAttention
-from .init import dense_from_teacher, gateswa_from_teacher, mla_from_teacher, random_init
+from ..families.hooks import watch
+from ..targets import AttnEditConfig, AttnEditForCausalLM, GateSWAAttention, MLAAttention
+from .init import gateswa_from_teacher, mla_from_teacher, random_init
 from .settings import TargetSettings, parse_settings, plan_layers
 
 
@@ -23,15 +24,20 @@ def edited_config(teacher_config, target: str, target_args: dict | TargetSetting
     family = family_for(teacher_config)
     settings = target_args if isinstance(target_args, TargetSettings) else parse_settings(target, target_args)
     plan, edited = plan_layers(target, settings, teacher_config, family)
+    return _config(teacher_config, plan, {"target": target, "settings": vars(settings), "edited_layers": edited})
+
+
+def _config(teacher_config, layer_attention: list[dict], edit: dict, drop: tuple[str, ...] = ()) -> AttnEditConfig:
+    family = family_for(teacher_config)
     base = teacher_config.to_dict()
-    for key in ("auto_map", "quantization_config", "_name_or_path"):
+    for key in ("auto_map", "quantization_config", "_name_or_path", *drop):
         base.pop(key, None)
     return AttnEditConfig(
         base_config=base,
-        attention=family.attention_spec(teacher_config),
-        layer_attention=plan,
+        teacher_attention=family.attention_spec(teacher_config),
+        layer_attention=layer_attention,
         family=family.name,
-        edit={"target": target, "settings": vars(settings), "edited_layers": edited},
+        edit=edit,
         architectures=["AttnEditForCausalLM"],
     )
 
@@ -41,19 +47,12 @@ def capture_attention_inputs(teacher, layers: list[int], input_ids: torch.Tensor
     """Run the teacher once and return each listed layer's attention input, flattened to [tokens, hidden]."""
     family = family_for(teacher.config)
     found: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i in layers:
 
-        def hook(module, args, kwargs, i=i):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            found[i] = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+    def keep(i, x):
+        found[i] = x.detach().reshape(-1, x.shape[-1]).float().cpu()
 
-        hooks.append(family.attention(teacher, i).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
+    with watch({i: family.attention(teacher, i) for i in layers}, on_input=keep):
         teacher(input_ids=input_ids.to(teacher.device))
-    finally:
-        for h in hooks:
-            h.remove()
     return found
 
 
@@ -73,6 +72,19 @@ def _share_backbone(student: AttnEditForCausalLM, teacher) -> None:
             if name != "self_attn":
                 setattr(s_layer, name, child)
     student.lm_head = teacher.get_output_embeddings()
+
+
+def _share_projections(attn: nn.Module, t_attn: nn.Module) -> None:
+    """An unedited layer's attention uses the teacher's own projection (and QK-norm) modules."""
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        if getattr(t_attn, name, None) is not None:
+            setattr(attn, name, getattr(t_attn, name))
+
+
+def _check_initialised(model: nn.Module) -> None:
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise AttnEditError(f"internal: parameters left uninitialised after surgery: {leftover[:3]}")
 
 
 def edit_model(
@@ -105,16 +117,12 @@ def edit_model(
                 if isinstance(attn, GateSWAAttention) and attn.g_proj is not None:
                     attn.g_proj.bias.data.fill_(config.layer_attention[i]["gate_bias"])
             elif isinstance(attn, MLAAttention):
-                mla_from_teacher(attn, t_attn, config.attention, calib[i].to(torch.float64))
+                mla_from_teacher(attn, t_attn, config.teacher_attention, calib[i].to(torch.float64))
             else:
                 gateswa_from_teacher(attn, t_attn, config.layer_attention[i]["gate_bias"])
         else:  # unedited: share the teacher's projections
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-                if getattr(t_attn, name, None) is not None:
-                    setattr(attn, name, getattr(t_attn, name))
-    leftover = [n for n, p in student.named_parameters() if p.is_meta]
-    if leftover:
-        raise AttnEditError(f"internal: parameters left uninitialised after surgery: {leftover[:3]}")
+            _share_projections(attn, t_attn)
+    _check_initialised(student)
     student.generation_config = teacher.generation_config
     return student.eval()
 
@@ -123,30 +131,15 @@ def teacher_on_attnedit(teacher) -> AttnEditForCausalLM:
     """The teacher itself as an attnedit model (every layer its own attention, sharing every weight):
     the same engine as a converted model, for like-for-like speed comparisons."""
     family = family_for(teacher.config)
-    base = teacher.config.to_dict()
-    for key in ("auto_map", "quantization_config", "_name_or_path", "dtype", "torch_dtype"):
-        base.pop(key, None)
     n = teacher.config.num_hidden_layers
-    config = AttnEditConfig(
-        base_config=base,
-        attention=family.attention_spec(teacher.config),
-        layer_attention=[{"kind": "dense", "window": family.window(teacher.config, i)} for i in range(n)],
-        family=family.name,
-        edit={"target": "none", "settings": {}, "edited_layers": []},
-        architectures=["AttnEditForCausalLM"],
-    )
+    layers = [{"kind": "dense", "window": family.window(teacher.config, i)} for i in range(n)]
+    config = _config(teacher.config, layers, {"target": "none", "settings": {}, "edited_layers": []}, drop=("dtype", "torch_dtype"))
     with torch.device("meta"):
         model = AttnEditForCausalLM(config)
     _share_backbone(model, teacher)
     for i, layer in enumerate(family.layers(model)):
-        t_attn = family.attention(teacher, i)
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-            if getattr(t_attn, name, None) is not None:
-                setattr(attn, name, getattr(t_attn, name))
-    leftover = [name for name, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise AttnEditError(f"internal: parameters left uninitialised: {leftover[:3]}")
+        _share_projections(layer.self_attn, family.attention(teacher, i))
+    _check_initialised(model)
     model.generation_config = teacher.generation_config
     return model.eval()
 
@@ -164,7 +157,6 @@ def attention_parameters(student: AttnEditForCausalLM, edited_only: bool = True)
 __all__ = [
     "attention_parameters",
     "capture_attention_inputs",
-    "dense_from_teacher",
     "edit_model",
     "edited_config",
     "teacher_on_attnedit",

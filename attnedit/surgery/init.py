@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..targets import DenseAttention, GateSWAAttention, MLAAttention, RMSNorm
+from ..targets import GateSWAAttention, MLAAttention, RMSNorm
 
 
 @torch.no_grad()
@@ -162,11 +162,3 @@ def _mla_biases(student: MLAAttention, teacher: nn.Module, heads: int, kvh: int,
     student.kv_a_proj_with_mqa.bias.copy_(kv_a)
     v_all = bv[torch.arange(heads) // group].reshape(-1)  # every query head reads its KV head's values
     student.o_proj.bias.copy_(_cpu64(teacher.o_proj.weight) @ v_all + bo)
-
-
-@torch.no_grad()
-def dense_from_teacher(student: DenseAttention, teacher: nn.Module) -> None:
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-        src, dst = getattr(teacher, name, None), getattr(student, name, None)
-        if dst is not None and src is not None:
-            dst.load_state_dict(src.state_dict())

@@ -11,6 +11,8 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from pydantic import TypeAdapter, ValidationError
+
 from ..errors import AttnEditError
 
 TARGETS = ("mla", "gateswa")
@@ -59,9 +61,22 @@ def field_help(cls) -> list[tuple[str, str, object]]:
     return [(f.name, f.metadata.get("help", ""), f.default) for f in dataclasses.fields(cls)]
 
 
-def coerce(name: str, value, annotation):
-    """Turn a string from ``--set`` (or a YAML scalar) into the field's type, or explain why not."""
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
+def _adapter(hint) -> TypeAdapter:
+    if hint not in _ADAPTERS:
+        _ADAPTERS[hint] = TypeAdapter(hint)
+    return _ADAPTERS[hint]
+
+
+_ADAPTERS: dict = {}
+
+
+def coerce(name: str, value, hint):
+    """Turn a string from ``--set`` (or a YAML scalar) into the field's type, or explain why not in one line.
+
+    ``hint`` is a resolved type (``typing.get_type_hints``); pydantic does the conversion (lax mode:
+    ``"12"`` -> 12, ``"1e-3"`` -> 0.001, ``"true"`` -> True; ``1.5`` is not an int). ``none``/``null``
+    or an empty string give None where the field allows it.
+    """
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args else hint
@@ -69,20 +84,17 @@ def coerce(name: str, value, annotation):
         if optional:
             return None
         raise AttnEditError(f"{name} needs a value of type {getattr(base, '__name__', base)}")
-    if base is str:
-        if isinstance(value, (list, tuple)):
-            return ",".join(str(v) for v in value)
-        return str(value)
+    if base is str:  # YAML may read `layers: 0-3,7` or `layers: [0, 3]`; a str field keeps the text
+        return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
     try:
-        if base is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return value.lower() in ("true", "1", "yes")
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return base(value)
-    except (TypeError, ValueError):
-        raise AttnEditError(f"{name}={value!r} is not a valid {base.__name__}") from None
+        return _adapter(base).validate_python(value)
+    except ValidationError:
+        raise AttnEditError(f"{name}={value!r} is not a valid {getattr(base, '__name__', base)}") from None
+
+
+def field_types(cls) -> dict:
+    """The fields' types of a settings dataclass, resolved (its annotations are strings)."""
+    return typing.get_type_hints(cls)
 
 
 def parse_settings(target: str, args: dict | None) -> TargetSettings:
@@ -95,7 +107,7 @@ def parse_settings(target: str, args: dict | None) -> TargetSettings:
     for key, value in (args or {}).items():
         if key not in fields:
             raise AttnEditError(f"{target} has no setting {key!r}; known settings: {', '.join(fields)}")
-        values[key] = coerce(key, value, fields[key].type)
+        values[key] = coerce(key, value, field_types(cls)[key])
     return cls(**values)
 
 

@@ -1,7 +1,7 @@
 """Configuration of an edited model: the teacher's config plus one attention description per layer.
 
 ``layer_attention[i]`` is a dict with ``kind`` in ``dense`` (the teacher's attention, unedited),
-``mla`` or ``gateswa`` and that kind's settings; ``attention`` describes the teacher's attention
+``mla`` or ``gateswa`` and that kind's settings; ``teacher_attention`` describes the teacher's attention
 shapes (heads, head_dim, biases, QK-norm). The backbone (embeddings, MLP or MoE blocks, norms) is
 rebuilt from ``base_config`` by transformers itself.
 """
@@ -31,14 +31,17 @@ class AttnEditConfig(PretrainedConfig):
     def __init__(
         self,
         base_config: dict | None = None,
-        attention: dict | None = None,
+        teacher_attention: dict | None = None,
         layer_attention: list | None = None,
         family: str | None = None,
         edit: dict | None = None,
         **kwargs,
     ):
         self.base_config = dict(base_config or {})
-        self.attention = dict(attention or {})
+        if teacher_attention is None:  # checkpoints written before the rename call it ``attention``
+            teacher_attention = kwargs.pop("attention", None)
+        kwargs.pop("attention", None)
+        self.teacher_attention = dict(teacher_attention or {})
         self.layer_attention = [dict(x) for x in (layer_attention or [])]
         self.family = family
         self.edit = dict(edit or {})

@@ -105,13 +105,6 @@ class DenseAttention(nn.Module):
             return StaticKVCacheLayer(batch, self.num_kv_heads, max_length, self.head_dim, self.head_dim, dtype, device)
         return KVCacheLayer()
 
-    def kv_values_per_token(self, context: int) -> float:
-        """Cached values per token per layer at sequence length ``context`` (K and V together)."""
-        per_token = 2 * self.num_kv_heads * self.head_dim
-        if self.window is None or context <= 0:
-            return float(per_token)
-        return per_token * min(self.window + self.sink, context) / context
-
     def project(self, x: torch.Tensor, ctx: AttentionContext):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)

@@ -128,9 +128,6 @@ class MLAAttention(nn.Module):
             return StaticLatentCacheLayer(batch, max_length, self.kv_lora_rank + self.qk_rope_head_dim, dtype, device)
         return LatentCacheLayer()
 
-    def kv_values_per_token(self, context: int) -> float:
-        return float(self.kv_lora_rank + self.qk_rope_head_dim)
-
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
             return self.q_proj(x)

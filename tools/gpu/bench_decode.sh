@@ -9,6 +9,7 @@
 #    run as each student there.
 # env: CTX, BATCH (grid), STOCK_CTX, STOCK_BATCH, STOCK_MODELS (default "gs mla"), REPEATS
 set -uo pipefail
+export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 python tools/gpu/check_kernels.py 2>&1 | tee "$OUT/kernels.log"
 [ -d /tmp/gs ] || python -m attnedit edit smollm2-135m --target gateswa --set init=teacher --set window=512 --set sink=4 --set full_layers=every:6 --out /tmp/gs > /dev/null 2>&1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # usage: S1=300 S2=300 LIMIT=520 bash tools/gpu/convert_both.sh   (again to resume an interrupted pair)
 set -u
+export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
 mkdir -p /tmp/runs

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # usage: bash tools/gpu/measure_both.sh   (after convert_both.sh has written /tmp/runs/{mla,gateswa}/model)
 set -u
+export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 D=/tmp/shared-data; mkdir -p $D/wikitext-2-raw; cp /tmp/attnedit-cache/extra/wiki.test.raw $D/wikitext-2-raw/
 T="--teacher smollm2-135m"
 for t in mla gateswa; do  # quality: concurrent is fine, nothing here is timed

@@ -3,6 +3,7 @@
 #   mla-teacher: init=teacher, stage 1 + stage 2      mla-s2only: init=random, stage 2 only
 # then WikiText-2 perplexity of each next to the teacher, and a bench of one (speed does not depend on weights).
 set -u
+export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
 COMMON="--set data.files=$W --set stage1.steps=300 --set stage2.steps=300 --set stage1.warmup=30 --set stage2.warmup=30

@@ -12,6 +12,7 @@
 # ~1 min, quality ~2 min, decode ~3 min (8 compiled cells). Over 10 minutes, split the phases over two runs
 # on the same warm machine: `... stock_swa.sh convert` then `... stock_swa.sh export quality decode`.
 set -u
+export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 PHASES=" ${*:-convert export quality decode} "
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 R=/tmp/runs/swa-stock

@@ -9,6 +9,7 @@
 # its start) and writes tok_s, teacher_fwd_tok_s, ratio and peak vs estimated memory into summary.json;
 # this prints them as one table, with the targets (stage 1 >= 0.5x, stage 2 >= 0.25x).
 set -u
+export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
 R=/tmp/runs-speed; rm -rf $R; mkdir -p $R

@@ -1,0 +1,85 @@
+"""Text for people: the ``--dry-run`` plan and the end-of-run summary that ``attnedit convert`` prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..tables import human_bytes, text_table
+
+
+def _ranges(indices: list[int]) -> str:
+    out, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(out)
+
+
+def format_plan(plan: dict) -> str:
+    kv = plan["kv_bytes_per_token"]
+    files = [Path(f) for f in plan["data_files"]]
+    names = ", ".join(f.name for f in files[:2]) + (f" (+{len(files) - 2} more)" if len(files) > 2 else "")
+    shown = f"{files[0].parent}/: {names}" if len({f.parent for f in files}) == 1 else names
+    settings = ", ".join(f"{k}={v}" for k, v in plan["target_args"].items() if v is not None)
+    lines = [
+        f"teacher          {plan['teacher']} ({plan['family']}, {plan['num_layers']} layers, {plan['teacher_params']:,} params, vocab {plan['vocab_size']:,})",
+        f"target           {plan['target']}: {settings}",
+        f"edited layers    {_ranges(plan['edited_layers'])} ({len(plan['edited_layers'])} of {plan['num_layers']})",
+        f"new params       {plan['new_params']:,} (replacing {plan['replaced_params']:,} teacher attention params)",
+        (
+            f"KV cache         {human_bytes(kv['teacher'])}/token -> {human_bytes(kv['edited'])}/token "
+            f"({kv['edited'] / kv['teacher']:.1%} of the teacher's, bf16, context {plan['kv_context']:,})"
+        ),
+        f"data             {len(files)} file(s) in {shown}; blocks of {plan['seq_len']} tokens",
+        f"device           {plan['device']}, frozen weights {plan['weights_dtype']}",
+        f"checkpoints      every {plan['checkpoint_every']} steps and at each stage's end",
+        "",
+    ]
+    rows = []
+    for s in plan["stages"]:
+        skipped = s["steps"] == 0
+        rows.append(
+            [
+                f"stage {s['stage']}",
+                s["steps"],
+                "-" if skipped else s["batch"],
+                s["tokens"],
+                "-" if skipped else s["lr"],
+                s["trainable_params"],
+                "-" if skipped else s["precision"],
+                "skipped" if skipped else "~" + human_bytes(s["memory_bytes"]),
+            ]
+        )
+    headers = ["stage", "steps", "batch x accum x seq", "tokens", "lr", "trainable", "precision", "est. memory"]
+    lines.append(text_table(headers, rows, right={1, 3, 5}))
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    for stage in (1, 2):
+        info = summary.get(f"stage{stage}")
+        if info:
+            final = info.get("final", {})
+            speed = ""
+            if info.get("tok_s"):
+                speed = f", {info['tok_s']:,.0f} tok/s"
+                if info.get("ratio"):
+                    speed += f" ({info['ratio']:.2f}x the teacher's forward)"
+            if info.get("peak_memory_bytes"):
+                speed += f", peak {human_bytes(info['peak_memory_bytes'])} (est. {human_bytes(info['est_memory_bytes'])})"
+            lines.append(
+                f"stage {stage}: {info['steps']} steps, {info['tokens']:,} tokens, {info.get('wall_s', 0):.0f} s{speed}, "
+                f"final loss {final.get('loss', float('nan')):.4f}"
+            )
+    before, after = summary.get("heldout_before"), summary.get("heldout_after")
+    if before and after:
+        lines.append(
+            f"held-out KL(teacher||student) {before['kl']:.4f} -> {after['kl']:.4f}; "
+            f"student CE {before['student_ce']:.4f} -> {after['student_ce']:.4f} (teacher {after['teacher_ce']:.4f})"
+        )
+    lines.append(f"wall time {summary.get('wall_s', 0):.0f} s; model saved to {summary.get('model')}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""One home per thing: provenance beside checkpoints, old configs still load, gradient checkpointing
+changes nothing but memory, the atomic-I/O and hook helpers, the content-keyed GGUF cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_ids, tiny_teacher
+
+import attnedit
+from attnedit.errors import AttnEditError
+from attnedit.export import save_edited
+from attnedit.families import family_for
+from attnedit.families.hooks import watch
+from attnedit.io import atomic_dir, content_sha256, write_text
+from attnedit.recipe import parse_recipe
+from attnedit.stages import stage2
+from attnedit.surgery import edit_model
+from attnedit.targets import AttnEditConfig
+
+
+def test_saved_model_says_which_version_and_settings_made_it(tmp_path):
+    student = edit_model(tiny_teacher("llama"), "gateswa", {"window": 8, "sink": 2})
+    recipe = parse_recipe({"target": "gateswa", "target_args": {"window": 8, "sink": 2}})
+    out = save_edited(student, tmp_path / "m", recipe=recipe)
+    made = json.loads((out / "attnedit.json").read_text())
+    assert made["attnedit_version"] == attnedit.__version__
+    assert made["edit"]["settings"]["window"] == 8 and made["edit"]["settings"]["sink"] == 2
+    assert made["recipe"]["target_args"]["window"] == 8 and made["recipe"]["stage2"]["steps"] == recipe.stage2.steps
+
+
+def test_a_config_written_before_the_teacher_attention_rename_loads(tmp_path):
+    student = edit_model(tiny_teacher("qwen3"), "mla", {})
+    out = save_edited(student, tmp_path / "m")
+    raw = json.loads((out / "config.json").read_text())
+    raw["attention"] = raw.pop("teacher_attention")  # as older attnedit wrote it
+    (out / "config.json").write_text(json.dumps(raw))
+    config = AttnEditConfig.from_pretrained(out)
+    assert config.teacher_attention == student.config.teacher_attention
+    assert "attention" not in config.to_dict()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    teacher = tiny_teacher("qwen3")
+    student = edit_model(teacher, "gateswa", {"window": 8, "full_layers": "none"})
+    cfg = parse_recipe({"stage2": {"ce_weight": 0.1, "feature_weight": 0.5, "kl_chunk": 16}}).stage2
+    params = [p for _, p in stage2.trainable(student, "attention")]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    loss_fn = stage2.make_loss(teacher, student, cfg)
+    ids = tiny_ids(2, 24)
+    results = []
+    for on in (False, True):
+        student.gradient_checkpointing, student.training = on, on  # as convert sets them
+        loss, _ = loss_fn(ids)
+        grads = torch.autograd.grad(loss, params)
+        results.append((loss.detach(), grads))
+    student.gradient_checkpointing, student.training = False, False
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_watch_reads_inputs_and_outputs_and_always_removes_its_hooks():
+    teacher = tiny_teacher("llama")
+    family = family_for(teacher.config)
+    attn = {i: family.attention(teacher, i) for i in (0, 1)}
+    seen_in, seen_out = {}, {}
+    with torch.no_grad(), watch(attn, seen_in.__setitem__, seen_out.__setitem__):
+        teacher(input_ids=tiny_ids(1, 8))
+    assert sorted(seen_in) == sorted(seen_out) == [0, 1]
+    assert seen_in[0].shape == seen_out[0].shape == (1, 8, teacher.config.hidden_size)
+
+    def stop(i, y):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError), torch.no_grad(), watch(attn, on_output=stop):
+        teacher(input_ids=tiny_ids(1, 8))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in attn.values())
+
+
+def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path, monkeypatch):
+    write_text(tmp_path / "a" / "x.txt", "one")
+    assert (tmp_path / "a" / "x.txt").read_text() == "one"
+    with pytest.raises(AttnEditError, match="could not write") as e, atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("half")
+        raise OSError(28, "No space left on device")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp folder, no half-written d
+
+
+def test_the_gguf_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    from attnedit.teachers.load import TeacherSource, _gguf_cache_dir
+
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "m.gguf").write_bytes(b"same bytes")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "m.gguf").write_bytes(b"other bytes")
+    dirs = [_gguf_cache_dir(TeacherSource(n, str(tmp_path / n), "m.gguf")) for n in ("a", "b", "c")]
+    assert dirs[0] == dirs[1] != dirs[2]
+    assert content_sha256(tmp_path / "a" / "m.gguf")[:16] in dirs[0].name
