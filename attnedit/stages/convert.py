@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
+from ..distributed import checkpoint as dcp_checkpoint
 from ..errors import AttnEditError
 from ..recipe import Recipe, diff, load_recipe, to_yaml
 from ..tables import human_bytes, text_table
@@ -349,6 +351,9 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     else:  # a failed start must not leave a folder that refuses both a new start and --resume
         check_new_run_dir(run_dir)
         validate_start(recipe)
+    distributed.barrier()  # issue 13: every rank has checked the folder before rank 0 creates it
+    if not distributed.is_main():
+        progress = "none"
     device = resolve_device(recipe.device)
     wdtype = weights_dtype(recipe, device)
     teacher, teacher_tok = load_model(recipe.teacher, dtype=wdtype, device=device)
@@ -365,14 +370,16 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     for i in layers:
         student.attentions()[i].float()  # trained weights stay fp32 (AdamW master copies); autocast does the rest
     existed = run_dir.exists()
-    if not resume:
+    if not resume and distributed.is_main():  # issue 13: rank 0 writes the run folder
         prepare_run_dir(recipe, run_dir, resume)
+    distributed.barrier()
     try:
         return _run(recipe, run_dir, resume, progress, teacher, student, tokenizer, device, wdtype)
     except Exception as e:
         # a new run that fails before its first checkpoint leaves nothing behind: the same --out starts
         # again once the input is fixed (a failed checkpoint write says to resume: that folder stays)
-        if not resume and not list_checkpoints(run_dir) and not getattr(e, "resumable", False):
+        saved = list_checkpoints(run_dir) or dcp_checkpoint.list_checkpoints(run_dir)  # issue 13: DCP ones count
+        if not resume and not saved and not getattr(e, "resumable", False) and distributed.is_main():
             for p in list(run_dir.iterdir()) if existed else [run_dir]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         raise
@@ -384,7 +391,9 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
     from ..export import save_edited
 
     layers = student.config.edit["edited_layers"]
-    state = load_latest(run_dir) if resume else None
+    state = load_latest(run_dir) if resume and not distributed.is_distributed() else None
+    if resume and distributed.is_distributed():  # issue 13: DCP checkpoints, weights read whole
+        state = dcp_checkpoint.load_latest(run_dir, owned=owned_parameters(student, teacher))
     summary = state["summary"] if state else {"teacher": recipe.teacher, "target": recipe.target, "edited_layers": layers}
     run = Run(run_dir, recipe, device, summary, progress)
     if state is not None:
@@ -418,6 +427,11 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
             what = "the stage-1 attentions" if stage == 1 else "the stage-2 decoder layers"
             group = CompileGroup(compile_wanted(cfg.compile, device), what)
             job = _stage_job(stage, recipe, teacher, student, tokenizer, group)
+            if distributed.is_distributed():  # issue 13: FSDP2 plan, this rank's share of every batch
+                from ..distributed.data_parallel import distribute
+
+                job.model = student
+                distribute(job, teacher, student, run)
             job.teacher_fwd_tok_s = baselines.get(stage)
             undo = stage2.compile_layers(student, group) if stage == 2 else (lambda: None)
             try:
@@ -445,6 +459,12 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
         p.requires_grad_(False)
     if evaluate is not None:
         run.summary["heldout_after"] = evaluate()
+    if distributed.is_distributed():  # issue 13: whole weights on rank 0, which alone writes the model
+        from ..distributed.fsdp import gather_full
+
+        gather_full(student, keep=distributed.is_main())
+        if not distributed.is_main():
+            return run.summary
     student.to(wdtype)
     try:
         save_edited(student, run_dir / "model", tokenizer, overwrite=True)
