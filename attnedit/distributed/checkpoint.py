@@ -55,8 +55,16 @@ def _options():
 
 
 def _states(model, opt):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """The DCP state of the trained weights and, once AdamW has taken a step, of its moments.
 
+    Before the first step AdamW has no state, and ``get_state_dict`` would create it by taking a step
+    with zero gradients (AdamW's step count 1, which changes the bias correction of the real first
+    step); so then only the weights are written, and a restore leaves the optimizer empty as it was.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if not opt.state:
+        return {"model": get_model_state_dict(model, options=_options())}
     msd, osd = get_state_dict(model, opt, options=_options())
     return {"model": msd, "optim": osd}
 
@@ -74,6 +82,7 @@ def save(run, job, opt, step: int, lr_scale: float, restarts: int, window) -> Pa
     meta = {
         "version": 1,
         "format": "dcp",
+        "optimizer": bool(opt.state),
         "world_size": env.world_size(),
         "stage": job.stage,
         "step": step,
@@ -164,9 +173,21 @@ def read_weights(path: Path, owned) -> dict[str, torch.Tensor]:
 def restore(job, opt, state: dict) -> None:
     """Load a DCP checkpoint's trained weights and AdamW state into the live (sharded) ones."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_state_dict
 
-    states = _states(job.model, opt)
+    if not state["optimizer"]:  # written before AdamW's first step: the weights alone, and no AdamW state
+        opt.state.clear()
+        states = {"model": get_model_state_dict(job.model, options=_options())}
+        dcp.load(states, checkpoint_id=state["dcp_path"])
+        set_model_state_dict(job.model, states["model"], options=_options())
+        return
+    opt.state.clear()
+    states = _states(job.model, opt) if opt.state else None
+    if states is None:  # a fresh AdamW: let get_state_dict give it the state's shapes, then load over them
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(job.model, opt, options=_options())
+        states = {"model": msd, "optim": osd}
     dcp.load(states, checkpoint_id=state["dcp_path"])
     set_state_dict(job.model, opt, model_state_dict=states["model"], optim_state_dict=states["optim"], options=_options())
 

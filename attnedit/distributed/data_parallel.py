@@ -59,6 +59,21 @@ def reduced(loss_fn):
     return wrapped
 
 
+@torch.no_grad()
+def global_variances(ys: dict) -> dict:
+    """Each layer's ``y.var()`` over the global batch (all ranks' slices), from one all-reduce of
+    per-rank element counts, sums and sums of squares (fp64): stage 1 normalises by it, as one process does."""
+    import torch.distributed as dist
+
+    keys = list(ys)
+    stats = torch.stack([torch.stack([torch.tensor(float(ys[i].numel()), dtype=torch.float64, device=ys[i].device),
+                                      ys[i].double().sum(), ys[i].double().pow(2).sum()]) for i in keys])  # fmt: skip
+    dist.all_reduce(stats)
+    n, s, ss = stats.unbind(1)
+    var = (ss - s * s / n) / (n - 1)
+    return {i: var[k].float() for k, i in enumerate(keys)}
+
+
 def distribute(job, teacher, student, run) -> None:
     """Turn a one-process :class:`~attnedit.stages.trainer.StageJob` into this rank's part, in place."""
     from .memory import frozen_decision
