@@ -51,7 +51,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen (teacher) weights are not ours to load
 
 
 def _states(model, opt):
