@@ -140,3 +140,46 @@ def test_moe_teacher_with_sharded_frozen_weights_matches_one_process(tmp_path):
     b = _convert([str(tmp_path / "recipe.yaml"), "--out", "b"], tmp_path, 2, ATTNEDIT_FROZEN="shard")
     assert b.returncode == 0, b.stderr[-3000:]
     _close(_losses(tmp_path / "a"), _losses(tmp_path / "b"))
+
+
+# --------------------------------------------------------------------------- the memory plan
+
+
+def _qwen3_configs():
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    common = dict(num_attention_heads=32, head_dim=128, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=False)
+    dense = Qwen3Config(hidden_size=4096, num_hidden_layers=36, num_key_value_heads=8, intermediate_size=12288, **common)
+    moe = lambda experts: Qwen3MoeConfig(  # noqa: E731
+        hidden_size=2048, num_hidden_layers=48, num_key_value_heads=4, intermediate_size=6144, moe_intermediate_size=768,
+        num_experts=experts, num_experts_per_tok=8, mlp_only_layers=[], **common,
+    )  # fmt: skip
+    return dense, moe
+
+
+def test_memory_plan_for_the_qwen3_recipes():
+    from attnedit.distributed.memory import GiB, plan_memory, smallest_world
+    from attnedit.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    dense, moe = _qwen3_configs()
+    recipe = load_recipe(root / "recipes" / "qwen3-8b-mla.yaml")
+    one, two = (plan_memory(dense, recipe, n, 80 * GiB) for n in (1, 2))
+    frozen = one["options"]["replicate"]["stages"][0]["frozen_weights"]
+    assert 15 * GiB < frozen < 16 * GiB  # 8.2 G bf16 parameters
+    rep2, shard2 = (two["options"][m]["stages"][0] for m in ("replicate", "shard"))
+    assert rep2["frozen_weights"] == frozen and shard2["frozen_weights"] < 0.6 * frozen
+    assert rep2["optimizer"] == pytest.approx(one["options"]["replicate"]["stages"][0]["optimizer"] / 2)
+    assert smallest_world(dense, recipe, 80 * GiB)[0] == 2 and smallest_world(dense, recipe, 141 * GiB)[0] == 1
+    moe_recipe = load_recipe(root / "recipes" / "qwen3-30b-a3b-gateswa.yaml")
+    p128, p256 = (plan_memory(moe(e), moe_recipe, 2, 80 * GiB)["options"]["shard"]["stages"][1] for e in (128, 256))
+    assert p256["frozen_weights"] > 1.5 * p128["frozen_weights"]  # more experts: more weights (sharded)...
+    assert p256["activations"] < 1.01 * p128["activations"]  # ...but only the routed 8 per token run
+
+
+def test_dry_run_prints_the_memory_plan_for_a_world_size(setup, capsys):
+    from attnedit.cli import main
+
+    assert main(["convert", str(setup / "recipe.yaml"), "--dry-run", "--world-size", "2", "--gpu-memory", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU on 2 GPU(s)" in out and "smallest GPU count that fits 2.0 GiB: 1" in out
