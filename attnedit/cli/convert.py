@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="run folder (default: runs/<recipe name>; with a run folder as source: that folder)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (layers, params, tokens, estimated memory) and exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the memory per GPU on N GPUs, and the fewest that fit")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="with --dry-run --world-size: memory of one GPU (default 80)")
     p.add_argument("--resume", action="store_true", help="continue the run folder from its last good checkpoint")
     p.add_argument(
         "--progress", default="auto", choices=["auto", "bar", "lines", "none"],
@@ -62,7 +64,21 @@ def run(args) -> int:
         plan = make_plan(recipe)
         plan["run_dir"] = str(out)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan) + f"\nrun folder       {out}")
+        if args.world_size:  # issue 13: the per-GPU memory plan
+            from ..distributed.memory import GiB, format_memory_plan, plan_memory, smallest_world
+            from ..teachers import load_config
+
+            config, gpu = load_config(recipe.teacher), args.gpu_memory * GiB
+            print("\n" + format_memory_plan(plan_memory(config, recipe, args.world_size, gpu), smallest_world(config, recipe, gpu)))
         return 0
-    summary = convert(recipe, out, resume=args.resume, progress=args.progress)
-    print(format_summary(summary))
+    from .. import distributed  # issue 13: under torchrun, one process of N
+
+    distributed.init_from_env(recipe.device)
+    main_rank = distributed.is_main()
+    try:
+        summary = convert(recipe, out, resume=args.resume, progress=args.progress)
+    finally:
+        distributed.shutdown()
+    if main_rank:
+        print(format_summary(summary))
     return 0

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..devices import autocast, resolve_device
+from ..distributed import checkpoint as dcp_checkpoint
 from ..errors import AttnEditError
 from ..io import remove_temp_files, write_error_text, write_errors, write_text
 from ..recipe import Recipe
@@ -44,17 +46,22 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     else:  # a failed start must not leave a folder that refuses both a new start and --resume
         check_new_run_dir(run_dir)
         validate_start(recipe)
+    distributed.barrier()  # every rank has checked the folder before rank 0 creates it
+    if not distributed.is_main():
+        progress = "none"
     device = resolve_device(recipe.device)
     teacher, student, tokenizer = edit(recipe, device)  # stage 0
     existed = run_dir.exists()
-    if not resume:
+    if not resume and distributed.is_main():  # rank 0 alone writes the run folder
         prepare_run_dir(recipe, run_dir, resume)
+    distributed.barrier()
     try:
         return _run(recipe, run_dir, resume, progress, teacher, student, tokenizer, device)
     except Exception as e:
         # a new run that fails before its first checkpoint leaves nothing behind: the same --out starts
         # again once the input is fixed (a failed checkpoint write says to resume: that folder stays)
-        if not resume and not list_checkpoints(run_dir) and not getattr(e, "resumable", False):
+        saved = list_checkpoints(run_dir) or dcp_checkpoint.list_checkpoints(run_dir)
+        if not resume and not saved and not getattr(e, "resumable", False) and distributed.is_main():
             for p in list(run_dir.iterdir()) if existed else [run_dir]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         raise
@@ -62,7 +69,12 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
 
 def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, student, tokenizer, device) -> dict:
     """Train the stages (from the last good checkpoint when resuming), evaluate, save the model."""
-    state = load_latest(run_dir) if resume else None
+    if not resume:
+        state = None
+    elif distributed.is_distributed():  # sharded (DCP) checkpoints, trained weights read whole
+        state = dcp_checkpoint.load_latest(run_dir, owned=owned_parameters(student, teacher))
+    else:
+        state = load_latest(run_dir)
     layers = student.config.edit["edited_layers"]
     summary = state["summary"] if state else {"teacher": recipe.teacher, "target": recipe.target, "edited_layers": layers}
     run = Run(run_dir, recipe, device, summary, progress)
@@ -79,6 +91,12 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
     freeze(student)
     if heldout is not None:
         run.summary["heldout_after"] = heldout()
+    if distributed.is_distributed():  # whole weights on rank 0, which alone writes the model
+        from ..distributed.fsdp import gather_full
+
+        gather_full(student, keep=distributed.is_main())
+        if not distributed.is_main():
+            return run.summary
     save_model(run, recipe, student, teacher.config, tokenizer, weights_dtype(recipe, device))
     return run.summary
 
@@ -198,6 +216,11 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
     what = "the stage-1 attentions" if stage == 1 else "the stage-2 decoder layers"
     group = CompileGroup(compile_wanted(cfg.compile, device), what)
     job = stage_job(stage, recipe, teacher, student, tokenizer, device, group)
+    if distributed.is_distributed():  # the FSDP2 plan, and this rank's share of every batch
+        from ..distributed.data_parallel import distribute
+
+        job.model = student
+        distribute(job, teacher, student, run)
     job.teacher_fwd_tok_s = baseline
     undo = stage2.compile_layers(student, group) if stage == 2 else (lambda: None)
     try:

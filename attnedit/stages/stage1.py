@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..families import family_for
 from ..families.hooks import watch
 from ..targets import AttentionContext
@@ -64,19 +65,19 @@ class LayerLoss(nn.Module):
         super().__init__()
         self.attn = attn
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: AttentionContext, var: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         y = y.float()
         mse = (self.attn(x, ctx).float() - y).pow(2).mean()
-        loss = mse / y.var().clamp_min(1e-12)
+        loss = mse / (y.var() if var is None else var).clamp_min(1e-12)  # var: the global batch's (issue 13)
         rel_err = torch.sqrt(mse.detach() / y.pow(2).mean().clamp_min(1e-12))
         return loss, rel_err
 
 
-def layer_losses(terms: dict, xs: dict, ys: dict, ctx: AttentionContext) -> tuple[list, list]:
+def layer_losses(terms: dict, xs: dict, ys: dict, ctx: AttentionContext, variances: dict | None = None) -> tuple[list, list]:
     """Per-layer normalised MSE (differentiable) and relative error ``||y_hat - y|| / ||y||`` (device tensors)."""
     losses, rel_errs = [], []
     for i, term in terms.items():
-        loss, rel_err = term(xs[i], ys[i], ctx)
+        loss, rel_err = term(xs[i], ys[i], ctx, *([variances[i]] if variances else []))
         losses.append(loss)
         rel_errs.append(rel_err)
     return losses, rel_errs
@@ -100,7 +101,12 @@ def make_loss(teacher, student, compile_group: CompileGroup | None = None):
         ctx = AttentionContext(positions, past_length=0, q_len=t, key_padding=None, cache=None)
         if compiled:
             ctx = layer_context(ctx)  # one compiled graph serves every layer of a kind
-        losses, rel_errs = layer_losses(terms, xs, ys, ctx)
+        variances = None
+        if distributed.is_distributed():  # issue 13: normalise by the whole global batch's variance, as one process
+            from ..distributed.data_parallel import global_variances
+
+            variances = global_variances(ys)
+        losses, rel_errs = layer_losses(terms, xs, ys, ctx, variances)
         loss = torch.stack(losses).sum()
         rel = torch.stack([torch.as_tensor(r, dtype=torch.float32, device=loss.device) for r in rel_errs])
         return loss, {"layer_loss": torch.stack(losses).detach(), "layer_rel_err": rel.detach()}

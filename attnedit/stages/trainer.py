@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..devices import autocast
+from .. import distributed
 from ..errors import AttnEditError
 from ..provenance import provenance
 from ..recipe import Recipe, StageConfig
@@ -107,6 +108,19 @@ class MetricsLog:
             self.tb.flush()
 
 
+class _NoMetrics:
+    """What ranks other than 0 log to (issue 13): nothing."""
+
+    def offset(self) -> int:
+        return 0
+
+    def truncate(self, offset: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+
 class Run:
     """One run folder while it trains: metrics, checkpoints, the summary so far, and stop requests."""
 
@@ -115,7 +129,7 @@ class Run:
         self.recipe = recipe
         self.device = device
         self.summary = summary
-        self.metrics = MetricsLog(self.dir)
+        self.metrics = MetricsLog(self.dir) if distributed.is_main() else _NoMetrics()  # issue 13: rank 0 writes
         self.progress = progress if progress != "auto" else ("bar" if sys.stderr.isatty() else "lines")
         self.stop_signal: int | None = None
         self.started = time.time()
@@ -126,6 +140,10 @@ class Run:
         return self.wall_before + time.time() - self.started
 
     def checkpoint(self, job: StageJob, opt, step: int, lr_scale: float, restarts: int, window: _Window | None = None) -> Path:
+        if distributed.is_distributed():  # issue 13: a sharded DCP checkpoint, every rank writes its shards
+            from ..distributed import checkpoint as dcp_checkpoint
+
+            return dcp_checkpoint.save(self, job, opt, step, lr_scale, restarts, window)
         self.summary["wall_s"] = self.wall()
         info = self.summary.get(f"stage{job.stage}", {})
         if "wall_start" in info:
@@ -181,8 +199,13 @@ def load_weights(owned: list[tuple[str, nn.Parameter]], state: dict) -> None:
 
 def _restore(run: Run, job: StageJob, opt, state: dict) -> _Window:
     """Put the run back to ``state``; returns the log window as it stood then."""
-    load_weights(run.owned, state)
-    opt.load_state_dict(state["optimizer"])
+    if "dcp_path" in state:  # issue 13: weights and AdamW state from a DCP checkpoint, into the sharded ones
+        from ..distributed import checkpoint as dcp_checkpoint
+
+        dcp_checkpoint.restore(job, opt, state)
+    else:
+        load_weights(run.owned, state)
+        opt.load_state_dict(state["optimizer"])
     job.stream.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     run.metrics.truncate(state["metrics_offset"])
@@ -303,7 +326,10 @@ def _recover(run: Run, job: StageJob, opt, step: int, lr_scale: float, restarts:
             f"stage {job.stage} step {step}: the loss is still {what} after {restarts} restarts "
             f"with halved learning rates; lower stage{job.stage}.lr or raise max_nonfinite_restarts"
         )
-    state = load_latest(run.dir, accept=lambda p: p.name.startswith(f"stage{job.stage}-"), required=False)
+    find = load_latest
+    if distributed.is_distributed():  # issue 13
+        from ..distributed.checkpoint import load_latest as find
+    state = find(run.dir, accept=lambda p: p.name.startswith(f"stage{job.stage}-"), required=False)
     if state is None:
         raise AttnEditError(
             f"stage {job.stage} step {step}: the loss is {what} and no good checkpoint of stage {job.stage} is left "
@@ -356,6 +382,7 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
                 else:
                     values[k] = values[k] + v / cfg.grad_accum if k in values else v / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+        grad_norm = distributed.env.local_value(grad_norm)  # issue 13: FSDP2 gives a replicated DTensor
         finite = bool(finite & torch.isfinite(grad_norm).to(finite.device))  # the step's one host sync
         if not finite:
             opt.zero_grad(set_to_none=True)
