@@ -34,3 +34,34 @@ def test_window_sensitivity_finds_the_layer_that_needs_distant_tokens():
         window_sensitivity(teacher, ids, window=40, sink=0)
     wide = window_sensitivity(teacher, ids, window=24, sink=1)  # a wider window cuts less
     assert wide[2] < scores[2]
+
+
+def test_convert_measures_auto_full_layers_and_reuses_the_choice_on_resume(tmp_path, monkeypatch):
+    import json
+
+    from test_stages import make_docs, make_teacher_dir, tiny_raw
+
+    from attnedit.recipe import parse_recipe
+    from attnedit.stages import convert
+    from attnedit.surgery import sensitivity
+
+    raw = tiny_raw(make_teacher_dir(tmp_path), make_docs(tmp_path / "docs.jsonl"), target="gateswa",
+                   stage1__steps=2, stage2__steps=0, checkpoint_every=1)  # fmt: skip
+    raw["target_args"] = {"window": 8, "sink": 1, "full_layers": "auto:2"}
+    summary = convert(parse_recipe(raw), tmp_path / "run", progress="none")
+    record = json.loads((tmp_path / "run" / "full_layers.json").read_text())
+    assert record["auto"] == 2 and len(record["scores_kl"]) == 4
+    assert record["chosen"] == choose_full_layers(record["scores_kl"], 2) == summary["full_layers"]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert [i for i, x in enumerate(config["layer_attention"]) if x["layer_type"] == "full"] == record["chosen"]
+    # a resumed run takes the recorded choice and measures nothing again
+    monkeypatch.setattr(sensitivity, "window_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    (tmp_path / "run" / "summary.json").unlink()
+    convert(parse_recipe(raw), tmp_path / "run", resume=True, progress="none")
+
+
+def test_edit_refuses_unmeasured_auto_full_layers():
+    from attnedit.surgery import edit_model
+
+    with pytest.raises(AttnEditError, match="measured on training data"):
+        edit_model(tiny_teacher("llama"), "gateswa", {"full_layers": "auto:1"})

@@ -50,10 +50,14 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     if not distributed.is_main():
         progress = "none"
     device = resolve_device(recipe.device)
-    teacher, student, tokenizer = edit(recipe, device)  # stage 0
+    chosen = run_dir / FULL_LAYERS
+    measured = json.loads(chosen.read_text()) if resume and chosen.is_file() else None
+    teacher, student, tokenizer, measured = edit(recipe, device, measured)  # stage 0
     existed = run_dir.exists()
     if not resume and distributed.is_main():  # rank 0 alone writes the run folder
         prepare_run_dir(recipe, run_dir, resume)
+        if measured is not None:  # full_layers=auto:K: the measured choice, reused on resume
+            write_text(chosen, json.dumps(measured, indent=2) + "\n")
     distributed.barrier()
     try:
         return _run(recipe, run_dir, resume, progress, teacher, student, tokenizer, device)
@@ -77,6 +81,9 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
         state = load_latest(run_dir)
     layers = student.config.edit["edited_layers"]
     summary = state["summary"] if state else {"teacher": recipe.teacher, "target": recipe.target, "edited_layers": layers}
+    full = [i for i, x in enumerate(student.config.layer_attention) if x.get("layer_type") == "full"]
+    if full and "full_layers" not in summary:
+        summary["full_layers"] = full
     run = Run(run_dir, recipe, device, summary, progress)
     restore(run, state, resume, teacher, student)
     heldout = heldout_eval(recipe, teacher, student, tokenizer, device)
@@ -104,10 +111,19 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: str, teacher, st
 # ------------------------------------------------------------------------------------ the steps
 
 
-def edit(recipe: Recipe, device: torch.device):
-    """Stage 0: load the teacher (frozen) and replace its attention; the new attention trains in fp32."""
+FULL_LAYERS = "full_layers.json"  # GateSWA full_layers=auto:K: the layers chosen and each layer's measured cost
+
+
+def edit(recipe: Recipe, device: torch.device, measured: dict | None = None):
+    """Stage 0: load the teacher (frozen) and replace its attention; the new attention trains in fp32.
+
+    With GateSWA ``full_layers: auto:K`` the K full layers are measured first on the run's own data
+    (``measured``, from an earlier start of the run, is reused as it is). Returns the teacher, the student,
+    the tokenizer and that measurement (None without ``auto:K``).
+    """
     from ..data import resolve_tokenizer
     from ..surgery import edit_model
+    from ..surgery.sensitivity import parse_auto, resolve_auto_full_layers
     from ..teachers import load_model
 
     teacher, teacher_tok = load_model(recipe.teacher, dtype=weights_dtype(recipe, device), device=device)
@@ -117,12 +133,26 @@ def edit(recipe: Recipe, device: torch.device):
     calib = None
     if recipe.target == "mla" and recipe.target_args.get("init") == "teacher":
         calib = calibration_ids(recipe, tokenizer, teacher.config.hidden_size)
+    target_args = recipe.target_args
+    if recipe.target == "gateswa" and parse_auto(target_args.get("full_layers", "")) is not None:
+        if measured is None:
+            _, measured = resolve_auto_full_layers(teacher, target_args, sensitivity_ids(recipe, tokenizer))
+        if measured is not None:
+            target_args = {**target_args, "full_layers": ",".join(map(str, measured["chosen"])) or "none"}
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    student = edit_model(teacher, recipe.target, recipe.target_args, calibration_ids=calib)
+    student = edit_model(teacher, recipe.target, target_args, calibration_ids=calib)
     for i in student.config.edit["edited_layers"]:
         student.attentions()[i].float()  # trained weights stay fp32 (AdamW master copies); autocast does the rest
-    return teacher, student, tokenizer
+    return teacher, student, tokenizer, measured
+
+
+def sensitivity_ids(recipe: Recipe, tokenizer, n: int = 8) -> torch.Tensor:
+    """Blocks of the run's training data at its longest sequence length, for choosing full layers."""
+    from ..data import BlockStream
+
+    seq = max(stage_seq_len(recipe, 1), stage_seq_len(recipe, 2))
+    return BlockStream(stage_data(recipe, seq), tokenizer, seed=recipe.seed, prefetch=False).next_batch(n)
 
 
 def calibration_ids(recipe: Recipe, tokenizer, hidden_size: int) -> torch.Tensor:

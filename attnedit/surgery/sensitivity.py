@@ -68,6 +68,25 @@ def window_sensitivity(teacher, ids: torch.Tensor, window: int, sink: int, batch
     return [x / n for x in scores]
 
 
+def resolve_auto_full_layers(teacher, target_args: dict, calibration_ids: torch.Tensor) -> tuple[dict, dict | None]:
+    """``target_args`` with ``full_layers: auto:K`` replaced by the measured choice, and the record of it
+    (K, chosen layers, per-layer scores, window); unchanged args and None when there is nothing to measure."""
+    from .edit import edited_config
+
+    k = parse_auto(target_args.get("full_layers", ""))
+    if k is None:
+        return target_args, None
+    plan = edited_config(teacher.config, "gateswa", target_args)  # resolves the window and sink defaults
+    sliding = next((x for x in plan.layer_attention if x.get("kind") == "gateswa"), None)
+    if sliding is None or k == 0:
+        return {**target_args, "full_layers": "none" if k == 0 else target_args["full_layers"]}, None
+    window, sink = sliding["window"], sliding["sink"]
+    scores = window_sensitivity(teacher, calibration_ids, window, sink)
+    chosen = choose_full_layers(scores, k)
+    record = {"auto": k, "chosen": chosen, "window": window, "sink": sink, "scores_kl": [round(x, 8) for x in scores]}
+    return {**target_args, "full_layers": ",".join(map(str, chosen)) or "none"}, record
+
+
 def choose_full_layers(scores: list[float], k: int) -> list[int]:
     """The ``k`` layers with the largest scores, in layer order (ties: the earlier layer)."""
     if k > len(scores):

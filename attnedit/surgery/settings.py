@@ -45,7 +45,11 @@ class MLASettings(TargetSettings):
 class GateSWASettings(TargetSettings):
     window: int | None = _help("tokens a sliding layer sees, itself included (default: 1024, at most a quarter of the max context)")
     sink: int = _help("first tokens every sliding layer always sees (attention sinks; 0 doubles perplexity)", 4)
-    full_layers: str = _help("full-attention layers: 'every:K' (layers K-1, 2K-1, ...), indices '3,9', or 'none'", "every:6")
+    full_layers: str = _help(
+        "full-attention layers: 'every:K' (layers K-1, 2K-1, ...), indices '3,9', 'none', or 'auto:K' (the K layers "
+        "whose windowing costs the teacher most, measured by convert on the run's data)",
+        "every:6",
+    )
     gate: str = _help(
         "output gate: 'elementwise' (one per channel), 'headwise' (one per head) or 'none' (no gate: with sink=0 "
         "the model is a stock sliding-window architecture that `attnedit export` writes for vLLM/SGLang)",
@@ -223,6 +227,20 @@ def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: s
     }
 
 
+def full_layer_indices(full_layers, n_layers: int) -> list[int]:
+    """The full layers of a GateSWA plan. ``auto:K`` has not been measured yet when a plan is made from
+    configs alone (``--dry-run``, ``inspect``): K layers spread evenly stand in for it, which gives the
+    same KV figures; ``convert`` measures the real choice before it edits (surgery/sensitivity.py)."""
+    from .sensitivity import parse_auto
+
+    k = parse_auto(full_layers)
+    if k is None:
+        return parse_layer_list(full_layers, n_layers, "full_layers")
+    if k > n_layers:
+        raise AttnEditError(f"full_layers=auto:{k}: the model has only {n_layers} layers")
+    return sorted({round((j + 1) * n_layers / k) - 1 for j in range(k)}) if k else []
+
+
 def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[list[dict], list[int]]:
     """Per-layer attention descriptions for an edited model, and the indices of the edited layers."""
     if settings.init not in ("random", "teacher"):
@@ -232,7 +250,7 @@ def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[
     edited = parse_layer_list(settings.layers, n, "layers")
     if not edited:
         raise AttnEditError("layers selects no layer; use 'all' or indices like '0-11'")
-    full = set(parse_layer_list(settings.full_layers, n, "full_layers")) if target == "gateswa" else set()
+    full = set(full_layer_indices(settings.full_layers, n)) if target == "gateswa" else set()
     plan = []
     for i in range(n):
         if i not in edited:
