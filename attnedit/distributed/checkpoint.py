@@ -18,7 +18,6 @@ teacher is never written (it is the teacher's own checkpoint).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -29,8 +28,8 @@ import torch
 from ..errors import AttnEditError
 from . import env
 
-CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^stage(\d)-step(\d{6,})\.dcp$")
+from ..stages.checkpoint import CHECKPOINT_DIR
+from ..stages.checkpoint import list_checkpoints as _list
 
 
 def checkpoint_dir(run_dir: Path, stage: int, step: int) -> Path:
@@ -38,14 +37,8 @@ def checkpoint_dir(run_dir: Path, stage: int, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished DCP checkpoints, oldest first (by stage, then step)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    found = []
-    for p in folder.glob("stage*-step*.dcp") if folder.is_dir() else []:
-        m = _NAME.match(p.name)
-        if m and (p / "meta.pt").is_file():
-            found.append(((int(m.group(1)), int(m.group(2))), p))
-    return [p for _, p in sorted(found)]
+    """Finished DCP checkpoints (rank 0 wrote ``meta.pt`` last), oldest first (by stage, then step)."""
+    return _list(run_dir, ".dcp", lambda p: (p / "meta.pt").is_file())
 
 
 def _options():
@@ -75,10 +68,7 @@ def save(run, job, opt, step: int, lr_scale: float, restarts: int, window) -> Pa
 
     from ..stages.checkpoint import rng_state
 
-    run.summary["wall_s"] = run.wall()
-    info = run.summary.get(f"stage{job.stage}", {})
-    if "wall_start" in info:
-        info["wall_s"] = round(run.summary["wall_s"] - info["wall_start"], 1)
+    run.stamp_wall(job.stage)
     meta = {
         "version": 1,
         "format": "dcp",

@@ -139,15 +139,19 @@ class Run:
     def wall(self) -> float:
         return self.wall_before + time.time() - self.started
 
+    def stamp_wall(self, stage: int) -> None:
+        """Wall time so far into the summary (the run's, and the stage's), before a checkpoint saves it."""
+        self.summary["wall_s"] = self.wall()
+        info = self.summary.get(f"stage{stage}", {})
+        if "wall_start" in info:
+            info["wall_s"] = round(self.summary["wall_s"] - info["wall_start"], 1)
+
     def checkpoint(self, job: StageJob, opt, step: int, lr_scale: float, restarts: int, window: _Window | None = None) -> Path:
         if distributed.is_distributed():  # issue 13: a sharded DCP checkpoint, every rank writes its shards
             from ..distributed import checkpoint as dcp_checkpoint
 
             return dcp_checkpoint.save(self, job, opt, step, lr_scale, restarts, window)
-        self.summary["wall_s"] = self.wall()
-        info = self.summary.get(f"stage{job.stage}", {})
-        if "wall_start" in info:
-            info["wall_s"] = round(self.summary["wall_s"] - info["wall_start"], 1)
+        self.stamp_wall(job.stage)
         state = {
             "version": 1,
             "stage": job.stage,
