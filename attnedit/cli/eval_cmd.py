@@ -10,18 +10,6 @@ from ..io import write_json
 from .common import RUN_AUTO, add_device_args, device_of, dtype_of
 
 
-def batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer or auto")
-    return value
-
-
 def positive(text: str) -> int:
     try:
         value = int(text)
@@ -30,6 +18,14 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
+
+
+def batch_size(text: str) -> int | str:
+    """A positive integer, or ``auto``."""
+    try:
+        return text if text == "auto" else positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer or auto") from None
 
 
 def add_parser(sub) -> None:
