@@ -115,7 +115,7 @@ def test_resume_refuses_a_different_recipe(setup, reference, capsys, monkeypatch
     assert "already exists" in capsys.readouterr().err
 
 
-def test_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+def test_full_disk_keeps_the_previous_checkpoint(setup, reference, tmp_path, monkeypatch):
     raw = yaml.safe_load((setup / "recipe.yaml").read_text())
     calls = {"n": 0}
     real_save = torch.save
@@ -139,7 +139,7 @@ def test_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
     assert load_latest(run)["step"] == 2
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     convert(parse_recipe(raw), run, resume=True, progress="none")
-    assert (run / "model" / "model.safetensors").exists()
+    _same_run(reference, run)  # the failed save cost nothing: same weights, losses and held-out figures
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(setup, reference, tmp_path, capsys):
