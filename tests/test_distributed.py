@@ -44,13 +44,10 @@ def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **extra}
 
 
-def _convert(args: list[str], cwd: Path, nproc: int | None, driver: tuple | None = None, **env) -> subprocess.CompletedProcess:
-    """``attnedit convert`` in one plain process (nproc None) or under torchrun with nproc processes."""
-    if nproc is None:
-        cmd = [sys.executable, "-m", "attnedit"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd += [str(cwd / "driver.py"), *map(str, driver)] if driver else ["-m", "attnedit"]
+def _convert(args: list[str], cwd: Path, nproc: int, driver: tuple | None = None, **env) -> subprocess.CompletedProcess:
+    """``attnedit convert`` under torchrun with nproc processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(cwd / "driver.py"), *map(str, driver)] if driver else ["-m", "attnedit"]
     cmd += ["convert", *args, "--progress", "none"]
     return subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=240)
 
@@ -74,10 +71,18 @@ def setup(tmp_path_factory):
     return root
 
 
+def _in_process(args: list[str], cwd: Path) -> int:
+    """``attnedit convert`` on one process, run in this one (no interpreter start-up)."""
+    from attnedit.cli import main
+
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(cwd)
+        return main(["convert", *args, "--progress", "none"])
+
+
 @pytest.fixture(scope="module")
 def one(setup):
-    done = _convert([str(setup / "recipe.yaml"), "--out", "one"], setup, None)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert _in_process([str(setup / "recipe.yaml"), "--out", "one"], setup) == 0
     return setup / "one"
 
 
@@ -135,8 +140,7 @@ def test_dcp_checkpoint_exports_to_a_hugging_face_folder(setup, two, tmp_path):
 def test_moe_teacher_with_sharded_frozen_weights_matches_one_process(tmp_path):
     raw = tiny_raw(make_teacher_dir(tmp_path, "qwen3_moe"), make_docs(tmp_path / "docs.jsonl"), stage1__steps=3, stage2__steps=3)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    a = _convert([str(tmp_path / "recipe.yaml"), "--out", "a"], tmp_path, None)
-    assert a.returncode == 0, a.stderr[-3000:]
+    assert _in_process([str(tmp_path / "recipe.yaml"), "--out", "a"], tmp_path) == 0
     b = _convert([str(tmp_path / "recipe.yaml"), "--out", "b"], tmp_path, 2, ATTNEDIT_FROZEN="shard")
     assert b.returncode == 0, b.stderr[-3000:]
     _close(_losses(tmp_path / "a"), _losses(tmp_path / "b"))

@@ -19,7 +19,7 @@ def _saved(tmp_path, family, target, saved_dtype):
     teacher = tiny_teacher(family).to(saved_dtype)
     teacher.config.dtype = saved_dtype  # as a real checkpoint's config says (tiny ones say nothing)
     student = edit_model(teacher, target, ARGS[target])
-    return save_edited(student, tmp_path / f"{family}-{target}")
+    return save_edited(student, tmp_path / f"{family}-{target}"), student
 
 
 @pytest.mark.parametrize("target", ["mla", "gateswa"])
@@ -29,10 +29,13 @@ def test_stock_from_pretrained_gives_one_dtype(tmp_path, monkeypatch, family, ta
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    out = _saved(tmp_path, family, target, saved)
+    out, student = _saved(tmp_path, family, target, saved)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=loaded).eval()
     wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != loaded}
     assert not wrong, list(wrong.items())[:3]
+    ids = tiny_ids(length=9)
     with torch.no_grad():
-        logits = model(tiny_ids(length=9)).logits
-    assert logits.dtype == loaded and torch.isfinite(logits.float()).all()
+        logits = model(ids).logits
+        want = student.to(loaded).eval()(ids).logits  # the saved weights, cast in memory: the same numbers
+    assert logits.dtype == loaded
+    torch.testing.assert_close(logits, want)

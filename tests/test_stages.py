@@ -204,8 +204,13 @@ def test_convert_runs_both_stages_and_saves_a_loadable_model(assets, tmp_path):
     raw = tiny_raw(assets["teacher"], assets["docs"], stage1__steps=20, stage2__steps=8, log_every=4)
     run = tmp_path / "run"
     summary = convert(parse_recipe(raw), run, progress="none")
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "checkpoints"):
-        assert (run / name).exists(), name
+    import yaml
+
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))  # what it returned
+    assert parse_recipe(yaml.safe_load((run / "recipe.yaml").read_text())) == parse_recipe(raw)  # what it ran
+    from attnedit.stages.checkpoint import list_checkpoints
+
+    assert list_checkpoints(run)[-1].name == "stage2-step000008.pt"  # the last step was checkpointed
     rows = [m for m in metrics(run) if "step" in m]
     s1 = [m for m in rows if m["stage"] == 1]
     s2 = [m for m in rows if m["stage"] == 2]
