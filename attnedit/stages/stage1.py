@@ -98,7 +98,7 @@ def make_loss(teacher, student, compile_group: CompileGroup | None = None):
         xs, ys = capture(teacher, layers, ids)
         b, t = ids.shape
         positions = torch.arange(t, device=ids.device)[None].expand(b, t)
-        ctx = AttentionContext(positions, past_length=0, q_len=t, key_padding=None, cache=None)
+        ctx = AttentionContext(positions, n_cached=0, q_len=t, key_padding=None, cache=None)
         if compiled:
             ctx = layer_context(ctx)  # one compiled graph serves every layer of a kind
         variances = None

@@ -95,15 +95,15 @@ class Rotary:
 class AttentionContext:
     """What every attention layer needs to know about the current forward call.
 
-    ``key_padding`` is ``[batch, past + q_len]`` (True for real tokens) or None when nothing is padded.
-    ``past_length`` counts the tokens already in the cache before this call; it is None in a decode
+    ``key_padding`` is ``[batch, n_cached + q_len]`` (True for real tokens) or None when nothing is padded.
+    ``n_cached`` counts the tokens already in the cache before this call; it is None in a decode
     step over a static cache, where that count lives on the device (``n_written``: the slot the new
     token goes to; ``n_filled``: slots holding keys after the write; ``key_valid``: [batch, slots]
     False for padding, or None), so that a compiled step never reads it on the host.
     """
 
     position_ids: torch.Tensor
-    past_length: int | None
+    n_cached: int | None
     q_len: int
     key_padding: torch.Tensor | None
     cache: object | None
@@ -115,7 +115,7 @@ class AttentionContext:
     @property
     def decoding(self) -> bool:
         """A one-token step over a static cache (the compiled path)."""
-        return self.past_length is None
+        return self.n_cached is None
 
     def rope(self, rotary: Rotary, dtype: torch.dtype):
         key = ("rope", rotary.key, dtype)
@@ -132,11 +132,11 @@ class AttentionContext:
     @property
     def all_keys_visible(self) -> bool:
         """One new token and no padding over a growing cache: every cached key is visible (full caches
-        hold the past, ring buffers hold exactly the window and sinks), so no mask is needed."""
+        hold every earlier token, ring buffers hold exactly the window and sinks), so no mask is needed."""
         return self.q_len == 1 and self.key_padding is None
 
     def query_index(self, device) -> torch.Tensor:
-        return torch.arange(self.past_length, self.past_length + self.q_len, device=device)
+        return torch.arange(self.n_cached, self.n_cached + self.q_len, device=device)
 
     def mask(
         self, key_index: torch.Tensor, window: int | None = None, sink: int = 0, force: bool = False
@@ -152,8 +152,8 @@ class AttentionContext:
         plain = (
             window is None
             and self.key_padding is None
-            and n == self.past_length + self.q_len
-            and (self.past_length == 0 or self.q_len == 1)
+            and n == self.n_cached + self.q_len
+            and (self.n_cached == 0 or self.q_len == 1)
         )
         if plain and not force:
             return None
@@ -232,7 +232,7 @@ class CacheLayer:
         for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, None)
-        self.seen = 0
+        self.n_cached = 0
 
 
 def static_buffer(shape, dtype, device) -> torch.Tensor:

@@ -19,7 +19,7 @@ class KVCacheLayer(CacheLayer):
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.seen = 0
+        self.n_cached = 0
 
     def tensors(self):
         return [t for t in (self.k, self.v) if t is not None]
@@ -32,10 +32,10 @@ class KVCacheLayer(CacheLayer):
         else:
             self.k = torch.cat([self.k, k], dim=2)
             self.v = torch.cat([self.v, v], dim=2)
-        self.seen += k.shape[2]
+        self.n_cached += k.shape[2]
         if first:
             return self.k, self.v, None
-        return self.k, self.v, torch.arange(self.seen, device=k.device)
+        return self.k, self.v, torch.arange(self.n_cached, device=k.device)
 
 
 class StaticKVCacheLayer(CacheLayer):
@@ -54,12 +54,12 @@ class StaticKVCacheLayer(CacheLayer):
 
     def update(self, k, v, ctx: AttentionContext):
         """Eager write of a chunk at its columns; returns what a chunk's attention reads."""
-        past, t = ctx.past_length, k.shape[2]
-        self.k[:, :, past : past + t] = k
-        self.v[:, :, past : past + t] = v
-        if past == 0:
+        n_cached, t = ctx.n_cached, k.shape[2]
+        self.k[:, :, n_cached : n_cached + t] = k
+        self.v[:, :, n_cached : n_cached + t] = v
+        if n_cached == 0:
             return k, v, None
-        return self.k[:, :, : past + t], self.v[:, :, : past + t], torch.arange(past + t, device=k.device)
+        return self.k[:, :, : n_cached + t], self.v[:, :, : n_cached + t], torch.arange(n_cached + t, device=k.device)
 
     def decode_update(self, k, v, ctx: AttentionContext):
         """Write one token at column ``n_written`` (a device tensor); returns the decode kernel's inputs."""

@@ -56,7 +56,7 @@ class SlidingKVCacheLayer(CacheLayer):
         self.sink = sink
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.seen = 0
+        self.n_cached = 0
 
     @property
     def capacity(self) -> int:
@@ -73,20 +73,20 @@ class SlidingKVCacheLayer(CacheLayer):
         return ring_slot(p, self.sink, self.window)
 
     def update(self, k, v, ctx: AttentionContext):
-        n, t = self.seen, k.shape[2]
+        n, t = self.n_cached, k.shape[2]
         total = n + t
         if n == 0:  # the keys are this chunk's tokens: keep what the ring holds after it
             keep = kept_tokens(0, t, self.sink, self.window)
             order = sorted(keep, key=self.slot_of)
             idx = torch.tensor(order, device=k.device)
             self.k, self.v = k[:, :, idx], v[:, :, idx]
-            self.seen = total
+            self.n_cached = total
             return k, v, None
         if t == 1 and n >= self.capacity:  # overwrite the oldest token in place
             slot = self.slot_of(n)
             self.k[:, :, slot] = k[:, :, 0]
             self.v[:, :, slot] = v[:, :, 0]
-            self.seen = total
+            self.n_cached = total
             return self.k, self.v, self.slot_positions(total, k.device)
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
@@ -95,7 +95,7 @@ class SlidingKVCacheLayer(CacheLayer):
         column[key_index] = torch.arange(key_index.shape[0], device=k.device)
         keep = column[self.slot_positions(total, k.device)]
         self.k, self.v = keys[:, :, keep], values[:, :, keep]
-        self.seen = total
+        self.n_cached = total
         return keys, values, key_index
 
 
@@ -128,17 +128,17 @@ class StaticSlidingKVCacheLayer(CacheLayer):
             self.v.index_copy_(2, slots, v[:, :, src])
 
     def update(self, k, v, ctx: AttentionContext):
-        past, t = ctx.past_length, k.shape[2]
-        if past == 0:
+        n_cached, t = ctx.n_cached, k.shape[2]
+        if n_cached == 0:
             self._write(k, v, 0, t)
             return k, v, None
-        filled = min(past, self.capacity)
+        filled = min(n_cached, self.capacity)
         keys = torch.cat([self.k[:, :, :filled], k], dim=2)
         values = torch.cat([self.v[:, :, :filled], v], dim=2)
         key_index = torch.cat(
-            [ring_positions(past, self.sink, self.window, k.device)[:filled], torch.arange(past, past + t, device=k.device)]
+            [ring_positions(n_cached, self.sink, self.window, k.device)[:filled], torch.arange(n_cached, n_cached + t, device=k.device)]
         )
-        self._write(k, v, past, past + t)
+        self._write(k, v, n_cached, n_cached + t)
         return keys, values, key_index
 
     def decode_update(self, k, v, ctx: AttentionContext):

@@ -41,7 +41,7 @@ class LatentCacheLayer(CacheLayer):
 
     def __init__(self):
         self.latent: torch.Tensor | None = None
-        self.seen = 0
+        self.n_cached = 0
 
     def tensors(self):
         return [] if self.latent is None else [self.latent]
@@ -49,8 +49,8 @@ class LatentCacheLayer(CacheLayer):
     def update(self, latent, ctx: AttentionContext):
         first = self.latent is None
         self.latent = latent if first else torch.cat([self.latent, latent], dim=1)
-        self.seen += latent.shape[1]
-        return self.latent, None if first else torch.arange(self.seen, device=latent.device)
+        self.n_cached += latent.shape[1]
+        return self.latent, None if first else torch.arange(self.n_cached, device=latent.device)
 
 
 class StaticLatentCacheLayer(CacheLayer):
@@ -66,11 +66,11 @@ class StaticLatentCacheLayer(CacheLayer):
         return [self.latent]
 
     def update(self, latent, ctx: AttentionContext):
-        past, t = ctx.past_length, latent.shape[1]
-        self.latent[:, past : past + t] = latent
-        if past == 0:
+        n_cached, t = ctx.n_cached, latent.shape[1]
+        self.latent[:, n_cached : n_cached + t] = latent
+        if n_cached == 0:
             return latent, None
-        return self.latent[:, : past + t], torch.arange(past + t, device=latent.device)
+        return self.latent[:, : n_cached + t], torch.arange(n_cached + t, device=latent.device)
 
     def decode_update(self, latent, ctx: AttentionContext):
         self.latent.index_copy_(1, ctx.n_written.view(1), latent)

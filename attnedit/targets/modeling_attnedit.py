@@ -51,7 +51,7 @@ class AttnEditCache(Cache):
 
     Growing (default for a bare forward call): tensors grow as tokens arrive. Static
     (``static=True``, what ``generate()`` uses): every tensor is allocated once for ``batch_size`` x
-    ``max_length`` and written in place; the token count (``length``), each row's count of real tokens
+    ``max_length`` and written in place; the token count (``n_cached_device``; ``n_cached`` counts on the host for a growing cache), each row's count of real tokens
     (``real``) and which columns hold padding (``valid``, only read once padding was seen) are device
     tensors, so a one-token step runs without reading anything on the host: it compiles into one
     graph (``torch.compile``, CUDA graphs), which is how ``generate()`` runs it on a GPU.
@@ -60,10 +60,10 @@ class AttnEditCache(Cache):
     def __init__(self, layers: list, static: bool = False, batch_size: int = 0, max_length: int = 0, device=None):
         super().__init__(layers=layers)
         self.static = static
-        self.seen_tokens = 0
+        self.n_cached = 0
         self.rows, self.max_length = batch_size, max_length
         if static:
-            self.length = static_buffer((), torch.long, device)
+            self.n_cached_device = static_buffer((), torch.long, device)
             self.real = static_buffer((batch_size,), torch.long, device)
             self.valid = static_buffer((batch_size, max_length), torch.bool, device)
             self.valid.fill_(True)
@@ -71,8 +71,8 @@ class AttnEditCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if self.static:
-            return int(self.length)  # reads the device count (eager code only; decoding never calls it)
-        return self.seen_tokens
+            return int(self.n_cached_device)  # reads the device count (eager code only; decoding never calls it)
+        return self.n_cached
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_length if self.static else -1
@@ -107,9 +107,9 @@ class AttnEditCache(Cache):
     def reset(self):
         for layer in self.layers:
             layer.reset()
-        self.seen_tokens = 0
+        self.n_cached = 0
         if self.static:
-            self.length.zero_()
+            self.n_cached_device.zero_()
             self.real.zero_()
             self.valid.fill_(True)
             self.padded = False
@@ -123,21 +123,21 @@ class AttnEditCache(Cache):
         """The context of a forward call over ``t`` new tokens; :meth:`end` records them."""
         if self.static and t == 1:
             return self._begin_decode(b, attention_mask, position_ids)
-        past = self.get_seq_length()
-        if self.static and past + t > self.max_length:
+        n_cached = self.get_seq_length()
+        if self.static and n_cached + t > self.max_length:
             raise ValueError(
-                f"this static cache holds {self.max_length} tokens; {past} are in it and {t} more do not fit "
+                f"this static cache holds {self.max_length} tokens; {n_cached} are in it and {t} more do not fit "
                 "(allocate a larger one: model.new_cache(static=True, batch_size=..., max_length=...))"
             )
-        if not self.static and attention_mask is not None and attention_mask.shape[-1] != past + t:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens; expected past + new = {past + t}")
-        new_mask = _new_token_mask(attention_mask, past, t)
+        if not self.static and attention_mask is not None and attention_mask.shape[-1] != n_cached + t:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens; expected cached + new = {n_cached + t}")
+        new_mask = _new_token_mask(attention_mask, n_cached, t)
         if self.static:
             if new_mask is not None:
                 self.padded = True
             if self.padded:
-                self.valid[:, past : past + t] = True if new_mask is None else new_mask
-            key_padding = self.valid[:, : past + t] if self.padded else None
+                self.valid[:, n_cached : n_cached + t] = True if new_mask is None else new_mask
+            key_padding = self.valid[:, : n_cached + t] if self.padded else None
             real_before = self.real
         else:
             key_padding = None
@@ -146,7 +146,7 @@ class AttnEditCache(Cache):
             real_before = None
         if position_ids is None:
             if key_padding is None:
-                position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
+                position_ids = torch.arange(n_cached, n_cached + t, device=device)[None].expand(b, t)
             elif real_before is not None:
                 counts = (new_mask if new_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)).long()
                 position_ids = (real_before[:, None] + counts.cumsum(-1) - 1).clamp(min=0)
@@ -154,12 +154,12 @@ class AttnEditCache(Cache):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
         elif position_ids.shape[-1] != t:
             position_ids = position_ids[..., -t:]
-        ctx = AttentionContext(position_ids, past, t, key_padding, self)
+        ctx = AttentionContext(position_ids, n_cached, t, key_padding, self)
         ctx._memo["new_mask"] = new_mask
         return ctx
 
     def _begin_decode(self, b: int, attention_mask, position_ids) -> AttentionContext:
-        n = self.length
+        n = self.n_cached_device
         if position_ids is None:
             position_ids = self.real[:, None]
         elif position_ids.shape[-1] != 1:
@@ -176,21 +176,21 @@ class AttnEditCache(Cache):
 
     def end(self, ctx: AttentionContext) -> None:
         if not self.static:
-            self.seen_tokens = ctx.past_length + ctx.q_len
+            self.n_cached = ctx.n_cached + ctx.q_len
             return
         new_mask = ctx._memo.get("new_mask")
         self.real.add_(ctx.q_len if new_mask is None else new_mask.long().sum(-1))
-        self.length.add_(ctx.q_len)
+        self.n_cached_device.add_(ctx.q_len)
 
 
-def _new_token_mask(attention_mask, past: int, t: int) -> torch.Tensor | None:
+def _new_token_mask(attention_mask, n_cached: int, t: int) -> torch.Tensor | None:
     """The new tokens' part of a 2-D attention mask as bool, or None when it has no padding."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError("attnedit models take a 2-D attention_mask [batch, tokens] (1 = real token)")
-    if attention_mask.shape[1] not in (past + t, t):
-        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens; expected past + new = {past + t}")
+    if attention_mask.shape[1] not in (n_cached + t, t):
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens; expected cached + new = {n_cached + t}")
     new = attention_mask[:, -t:].bool()
     if bool(new.all()) and bool(attention_mask.all()):
         return None
@@ -380,17 +380,17 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         if cache is None and use_cache:
             cache = self.new_cache()
         if cache is not None and cache.static and getattr(cache, "_gen_len", None) == input_ids.shape[1] - 1:
-            past = input_ids.shape[1] - 1  # a decode step: no host read of the device count
+            n_cached = input_ids.shape[1] - 1  # a decode step: no host read of the device count
         else:
-            past = cache.get_seq_length() if cache is not None else 0
+            n_cached = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
             cache._gen_len = input_ids.shape[1]
         inputs = {"use_cache": use_cache, _CACHE_FIELD: cache}
-        if inputs_embeds is not None and past == 0:
+        if inputs_embeds is not None and n_cached == 0:
             inputs["inputs_embeds"] = inputs_embeds
             t = inputs_embeds.shape[1]
         else:
-            inputs["input_ids"] = input_ids[:, past:]
+            inputs["input_ids"] = input_ids[:, n_cached:]
             t = inputs["input_ids"].shape[1]
         if attention_mask is not None:
             # a static cache keeps the mask of earlier tokens itself: pass only the new tokens' columns, so
