@@ -176,3 +176,27 @@ def test_latent_decode_reads_values_from_the_keys():
     ref = decode_attention_sdpa(q, k, k[..., :16], n, None, 0.2)
     assert got.shape == (2, 5, 16)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mla-random", "gateswa-teacher"])
+def test_generate_compiles_the_decode_step_once(case):
+    """transformers' automatic compile (forced on CPU, eager backend) takes the static cache's decode step:
+    one graph, no graph break (fullgraph), no re-trace per step, and the same tokens as without it."""
+    from transformers import CompileConfig
+
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher("llama"), target, args)
+    ids = tiny_ids(length=10)
+    ref = student.generate(ids, max_new_tokens=8, do_sample=False, disable_compile=True)
+    graphs = []
+
+    def backend(gm, example_inputs):  # a plain function: transformers deep-copies its compile config
+        graphs.append(gm)
+        return gm.forward
+
+    config = CompileConfig(backend=backend, mode=None, fullgraph=True)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    out = student.generate(ids, max_new_tokens=8, do_sample=False, compile_config=config)
+    assert torch.equal(out, ref)
+    assert len(graphs) == 1

@@ -390,12 +390,15 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
             inputs["inputs_embeds"] = inputs_embeds
             t = inputs_embeds.shape[1]
         else:
-            inputs["input_ids"] = input_ids[:, n_cached:]
+            # contiguous, as transformers' own models pass it: a view's strides change as the sequence grows,
+            # which would make a compiled step re-trace at every token
+            inputs["input_ids"] = input_ids[:, n_cached:].clone(memory_format=torch.contiguous_format)
             t = inputs["input_ids"].shape[1]
         if attention_mask is not None:
             # a static cache keeps the mask of earlier tokens itself: pass only the new tokens' columns, so
             # the compiled step sees the same shapes at every step
-            inputs["attention_mask"] = attention_mask[:, -t:] if cache is not None and cache.static else attention_mask
+            static = cache is not None and cache.static
+            inputs["attention_mask"] = attention_mask[:, -t:].clone(memory_format=torch.contiguous_format) if static else attention_mask
         if position_ids is not None and not (cache is not None and cache.static):
             inputs["position_ids"] = position_ids[..., -t:]
         if logits_to_keep is not None:
