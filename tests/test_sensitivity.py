@@ -65,3 +65,20 @@ def test_edit_refuses_unmeasured_auto_full_layers():
 
     with pytest.raises(AttnEditError, match="measured on training data"):
         edit_model(tiny_teacher("llama"), "gateswa", {"full_layers": "auto:1"})
+
+
+def test_auto_zero_and_auto_all_resolve_without_leaving_auto():
+    """auto:0 keeps no layer full (nothing to measure); auto:n keeps every layer full."""
+    from attnedit.surgery import edit_model
+    from attnedit.surgery.sensitivity import resolve_auto_full_layers
+
+    teacher = tiny_teacher("llama")
+    ids = tiny_ids(batch=2, length=20)
+    none, record = resolve_auto_full_layers(teacher, {"window": 4, "full_layers": "auto:0"}, lambda: pytest.fail("measured"))
+    assert none["full_layers"] == "none" and record is None
+    every, record = resolve_auto_full_layers(teacher, {"window": 4, "sink": 1, "full_layers": "auto:4"}, lambda: ids)
+    assert every["full_layers"] == "0,1,2,3" and record["chosen"] == [0, 1, 2, 3]
+    again, _ = resolve_auto_full_layers(teacher, {"window": 4, "full_layers": "auto:4"}, lambda: pytest.fail("measured"), record)
+    assert again["full_layers"] == "0,1,2,3"  # a recorded choice is applied without measuring
+    for args in (none, every):
+        edit_model(teacher, "gateswa", args)  # explicit layers: accepted

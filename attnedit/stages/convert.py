@@ -123,7 +123,7 @@ def edit(recipe: Recipe, device: torch.device, measured: dict | None = None):
     """
     from ..data import resolve_tokenizer
     from ..surgery import edit_model
-    from ..surgery.sensitivity import parse_auto, resolve_auto_full_layers
+    from ..surgery.sensitivity import resolve_auto_full_layers
     from ..teachers import load_model
 
     teacher, teacher_tok = load_model(recipe.teacher, dtype=weights_dtype(recipe, device), device=device)
@@ -134,11 +134,12 @@ def edit(recipe: Recipe, device: torch.device, measured: dict | None = None):
     if recipe.target == "mla" and recipe.target_args.get("init") == "teacher":
         calib = calibration_ids(recipe, tokenizer, teacher.config.hidden_size)
     target_args = recipe.target_args
-    if recipe.target == "gateswa" and parse_auto(target_args.get("full_layers", "")) is not None:
-        if measured is None:
-            _, measured = resolve_auto_full_layers(teacher, target_args, sensitivity_ids(recipe, tokenizer))
-        if measured is not None:
-            target_args = {**target_args, "full_layers": ",".join(map(str, measured["chosen"])) or "none"}
+    if recipe.target == "gateswa":
+        calibration = lambda: sensitivity_ids(recipe, tokenizer)  # noqa: E731
+        if measured is None and distributed.is_main():  # rank 0 measures; every rank builds its choice
+            _, measured = resolve_auto_full_layers(teacher, target_args, calibration)
+        measured = distributed.broadcast_object(measured)
+        target_args, measured = resolve_auto_full_layers(teacher, target_args, calibration, measured)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     student = edit_model(teacher, recipe.target, target_args, calibration_ids=calib)

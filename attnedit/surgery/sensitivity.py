@@ -68,23 +68,27 @@ def window_sensitivity(teacher, ids: torch.Tensor, window: int, sink: int, batch
     return [x / n for x in scores]
 
 
-def resolve_auto_full_layers(teacher, target_args: dict, calibration_ids: torch.Tensor) -> tuple[dict, dict | None]:
-    """``target_args`` with ``full_layers: auto:K`` replaced by the measured choice, and the record of it
-    (K, chosen layers, per-layer scores, window); unchanged args and None when there is nothing to measure."""
+def resolve_auto_full_layers(teacher, target_args: dict, calibration, measured: dict | None = None) -> tuple[dict, dict | None]:
+    """``target_args`` with ``full_layers: auto:K`` replaced by explicit layers, and the record of the
+    choice (K, chosen layers, per-layer scores, window, sink); unchanged args and None without ``auto:K``.
+
+    ``measured``, a record from an earlier start of the run, is applied as it is; otherwise the layers are
+    measured on ``calibration()`` (called only then: token ids [n, T]).
+    """
     from .edit import edited_config
 
     k = parse_auto(target_args.get("full_layers", ""))
     if k is None:
         return target_args, None
-    plan = edited_config(teacher.config, "gateswa", target_args)  # resolves the window and sink defaults
-    sliding = next((x for x in plan.layer_attention if x.get("kind") == "gateswa"), None)
-    if sliding is None or k == 0:
-        return {**target_args, "full_layers": "none" if k == 0 else target_args["full_layers"]}, None
-    window, sink = sliding["window"], sliding["sink"]
-    scores = window_sensitivity(teacher, calibration_ids, window, sink)
-    chosen = choose_full_layers(scores, k)
-    record = {"auto": k, "chosen": chosen, "window": window, "sink": sink, "scores_kl": [round(x, 8) for x in scores]}
-    return {**target_args, "full_layers": ",".join(map(str, chosen)) or "none"}, record
+    if measured is None and k > 0:
+        plan = edited_config(teacher.config, "gateswa", target_args)  # resolves the window and sink defaults
+        layer = next(x for x in plan.layer_attention if x.get("kind") == "gateswa")
+        window, sink = layer["window"], layer["sink"]
+        scores = window_sensitivity(teacher, calibration(), window, sink)
+        chosen = choose_full_layers(scores, k)
+        measured = {"auto": k, "chosen": chosen, "window": window, "sink": sink, "scores_kl": [round(x, 8) for x in scores]}
+    chosen = measured["chosen"] if measured is not None else []
+    return {**target_args, "full_layers": ",".join(map(str, chosen)) or "none"}, measured
 
 
 def choose_full_layers(scores: list[float], k: int) -> list[int]:
