@@ -40,7 +40,6 @@ import torch
 from ..errors import AttnEditError, is_out_of_memory
 from .kv import analytic_cache_bytes, kv_by_context, max_context
 
-MODELS = ("student", "teacher", "teacher_stock")
 FIGURES = (
     "ttft_ms",
     "step_ms",
@@ -87,19 +86,6 @@ def new_cache(model):
     return DynamicCache(config=model.config)
 
 
-def cache_bytes(cache) -> int:
-    """Bytes of storage that a cache's tensors hold (attnedit caches count their own)."""
-    if hasattr(cache, "allocated_bytes"):
-        return cache.allocated_bytes()
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.untyped_storage().nbytes()
-    return total
-
-
 def _cache_kwarg(model) -> str:
     # transformers renamed the forward's `past_key_values` to `cache` in 5.2x; attnedit models take both
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
@@ -118,21 +104,19 @@ def check_contexts(config, contexts: list[int], name: str) -> None:
 
 
 @torch.no_grad()
-def generate_greedy(model, ids: torch.Tensor, new_tokens: int, on_first: Callable | None = None) -> torch.Tensor:
-    """Prefill ``ids`` and decode ``new_tokens`` tokens greedily, one at a time, with the model's real cache.
+def next_token(model, ids: torch.Tensor, cache, cache_kw: str | None = None) -> torch.Tensor:
+    """Feed ``ids`` through ``cache`` and return the greedy next token of each row, ``[batch, 1]``.
+    ``cache_kw`` (the forward's name for the cache) can be given to keep its look-up out of compiled code."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kw or _cache_kwarg(model): cache})
+    return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    ``on_first(cache)`` is called once the first token is chosen (the end of the prefill). Nothing here
-    waits for the device, so CUDA events around it time the GPU work, not Python.
-    """
+
+def generate_greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Prefill ``ids`` and decode ``new_tokens`` tokens greedily, one at a time, with the model's real cache."""
     cache = new_cache(model)
-    kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
-    token = model(input_ids=ids, **kw).logits[:, -1].argmax(-1, keepdim=True)
-    if on_first is not None:
-        on_first(cache)
-    out = [token]
+    out = [next_token(model, ids, cache)]
     for _ in range(new_tokens - 1):
-        token = model(input_ids=token, **kw).logits[:, -1].argmax(-1, keepdim=True)
-        out.append(token)
+        out.append(next_token(model, out[-1], cache))
     return torch.cat(out, dim=1)
 
 
@@ -214,11 +198,14 @@ class AttnEditEngine:
         self.model = model
         self.compile = compile
         self.kw = _cache_kwarg(model)
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
+        step = lambda token, cache: next_token(model, token, cache, self.kw)  # noqa: E731
+        self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
 
-    def _step(self, token, cache):
-        out = self.model(input_ids=token, use_cache=True, logits_to_keep=1, **{self.kw: cache})
-        return out.logits[:, -1].argmax(-1, keepdim=True)
+    def decode(self, token, cache) -> torch.Tensor:
+        """One decode step (a CUDA-graph replay when compiled); the token is copied out of the graph's pool."""
+        if self.compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.step(token, cache).clone()
 
     def run(self, batch: int, context: int, settings: BenchSettings) -> dict:
         model, device = self.model, next(self.model.parameters()).device
@@ -228,32 +215,28 @@ class AttnEditEngine:
         before = _peak_start(device)
         cache = model.new_cache(static=True, batch_size=batch, max_length=context + warm + steps + 1)
         kv = cache.allocated_bytes()
-        ttfts, clock = [], Clock(device)
+        ttfts = []
         with torch.no_grad():
             for _ in range(settings.warmup):  # kernels compiled per prompt shape (FlexAttention) stay out of TTFT
                 cache.reset()
-                model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: cache})
+                next_token(model, ids, cache, self.kw)
             for _ in range(max(1, settings.repeats)):
                 cache.reset()
-                clock.marks = []
+                clock = Clock(device)
                 clock.mark()
-                token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+                token = next_token(model, ids, cache, self.kw)
                 clock.mark()
                 ttfts.append(clock.intervals_ms()[0])
             t0 = time.perf_counter()
             for _ in range(warm):  # compilation and CUDA-graph capture happen here
-                if self.compile:
-                    torch.compiler.cudagraph_mark_step_begin()
-                token = self.step(token, cache).clone()
+                token = self.decode(token, cache)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             compile_s = time.perf_counter() - t0
-            clock.marks = []
+            clock = Clock(device)
             clock.mark()
             for _ in range(steps):
-                if self.compile:
-                    torch.compiler.cudagraph_mark_step_begin()
-                token = self.step(token, cache).clone()
+                token = self.decode(token, cache)
             clock.mark()
             decode_ms = clock.intervals_ms()[0]
         return {
@@ -448,8 +431,6 @@ def run_bench(student, teacher, settings: BenchSettings, dtype: str, log: Callab
                     model = engine.model
                     need = bytes_per_step(model, configs[name], batch, context, dtype)
                     figures["kv_bytes_analytic"] = analytic_cache_bytes(configs[name], figures["kv_tokens"], batch, dtype)
-                    if name == "teacher_stock":
-                        figures["kv_bytes_measured"] = None
                     figures["bytes_per_step"] = need
                     figures["hbm_bound_ms"] = need / bandwidth * 1e3 if bandwidth else None
                     figures["step_over_bound"] = _ratio(figures["step_ms"], figures["hbm_bound_ms"])
