@@ -110,6 +110,7 @@ class AttentionContext:
     n_written: torch.Tensor | None = None
     n_filled: torch.Tensor | None = None
     key_valid: torch.Tensor | None = None
+    new_mask: torch.Tensor | None = None  # [batch, q_len] bool of this call's tokens, None when none is padding
     _memo: dict = field(default_factory=dict)
 
     @property

@@ -154,9 +154,7 @@ class AttnEditCache(Cache):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
         elif position_ids.shape[-1] != t:
             position_ids = position_ids[..., -t:]
-        ctx = AttentionContext(position_ids, n_cached, t, key_padding, self)
-        ctx._memo["new_mask"] = new_mask
-        return ctx
+        return AttentionContext(position_ids, n_cached, t, key_padding, self, new_mask=new_mask)
 
     def _begin_decode(self, b: int, attention_mask, position_ids) -> AttentionContext:
         n = self.n_cached_device
@@ -164,22 +162,21 @@ class AttnEditCache(Cache):
             position_ids = self.real[:, None]
         elif position_ids.shape[-1] != 1:
             position_ids = position_ids[..., -1:]
-        key_valid = None
+        key_valid = new_mask = None
         if self.padded:
-            new = attention_mask[:, -1:].bool() if attention_mask is not None else torch.ones(b, 1, dtype=torch.bool, device=n.device)
-            self.valid.index_copy_(1, n.view(1), new)
+            if attention_mask is not None:
+                new_mask = attention_mask[:, -1:].bool()
+            self.valid.index_copy_(1, n.view(1), new_mask if new_mask is not None else torch.ones(b, 1, dtype=torch.bool, device=n.device))
             key_valid = self.valid
-        ctx = AttentionContext(position_ids, None, 1, None, self, n_written=n, n_filled=n + 1, key_valid=key_valid)
-        if self.padded and attention_mask is not None:
-            ctx._memo["new_mask"] = attention_mask[:, -1:].bool()
-        return ctx
+        return AttentionContext(
+            position_ids, None, 1, None, self, n_written=n, n_filled=n + 1, key_valid=key_valid, new_mask=new_mask
+        )
 
     def end(self, ctx: AttentionContext) -> None:
         if not self.static:
             self.n_cached = ctx.n_cached + ctx.q_len
             return
-        new_mask = ctx._memo.get("new_mask")
-        self.real.add_(ctx.q_len if new_mask is None else new_mask.long().sum(-1))
+        self.real.add_(ctx.q_len if ctx.new_mask is None else ctx.new_mask.long().sum(-1))
         self.n_cached_device.add_(ctx.q_len)
 
 
