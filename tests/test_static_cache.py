@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_targets import TARGET_CASES
+from test_targets import TARGET_CASES, incremental_logits
 from tiny import FAMILY_NAMES, tiny_ids, tiny_teacher
 
 from attnedit.eval.kv import kv_summary
@@ -14,14 +14,9 @@ from attnedit.surgery import edit_model
 from attnedit.targets.kernels import decode_attention_sdpa, sliding_attention, window_mask
 
 
-def static_logits(model, ids, attention_mask=None, pieces=(7, 3), max_length=None):
-    cache = model.new_cache(static=True, batch_size=ids.shape[0], max_length=max_length or ids.shape[1] + 3)
-    outs, pos = [], 0
-    for size in list(pieces) + [1] * (ids.shape[1] - sum(pieces)):
-        mask = None if attention_mask is None else attention_mask[:, : pos + size]
-        outs.append(model(ids[:, pos : pos + size], attention_mask=mask, past_key_values=cache, use_cache=True).logits)
-        pos += size
-    return torch.cat(outs, dim=1), cache
+def static_logits(model, ids, attention_mask=None, pieces=(7, 3)):
+    cache = model.new_cache(static=True, batch_size=ids.shape[0], max_length=ids.shape[1] + 3)
+    return incremental_logits(model, ids, attention_mask, pieces, cache)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

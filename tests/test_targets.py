@@ -19,9 +19,9 @@ TARGET_CASES = {
 }
 
 
-def incremental_logits(model, ids, attention_mask=None, pieces=(7, 3)):
-    """Prefill in chunks of ``pieces``, then one token at a time, through one cache."""
-    cache = model.new_cache()
+def incremental_logits(model, ids, attention_mask=None, pieces=(7, 3), cache=None):
+    """Prefill in chunks of ``pieces``, then one token at a time, through one cache (a growing one unless given)."""
+    cache = cache if cache is not None else model.new_cache()
     outs, pos = [], 0
     for size in list(pieces) + [1] * (ids.shape[1] - sum(pieces)):
         mask = None if attention_mask is None else attention_mask[:, : pos + size]
