@@ -1,15 +1,15 @@
 """Attention kernels: decode over a static cache, and sliding-window prefill/training.
 
-Remote code (torch + transformers only): Triton, which ships with CUDA builds of PyTorch, is imported
-lazily and only on CUDA; everywhere else the same functions run through PyTorch's SDPA.
+Remote code (torch + transformers only): Triton, which ships with CUDA builds of PyTorch, is used when
+it imports and the tensors are on CUDA; everywhere else the same functions run through PyTorch's SDPA.
 
 * :func:`decode_attention` - one query token per sequence against a preallocated cache of ``S`` slots
   of which the first ``n_filled`` are written (``n_filled`` is a device tensor, so a compiled decode
   step never reads it on the host). K/V may have fewer heads than Q (grouped-query; MLA's absorbed
-  decode is the case of one latent head, the values being the first ``Dv`` columns of the keys). On
-  CUDA a split-K Triton kernel reads each cached K/V row once per KV head (no expansion to the query
-  heads) and only the filled slots; it is a ``torch.library`` custom op, so ``torch.compile`` and CUDA
-  graphs take it as one opaque call.
+  decode is the case of one latent head, the values being the first ``Dv`` columns of the keys) and are
+  never expanded per query head. :func:`decode_kernel_choice` picks, by measurement, SDPA with a length
+  mask or a split-K Triton kernel (a ``torch.library`` custom op, one opaque call for ``torch.compile``
+  and CUDA graphs) for latents wider than SDPA's fused kernels take.
 * :func:`sliding_attention` - causal attention restricted to a window (plus ``sink`` first tokens),
   for prefill and training. On CUDA it is FlexAttention with a block mask (blocks outside the band
   are skipped, never a T x T mask); elsewhere SDPA with a boolean mask.
@@ -132,7 +132,6 @@ def _pow2(x: int, least: int = 16) -> int:
 
 def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Tensor:
     """Split-K flash decoding over the filled slots; partial softmax states are merged in PyTorch."""
-    kernel = _decode_partial
     bsz, hq, dk = q.shape
     hk, s, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hk
@@ -151,7 +150,7 @@ def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Ten
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention: the last dimension of q, k and v must be contiguous")
     val = valid if valid is not None else q  # any tensor; unused when HAS_VALID is False
-    kernel[(bsz, hk, nsplit)](
+    _decode_partial[(bsz, hk, nsplit)](
         q, k, v, val, n_filled, po, pm, pl,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         valid.stride(0) if valid is not None else 0,
