@@ -17,8 +17,6 @@ import torch.nn as nn
 
 from ..targets import AttentionContext
 
-COMPILE_CHOICES = ("auto", "on", "off")
-
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
     """``auto`` compiles on CUDA only (CPU compilation costs more than it saves at test sizes)."""
@@ -76,7 +74,8 @@ class CompileGroup:
 @dataclasses.dataclass
 class _LayerContext(AttentionContext):
     """An :class:`AttentionContext` for one compiled layer call: RoPE tables computed in the graph, not
-    looked up in a cache keyed by object ids (dynamo would guard on each layer's id and recompile per layer)."""
+    looked up in the per-call memo that the layers share (a compiled layer would guard on what the memo
+    held when it was traced, and the next layer, finding it filled, would compile a second graph)."""
 
     def rope(self, rotary, dtype):
         cos_sin = getattr(rotary, "cos_sin", None)
@@ -84,8 +83,8 @@ class _LayerContext(AttentionContext):
 
 
 def layer_context(ctx: AttentionContext) -> AttentionContext:
-    """``ctx`` for one compiled layer call (same fields, no shared RoPE cache); identical results."""
-    values = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.init and f.name != "_rope"}
+    """``ctx`` for one compiled layer call (same fields, a memo of its own); identical results."""
+    values = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.init and f.name != "_memo"}
     return _LayerContext(**values)
 
 
