@@ -148,22 +148,23 @@ def edit(recipe: Recipe, device: torch.device, measured: dict | None = None):
     return teacher, student, tokenizer, measured
 
 
-def sensitivity_ids(recipe: Recipe, tokenizer, n: int = 8) -> torch.Tensor:
-    """Blocks of the run's training data at its longest sequence length, for choosing full layers."""
+def training_blocks(recipe: Recipe, tokenizer, seq: int, n: int) -> torch.Tensor:
+    """The first ``n`` blocks of ``seq`` tokens of the run's own training data (never the held-out documents)."""
     from ..data import BlockStream
 
-    seq = max(stage_seq_len(recipe, 1), stage_seq_len(recipe, 2))
     return BlockStream(stage_data(recipe, seq), tokenizer, seed=recipe.seed, prefetch=False).next_batch(n)
+
+
+def sensitivity_ids(recipe: Recipe, tokenizer, n: int = 8) -> torch.Tensor:
+    """Blocks at the run's longest sequence length, for choosing full layers (``full_layers: auto:K``)."""
+    return training_blocks(recipe, tokenizer, max(stage_seq_len(recipe, 1), stage_seq_len(recipe, 2)), n)
 
 
 def calibration_ids(recipe: Recipe, tokenizer, hidden_size: int) -> torch.Tensor:
-    """Blocks of the run's own training data (never the held-out documents) for the teacher
-    initialisation of MLA, instead of random token ids."""
-    from ..data import BlockStream
-
+    """Blocks for the teacher initialisation of MLA, instead of random token ids: about twice the hidden
+    size in tokens."""
     seq = min(recipe.data.seq_len, 256)
-    n = max(4, min(16, -(-2 * hidden_size // seq)))  # about twice the hidden size in tokens
-    return BlockStream(stage_data(recipe, seq), tokenizer, seed=recipe.seed, prefetch=False).next_batch(n)
+    return training_blocks(recipe, tokenizer, seq, max(4, min(16, -(-2 * hidden_size // seq))))
 
 
 def owned_parameters(student, teacher) -> list[tuple[str, torch.nn.Parameter]]:
