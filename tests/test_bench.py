@@ -221,6 +221,33 @@ def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
     assert "not an edited model" in capsys.readouterr().err
 
 
+def test_several_students_share_one_timing_of_the_teacher(tmp_path, capsys, monkeypatch):
+    """bench MODEL MODEL: each student gets its own bench JSON, with the same teacher figures (timed once)."""
+    teacher = tiny_teacher("llama")
+    for name, target, args in (("gs", "gateswa", GATESWA), ("mla", "mla", {"kv_lora_rank": 24})):
+        save_edited(edit_model(teacher, target, args), tmp_path / name / "model", char_tokenizer())
+    teacher.save_pretrained(tmp_path / "teacher")
+    calls = []
+    real = bench.run_once
+    monkeypatch.setattr(bench, "run_once", lambda engine, *a: calls.append(engine) or real(engine, *a))
+    models = [str(tmp_path / "gs" / "model"), str(tmp_path / "mla" / "model")]
+    cli = ["bench", *models, "--teacher", str(tmp_path / "teacher"), "--device", "cpu", "--contexts", "16",
+           "--batches", "1,2", "--decode-tokens", "2", "--repeats", "1", "--warmup", "0", "--no-stock"]
+    assert main([*cli, "--save", str(tmp_path / "bench.json")]) == 0
+    # 2 cells x (2 students + the teacher once), not 2 x (student + teacher)
+    assert len(calls) == 6
+    gs, mla = (json.loads((tmp_path / f"bench-{n}.json").read_text()) for n in ("gs", "mla"))
+    assert gs["model"] == models[0] and mla["model"] == models[1] and gs["benched_with"] == [models[1]]
+    for a, b in zip(gs["runs"], mla["runs"]):
+        assert a["teacher"] == b["teacher"] and a["student"] != b["student"]
+        assert a["ratio"]["decode_tok_s"] == a["student"]["decode_tok_s"] / a["teacher"]["decode_tok_s"]
+    assert gs["kv"]["student"] != mla["kv"]["student"] and gs["kv"]["teacher"] == mla["kv"]["teacher"]
+    out = capsys.readouterr().out
+    assert out.count("== ") == 2 and out.count("tok/s S") == 2
+    assert main([*cli, "--passkey"]) == 2
+    assert "--passkey takes one model" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_teacher_retrieves_the_key(smollm2):
     """With SmolLM2 the prompt, greedy decoding and answer parsing work end to end (it finds every key)."""

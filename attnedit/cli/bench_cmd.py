@@ -26,9 +26,15 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """MODEL, --teacher, --device, --dtype, --json, --save: shared by bench and passkey."""
-    p.add_argument("model", help="edited checkpoint folder (from attnedit edit or convert)")
+def add_model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    """MODEL, --teacher, --device, --dtype, --json, --save: shared by bench (``many``: MODEL ...) and passkey."""
+    if many:
+        p.add_argument(
+            "model", nargs="+", help="edited checkpoint folder(s) (from attnedit edit or convert); several are timed "
+            "in one run next to one timing of the teacher, and saved one JSON each"
+        )
+    else:
+        p.add_argument("model", help="edited checkpoint folder (from attnedit edit or convert)")
     p.add_argument(
         "--teacher",
         required=True,
@@ -43,19 +49,43 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_pair(args):
     """(student, teacher, tokenizer, dtype name), both models on the chosen device in the chosen dtype."""
+    students, teacher, tokenizer, dtype = load_students(args, [args.model])
+    return students[args.model], teacher, tokenizer, dtype
+
+
+def load_students(args, models: list[str]):
+    """({folder: student}, teacher, tokenizer, dtype name), every model on the chosen device in the chosen dtype."""
     from ..eval.bench import check_contexts
     from ..teachers import load_config, load_model
 
-    config = load_config(args.model)  # check everything that needs no weights first
-    if getattr(config, "model_type", None) != "attnedit":
-        raise AttnEditError(f"{args.model} is not an edited model; give the output folder of attnedit edit or convert")
-    check_contexts(config, args.contexts, "the model")
+    for model in models:  # check everything that needs no weights first
+        config = load_config(model)
+        if getattr(config, "model_type", None) != "attnedit":
+            raise AttnEditError(f"{model} is not an edited model; give the output folder of attnedit edit or convert")
+        check_contexts(config, args.contexts, "the model")
     check_contexts(load_config(args.teacher), args.contexts, "the teacher")
     device = device_of(args)
     dtype = dtype_of(args, device)
-    student, tokenizer = load_model(args.model, dtype=DTYPES[dtype], device=device)
+    students, tokenizer = {}, None
+    for model in models:
+        students[model], tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
     teacher, _ = load_model(args.teacher, dtype=DTYPES[dtype], device=device)
-    return student, teacher, tokenizer, dtype
+    return students, teacher, tokenizer, dtype
+
+
+def save_paths(save: str | None, models: list[str]) -> dict[str, Path | None]:
+    """Where each model's bench JSON goes: --save FILE for one model; for several, FILE's name with each
+    model's name added (``bench.json`` -> ``bench-<name>.json``, the name being the folder's, or its
+    parent's for a run's ``model/`` folder)."""
+    if not save:
+        return {m: None for m in models}
+    if len(models) == 1:
+        return {models[0]: Path(save)}
+    names = {m: (Path(m).parent.name if Path(m).name == "model" else Path(m).name) or "model" for m in models}
+    if len(set(names.values())) < len(models):
+        names = {m: f"{names[m]}{i}" for i, m in enumerate(models)}
+    base = Path(save)
+    return {m: base.with_name(f"{base.stem}-{names[m]}{base.suffix or '.json'}") for m in models}
 
 
 def log(line: str) -> None:
@@ -79,7 +109,7 @@ def add_parser(sub) -> None:
         "--batches 1,16,64 --save runs/smol-mla/bench.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(p)
+    add_model_args(p, many=True)
     p.add_argument(
         "--contexts", type=int_list, default=[1024, 4096, 8192], help="prompt lengths (default 1024,4096,8192)"
     )
@@ -106,32 +136,39 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..eval.bench import BenchSettings, format_bench, run_bench
+    from ..eval.bench import BenchSettings, format_bench, run_bench_many
     from ..eval.passkey import DEFAULT_DEPTHS, format_passkey, run_passkey
 
     settings = BenchSettings(
         args.contexts, args.batches, args.decode_tokens, args.repeats, args.warmup,
         stock=not args.no_stock, compile=False if args.no_compile else None,
     )
-    student, teacher, tokenizer, dtype = load_pair(args)
-    result = {"model": args.model, "teacher": args.teacher, **run_bench(student, teacher, settings, dtype, log=log)}
+    models = list(dict.fromkeys(args.model))
+    if args.passkey and len(models) > 1:
+        raise AttnEditError("--passkey takes one model; run attnedit passkey for each of the others")
+    students, teacher, tokenizer, dtype = load_students(args, models)
+    results = run_bench_many(students, teacher, settings, dtype, log=log)
+    results = {m: {"model": m, "teacher": args.teacher, **results[m]} for m in models}
     passkey = None
     if args.passkey:
         passkey = {
-            "model": args.model,
+            "model": models[0],
             "teacher_model": args.teacher,
             **run_passkey(
-                {"student": student, "teacher": teacher}, tokenizer, args.contexts, list(DEFAULT_DEPTHS), log=log
+                {"student": students[models[0]], "teacher": teacher}, tokenizer, args.contexts, list(DEFAULT_DEPTHS), log=log
             ),
         }
-    if args.save:
-        write_json(args.save, result)
-        if passkey:
-            write_json(Path(args.save).with_name("passkey.json"), passkey)
+    for m, path in save_paths(args.save, models).items():
+        if path:
+            write_json(path, results[m])
+            if passkey:
+                write_json(path.with_name("passkey.json"), passkey)
     if args.json:
-        print(json.dumps({**result, "passkey": passkey} if passkey else result, indent=2))
+        out = results[models[0]] if len(models) == 1 else results
+        print(json.dumps({**out, "passkey": passkey} if passkey else out, indent=2))
     else:
-        print(format_bench(result))
+        for m in models:
+            print((f"== {m}\n" if len(models) > 1 else "") + format_bench(results[m]))
         if passkey:
             print("\n" + format_passkey(passkey))
     return 0

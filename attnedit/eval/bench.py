@@ -379,70 +379,96 @@ def run_bench(student, teacher, settings: BenchSettings, dtype: str, log: Callab
                    "ratio": {figure: student / teacher}, "ratio_stock": {figure: student / teacher_stock},
                    "largest_batch": {engine: int} (when one did not fit)}]}
     """
+    return run_bench_many({"student": student}, teacher, settings, dtype, log)["student"]
+
+
+def run_bench_many(
+    students: dict, teacher, settings: BenchSettings, dtype: str, log: Callable[[str], None] = print
+) -> dict[str, dict]:
+    """``run_bench`` for several students of one teacher in one run: the teacher's two engines are timed
+    once per cell and shared by every student's result (one ``bench.json`` each, keyed by ``students``'
+    names), so each ratio is still taken in the same run while the teacher (and the stock path's
+    per-shape compilation) is paid for once."""
     from ..surgery import teacher_on_attnedit
 
-    check_pair(student, teacher)
-    for name, model in (("student", student), ("teacher", teacher)):
-        check_contexts(model.config, settings.contexts, f"the {name}")
-    device = next(student.parameters()).device
+    for label, student in students.items():
+        check_pair(student, teacher)
+        check_contexts(student.config, settings.contexts, f"the model {label}" if len(students) > 1 else "the student")
+    check_contexts(teacher.config, settings.contexts, "the teacher")
+    device = next(teacher.parameters()).device
     compile_ = settings.compile if settings.compile is not None else device.type == "cuda"
     bandwidth = copy_bandwidth(device)
-    same_engine = teacher_on_attnedit(teacher)
-    engines = {"student": AttnEditEngine(student, compile_), "teacher": AttnEditEngine(same_engine, compile_)}
+    engines = {label: AttnEditEngine(model, compile_) for label, model in students.items()}
+    engines["teacher"] = AttnEditEngine(teacher_on_attnedit(teacher), compile_)
     if settings.stock:
         engines["teacher_stock"] = StockEngine(teacher)
-    configs = {"student": student.config, "teacher": teacher.config, "teacher_stock": teacher.config}
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": dtype,
-        "decode_tokens": settings.decode_tokens,
-        "repeats": settings.repeats,
-        "timing": "CUDA events, medians" if device.type == "cuda" else "wall clock, medians",
-        "engines": {
-            "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager"),
-            "teacher": "the teacher on the same engine as the student",
-            "teacher_stock": "transformers generate(cache_implementation='static')" + (" + automatic torch.compile" if device.type == "cuda" else ""),
-        },
-        "copy_bandwidth_bytes_s": bandwidth,
-        "kv": {name: kv_by_context(configs[name], settings.contexts, dtype) for name in ("student", "teacher")},
-        "runs": [],
-    }
-    result["kv"]["ratio"] = [
-        _ratio(s, t)
-        for s, t in zip(result["kv"]["student"]["bytes_per_token"], result["kv"]["teacher"]["bytes_per_token"])
-    ]
-    cells = {(b, c): {"batch": b, "context": c} for c in settings.contexts for b in settings.batches}
+    configs = {label: model.config for label, model in students.items()}
+    configs.update(teacher=teacher.config, teacher_stock=teacher.config)
+    timed: dict[str, dict[tuple[int, int], dict | None]] = {}
+    largest: dict[tuple[int, int], dict[str, int]] = {}
     for name, engine in engines.items():
         if compile_:
             torch._dynamo.reset()  # each engine compiles its own step; stale graphs would count against the limit
         limits: dict[int, tuple[int, int]] = {}  # context -> (largest fit, smallest failure)
+        timed[name] = {}
+        role = name if name in ("teacher", "teacher_stock") else "student"
         for context in settings.contexts:
             for batch in settings.batches:
-                run = cells[(batch, context)]
                 if name == "teacher_stock" and compile_:
                     torch._dynamo.reset()  # stock compiles per shape; keep every cell within the recompile limit
                 figures = _cell(engine, batch, context, settings, limits.get(context))
                 if isinstance(figures, int):
                     limits[context] = (figures, min(batch, limits.get(context, (0, batch))[1]))
-                    run.setdefault("largest_batch", {})[name] = figures
+                    largest.setdefault((batch, context), {})[name] = figures
                     log(f"{name}: batch {batch} at context {context} does not fit in memory; the largest that fits is {figures}")
                     figures = None
                 else:
-                    model = engine.model
-                    need = bytes_per_step(model, configs[name], batch, context, dtype)
+                    need = bytes_per_step(engine.model, configs[name], batch, context, dtype)
                     figures["kv_bytes_analytic"] = analytic_cache_bytes(configs[name], figures["kv_tokens"], batch, dtype)
                     figures["bytes_per_step"] = need
                     figures["hbm_bound_ms"] = need / bandwidth * 1e3 if bandwidth else None
                     figures["step_over_bound"] = _ratio(figures["step_ms"], figures["hbm_bound_ms"])
-                run[name] = figures
-                log(_progress_one(name, run))
-    for run in cells.values():
-        for name in engines:
-            run.setdefault(name, None)
-        run["ratio"] = ratios(run["student"], run["teacher"])
-        run["ratio_stock"] = ratios(run["student"], run.get("teacher_stock"))
-        result["runs"].append(run)
-    return result
+                timed[name][(batch, context)] = figures
+                log(_progress_one(name if len(students) > 1 else role, {"batch": batch, "context": context, (name if len(students) > 1 else role): figures}))
+    results = {}
+    for label in students:
+        result = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": dtype,
+            "decode_tokens": settings.decode_tokens,
+            "repeats": settings.repeats,
+            "timing": "CUDA events, medians" if device.type == "cuda" else "wall clock, medians",
+            "engines": {
+                "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager"),
+                "teacher": "the teacher on the same engine as the student",
+                "teacher_stock": "transformers generate(cache_implementation='static')"
+                + (" + automatic torch.compile" if device.type == "cuda" else ""),
+            },
+            "copy_bandwidth_bytes_s": bandwidth,
+            "kv": {"student": kv_by_context(configs[label], settings.contexts, dtype),
+                   "teacher": kv_by_context(teacher.config, settings.contexts, dtype)},
+            "runs": [],
+        }
+        if len(students) > 1:
+            result["benched_with"] = [other for other in students if other != label]
+        result["kv"]["ratio"] = [
+            _ratio(s, t)
+            for s, t in zip(result["kv"]["student"]["bytes_per_token"], result["kv"]["teacher"]["bytes_per_token"])
+        ]
+        for context in settings.contexts:
+            for batch in settings.batches:
+                run = {"batch": batch, "context": context, "student": timed[label][(batch, context)],
+                       "teacher": timed["teacher"][(batch, context)],
+                       "teacher_stock": timed.get("teacher_stock", {}).get((batch, context))}
+                fails = {("student" if n == label else n): b for n, b in largest.get((batch, context), {}).items()
+                         if n in (label, "teacher", "teacher_stock")}
+                if fails:
+                    run["largest_batch"] = fails
+                run["ratio"] = ratios(run["student"], run["teacher"])
+                run["ratio_stock"] = ratios(run["student"], run["teacher_stock"])
+                result["runs"].append(run)
+        results[label] = result
+    return results
 
 
 def _cell(engine, batch: int, context: int, settings: BenchSettings, known: tuple[int, int] | None) -> dict | int:
