@@ -12,17 +12,18 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import sys
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from .data import DataConfig
 from .errors import AttnEditError
+from .eval.bench import BenchSettings
+from .eval.passkey import PasskeySettings
+from .eval.quality import QualitySettings
+from .schema import build, section, setting
 from .surgery import SETTINGS, TARGETS, field_help, parse_settings
-from .surgery.settings import coerce
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -31,12 +32,7 @@ WEIGHTS_DTYPES = ("auto", "float32", "bfloat16")
 COMPILE = ("auto", "on", "off")
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its help text (and allowed values) in the metadata."""
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+_f = setting  # a field with its help (and allowed values): see attnedit.schema
 
 
 @dataclass
@@ -81,15 +77,45 @@ class Stage2Config(StageConfig):
 
 
 @dataclass
+class PasskeyConfig(PasskeySettings):
+    """``eval.passkey``: ``attnedit passkey``'s settings; it runs when ``contexts`` lists at least one."""
+
+    contexts: list[int] = _f([], "prompt lengths for passkey retrieval (passkey.json); empty: no passkey (attnedit passkey --contexts)")
+
+
+@dataclass
+class BenchConfig(BenchSettings):
+    """``eval.bench``: ``attnedit bench``'s settings; it runs when ``contexts`` lists at least one."""
+
+    contexts: list[int] = _f([], "prompt lengths for the decode benchmark (bench.json); empty: no bench (attnedit bench --contexts)")
+
+
+@dataclass
+class EvalConfig(QualitySettings):
+    """``eval``: what ``convert`` measures once the model is saved, student next to teacher, with the
+    functions of ``attnedit eval``, ``passkey`` and ``bench`` (same settings, same JSON), then the report.
+    Each part runs only when its list is not empty; nothing runs by default."""
+
+    tasks: list[str] = _f([], "tasks evaluated after saving (eval.json), as attnedit eval --tasks; empty: no quality evaluation")
+    passkey: PasskeyConfig = section(PasskeyConfig, "passkey retrieval after saving (attnedit passkey)")
+    bench: BenchConfig = section(BenchConfig, "decode speed and memory after saving (attnedit bench)")
+
+    def parts(self) -> list[str]:
+        """The result files this section asks for, in the order they are made."""
+        wanted = [("eval.json", self.tasks), ("passkey.json", self.passkey.contexts), ("bench.json", self.bench.contexts)]
+        return [name for name, values in wanted if values]
+
+
+@dataclass
 class Recipe:
     """Everything one conversion does: teacher -> edit -> stage 1 -> stage 2 -> saved model."""
 
     teacher: str = _f("smollm2-135m", "teacher: Hugging Face id, local folder, .gguf file or smollm2-135m")
     target: str = _f("mla", "the new attention", TARGETS)
     target_args: dict = _f({}, "target settings, as for `attnedit edit --set` (see below)")
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training text", "choices": None})
-    stage1: Stage1Config = field(default_factory=Stage1Config, metadata={"help": "stage 1", "choices": None})
-    stage2: Stage2Config = field(default_factory=Stage2Config, metadata={"help": "stage 2", "choices": None})
+    data: DataConfig = section(DataConfig, "training text")
+    stage1: Stage1Config = section(Stage1Config, "stage 1")
+    stage2: Stage2Config = section(Stage2Config, "stage 2")
     checkpoint_every: int = _f(100, "write a checkpoint every this many optimizer steps (and at each stage's end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk; older ones are deleted once a newer one is written")
     log_every: int = _f(10, "optimizer steps per line of metrics.jsonl (and per progress update)")
@@ -100,58 +126,10 @@ class Recipe:
     divergence_factor: float = _f(10.0, "a logged loss above this many times the median of the last 5 logged losses is treated like a non-finite one (0 = off)")
     baseline_batches: int = _f(3, "batches of the teacher's plain forward timed at each stage's batch shape before training: tokens/s ratios in progress, metrics.jsonl, summary.json; 0 skips it")
     heldout_eval: bool = _f(True, "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json)")
-    eval: dict = _f({}, "reserved for the evaluation step (`attnedit eval`); convert does not read it")
+    eval: EvalConfig = section(EvalConfig, "evaluation after the model is saved: eval.json, passkey.json, bench.json, report.md")
 
 
 # ----------------------------------------------------------------------------------- parsing
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
-
-
-def _coerce_field(path: str, value, hint, choices):
-    args = typing.get_args(hint)
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    origin = typing.get_origin(base) or base
-    if origin is list:
-        if isinstance(value, str):
-            loaded = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-            value = loaded
-        if not isinstance(value, (list, tuple)):
-            raise AttnEditError(f"{path}: expected a list (YAML list or comma-separated), got {value!r}")
-        return [str(v).strip() for v in value if str(v).strip()]
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise AttnEditError(f"{path}: expected a mapping of settings, got {value!r}")
-        return dict(value)
-    out = coerce(path, value, hint)
-    if choices and out not in choices:
-        raise AttnEditError(f"{path}={out!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
-    return out
-
-
-def _build(cls, raw, path: str):
-    """Fill dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are errors."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise AttnEditError(f"{path or 'recipe'}: expected a mapping of fields, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = _hints(cls)
-    values = {}
-    for key, value in raw.items():
-        name = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            raise AttnEditError(f"unknown recipe field {name!r}; {path or 'the top level'} has: {', '.join(fields)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, name)
-        else:
-            values[key] = _coerce_field(name, value, hint, fields[key].metadata.get("choices"))
-    return cls(**values)
 
 
 def _set_path(raw: dict, key: str, value: str) -> None:
@@ -232,10 +210,12 @@ def parse_recipe(raw: dict, sets: dict | None = None, base_dir: Path | None = No
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for key, value in (sets or {}).items():
         _set_path(raw, key, value)
-    recipe = _build(Recipe, raw, "")
+    recipe = build(Recipe, raw, "")
     recipe.data.files = [_resolve_path(f, base_dir) for f in recipe.data.files]
     if recipe.data.tokenizer:
         recipe.data.tokenizer = _resolve_path(recipe.data.tokenizer, base_dir)
+    if recipe.eval.data_dir:
+        recipe.eval.data_dir = _resolve_path(recipe.eval.data_dir, base_dir)
     teacher = _resolve_path(recipe.teacher, base_dir)
     if Path(teacher).exists():
         recipe.teacher = teacher
@@ -267,7 +247,7 @@ def diff(a: Recipe, b: Recipe) -> list[str]:
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
-            if isinstance(v, dict) and k not in ("target_args", "eval"):
+            if isinstance(v, dict) and k != "target_args":
                 out.update(flat(v, f"{prefix}{k}."))
             else:
                 out[f"{prefix}{k}"] = v

@@ -4,72 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..errors import AttnEditError
 from ..io import write_json
-from .common import DTYPES, RUN_AUTO, add_device_args, device_of, dtype_of
+from ..schema import add_flags, from_args
+from .common import RUN_AUTO, add_device_args, add_json, add_model, add_save, add_teacher, device_of, dtype_of, log
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def add_model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    """MODEL, --teacher, --device, --dtype, --json, --save: shared by bench (``many``: MODEL ...) and passkey."""
-    if many:
-        p.add_argument(
-            "model", nargs="+", help="edited checkpoint folder(s) (from attnedit edit or convert); several are timed "
-            "in one run next to one timing of the teacher, and saved one JSON each"
-        )
-    else:
-        p.add_argument("model", help="edited checkpoint folder (from attnedit edit or convert)")
-    p.add_argument(
-        "--teacher",
-        required=True,
-        help="the teacher it was edited from (Hugging Face id, folder, .gguf or smollm2-135m)",
-    )
+def add_pair_args(p: argparse.ArgumentParser, many: str = "") -> None:
+    """MODEL (``many``: MODEL ...), --teacher, --device, --dtype, --json: what bench and passkey share."""
+    add_model(p, many=many)
+    add_teacher(p)
     add_device_args(p, RUN_AUTO, "weights and cache dtype")
-    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
-    p.add_argument(
-        "--save", metavar="FILE", help="also write the JSON to FILE (e.g. RUN/bench.json, read by attnedit report)"
-    )
+    add_json(p)
 
 
-def load_pair(args):
-    """(student, teacher, tokenizer, dtype name), both models on the chosen device in the chosen dtype."""
-    students, teacher, tokenizer, dtype = load_students(args, [args.model])
-    return students[args.model], teacher, tokenizer, dtype
+def load_students(args, models: list[str], contexts: list[int]):
+    """({folder: student}, teacher, tokenizer, dtype name), every model on --device in --dtype."""
+    from ..eval.bench import load_students as load
 
-
-def load_students(args, models: list[str]):
-    """({folder: student}, teacher, tokenizer, dtype name), every model on the chosen device in the chosen dtype."""
-    from ..eval.bench import check_contexts
-    from ..teachers import load_config, load_model
-
-    for model in models:  # check everything that needs no weights first
-        config = load_config(model)
-        if getattr(config, "model_type", None) != "attnedit":
-            raise AttnEditError(f"{model} is not an edited model; give the output folder of attnedit edit or convert")
-        check_contexts(config, args.contexts, "the model")
-    check_contexts(load_config(args.teacher), args.contexts, "the teacher")
     device = device_of(args)
     dtype = dtype_of(args, device)
-    students, tokenizer = {}, None
-    for model in models:
-        students[model], tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
-    teacher, _ = load_model(args.teacher, dtype=DTYPES[dtype], device=device)
+    students, teacher, tokenizer = load(models, args.teacher, contexts, device, dtype)
     return students, teacher, tokenizer, dtype
 
 
@@ -88,12 +45,9 @@ def save_paths(save: str | None, models: list[str]) -> dict[str, Path | None]:
     return {m: base.with_name(f"{base.stem}-{names[m]}{base.suffix or '.json'}") for m in models}
 
 
-def log(line: str) -> None:
-    """Progress lines go to stderr, so that --json output on stdout stays clean."""
-    print(line, file=sys.stderr, flush=True)
-
-
 def add_parser(sub) -> None:
+    from ..eval.bench import BenchSettings
+
     p = sub.add_parser(
         "bench",
         help="KV bytes, peak memory, time to first token and decode tokens/s: student vs teacher",
@@ -104,29 +58,14 @@ def add_parser(sub) -> None:
         "torch.compile). Per cell: TTFT, decode step ms and tok/s, the step's HBM bound (weights + KV bytes "
         "over the measured copy bandwidth), KV bytes (measured = analytic), peak memory, compile time. "
         "On CUDA: CUDA events after warm-up. A cell that does not fit in memory is reported with the "
-        "largest batch that fits.",
+        "largest batch that fits. The settings are the recipe's eval.bench: section.",
         epilog="example:\n  attnedit bench runs/smol-mla/model --teacher smollm2-135m --contexts 1024,4096,8192 "
         "--batches 1,16,64 --save runs/smol-mla/bench.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(p, many=True)
-    p.add_argument(
-        "--contexts", type=int_list, default=[1024, 4096, 8192], help="prompt lengths (default 1024,4096,8192)"
-    )
-    p.add_argument("--batches", type=int_list, default=[1, 16, 64], help="batch sizes (default 1,16,64)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after the first one (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per cell before timing (default 1)")
-    p.add_argument(
-        "--no-stock",
-        action="store_true",
-        help="skip timing the teacher on stock transformers (static cache + automatic compile)",
-    )
-    p.add_argument(
-        "--no-compile",
-        action="store_true",
-        help="decode eagerly instead of through torch.compile + CUDA graphs (compiled by default on CUDA)",
-    )
+    add_pair_args(p, many="several are timed in one run next to one timing of the teacher, and saved one JSON each")
+    add_save(p, "bench.json")
+    add_flags(p, BenchSettings)
     p.add_argument(
         "--passkey",
         action="store_true",
@@ -137,27 +76,19 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..eval.bench import BenchSettings, format_bench, run_bench_many
-    from ..eval.passkey import DEFAULT_DEPTHS, format_passkey, run_passkey
+    from ..eval.passkey import PasskeySettings, format_passkey, passkey_json
 
-    settings = BenchSettings(
-        args.contexts, args.batches, args.decode_tokens, args.repeats, args.warmup,
-        stock=not args.no_stock, compile=False if args.no_compile else None,
-    )
+    settings = from_args(BenchSettings, args)
     models = list(dict.fromkeys(args.model))
     if args.passkey and len(models) > 1:
         raise AttnEditError("--passkey takes one model; run attnedit passkey for each of the others")
-    students, teacher, tokenizer, dtype = load_students(args, models)
+    students, teacher, tokenizer, dtype = load_students(args, models, settings.contexts)
     results = run_bench_many(students, teacher, settings, dtype, log=log)
     results = {m: {"model": m, "teacher": args.teacher, **results[m]} for m in models}
     passkey = None
     if args.passkey:
-        passkey = {
-            "model": models[0],
-            "teacher_model": args.teacher,
-            **run_passkey(
-                {"student": students[models[0]], "teacher": teacher}, tokenizer, args.contexts, list(DEFAULT_DEPTHS), log=log
-            ),
-        }
+        keys = PasskeySettings(contexts=settings.contexts)
+        passkey = passkey_json(models[0], args.teacher, students[models[0]], teacher, tokenizer, keys, log=log)
     for m, path in save_paths(args.save, models).items():
         if path:
             write_json(path, results[m])

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..schema import add_flags, from_args
 from ..surgery import SETTINGS, field_help
-from .common import add_device_args, device_of, load_dtype, parse_sets
+from .common import add_device_args, add_out, add_overwrite, add_set, device_of, load_dtype, parse_sets
 
 
 def _settings_epilog() -> str:
@@ -35,29 +36,32 @@ def add_parser(sub) -> None:
         epilog=_settings_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from ..eval.inspect import InspectSettings
+
     p.add_argument("teacher", help="Hugging Face id, local folder, .gguf file, or smollm2-135m (the default teacher)")
     p.add_argument("--target", required=True, choices=sorted(SETTINGS), help="the new attention")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a target setting (repeatable)")
-    p.add_argument("--out", required=True, help="folder for the edited checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--context", type=int, default=8192, help="context for the KV summary printed at the end")
+    add_set(p, "a target setting, e.g. kv_lora_rank=128 (listed below)")
+    add_out(p, "folder for the edited checkpoint")
+    add_overwrite(p)
+    add_flags(p, InspectSettings, skip=("dtype",))  # --context of the KV summary printed at the end
     add_device_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..eval.inspect import format_inspection, inspect_config
+    from ..eval.inspect import InspectSettings, format_inspection, inspect_config
     from ..export import save_edited
     from ..surgery import edit_model, edited_config
     from ..teachers import load_config, load_model
 
     target_args = parse_sets(args.set)
+    context = from_args(InspectSettings, args, dtype=None).context
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AttnEditError(f"--out {args.out} is a file; give a folder for the edited checkpoint")
     edited_config(load_config(args.teacher), args.target, target_args)  # validate before loading weights
     teacher, tokenizer = load_model(args.teacher, dtype=load_dtype(args.dtype), device=device_of(args))
     student = edit_model(teacher, args.target, target_args)
     out = save_edited(student, args.out, tokenizer, overwrite=args.overwrite)
-    print(format_inspection(inspect_config(student.config, args.context)))
+    print(format_inspection(inspect_config(student.config, context)))
     print(f"\nsaved the edited (untrained) model to {out}")
     return 0

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-FORMATS = {
-    "stock": "the model's stock format: deepseek_v3 for MLA, the family's sliding-window format for GateSWA",
-    "deepseek_v3": "all-MLA models: stock DeepSeek-V3 (transformers without remote code, vLLM, SGLang)",
-    "ministral": "GateSWA with gate=none, sink=0, Llama/Mistral teachers: stock Ministral with layer_types",
-    "qwen2": "GateSWA with gate=none, sink=0, Qwen2 (or Llama/Mistral, zero q/k/v biases): stock Qwen2 with layer_types",
-    "qwen3": "GateSWA with gate=none, sink=0, Qwen3 teachers: stock Qwen3 with layer_types (transformers only)",
-    "qwen3_moe": "GateSWA with gate=none, sink=0, full_layers=none, Qwen3-MoE teachers: stock Qwen3-MoE",
-    "hf": "any model: Hugging Face folder with attnedit's remote code (what convert writes)",
-}
+from ..schema import add_flags, from_args
+from .common import add_json, add_model, add_out, add_overwrite
 
 
 def add_parser(sub) -> None:
+    from ..export import FORMATS, ExportSettings
+
     p = sub.add_parser(
         "export",
         help="write a converted model in a serving format (deepseek_v3 for MLA, ministral/qwen2/qwen3 for GateSWA)",
@@ -27,18 +22,11 @@ def add_parser(sub) -> None:
         epilog="formats:\n" + "\n".join(f"  {k:<12} {v}" for k, v in FORMATS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="converted checkpoint folder (a run's model/ folder)")
-    p.add_argument("--format", required=True, choices=list(FORMATS), help="target format (see below)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument(
-        "--check", action=argparse.BooleanOptionalAction, default=True,
-        help="reload the export and compare with the model (default: on; float32 on the CPU, so a few seconds "
-        "for 135M parameters and minutes and 4 bytes/parameter of RAM for billions)",
-    )
-    p.add_argument("--check-context", type=int, default=None, metavar="N",
-                   help="prompt tokens for the check (default: 32 more than the largest window, at least 64)")
-    p.add_argument("--json", action="store_true", help="print the parity report as JSON")
+    add_model(p, "converted checkpoint folder (a run's model/ folder)")
+    add_flags(p, ExportSettings)
+    add_out(p, "output folder")
+    add_overwrite(p)
+    add_json(p, "print the parity report as JSON")
     p.set_defaults(func=run)
 
 
@@ -67,22 +55,24 @@ def export(model, tokenizer, fmt: str, out, overwrite: bool = False):
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..errors import AttnEditError
+    from ..export import ExportSettings
     from ..export.check import check_export
     from ..teachers import load_model
 
-    from pathlib import Path
-
+    settings = from_args(ExportSettings, args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AttnEditError(f"--out {args.out} is a file; give a folder for the export")
     model, tokenizer = load_model(args.model, dtype="auto")
     if getattr(model.config, "model_type", None) != "attnedit":
         raise AttnEditError(f"{args.model} is not an attnedit model; export takes a converted checkpoint folder")
-    fmt = resolve_format(model, args.format)
+    fmt = resolve_format(model, settings.format)
     out, remote = export(model, tokenizer, fmt, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (format {fmt}{', remote code' if remote else ', stock: no remote code'})")
-    if args.check:
-        report = check_export(model, out, context=args.check_context, remote_code=remote)
+    if settings.check:
+        report = check_export(model, out, context=settings.check_context, remote_code=remote)
         print(report.to_json() if args.json else report.summary())
         if not report.ok:
             raise AttnEditError(f"the export at {out} does not reproduce the model (see the parity report above); please report this")

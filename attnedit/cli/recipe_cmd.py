@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import parse_sets
+from .common import add_set, parse_sets
 
 
 def add_parser(sub) -> None:
@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         "recipe, commented, to copy and edit (attnedit recipe > my.yaml).",
     )
     p.add_argument("recipe", nargs="?", help="recipe YAML to validate and print resolved")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. stage2.steps=2000 (repeatable)")
+    add_set(p, "override a field, e.g. stage2.steps=2000 or eval.ppl_context=2048,8192")
     p.add_argument("--explain", action="store_true", help="list every field with its default and help")
     p.add_argument("--no-comments", action="store_true", help="print the YAML without help comments")
     p.set_defaults(func=run)

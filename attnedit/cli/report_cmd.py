@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .common import add_json
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -14,7 +16,7 @@ def add_parser(sub) -> None:
         "whose input is missing names the command that makes it.",
     )
     p.add_argument("run_dir", help="a run folder (written by attnedit convert)")
-    p.add_argument("--json", action="store_true", help="print the written files as JSON")
+    add_json(p, "print the written files as JSON")
     p.set_defaults(func=run)
 
 

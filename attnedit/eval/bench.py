@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttnEditError, is_out_of_memory
+from ..schema import require, setting
 from .kv import analytic_cache_bytes, kv_by_context, max_context
 
 FIGURES = (
@@ -54,24 +55,26 @@ FIGURES = (
 
 @dataclass
 class BenchSettings:
-    """What to measure. ``decode_tokens`` are generated after the first token."""
+    """What to measure (``attnedit bench``'s flags, the recipe's ``eval.bench:``). ``decode_tokens`` are
+    generated after the first token."""
 
-    contexts: list[int]
-    batches: list[int]
-    decode_tokens: int = 32
-    repeats: int = 3
-    warmup: int = 1
-    seed: int = 0
-    stock: bool = True  # also time the teacher on stock transformers (static cache + compile)
-    compile: bool | None = None  # compile the decode step; None = on CUDA only
+    contexts: list[int] = setting([1024, 4096, 8192], "prompt lengths in tokens")
+    batches: list[int] = setting([1, 16, 64], "batch sizes")
+    decode_tokens: int = setting(32, "tokens decoded after the first one")
+    repeats: int = setting(3, "timed runs per cell; the median is reported")
+    warmup: int = setting(1, "untimed runs per cell before timing")
+    seed: int = setting(0, "seed of the random prompts")
+    stock: bool = setting(True, "also time the teacher on stock transformers: static cache and automatic torch.compile")
+    compile: bool | None = setting(None, "decode through torch.compile + CUDA graphs, else eagerly (default: on CUDA only)")
 
     def __post_init__(self):
-        for name in ("contexts", "batches"):
-            values = getattr(self, name)
-            if not values or any(int(v) < 1 for v in values):
-                raise AttnEditError(f"--{name} needs positive integers, e.g. --{name} 1024,4096")
-        if self.decode_tokens < 1 or self.repeats < 1 or self.warmup < 0:
-            raise AttnEditError("--decode-tokens and --repeats must be at least 1, --warmup at least 0")
+        require(self, [
+            (all(v >= 1 for v in self.contexts), "contexts", "needs positive integers, e.g. 1024,4096"),
+            (all(v >= 1 for v in self.batches), "batches", "needs positive integers, e.g. 1,16"),
+            (self.decode_tokens >= 1, "decode_tokens", "must be at least 1"),
+            (self.repeats >= 1, "repeats", "must be at least 1"),
+            (self.warmup >= 0, "warmup", "must be 0 or more"),
+        ])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -89,6 +92,26 @@ def new_cache(model):
 def _cache_kwarg(model) -> str:
     # transformers renamed the forward's `past_key_values` to `cache` in 5.2x; attnedit models take both
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def load_students(models: list[str], teacher: str, contexts: list[int], device: torch.device, dtype: str):
+    """``({folder: student}, teacher, tokenizer)``: edited checkpoints and their teacher on ``device`` in
+    ``dtype`` (a name), for bench and passkey. Folders that are not edited models, and contexts longer than
+    a model supports, fail in one line before any weight is read."""
+    from ..devices import DTYPES
+    from ..teachers import load_config, load_model
+
+    for model in models:
+        config = load_config(model)
+        if getattr(config, "model_type", None) != "attnedit":
+            raise AttnEditError(f"{model} is not an edited model; give the output folder of attnedit edit or convert")
+        check_contexts(config, contexts, "the model")
+    check_contexts(load_config(teacher), contexts, "the teacher")
+    students, tokenizer = {}, None
+    for model in models:
+        students[model], tokenizer = load_model(model, dtype=DTYPES[dtype], device=device)
+    reference, _ = load_model(teacher, dtype=DTYPES[dtype], device=device)
+    return students, reference, tokenizer
 
 
 def check_contexts(config, contexts: list[int], name: str) -> None:
@@ -391,6 +414,8 @@ def run_bench_many(
     per-shape compilation) is paid for once."""
     from ..surgery import teacher_on_attnedit
 
+    if not settings.contexts or not settings.batches:
+        raise AttnEditError("bench needs at least one context and one batch size")
     for label, student in students.items():
         check_pair(student, teacher)
         check_contexts(student.config, settings.contexts, f"the model {label}" if len(students) > 1 else "the student")

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..schema import require, setting
 from ..tables import human_bytes, text_table
 from .kv import kv_summary
+
+
+@dataclass
+class InspectSettings:
+    """Where the KV figures are taken (``attnedit inspect``'s flags; ``edit`` prints them at ``context`` too)."""
+
+    context: int = setting(8192, "sequence length in tokens for the KV figures")
+    dtype: str | None = setting(None, "cache dtype (default: the model's, else bfloat16)")
+
+    def __post_init__(self):
+        require(self, [(self.context >= 1, "context", "must be at least 1 token")])
 
 
 def count_parameters(config) -> int:

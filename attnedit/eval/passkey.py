@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import AttnEditError, is_out_of_memory
+from ..schema import require, setting
 from .bench import check_contexts, generate_greedy
 
 INSTRUCTION = (
@@ -28,6 +30,23 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class PasskeySettings:
+    """Where and how often the key is hidden (``attnedit passkey``'s flags, the recipe's ``eval.passkey:``)."""
+
+    contexts: list[int] = setting([1024, 2048, 4096], "prompt lengths in tokens; a prompt needs about 100 or more")
+    depths: list[float] = setting(list(DEFAULT_DEPTHS), "where the key sits, 0 = start .. 1 = end")
+    trials: int = setting(5, "keys per cell, run as one batch")
+    seed: int = setting(0, "seed of the keys")
+
+    def __post_init__(self):
+        require(self, [
+            (all(c >= 1 for c in self.contexts), "contexts", "must be positive integers"),
+            (all(0.0 <= d <= 1.0 for d in self.depths), "depths", "must be fractions between 0 and 1, e.g. 0,0.5,1"),
+            (self.trials >= 1, "trials", "must be at least 1"),
+        ])  # fmt: skip
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
@@ -109,6 +128,15 @@ def run_passkey(
             log(f"passkey {name} context {context}: " + " ".join(f"{a:.2f}" for a in grid[-1]))
         result[name] = grid
     return result
+
+
+def passkey_json(model: str, teacher: str, student, teacher_model, tokenizer, settings: PasskeySettings, log=print) -> dict:
+    """``passkey.json`` for a student and its teacher (both loaded): the grid of :func:`run_passkey` plus both names."""
+    grid = run_passkey(
+        {"student": student, "teacher": teacher_model}, tokenizer, settings.contexts, settings.depths, settings.trials,
+        settings.seed, log=log,
+    )  # fmt: skip
+    return {"model": model, "teacher_model": teacher, **grid}
 
 
 def format_passkey(result: dict) -> str:

@@ -7,22 +7,26 @@ Layout of ``eval.json`` (``attnedit eval ... --save FILE``)::
                       "teacher": {...} | null,
                       "ratio": {METRIC: student / teacher} | null}},
      "limit": int | null, "num_fewshot": int | null,
-     "perplexity": {"max_length": int, "stride": int, "max_tokens": int | null},
+     "perplexity": {"max_length": int, "stride": int, "max_tokens": int | null,
+                    "contexts": [int], "strides": [int]},
      "device": str, "dtype": str}
 
-Task ``wikitext2`` has metrics ``ppl`` (token-level), ``nll`` (nats per token) and ``tokens`` (scored
-tokens); the few-shot tasks have ``acc``/``acc_norm`` and their stderr as lm-evaluation-harness
+``perplexity`` gives the first window's length and stride, then every window's (``--ppl-context`` takes
+several). Task ``wikitext2`` (with several windows: ``wikitext2@N`` for each window N) has metrics ``ppl``
+(token-level), ``nll`` (nats per token) and ``tokens`` (scored tokens); the few-shot tasks have ``acc``/``acc_norm`` and their stderr as lm-evaluation-harness
 reports them. Ratios exist for every metric but stderr and ``tokens``.
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..errors import AttnEditError
 from ..paths import data_root
+from ..schema import FieldError, require, setting
 from .harness import LOCAL_TASKS, HarnessSettings, check_data, run_harness, split_tasks
 from .perplexity import WIKITEXT2_FILE, PerplexitySettings, perplexity, tokenize_text, wikitext2_text
 
@@ -32,35 +36,68 @@ DEFAULT_TASKS = ("wikitext2", "arc_easy", "hellaswag", "piqa")
 NO_RATIO = {"tokens"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class QualitySettings:
-    """Which tasks, where their data lives, and how to run them."""
+    """What ``attnedit eval`` measures and how (its flags, and the recipe's ``eval:`` section)."""
 
-    tasks: tuple[str, ...] = DEFAULT_TASKS
-    data_dir: str | None = None  # holds wikitext-2-raw/ and fewshot/ (default: attnedit.paths.data_root())
-    limit: int | None = None  # few-shot examples per task
-    num_fewshot: int | None = None
-    batch_size: int | str = 8
-    device: str = "cpu"
-    dtype: str = "float32"
-    perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
+    tasks: list[str] = setting(
+        list(DEFAULT_TASKS),
+        f"comma-separated: {PPL_TASK} (perplexity) and the offline few-shot tasks {', '.join(LOCAL_TASKS)}; "
+        "with internet, any other lm-evaluation-harness task",
+    )
+    limit: int | None = setting(None, "first N examples of each few-shot task (default: all)")
+    num_fewshot: int | None = setting(None, "in-context examples per question (default: the task's, 0)")
+    batch_size: int | Literal["auto"] = setting(8, "harness batch size, or auto")
+    ppl_context: list[int] = setting(
+        [2048], f"perplexity window in tokens, capped at the model's maximum; several windows give one {PPL_TASK}@N result each"
+    )
+    ppl_stride: int | None = setting(None, "tokens between perplexity windows (default: half the window)")
+    ppl_tokens: int | None = setting(None, "score only the first N tokens of WikiText-2 (default: all, 304,986 for SmolLM2)")
+    data_dir: str | None = setting(
+        None, "folder with wikitext-2-raw/ and fewshot/ (default: $ATTNEDIT_SHARED_DATA, else ../shared/data)"
+    )
+
+    def __post_init__(self):
+        self.tasks = list(dict.fromkeys(self.tasks))
+        require(self, [
+            (self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or none for all)"),
+            (self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be 0 or more"),
+            (self.batch_size == "auto" or self.batch_size >= 1, "batch_size", "must be a positive integer or auto"),
+            (all(c >= 2 for c in self.ppl_context), "ppl_context", "windows must be at least 2 tokens"),
+            (self.ppl_stride is None or self.ppl_stride >= 1, "ppl_stride", "must be at least 1"),
+            (self.ppl_stride is None or all(self.ppl_stride <= c for c in self.ppl_context), "ppl_stride",
+             "must not exceed the perplexity window (ppl_context)"),
+            (self.ppl_tokens is None or self.ppl_tokens >= 2, "ppl_tokens", "must be at least 2"),
+        ])  # fmt: skip
+        try:
+            split_tasks([t for t in self.tasks if t != PPL_TASK])  # names neither offline nor in the harness
+        except AttnEditError as e:
+            raise FieldError("tasks", self.tasks, str(e)) from None
+
+    def windows(self) -> dict[str, PerplexitySettings]:
+        """The perplexity results' task names (``wikitext2``, or ``wikitext2@N`` per window when there are
+        several) and each one's window, stride and token cap."""
+        several = len(self.ppl_context) > 1
+        return {
+            f"{PPL_TASK}@{c}" if several else PPL_TASK: PerplexitySettings(c, self.ppl_stride or max(1, c // 2), self.ppl_tokens)
+            for c in dict.fromkeys(self.ppl_context)
+        }
+
+    def result_names(self) -> list[str]:
+        """The tasks of the result, in order: each perplexity window in place of ``wikitext2``."""
+        out = []
+        for t in self.tasks:
+            out += list(self.windows()) if t == PPL_TASK else [t]
+        return out
 
 
 def data_dir_of(settings: QualitySettings) -> Path:
     return Path(settings.data_dir).expanduser() if settings.data_dir else data_root()
 
 
-def parse_tasks(text: str) -> tuple[str, ...]:
-    """``"wikitext2,arc_easy"`` -> ``("wikitext2", "arc_easy")``; unknown names fail with the known list."""
-    tasks = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not tasks:
-        raise AttnEditError(f"--tasks is empty; known tasks: {', '.join(KNOWN_TASKS)}")
-    split_tasks([t for t in tasks if t != PPL_TASK])  # raises for names neither local nor in the harness
-    return tasks
-
-
-def evaluate_model(name: str, settings: QualitySettings) -> dict:
-    """All of ``settings.tasks`` for one model (a teacher name or an edited checkpoint): ``{task: metrics}``."""
+def evaluate_model(name: str, settings: QualitySettings, device: str = "cpu", dtype: str = "float32") -> dict:
+    """All of ``settings.tasks`` for one model (a teacher name or an edited checkpoint): ``{task: metrics}``,
+    one ``wikitext2`` entry per perplexity window (:meth:`QualitySettings.windows`)."""
     import torch
 
     from ..teachers import load_model, local_path
@@ -69,20 +106,29 @@ def evaluate_model(name: str, settings: QualitySettings) -> dict:
     out = {}
     if PPL_TASK in settings.tasks:
         text = wikitext2_text(data_dir / WIKITEXT2_FILE)
-        model, tokenizer = load_model(name, dtype=getattr(torch, settings.dtype), device=settings.device)
+        model, tokenizer = load_model(name, dtype=getattr(torch, dtype), device=device)
         if tokenizer is None:
             raise AttnEditError(f"{name} has no tokenizer; save one with the model (attnedit edit does)")
-        ids = tokenize_text(tokenizer, text, settings.perplexity.max_tokens)
-        out[PPL_TASK] = perplexity(model, ids, settings.perplexity, progress=f"{PPL_TASK} {name}").metrics()
+        ids = tokenize_text(tokenizer, text, settings.ppl_tokens)
+        for task, window in settings.windows().items():
+            out[task] = perplexity(model, ids, window, progress=f"{task} {name}").metrics()
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     fewshot = [t for t in settings.tasks if t != PPL_TASK]
     if fewshot:
-        harness = HarnessSettings(settings.limit, settings.num_fewshot, settings.batch_size, settings.device, settings.dtype)
+        harness = HarnessSettings(settings.limit, settings.num_fewshot, settings.batch_size, device, dtype)
         out.update(run_harness(local_path(name), fewshot, data_dir / "fewshot", harness))
-    return {t: out[t] for t in settings.tasks}
+    return {t: out[t] for t in settings.result_names()}
+
+
+def check_quality(settings: QualitySettings) -> None:
+    """The data files the tasks read exist (one line naming the first missing one); no model is loaded."""
+    data_dir = data_dir_of(settings)
+    if PPL_TASK in settings.tasks:
+        wikitext2_text(data_dir / WIKITEXT2_FILE)
+    check_data(list(settings.tasks), data_dir / "fewshot")
 
 
 def ratios(student: dict, teacher: dict) -> dict:
@@ -96,37 +142,41 @@ def ratios(student: dict, teacher: dict) -> dict:
     return out
 
 
-def evaluate_quality(model: str, teacher: str | None, settings: QualitySettings) -> dict:
+def evaluate_quality(model: str, teacher: str | None, settings: QualitySettings, device: str = "cpu", dtype: str = "float32") -> dict:
     """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict."""
     from ..teachers import load_config
 
+    if not settings.tasks:
+        raise AttnEditError(f"no tasks to evaluate; known tasks: {', '.join(KNOWN_TASKS)}")
     # bad input fails here, in one line, before minutes of work
     for name in (model, teacher):
         if name is not None:
             load_config(name)
-    data_dir = data_dir_of(settings)
-    if PPL_TASK in settings.tasks:
-        wikitext2_text(data_dir / WIKITEXT2_FILE)
-    check_data(list(settings.tasks), data_dir / "fewshot")
-    student = evaluate_model(model, settings)
-    reference = evaluate_model(teacher, settings) if teacher else {}
+    check_quality(settings)
+    student = evaluate_model(model, settings, device, dtype)
+    reference = evaluate_model(teacher, settings, device, dtype) if teacher else {}
     tasks = {
         task: {
             "student": student[task],
             "teacher": reference.get(task),
             "ratio": ratios(student[task], reference[task]) if teacher else None,
         }
-        for task in settings.tasks
+        for task in settings.result_names()
     }
+    windows = list(settings.windows().values())
     return {
         "model": model,
         "teacher": teacher,
         "tasks": tasks,
         "limit": settings.limit,
         "num_fewshot": settings.num_fewshot,
-        "perplexity": asdict(settings.perplexity),
-        "device": settings.device,
-        "dtype": settings.dtype,
+        "perplexity": {
+            **asdict(windows[0]),
+            "contexts": [w.max_length for w in windows],
+            "strides": [w.stride for w in windows],
+        },
+        "device": str(device),
+        "dtype": dtype,
     }
 
 

@@ -2,6 +2,35 @@
 transformers, vLLM and SGLang load natively (DeepSeek-V3 for MLA; Ministral/Qwen2/Qwen3/Qwen3-MoE with
 per-layer sliding windows for GateSWA without gate or sinks), each with a parity check (``check.py``)."""
 
+from dataclasses import dataclass
+
+from ..schema import REQUIRED, require, setting
 from .hf import AUTO_MAP, save_edited
 
-__all__ = ["AUTO_MAP", "save_edited"]
+FORMATS = {
+    "stock": "the model's stock format: deepseek_v3 for MLA, the family's sliding-window format for GateSWA",
+    "deepseek_v3": "all-MLA models: stock DeepSeek-V3 (transformers without remote code, vLLM, SGLang)",
+    "ministral": "GateSWA with gate=none, sink=0, Llama/Mistral teachers: stock Ministral with layer_types",
+    "qwen2": "GateSWA with gate=none, sink=0, Qwen2 (or Llama/Mistral, zero q/k/v biases): stock Qwen2 with layer_types",
+    "qwen3": "GateSWA with gate=none, sink=0, Qwen3 teachers: stock Qwen3 with layer_types (transformers only)",
+    "qwen3_moe": "GateSWA with gate=none, sink=0, full_layers=none, Qwen3-MoE teachers: stock Qwen3-MoE",
+    "hf": "any model: Hugging Face folder with attnedit's remote code (what convert writes)",
+}
+
+
+@dataclass
+class ExportSettings:
+    """What ``attnedit export`` writes and how it checks it (its flags)."""
+
+    format: str = setting(REQUIRED, "target format (see below)", tuple(FORMATS))
+    check: bool = setting(
+        True, "reload the export and compare with the model (default: on; float32 on the CPU, so a few seconds for "
+        "135M parameters and minutes and 4 bytes/parameter of RAM for billions)",
+    )  # fmt: skip
+    check_context: int | None = setting(None, "prompt tokens for the check (default: 32 more than the largest window, at least 64)")
+
+    def __post_init__(self):
+        require(self, [(self.check_context is None or self.check_context >= 2, "check_context", "must be at least 2 tokens")])
+
+
+__all__ = ["AUTO_MAP", "FORMATS", "ExportSettings", "save_edited"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -74,6 +75,18 @@ def _adapter(hint) -> TypeAdapter:
 _ADAPTERS: dict = {}
 
 
+def type_name(hint) -> str:
+    """A type as a user reads it: ``int``, ``int or 'auto'``, ``list of int``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"list of {type_name(args[0]) if args else 'str'}"
+    return getattr(hint, "__name__", str(hint))
+
+
 def coerce(name: str, value, hint):
     """Turn a string from ``--set`` (or a YAML scalar) into the field's type, or explain why not in one line.
 
@@ -81,19 +94,20 @@ def coerce(name: str, value, hint):
     ``"12"`` -> 12, ``"1e-3"`` -> 0.001, ``"true"`` -> True; ``1.5`` is not an int). ``none``/``null``
     or an empty string give None where the field allows it.
     """
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    optional = union and type(None) in typing.get_args(hint)
+    rest = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    base = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise AttnEditError(f"{name} needs a value of type {getattr(base, '__name__', base)}")
+        raise AttnEditError(f"{name} needs a value of type {type_name(base)}")
     if base is str:  # YAML may read `layers: 0-3,7` or `layers: [0, 3]`; a str field keeps the text
         return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
     try:
         return _adapter(base).validate_python(value)
     except ValidationError:
-        raise AttnEditError(f"{name}={value!r} is not a valid {getattr(base, '__name__', base)}") from None
+        raise AttnEditError(f"{name}={value!r} is not a valid {type_name(base)}") from None
 
 
 def field_types(cls) -> dict:

@@ -1,0 +1,251 @@
+"""One schema for recipes, ``--set`` and the subcommands' flags.
+
+Settings are dataclasses whose fields carry a one-line help (and, where the values are a fixed set, the
+allowed values) in their metadata: ``setting(default, help, choices)``. One such field is, at once:
+
+- a recipe key: ``eval.ppl_context: [2048, 8192]`` in YAML, filled and typed by :func:`build`;
+- a ``--set`` override: ``--set eval.ppl_context=2048,8192``, typed by the same :func:`coerce_value`;
+- a subcommand's flag: ``attnedit eval --ppl-context 2048,8192``, made by :func:`add_flags` (name with
+  dashes, type, default, help, choices) and read back by :func:`from_args`;
+- a line of ``attnedit recipe --explain``.
+
+Types are checked by pydantic's ``TypeAdapter`` (``attnedit.surgery.settings.coerce``): ``"12"`` -> 12,
+``"1e-3"`` -> 0.001, ``"true"`` -> True, ``none``/``null`` -> None where allowed. A list field takes a YAML
+list, a comma-separated string, or one value. Range rules live in each dataclass's ``__post_init__``
+(:func:`require`); a broken rule is a :class:`FieldError`, which :func:`build` and :func:`from_args` name by
+the recipe key (``eval.bench.repeats=0: must be >= 1``) or the flag (``--repeats 0: must be >= 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import field
+
+import yaml
+
+from .errors import AttnEditError
+from .surgery.settings import coerce, type_name
+
+REQUIRED = dataclasses.MISSING
+
+
+def setting(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its help text (and allowed values) in the metadata; a list or dict default is
+    copied for every instance. ``REQUIRED`` as the default makes a field (and its flag) required."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if default is REQUIRED:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls, help: str):
+    """A nested settings dataclass (a recipe section such as ``stage1:`` or ``eval.bench:``)."""
+    return field(default_factory=cls, metadata={"help": help, "choices": None})
+
+
+class FieldError(AttnEditError):
+    """A value that a settings dataclass refuses. ``field`` names the field; :func:`build` and :func:`from_args`
+    re-raise it naming the recipe key or the flag."""
+
+    def __init__(self, field: str, value, rule: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(f"{field}={value!r}: {rule}")
+
+
+def require(obj, rules: list[tuple[bool, str, str]]) -> None:
+    """Raise a :class:`FieldError` for the first ``(ok, field, rule)`` that does not hold."""
+    for ok, name, rule in rules:
+        if not ok:
+            raise FieldError(name, getattr(obj, name), rule)
+
+
+# ------------------------------------------------------------------------------------------------ types
+
+
+def hints(cls) -> dict:
+    """The fields' types of a dataclass, resolved (attnedit's annotations are strings)."""
+    return typing.get_type_hints(cls)  # each class's annotations in its own module's names
+
+
+def _strip_optional(hint):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return hint, False
+
+
+def is_list(hint) -> bool:
+    return typing.get_origin(_strip_optional(hint)[0]) is list
+
+
+def coerce_value(path: str, value, hint, choices=None):
+    """``value`` (YAML, a ``--set`` string or a flag's text) as the field's type, or a one-line error."""
+    base, _ = _strip_optional(hint)
+    origin = typing.get_origin(base)
+    if origin is list:
+        (item,) = typing.get_args(base) or (str,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        elif value is None:
+            value = []
+        elif not isinstance(value, (list, tuple)):
+            value = [value]  # one value for a list: eval.ppl_context: 2048
+        if not isinstance(value, (list, tuple)):
+            raise AttnEditError(f"{path}: expected a list (YAML list or comma-separated), got {value!r}")
+        if item is str:
+            return [str(v).strip() for v in value if str(v).strip()]
+        items = [v.strip() if isinstance(v, str) else v for v in value]
+        out = [coerce(path, v, item) for v in items if v != ""]
+    elif origin is dict or base is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise AttnEditError(f"{path}: expected a mapping of settings, got {value!r}")
+        return dict(value)
+    else:
+        out = coerce(path, value, hint)
+    for v in out if origin is list else [out]:
+        if choices and v not in choices:
+            raise AttnEditError(f"{path}={v!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ recipes and --set
+
+
+def build(cls, raw, path: str = ""):
+    """Fill dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AttnEditError(f"{path or 'recipe'}: expected a mapping of fields, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = hints(cls)
+    values = {}
+    for key, value in raw.items():
+        name = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise AttnEditError(f"unknown recipe field {name!r}; {path or 'the top level'} has: {', '.join(fields)}")
+        if dataclasses.is_dataclass(types[key]):
+            values[key] = build(types[key], value, name)
+        else:
+            values[key] = coerce_value(name, value, types[key], fields[key].metadata.get("choices"))
+    try:
+        return cls(**values)
+    except FieldError as e:
+        name = f"{path}.{e.field}" if path else e.field
+        raise AttnEditError(f"{name}={e.value!r}: {e.rule}") from None
+
+
+# -------------------------------------------------------------------------------------------------- flags
+
+
+def flag(name: str) -> str:
+    """The flag of field ``name``: ``ppl_context`` -> ``--ppl-context``."""
+    return "--" + name.replace("_", "-")
+
+
+def shown(value) -> str:
+    """A default as a user types it: lists comma-separated, None as none, booleans as on/off."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(shown(v) for v in value) or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
+
+
+def _converter(name: str, hint, choices):
+    def convert(text: str):
+        try:
+            return coerce_value(flag(name), text, hint, choices)
+        except AttnEditError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag(name)}=").removeprefix(f"{flag(name)}: ")) from None
+
+    convert.__name__ = type_name(hint)  # argparse names the type in its own messages
+    return convert
+
+
+def _metavar(name: str, hint) -> str:
+    """``N``, ``X`` (a float), ``N[,N...]`` (a list), ``N|auto``, else the name in capitals."""
+    base, _ = _strip_optional(hint)
+    origin = typing.get_origin(base)
+    if origin is list:
+        (item,) = typing.get_args(base) or (str,)
+        one = {int: "N", float: "X"}.get(item, name.upper().rstrip("S"))
+        return f"{one}[,{one}...]"
+    if origin is typing.Literal:
+        return "|".join(map(str, typing.get_args(base)))
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_metavar(name, a) for a in typing.get_args(base))
+    return {int: "N", float: "X"}.get(base, name.upper())
+
+
+def add_flags(parser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of ``cls`` (nested dataclasses and ``skip`` aside): ``--name-with-dashes``, typed
+    and checked like a recipe value, with the field's default, help and choices. A boolean is ``--x/--no-x``;
+    a list is comma-separated."""
+    types = hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = types[f.name]
+        if f.name in skip or dataclasses.is_dataclass(hint):
+            continue
+        help_text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if default is not None and not required and "default" not in help_text:
+            help_text += f" (default: {shown(default)})"
+        kwargs = {"dest": f.name, "default": default, "help": help_text}
+        if _strip_optional(hint)[0] is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if choices and not is_list(hint):
+            kwargs.update(choices=list(choices), metavar="{" + ",".join(map(str, choices)) + "}")
+            choices = None  # argparse checks them
+        else:
+            kwargs["metavar"] = _metavar(f.name, hint)
+        parser.add_argument(flag(f.name), type=_converter(f.name, hint, choices), required=required, **kwargs)
+
+
+def from_args(cls, args, **extra):
+    """An instance of ``cls`` from the flags :func:`add_flags` made (plus ``extra`` fields); a refused value
+    is a one-line error naming its flag."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in extra and hasattr(args, f.name)]
+    try:
+        return cls(**{n: getattr(args, n) for n in names}, **extra)
+    except FieldError as e:
+        raise AttnEditError(f"{flag(e.field)} {shown(e.value)}: {e.rule}") from None
+
+
+def defaults(cls) -> dict:
+    """``{field: default}`` of a settings dataclass (what its flags default to)."""
+    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+
+
+__all__ = [
+    "FieldError",
+    "REQUIRED",
+    "add_flags",
+    "build",
+    "require",
+    "coerce_value",
+    "defaults",
+    "flag",
+    "from_args",
+    "hints",
+    "section",
+    "setting",
+    "shown",
+]
