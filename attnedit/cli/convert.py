@@ -7,18 +7,21 @@ import json
 from pathlib import Path
 
 from ..errors import AttnEditError
-from .common import parse_sets
+from .common import add_json, add_out, add_set, parse_sets
 
 EPILOG = """\
 examples:
-  attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (<= 15 minutes)
-  attnedit convert recipes/smollm2-mla.yaml --dry-run           # the plan: layers, params, tokens, memory
+  attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (about 5 minutes)
+  attnedit convert recipes/smollm2-mla.yaml --dry-run           # the plan: layers, params, tokens, memory, evaluation
   attnedit convert recipes/smollm2-gateswa.yaml --set stage2.steps=2000 --set data.seq_len=2048
   attnedit convert recipes/smollm2-mla.yaml --set stage1.steps=0 --out runs/stage2-only
-  attnedit convert runs/smollm2-mla --resume                    # continue an interrupted run
+  attnedit convert recipes/smollm2-mla.yaml --set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192
+  attnedit convert runs/smollm2-mla --resume                    # continue an interrupted run (or its evaluation)
 
 The run folder (default runs/<recipe name>) gets recipe.yaml, metrics.jsonl, checkpoints/,
-summary.json and model/. `attnedit recipe --explain` lists every recipe field.
+summary.json and model/; then, as the recipe's eval: section asks, eval.json, passkey.json,
+bench.json and report.md, and the student-vs-teacher tables are printed at the end.
+`attnedit recipe --explain` lists every recipe field.
 """
 
 
@@ -27,15 +30,16 @@ def add_parser(sub) -> None:
         "convert",
         help="run a recipe: edit -> stage 1 -> stage 2 -> saved model (resumable)",
         description="Convert a teacher's attention as a recipe says: edit the model, train the new attention "
-        "layer by layer on the teacher's activations (stage 1), distil the whole model (stage 2), save it.",
+        "layer by layer on the teacher's activations (stage 1), distil the whole model (stage 2), save it, "
+        "then evaluate it next to the teacher and write the report (the recipe's eval: section).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", help="recipe YAML; or, with --resume, a run folder")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. stage1.lr=3e-4 (repeatable)")
-    p.add_argument("--out", help="run folder (default: runs/<recipe name>; with a run folder as source: that folder)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (layers, params, tokens, estimated memory) and exit")
-    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    add_set(p, "override a recipe field, e.g. stage1.lr=3e-4 or eval.tasks=wikitext2")
+    add_out(p, "run folder (default: runs/<recipe name>; with a run folder as source: that folder)", required=False)
+    p.add_argument("--dry-run", action="store_true", help="print the plan (layers, params, tokens, estimated memory, evaluation) and exit")
+    add_json(p, "with --dry-run: print the plan as JSON")
     p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the memory per GPU on N GPUs, and the fewest that fit")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="with --dry-run --world-size: memory of one GPU (default 80)")
     p.add_argument("--resume", action="store_true", help="continue the run folder from its last good checkpoint")
@@ -49,6 +53,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..recipe import load_recipe
     from ..stages import convert, format_plan, format_summary, make_plan
+    from ..stages.evaluate import format_evaluation
 
     src = Path(args.source)
     sets = parse_sets(args.set)
@@ -81,4 +86,7 @@ def run(args) -> int:
         distributed.shutdown()
     if main_rank:
         print(format_summary(summary))
+        tables = format_evaluation(recipe, out)
+        if tables:
+            print("\nstudent vs teacher\n\n" + tables)
     return 0

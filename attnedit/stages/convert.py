@@ -1,13 +1,16 @@
-"""``attnedit convert``: one recipe, one run folder: edit -> stage 1 -> stage 2 -> held-out eval -> saved model.
+"""``attnedit convert``: one recipe, one run folder: edit -> stage 1 -> stage 2 -> held-out eval -> saved model
+-> the recipe's ``eval:`` section.
 
 The run folder holds ``recipe.yaml`` (fully resolved), ``metrics.jsonl``, ``checkpoints/``,
 ``summary.json`` and, at the end, ``model/`` (an ordinary Hugging Face checkpoint with remote code and
 ``attnedit.json``). Every stage checkpoints as it goes, so ``convert RUN --resume`` continues any
-interrupted run and reaches the same weights as an uninterrupted one. ``eval``, ``bench`` and
-``report`` then read the run folder; ``export`` converts its model.
+interrupted run and reaches the same weights as an uninterrupted one. Then, when the recipe's ``eval:``
+section asks for them, ``eval.json``, ``passkey.json``, ``bench.json`` and ``report.md`` (``evaluate.py``);
+``eval``, ``bench`` and ``report`` can also be run on the folder by hand; ``export`` converts its model.
 
 Planning (``--dry-run``, the memory estimate) lives in ``plan.py``, printing in ``format.py``, the run
-folder's recipe checks in ``rundir.py`` and the training loop in ``trainer.py``; this file is the order.
+folder's recipe checks in ``rundir.py``, the training loop in ``trainer.py`` and the evaluation after saving
+in ``evaluate.py``; this file is the order.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..io import remove_temp_files, write_error_text, write_errors, write_text
 from ..recipe import Recipe
 from . import stage1, stage2
 from .checkpoint import list_checkpoints, load_latest
+from .evaluate import evaluate_run, missing_parts
 from .plan import check_seq_len, estimated_memory, stage_config, stage_data, stage_seq_len, validate_start, weights_dtype
 from .rundir import check_new_run_dir, prepare_run_dir
 from .speed import CompileGroup, compile_wanted, peak_memory, reset_peak_memory, teacher_forward_tok_s, warm_up
@@ -36,13 +40,26 @@ from .trainer import Run, StageJob, load_weights, train_stage
 
 
 def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, progress: str = "auto") -> dict:
-    """Run a recipe into ``run_dir`` (or continue it with ``resume``); return the summary."""
+    """Run a recipe into ``run_dir`` (or continue it with ``resume``), then its ``eval:`` section; return the
+    summary. A resumed run whose model is saved trains nothing and only evaluates what is missing."""
     run_dir = Path(run_dir)
+    if resume and (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
+        prepare_run_dir(recipe, run_dir, resume)
+        missing = missing_parts(recipe, run_dir)
+        todo = f"; evaluating what is missing: {', '.join(missing)}" if missing else ""
+        print(f"attnedit: {run_dir} has already finished; its model is in {run_dir / 'model'}{todo}", file=sys.stderr)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        summary = train_and_save(recipe, run_dir, resume, progress)
+    if recipe.eval.parts() and distributed.is_main():  # the training models are freed by now
+        evaluate_run(recipe, run_dir, quiet=progress == "none")
+    return summary
+
+
+def train_and_save(recipe: Recipe, run_dir: Path, resume: bool, progress: str) -> dict:
+    """Edit -> stage 1 -> stage 2 -> held-out eval -> ``model/`` and ``summary.json``; returns the summary."""
     if resume:
         prepare_run_dir(recipe, run_dir, resume)
-        if (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
-            print(f"attnedit: {run_dir} has already finished; its model is in {run_dir / 'model'}", file=sys.stderr)
-            return json.loads((run_dir / "summary.json").read_text())
     else:  # a failed start must not leave a folder that refuses both a new start and --resume
         check_new_run_dir(run_dir)
         validate_start(recipe)

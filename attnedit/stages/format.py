@@ -36,8 +36,12 @@ def format_plan(plan: dict) -> str:
         f"data             {len(files)} file(s) in {shown}; blocks of {plan['seq_len']} tokens",
         f"device           {plan['device']}, frozen weights {plan['weights_dtype']}",
         f"checkpoints      every {plan['checkpoint_every']} steps and at each stage's end",
-        "",
     ]
+    evaluation = plan.get("eval") or ["none (the recipe's eval: section asks for nothing)"]
+    lines += [f"{'evaluation' if i == 0 else '':<17}{line}" for i, line in enumerate(evaluation)]
+    if plan.get("eval"):
+        lines.append(f"{'':<17}then report.md; student next to teacher, after the model is saved")
+    lines.append("")
     rows = []
     for s in plan["stages"]:
         skipped = s["steps"] == 0

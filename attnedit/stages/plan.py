@@ -63,17 +63,20 @@ def check_seq_len(recipe: Recipe, config) -> None:
 
 
 def validate_start(recipe: Recipe) -> None:
-    """What can fail from configs and files alone (family, target settings, seq_len, data files, device),
-    checked before a new run folder is written."""
+    """What can fail from configs and files alone (family, target settings, seq_len, data files, device, the
+    eval section's data and contexts), checked before a new run folder is written."""
     from ..data import check_files
     from ..surgery import edited_config
     from ..teachers import load_config
+
+    from .evaluate import check_eval
 
     config = load_config(recipe.teacher)
     check_seq_len(recipe, config)
     edited_config(config, recipe.target, recipe.target_args)
     check_files(recipe.data)
     resolve_device(recipe.device)
+    check_eval(recipe, config)
 
 
 def activation_bytes(recipe: Recipe, stage: int, config, n_edited: int, abytes: int, device: torch.device) -> float:
@@ -106,6 +109,7 @@ def make_plan(recipe: Recipe) -> dict:
     from ..targets import AttnEditForCausalLM
     from ..teachers import load_config
     from . import stage1, stage2
+    from .evaluate import describe
 
     config = load_config(recipe.teacher)
     check_seq_len(recipe, config)
@@ -159,6 +163,7 @@ def make_plan(recipe: Recipe) -> dict:
         "weights_dtype": str(wdtype).replace("torch.", ""),
         "stages": stages,
         "checkpoint_every": recipe.checkpoint_every,
+        "eval": describe(recipe.eval),
     }
 
 
