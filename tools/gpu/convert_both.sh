@@ -4,6 +4,7 @@ set -u
 export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
+NOEVAL="--set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts="  # this script measures on its own: no eval after training
 mkdir -p /tmp/runs
 python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"  # dequantise once, not twice
 for t in mla gateswa; do
@@ -12,7 +13,7 @@ for t in mla gateswa; do
   else
     args="recipes/smollm2-$t.yaml --out /tmp/runs/$t --set data.files=$W --set stage1.steps=${S1:-300}
           --set stage2.steps=${S2:-300} --set stage1.warmup=30 --set stage2.warmup=30 --set checkpoint_every=100
-          --set stage2.batch_size=4 --set stage2.grad_accum=4"
+          --set stage2.batch_size=4 --set stage2.grad_accum=4 $NOEVAL"
   fi
   timeout -s TERM "${LIMIT:-520}" python -m attnedit convert $args --progress lines > /tmp/runs/$t.log 2>&1 &
 done

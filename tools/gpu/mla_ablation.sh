@@ -7,7 +7,8 @@ export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
 COMMON="--set data.files=$W --set stage1.steps=300 --set stage2.steps=300 --set stage1.warmup=30 --set stage2.warmup=30
-        --set checkpoint_every=100 --set stage2.batch_size=4 --set stage2.grad_accum=4 --progress lines"
+        --set checkpoint_every=100 --set stage2.batch_size=4 --set stage2.grad_accum=4 --progress lines
+        --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts="  # measured below, not by convert
 mkdir -p /tmp/runs
 if [ "${1:-convert}" = convert ]; then
   python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"

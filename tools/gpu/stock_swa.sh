@@ -28,7 +28,8 @@ if has convert; then
     if [ -d "$2/checkpoints" ] && [ ! -f "$2/summary.json" ]; then args="$2 --resume"
     else args="$1 --out $2 --set data.files=$W --set stage1.steps=${S1:-300} --set stage2.steps=${S2:-300}
                --set stage1.warmup=30 --set stage2.warmup=30 --set checkpoint_every=100
-               --set stage2.batch_size=4 --set stage2.grad_accum=4"; fi
+               --set stage2.batch_size=4 --set stage2.grad_accum=4
+               --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts="; fi  # measured below
     timeout -s TERM "${LIMIT:-520}" python -m attnedit convert $args --progress lines > "$2.log" 2>&1
   }
   convert recipes/smollm2-swa-stock.yaml $R &

@@ -20,7 +20,8 @@ for t in gateswa mla; do  # one at a time: the GPU is timed
   start=$(date +%s)
   timeout -s TERM "${LIMIT:-170}" python -m attnedit convert recipes/smollm2-$t.yaml --out $R/$t --progress lines \
     --set data.files=$W --set stage1.steps=${S1:-60} --set stage2.steps=${S2:-40} --set stage1.warmup=10 \
-    --set stage2.warmup=10 --set checkpoint_every=1000 --set heldout_eval=false ${EXTRA:-} > $R/$t.log 2>&1
+    --set stage2.warmup=10 --set checkpoint_every=1000 --set heldout_eval=false \
+    --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts= ${EXTRA:-} > $R/$t.log 2>&1
   echo "$t: exit $? after $(( $(date +%s) - start )) s"
   grep -E "warning|Error|teacher plain forward" $R/$t.log | head -n 8
   cp $R/$t.log "$OUTDIR/$t-speed.log" 2>/dev/null; cp $R/$t/summary.json "$OUTDIR/$t-summary.json" 2>/dev/null
