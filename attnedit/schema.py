@@ -198,14 +198,10 @@ def add_flags(parser, cls, skip: tuple[str, ...] = ()) -> None:
         if f.name in skip or dataclasses.is_dataclass(hint):
             continue
         help_text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if default is not None and not required and "default" not in help_text:
+        default = field_default(f)
+        required = default is REQUIRED
+        default = None if required else default
+        if default is not None and "default" not in help_text:
             help_text += f" (default: {shown(default)})"
         kwargs = {"dest": f.name, "default": default, "help": help_text}
         if _strip_optional(hint)[0] is bool:
@@ -229,9 +225,16 @@ def from_args(cls, args, **extra):
         raise AttnEditError(f"{flag(e.field)} {shown(e.value)}: {e.rule}") from None
 
 
+def field_default(f: dataclasses.Field):
+    """A field's default (a fresh copy of a list), or ``REQUIRED``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED
+
+
 def defaults(cls) -> dict:
-    """``{field: default}`` of a settings dataclass (what its flags default to)."""
-    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+    """``{field: default}`` of a settings dataclass (what its flags default to), required fields left out."""
+    return {f.name: d for f in dataclasses.fields(cls) if (d := field_default(f)) is not REQUIRED}
 
 
 __all__ = [
@@ -239,12 +242,13 @@ __all__ = [
     "REQUIRED",
     "add_flags",
     "build",
-    "require",
     "coerce_value",
     "defaults",
+    "field_default",
     "flag",
     "from_args",
     "hints",
+    "require",
     "section",
     "setting",
     "shown",

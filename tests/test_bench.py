@@ -219,6 +219,11 @@ def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
         main(["passkey", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher"), "--contexts", "240"]) == 2
     )
     assert "not an edited model" in capsys.readouterr().err
+    # passkey --save writes the JSON report reads (it raised before: write_json's arguments were swapped)
+    keys = tmp_path / "run" / "passkey-cli.json"
+    assert main(["passkey", *common, "--contexts", "240", "--depths", "0,1", "--trials", "1", "--save", str(keys), "--json"]) == 0
+    assert json.loads(keys.read_text()) == json.loads(capsys.readouterr().out)
+    assert json.loads(keys.read_text())["depths"] == [0.0, 1.0]
 
 
 def test_several_students_share_one_timing_of_the_teacher(tmp_path, capsys, monkeypatch):
