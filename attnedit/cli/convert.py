@@ -11,7 +11,7 @@ from .common import add_json, add_out, add_set, parse_sets
 
 EPILOG = """\
 examples:
-  attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (about 5 minutes)
+  attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (about 6.5 minutes)
   attnedit convert recipes/smollm2-mla.yaml --dry-run           # the plan: layers, params, tokens, memory, evaluation
   attnedit convert recipes/smollm2-gateswa.yaml --set stage2.steps=2000 --set data.seq_len=2048
   attnedit convert recipes/smollm2-mla.yaml --set stage1.steps=0 --out runs/stage2-only
@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     add_json(p, "with --dry-run: print the plan as JSON")
     p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the memory per GPU on N GPUs, and the fewest that fit")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="with --dry-run --world-size: memory of one GPU (default 80)")
-    p.add_argument("--resume", action="store_true", help="continue the run folder from its last good checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run folder from its last good checkpoint (a run whose model is saved: only its missing evaluation)")
     p.add_argument(
         "--progress", default="auto", choices=["auto", "bar", "lines", "none"],
         help="progress display (auto: a bar on a terminal, else one line per log step)",
