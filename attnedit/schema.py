@@ -91,7 +91,10 @@ def coerce_value(path: str, value, hint, choices=None):
     if origin is list:
         (item,) = typing.get_args(base) or (str,)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            try:
+                value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            except yaml.YAMLError:
+                raise AttnEditError(f"{path}: {value!r} is not a list; write it comma-separated, e.g. 1,2") from None
         elif value is None:
             value = []
         elif not isinstance(value, (list, tuple)):
@@ -99,9 +102,10 @@ def coerce_value(path: str, value, hint, choices=None):
         if not isinstance(value, (list, tuple)):
             raise AttnEditError(f"{path}: expected a list (YAML list or comma-separated), got {value!r}")
         if item is str:
-            return [str(v).strip() for v in value if str(v).strip()]
-        items = [v.strip() if isinstance(v, str) else v for v in value]
-        out = [coerce(path, v, item) for v in items if v != ""]
+            out = [str(v).strip() for v in value if str(v).strip()]
+        else:
+            items = [v.strip() if isinstance(v, str) else v for v in value]
+            out = [coerce(path, v, item) for v in items if v != ""]
     elif origin is dict or base is dict:
         if value is None:
             return {}

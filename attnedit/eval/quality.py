@@ -58,12 +58,13 @@ class QualitySettings:
     )
 
     def __post_init__(self):
-        self.tasks = list(dict.fromkeys(self.tasks))
+        self.tasks, self.ppl_context = list(dict.fromkeys(self.tasks)), list(dict.fromkeys(self.ppl_context))
         require(self, [
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1 (or none for all)"),
             (self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be 0 or more"),
             (self.batch_size == "auto" or self.batch_size >= 1, "batch_size", "must be a positive integer or auto"),
             (all(c >= 2 for c in self.ppl_context), "ppl_context", "windows must be at least 2 tokens"),
+            (bool(self.ppl_context) or PPL_TASK not in self.tasks, "ppl_context", f"{PPL_TASK} needs at least one window"),
             (self.ppl_stride is None or self.ppl_stride >= 1, "ppl_stride", "must be at least 1"),
             (self.ppl_stride is None or all(self.ppl_stride <= c for c in self.ppl_context), "ppl_stride",
              "must not exceed the perplexity window (ppl_context)"),
@@ -80,7 +81,7 @@ class QualitySettings:
         several = len(self.ppl_context) > 1
         return {
             f"{PPL_TASK}@{c}" if several else PPL_TASK: PerplexitySettings(c, self.ppl_stride or max(1, c // 2), self.ppl_tokens)
-            for c in dict.fromkeys(self.ppl_context)
+            for c in self.ppl_context
         }
 
     def result_names(self) -> list[str]:
