@@ -26,6 +26,14 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def cell_list(text: str) -> list[tuple[int, int]]:
+    """``1x8192,64x8192`` -> ``[(1, 8192), (64, 8192)]`` (batch x context)."""
+    try:
+        return [tuple(int(v) for v in x.lower().split("x", 1)) for x in text.split(",") if x.strip()]  # type: ignore[misc]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give BATCHxCONTEXT cells, e.g. 1x8192,64x8192") from None
+
+
 def add_model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     """MODEL, --teacher, --device, --dtype, --json, --save: shared by bench (``many``: MODEL ...) and passkey."""
     if many:
@@ -123,6 +131,19 @@ def add_parser(sub) -> None:
         help="skip timing the teacher on stock transformers (static cache + automatic compile)",
     )
     p.add_argument(
+        "--stock-cells",
+        type=cell_list,
+        metavar="BxC,...",
+        help="time the stock path only at these cells of the grid, e.g. 1x8192,64x8192 (it compiles once per "
+        "shape, about 2 minutes each on an H100; default: every cell)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile attnedit's decode steps in every cell (torch.profiler): kernels per step, device "
+        "time per step, time by kernel family and the costliest kernels, saved under each engine's 'profile'",
+    )
+    p.add_argument(
         "--no-compile",
         action="store_true",
         help="decode eagerly instead of through torch.compile + CUDA graphs (compiled by default on CUDA)",
@@ -141,13 +162,25 @@ def run(args) -> int:
 
     settings = BenchSettings(
         args.contexts, args.batches, args.decode_tokens, args.repeats, args.warmup,
-        stock=not args.no_stock, compile=False if args.no_compile else None,
+        stock=not args.no_stock, compile=False if args.no_compile else None, stock_cells=args.stock_cells,
+        profile=args.profile,
     )
+    missing = [c for c in args.stock_cells or [] if c[0] not in args.batches or c[1] not in args.contexts]
+    if missing:
+        raise AttnEditError(f"--stock-cells {missing[0][0]}x{missing[0][1]} is not in the grid --batches x --contexts")
     models = list(dict.fromkeys(args.model))
     if args.passkey and len(models) > 1:
         raise AttnEditError("--passkey takes one model; run attnedit passkey for each of the others")
     students, teacher, tokenizer, dtype = load_students(args, models)
-    results = run_bench_many(students, teacher, settings, dtype, log=log)
+    paths = save_paths(args.save, models)
+
+    def save(results: dict) -> None:  # after every engine too, so a run cut short keeps what it measured
+        for m, path in paths.items():
+            if path:
+                write_json(path, {"model": m, "teacher": args.teacher, **results[m]})
+
+    results = run_bench_many(students, teacher, settings, dtype, log=log, partial=save)
+    save(results)
     results = {m: {"model": m, "teacher": args.teacher, **results[m]} for m in models}
     passkey = None
     if args.passkey:
@@ -158,11 +191,8 @@ def run(args) -> int:
                 {"student": students[models[0]], "teacher": teacher}, tokenizer, args.contexts, list(DEFAULT_DEPTHS), log=log
             ),
         }
-    for m, path in save_paths(args.save, models).items():
-        if path:
-            write_json(path, results[m])
-            if passkey:
-                write_json(path.with_name("passkey.json"), passkey)
+    if passkey and paths[models[0]]:
+        write_json(paths[models[0]].with_name("passkey.json"), passkey)
     if args.json:
         out = results[models[0]] if len(models) == 1 else results
         print(json.dumps({**out, "passkey": passkey} if passkey else out, indent=2))
