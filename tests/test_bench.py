@@ -215,6 +215,11 @@ def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
     assert main(["bench", *common, "--contexts", "4096"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnedit: error: context 4096 is longer than") and "\n" not in err
+    saved_pk = tmp_path / "run" / "passkey-alone.json"
+    assert main(["passkey", *common, "--contexts", "240", "--depths", "0.5", "--save", str(saved_pk)]) == 0
+    alone = json.loads(saved_pk.read_text())
+    assert alone["contexts"] == [240] and alone["depths"] == [0.5] and alone["model"] == str(tmp_path / "student")
+    capsys.readouterr()
     assert (
         main(["passkey", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher"), "--contexts", "240"]) == 2
     )
@@ -261,7 +266,9 @@ def test_stock_path_only_at_the_cells_asked(pair, monkeypatch):
     assert stock[(2, 12)]["decode_tok_s"] > 0 and [k for k, v in stock.items() if v is None] == [(1, 6), (2, 6), (1, 12)]
     assert result["runs"][3]["ratio_stock"]["decode_tok_s"] > 0 and result["runs"][0]["ratio_stock"]["decode_tok_s"] is None
     assert len(partials) == 2 and all(p["s"]["partial"] for p in partials) and "partial" not in result
-    assert all(r["teacher"] is None for r in partials[0]["s"]["runs"]) and all(r["teacher"] for r in partials[1]["s"]["runs"])
+    # the teacher runs first, so every partial result already has its figures
+    assert all(r["teacher"] and r["student"] is None for r in partials[0]["s"]["runs"])
+    assert all(r["teacher"] and r["student"] for r in partials[1]["s"]["runs"])
 
 
 @pytest.mark.slow

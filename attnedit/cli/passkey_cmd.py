@@ -54,6 +54,6 @@ def run(args) -> int:
         ),
     }
     if args.save:
-        write_json(result, args.save)
+        write_json(args.save, result)
     print(json.dumps(result, indent=2) if args.json else format_passkey(result))
     return 0

@@ -457,8 +457,9 @@ def run_bench_many(
     device = next(teacher.parameters()).device
     compile_ = settings.compile if settings.compile is not None else device.type == "cuda"
     bandwidth = copy_bandwidth(device)
-    engines = {label: AttnEditEngine(model, compile_) for label, model in students.items()}
-    engines["teacher"] = AttnEditEngine(teacher_on_attnedit(teacher), compile_)
+    # the teacher first: a run cut short still has every ratio of the students it finished
+    engines = {"teacher": AttnEditEngine(teacher_on_attnedit(teacher), compile_)}
+    engines.update({label: AttnEditEngine(model, compile_) for label, model in students.items()})
     if settings.stock:
         engines["teacher_stock"] = StockEngine(teacher)
     configs = {label: model.config for label, model in students.items()}
