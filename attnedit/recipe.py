@@ -124,7 +124,7 @@ class Recipe:
     weights_dtype: str = _f("auto", "dtype of the frozen teacher weights; auto = bfloat16 when both stages run in bf16, else float32", WEIGHTS_DTYPES)
     max_nonfinite_restarts: int = _f(3, "on a non-finite or diverging loss: restore the last good checkpoint and halve the lr, at most this many times")
     divergence_factor: float = _f(10.0, "a logged loss above this many times the median of the last 5 logged losses is treated like a non-finite one (0 = off)")
-    baseline_batches: int = _f(3, "batches of the teacher's plain forward timed at each stage's batch shape before training: tokens/s ratios in progress, metrics.jsonl, summary.json; 0 skips it")
+    baseline_batches: int = _f(5, "batches of the teacher's plain forward timed (after two warm-up ones; the median counts) at each stage's batch shape before training: tokens/s ratios in progress, metrics.jsonl, summary.json; 0 skips it")
     heldout_eval: bool = _f(True, "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json)")
     eval: EvalConfig = section(EvalConfig, "evaluation after the model is saved: eval.json, passkey.json, bench.json, report.md")
 

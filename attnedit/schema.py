@@ -6,7 +6,8 @@ allowed values) in their metadata: ``setting(default, help, choices)``. One such
 - a recipe key: ``eval.ppl_context: [2048, 8192]`` in YAML, filled and typed by :func:`build`;
 - a ``--set`` override: ``--set eval.ppl_context=2048,8192``, typed by the same :func:`coerce_value`;
 - a subcommand's flag: ``attnedit eval --ppl-context 2048,8192``, made by :func:`add_flags` (name with
-  dashes, type, default, help, choices) and read back by :func:`from_args`;
+  dashes, type, default, help, choices) and read back by :func:`from_args`; a tuple in a list is written
+  with ``x`` (``--stock-cells 1x8192,64x8192``);
 - a line of ``attnedit recipe --explain``.
 
 Types are checked by pydantic's ``TypeAdapter`` (``attnedit.surgery.settings.coerce``): ``"12"`` -> 12,
@@ -32,10 +33,11 @@ from .surgery.settings import coerce, type_name
 REQUIRED = dataclasses.MISSING
 
 
-def setting(default, help: str, choices: tuple | None = None):
+def setting(default, help: str, choices: tuple | None = None, metavar: str | None = None):
     """A dataclass field with its help text (and allowed values) in the metadata; a list or dict default is
-    copied for every instance. ``REQUIRED`` as the default makes a field (and its flag) required."""
-    meta = {"help": help, "choices": choices}
+    copied for every instance. ``REQUIRED`` as the default makes a field (and its flag) required; ``metavar``
+    names the flag's value in ``--help`` (default: from the type, e.g. ``N[,N...]``)."""
+    meta = {"help": help, "choices": choices, "metavar": metavar}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     if default is REQUIRED:
@@ -86,8 +88,10 @@ def is_list(hint) -> bool:
 
 def coerce_value(path: str, value, hint, choices=None):
     """``value`` (YAML, a ``--set`` string or a flag's text) as the field's type, or a one-line error."""
-    base, _ = _strip_optional(hint)
+    base, optional = _strip_optional(hint)
     origin = typing.get_origin(base)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
     if origin is list:
         (item,) = typing.get_args(base) or (str,)
         if isinstance(value, str):
@@ -105,6 +109,8 @@ def coerce_value(path: str, value, hint, choices=None):
             out = [str(v).strip() for v in value if str(v).strip()]
         else:
             items = [v.strip() if isinstance(v, str) else v for v in value]
+            if typing.get_origin(item) is tuple:  # a tuple in a list is written with x: 1x8192
+                items = [v.lower().split("x") if isinstance(v, str) and v else v for v in items]
             out = [coerce(path, v, item) for v in items if v != ""]
     elif origin is dict or base is dict:
         if value is None:
@@ -157,7 +163,9 @@ def flag(name: str) -> str:
 
 def shown(value) -> str:
     """A default as a user types it: lists comma-separated, None as none, booleans as on/off."""
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):
+        return "x".join(shown(v) for v in value)
+    if isinstance(value, list):
         return ",".join(shown(v) for v in value) or "none"
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -183,7 +191,10 @@ def _metavar(name: str, hint) -> str:
     origin = typing.get_origin(base)
     if origin is list:
         (item,) = typing.get_args(base) or (str,)
-        one = {int: "N", float: "X"}.get(item, name.upper().rstrip("S"))
+        if typing.get_origin(item) is tuple:
+            one = "x".join(_metavar(name, a) for a in typing.get_args(item))
+        else:
+            one = {int: "N", float: "X"}.get(item, name.upper().rstrip("S"))
         return f"{one}[,{one}...]"
     if origin is typing.Literal:
         return "|".join(map(str, typing.get_args(base)))
@@ -215,7 +226,7 @@ def add_flags(parser, cls, skip: tuple[str, ...] = ()) -> None:
             kwargs.update(choices=list(choices), metavar="{" + ",".join(map(str, choices)) + "}")
             choices = None  # argparse checks them
         else:
-            kwargs["metavar"] = _metavar(f.name, hint)
+            kwargs["metavar"] = f.metadata.get("metavar") or _metavar(f.name, hint)
         parser.add_argument(flag(f.name), type=_converter(f.name, hint, choices), required=required, **kwargs)
 
 

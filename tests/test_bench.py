@@ -215,15 +215,15 @@ def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
     assert main(["bench", *common, "--contexts", "4096"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnedit: error: context 4096 is longer than") and "\n" not in err
+    saved_pk = tmp_path / "run" / "passkey-alone.json"
+    assert main(["passkey", *common, "--contexts", "240", "--depths", "0.5", "--save", str(saved_pk)]) == 0
+    alone = json.loads(saved_pk.read_text())
+    assert alone["contexts"] == [240] and alone["depths"] == [0.5] and alone["model"] == str(tmp_path / "student")
+    capsys.readouterr()
     assert (
         main(["passkey", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher"), "--contexts", "240"]) == 2
     )
     assert "not an edited model" in capsys.readouterr().err
-    # passkey --save writes the JSON report reads (it raised before: write_json's arguments were swapped)
-    keys = tmp_path / "run" / "passkey-cli.json"
-    assert main(["passkey", *common, "--contexts", "240", "--depths", "0,1", "--trials", "1", "--save", str(keys), "--json"]) == 0
-    assert json.loads(keys.read_text()) == json.loads(capsys.readouterr().out)
-    assert json.loads(keys.read_text())["depths"] == [0.0, 1.0]
 
 
 def test_several_students_share_one_timing_of_the_teacher(tmp_path, capsys, monkeypatch):
@@ -251,6 +251,24 @@ def test_several_students_share_one_timing_of_the_teacher(tmp_path, capsys, monk
     assert out.count("== ") == 2 and out.count("tok/s S") == 2
     assert main([*cli, "--passkey"]) == 2
     assert "--passkey takes one model" in capsys.readouterr().err
+    assert main([*cli, "--stock-cells", "2x99"]) == 2
+    assert "--stock-cells 2x99: not in the grid of batches x contexts" in capsys.readouterr().err
+
+
+def test_stock_path_only_at_the_cells_asked(pair, monkeypatch):
+    """--stock-cells: the stock engine runs at those cells only, the others have teacher_stock null; a
+    partial result is handed over after every engine but the last."""
+    student, teacher = pair
+    partials = []
+    settings = BenchSettings([6, 12], [1, 2], 2, 1, 0, stock_cells=[(2, 12)])
+    result = bench.run_bench_many({"s": student}, teacher, settings, "float32", log=lambda _: None, partial=partials.append)["s"]
+    stock = {(r["batch"], r["context"]): r["teacher_stock"] for r in result["runs"]}
+    assert stock[(2, 12)]["decode_tok_s"] > 0 and [k for k, v in stock.items() if v is None] == [(1, 6), (2, 6), (1, 12)]
+    assert result["runs"][3]["ratio_stock"]["decode_tok_s"] > 0 and result["runs"][0]["ratio_stock"]["decode_tok_s"] is None
+    assert len(partials) == 2 and all(p["s"]["partial"] for p in partials) and "partial" not in result
+    # the teacher runs first, so every partial result already has its figures
+    assert all(r["teacher"] and r["student"] is None for r in partials[0]["s"]["runs"])
+    assert all(r["teacher"] and r["student"] for r in partials[1]["s"]["runs"])
 
 
 @pytest.mark.slow
@@ -259,3 +277,18 @@ def test_real_teacher_retrieves_the_key(smollm2):
     model, tokenizer = smollm2
     result = run_passkey({"teacher": model}, tokenizer, [256], [0.0, 1.0], 1, log=lambda _: None)
     assert result["teacher"] == [[1.0, 1.0]]
+
+
+def test_profile_counts_the_decode_step(pair):
+    """--profile: every attnedit cell gets a profile of its decode steps; more layers, more work per step."""
+    student, teacher = pair
+    settings = BenchSettings([8], [1], 3, 1, 0, stock=False, profile=True)
+    run = run_bench(student, teacher, settings, "float32", log=lambda _: None)["runs"][0]
+    for name in ("student", "teacher"):
+        prof = run[name]["profile"]
+        assert prof["what"] == "CPU ops (no GPU)" and prof["kernels_per_step"] > 10 and prof["device_ms_per_step"] > 0
+        assert sum(k["per_step"] for k in prof["by_kind"].values()) == pytest.approx(prof["kernels_per_step"], abs=0.5)
+        assert prof["top"] and all(t["ms_per_step"] > 0 for t in prof["top"])
+    assert "profile" not in run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)["runs"][0]["student"]
+    assert bench.kernel_kind("sm90_xmma_gemm_bf16bf16") == "gemm" and bench.kernel_kind("triton_poi_fused_add_0") == "fused (triton)"
+    assert bench.kernel_kind("flash_fwd_splitkv_kernel") == "attention"

@@ -134,8 +134,11 @@ def test_malformed_flag_values_are_usage_errors(capsys):
 
 
 def test_old_flag_spellings_still_work():
-    args = subparser("bench").parse_args(["A", "B", "--teacher", "T", "--no-stock", "--no-compile", "--passkey"])
-    assert (args.model, args.stock, args.compile, args.passkey) == (["A", "B"], False, False, True)
+    args = subparser("bench").parse_args(["A", "B", "--teacher", "T", "--no-stock", "--no-compile", "--passkey", "--profile",
+                                          "--stock-cells", "1x8192,64X8192"])  # fmt: skip
+    assert (args.model, args.stock, args.compile, args.passkey, args.profile) == (["A", "B"], False, False, True, True)
+    assert args.stock_cells == [(1, 8192), (64, 8192)]
+    assert parse_recipe({"eval": {"bench": {"contexts": [8192], "batches": [1, 64], "stock_cells": [[64, 8192]]}}}).eval.bench.stock_cells == [(64, 8192)]
     args = subparser("export").parse_args(["M", "--format", "stock", "--out", "O", "--no-check", "--check-context", "96"])
     assert (args.format, args.check, args.check_context) == ("stock", False, 96)
     args = subparser("eval").parse_args(["M", "--ppl-context", "512", "--num-fewshot", "0", "--limit", "5"])

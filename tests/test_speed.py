@@ -286,3 +286,24 @@ def test_convert_reports_speed_against_the_teachers_forward_and_memory(tmp_path,
     assert all({"tok_s", "teacher_fwd_tok_s", "ratio"} <= set(r) for r in rows)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stage2"]["ratio"] == summary["stage2"]["ratio"]
     assert "x the teacher's forward" in format_summary(summary)
+
+
+def test_teacher_baseline_is_the_median_batch_after_warm_up(monkeypatch):
+    """Two slow warm-up batches and one slow timed batch do not move the baseline: the median batch sets it."""
+    import contextlib
+    import types
+
+    from attnedit.stages import speed
+
+    clock = iter([0.0, 1.0, 2.0, 6.0, 6.0, 6.5, 6.5, 7.0])  # two warm-ups (untimed), then batches of 4, 0.5, 0.5 s
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(clock))
+    calls = []
+
+    class Teacher:
+        config = types.SimpleNamespace(vocab_size=10)
+
+        def __call__(self, input_ids, use_cache):
+            calls.append(input_ids.shape)
+
+    rate = speed.teacher_forward_tok_s(Teacher(), 2, 8, torch.device("cpu"), contextlib.nullcontext, batches=3)
+    assert len(calls) == 5 and rate == 2 * 8 / 0.5

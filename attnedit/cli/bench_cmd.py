@@ -83,17 +83,22 @@ def run(args) -> int:
     if args.passkey and len(models) > 1:
         raise AttnEditError("--passkey takes one model; run attnedit passkey for each of the others")
     students, teacher, tokenizer, dtype = load_students(args, models, settings.contexts)
-    results = run_bench_many(students, teacher, settings, dtype, log=log)
+    paths = save_paths(args.save, models)
+
+    def save(results: dict) -> None:  # after every engine too, so a run cut short keeps what it measured
+        for m, path in paths.items():
+            if path:
+                write_json(path, {"model": m, "teacher": args.teacher, **results[m]})
+
+    results = run_bench_many(students, teacher, settings, dtype, log=log, partial=save)
+    save(results)
     results = {m: {"model": m, "teacher": args.teacher, **results[m]} for m in models}
     passkey = None
     if args.passkey:
         keys = PasskeySettings(contexts=settings.contexts)
         passkey = passkey_json(models[0], args.teacher, students[models[0]], teacher, tokenizer, keys, log=log)
-    for m, path in save_paths(args.save, models).items():
-        if path:
-            write_json(path, results[m])
-            if passkey:
-                write_json(path.with_name("passkey.json"), passkey)
+    if passkey and paths[models[0]]:
+        write_json(paths[models[0]].with_name("passkey.json"), passkey)
     if args.json:
         out = results[models[0]] if len(models) == 1 else results
         print(json.dumps({**out, "passkey": passkey} if passkey else out, indent=2))

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttnEditError, is_out_of_memory
-from ..schema import require, setting
+from ..schema import FieldError, require, setting
 from .kv import analytic_cache_bytes, kv_by_context, max_context
 
 FIGURES = (
@@ -65,7 +65,15 @@ class BenchSettings:
     warmup: int = setting(1, "untimed runs per cell before timing")
     seed: int = setting(0, "seed of the random prompts")
     stock: bool = setting(True, "also time the teacher on stock transformers: static cache and automatic torch.compile")
+    stock_cells: list[tuple[int, int]] | None = setting(
+        None, "time the stock path only at these BATCHxCONTEXT cells of the grid, e.g. 1x8192,64x8192 (it compiles "
+        "once per shape, about 2 minutes each on an H100; default: every cell)", metavar="BxC[,BxC...]",
+    )  # fmt: skip
     compile: bool | None = setting(None, "decode through torch.compile + CUDA graphs, else eagerly (default: on CUDA only)")
+    profile: bool = setting(
+        False, "also profile attnedit's decode steps in every cell (torch.profiler): kernels per step, device time "
+        "per step, time by kernel family and the costliest kernels, saved under each engine's 'profile'",
+    )  # fmt: skip
 
     def __post_init__(self):
         require(self, [
@@ -75,6 +83,11 @@ class BenchSettings:
             (self.repeats >= 1, "repeats", "must be at least 1"),
             (self.warmup >= 0, "warmup", "must be 0 or more"),
         ])  # fmt: skip
+        if self.stock_cells is not None:
+            self.stock_cells = [tuple(c) for c in self.stock_cells]
+            outside = [c for c in self.stock_cells if c[0] not in self.batches or c[1] not in self.contexts]
+            if outside:
+                raise FieldError("stock_cells", outside[0], "not in the grid of batches x contexts")
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -222,6 +235,8 @@ class AttnEditEngine:
         self.compile = compile
         self.kw = _cache_kwarg(model)
         step = lambda token, cache: next_token(model, token, cache, self.kw)  # noqa: E731
+        # shapes as generate() compiles them: static first, then dynamic in the dimension that changed
+        # (cells run batch-major, so a grid compiles three times: batch 1, batch 1 at a new length, batch > 1)
         self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
 
     def decode(self, token, cache) -> torch.Tensor:
@@ -236,7 +251,8 @@ class AttnEditEngine:
         warm = 3 if self.compile else 1
         ids = _random_ids(model, batch, context, settings.seed, device)
         before = _peak_start(device)
-        cache = model.new_cache(static=True, batch_size=batch, max_length=context + warm + steps + 1)
+        extra = steps if settings.profile else 0  # the profiled steps decode past the timed ones
+        cache = model.new_cache(static=True, batch_size=batch, max_length=context + warm + steps + extra + 1)
         kv = cache.allocated_bytes()
         ttfts = []
         with torch.no_grad():
@@ -262,6 +278,7 @@ class AttnEditEngine:
                 token = self.decode(token, cache)
             clock.mark()
             decode_ms = clock.intervals_ms()[0]
+            profile = profile_steps(lambda: self.decode(token, cache), steps, device) if settings.profile else None
         return {
             "ttft_ms": statistics.median(ttfts),
             "step_ms": decode_ms / steps,
@@ -270,7 +287,54 @@ class AttnEditEngine:
             "kv_bytes_measured": kv,
             "kv_tokens": cache.max_length,
             "compile_s": round(compile_s, 2) if self.compile else None,
+            **({"profile": profile} if profile else {}),
         }
+
+
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's family, for the profile's summary."""
+    n = name.lower()
+    for kind, keys in (
+        ("attention", ("flash", "attention", "fmha", "sdpa", "_decode_")),
+        ("gemm", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "matmul", "splitk")),
+        ("copy", ("memcpy", "memset", "copy", "index_copy", "scatter")),
+        ("fused (triton)", ("triton",)),
+    ):
+        if any(k in n for k in keys):
+            return kind
+    return "other"
+
+
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device) -> dict:
+    """``steps`` calls of ``step`` under ``torch.profiler``: device kernels (CPU ops without a GPU) per step,
+    device time per step, and the time by kernel family and by the ten costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) or 0
+        if us <= 0 or (cuda and e.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        rows.append((e.key, us / 1e3 / steps, e.count / steps))
+    rows.sort(key=lambda r: -r[1])
+    kinds: dict[str, list[float]] = {}
+    for name, ms, n in rows:
+        k = kinds.setdefault(kernel_kind(name), [0.0, 0.0])
+        k[0] += ms
+        k[1] += n
+    return {
+        "what": "CUDA kernels" if cuda else "CPU ops (no GPU)",
+        "kernels_per_step": round(sum(r[2] for r in rows), 1),
+        "device_ms_per_step": round(sum(r[1] for r in rows), 4),
+        "by_kind": {k: {"ms_per_step": round(v[0], 4), "per_step": round(v[1], 1)} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+        "top": [{"kernel": name[:120], "ms_per_step": round(ms, 4), "per_step": round(n, 1)} for name, ms, n in rows[:10]],
+    }
 
 
 class StockEngine:
@@ -406,12 +470,18 @@ def run_bench(student, teacher, settings: BenchSettings, dtype: str, log: Callab
 
 
 def run_bench_many(
-    students: dict, teacher, settings: BenchSettings, dtype: str, log: Callable[[str], None] = print
+    students: dict,
+    teacher,
+    settings: BenchSettings,
+    dtype: str,
+    log: Callable[[str], None] = print,
+    partial: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict[str, dict]:
     """``run_bench`` for several students of one teacher in one run: the teacher's two engines are timed
     once per cell and shared by every student's result (one ``bench.json`` each, keyed by ``students``'
     names), so each ratio is still taken in the same run while the teacher (and the stock path's
-    per-shape compilation) is paid for once."""
+    per-shape compilation) is paid for once. ``partial`` gets the results so far (``"partial": true``)
+    after every engine, so a run cut short keeps what it measured."""
     from ..surgery import teacher_on_attnedit
 
     if not settings.contexts or not settings.batches:
@@ -423,8 +493,9 @@ def run_bench_many(
     device = next(teacher.parameters()).device
     compile_ = settings.compile if settings.compile is not None else device.type == "cuda"
     bandwidth = copy_bandwidth(device)
-    engines = {label: AttnEditEngine(model, compile_) for label, model in students.items()}
-    engines["teacher"] = AttnEditEngine(teacher_on_attnedit(teacher), compile_)
+    # the teacher first: a run cut short still has every ratio of the students it finished
+    engines = {"teacher": AttnEditEngine(teacher_on_attnedit(teacher), compile_)}
+    engines.update({label: AttnEditEngine(model, compile_) for label, model in students.items()})
     if settings.stock:
         engines["teacher_stock"] = StockEngine(teacher)
     configs = {label: model.config for label, model in students.items()}
@@ -437,8 +508,11 @@ def run_bench_many(
         limits: dict[int, tuple[int, int]] = {}  # context -> (largest fit, smallest failure)
         timed[name] = {}
         role = name if name in ("teacher", "teacher_stock") else "student"
-        for context in settings.contexts:
-            for batch in settings.batches:
+        label = name if len(students) > 1 else role
+        for batch in settings.batches:  # batch-major: the compiled step re-specialises on batch 1 only once
+            for context in settings.contexts:
+                if name == "teacher_stock" and settings.stock_cells is not None and (batch, context) not in settings.stock_cells:
+                    continue
                 if name == "teacher_stock" and compile_:
                     torch._dynamo.reset()  # stock compiles per shape; keep every cell within the recompile limit
                 figures = _cell(engine, batch, context, settings, limits.get(context))
@@ -454,7 +528,14 @@ def run_bench_many(
                     figures["hbm_bound_ms"] = need / bandwidth * 1e3 if bandwidth else None
                     figures["step_over_bound"] = _ratio(figures["step_ms"], figures["hbm_bound_ms"])
                 timed[name][(batch, context)] = figures
-                log(_progress_one(name if len(students) > 1 else role, {"batch": batch, "context": context, (name if len(students) > 1 else role): figures}))
+                log(_progress_one(label, {"batch": batch, "context": context, label: figures}))
+        if partial is not None and name != list(engines)[-1]:
+            partial({k: {**v, "partial": True} for k, v in _assemble(students, teacher, settings, dtype, device, compile_, bandwidth, configs, timed, largest).items()})
+    return _assemble(students, teacher, settings, dtype, device, compile_, bandwidth, configs, timed, largest)
+
+
+def _assemble(students, teacher, settings, dtype, device, compile_, bandwidth, configs, timed, largest) -> dict[str, dict]:
+    """One ``bench.json`` per student from the engines' timings so far (an engine not yet run: null)."""
     results = {}
     for label in students:
         result = {
@@ -482,8 +563,8 @@ def run_bench_many(
         ]
         for context in settings.contexts:
             for batch in settings.batches:
-                run = {"batch": batch, "context": context, "student": timed[label][(batch, context)],
-                       "teacher": timed["teacher"][(batch, context)],
+                run = {"batch": batch, "context": context, "student": timed.get(label, {}).get((batch, context)),
+                       "teacher": timed.get("teacher", {}).get((batch, context)),
                        "teacher_stock": timed.get("teacher_stock", {}).get((batch, context))}
                 fails = {("student" if n == label else n): b for n, b in largest.get((batch, context), {}).items()
                          if n in (label, "teacher", "teacher_stock")}

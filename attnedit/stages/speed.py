@@ -9,6 +9,7 @@ at each stage's batch shape before training, so its progress lines, ``metrics.js
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 import time
 
@@ -103,18 +104,21 @@ def _ids(batch: int, seq: int, vocab: int, device: torch.device) -> torch.Tensor
 def teacher_forward_tok_s(teacher, batch: int, seq: int, device: torch.device, autocast_ctx, batches: int = 3) -> float:
     """Tokens/s of the teacher's plain forward (``teacher(input_ids)``, logits included) at ``batch x seq``.
 
-    One warm-up batch, then ``batches`` timed ones; on CUDA the timing is synchronised at both ends.
+    Two warm-up batches, then ``batches`` timed one by one (synchronised on CUDA); the median batch sets
+    the rate, so one slow batch (clocks ramping, the allocator growing) does not move the baseline.
     """
     ids = _ids(batch, seq, teacher.config.vocab_size, device)
+    times = []
     with autocast_ctx():
-        teacher(input_ids=ids, use_cache=False)
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(batches):
+        for i in range(2 + max(1, batches)):
+            synchronize(device)
+            t0 = time.perf_counter()
             out = teacher(input_ids=ids, use_cache=False)
-        del out
-        synchronize(device)
-    return batches * batch * seq / max(1e-9, time.perf_counter() - t0)
+            del out
+            synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return batch * seq / max(1e-9, statistics.median(times))
 
 
 def warm_up(loss_fn, params: list, batch: int, seq: int, vocab: int, device: torch.device, autocast_ctx, group: CompileGroup | None) -> None:

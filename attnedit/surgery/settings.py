@@ -84,6 +84,8 @@ def type_name(hint) -> str:
         return " or ".join(type_name(a) for a in args if a is not type(None))
     if origin is list:
         return f"list of {type_name(args[0]) if args else 'str'}"
+    if origin is tuple:
+        return " x ".join(type_name(a) for a in args)
     return getattr(hint, "__name__", str(hint))
 
 

@@ -46,7 +46,7 @@ def decode_attention_sdpa(q, k, v, n_filled, valid, scale: float, v_dim: int | N
     mask = keep[None, :] if valid is None else keep[None, :] & valid
     values = k if v is None else v
     out = F.scaled_dot_product_attention(
-        q[:, :, None], k, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        q[:, :, None], k, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1])
     )[:, :, 0]
     return out[..., :v_dim] if v is None else out
 

@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
 # Decode/prefill speed on the GPU machine (after ../shared/device/pack.sh chunks are unpacked):
-#   bash tools/gpu/bench_decode.sh
-# 1. kernel check (Triton decode and FlexAttention sliding prefill vs PyTorch references, timings vs HBM bound)
-# 2. SmolLM2 edited to GateSWA (the shipped GPU recipe's settings) and MLA (default ranks), teacher-initialised
-#    (decode speed does not depend on the trained values), then `attnedit bench` for each over the grid,
-#    student next to the teacher on the same engine (--no-stock: the stock path compiles per shape, ~2 min each)
-# 3. the stock transformers teacher (static cache + compile) at the STOCK_CTX x STOCK_BATCH cells, in the same
-#    run as each student there.
-# env: CTX, BATCH (grid), STOCK_CTX, STOCK_BATCH, STOCK_MODELS (default "gs mla"), REPEATS
+#   bash tools/gpu/bench_decode.sh [PHASE ...]       PHASE: kernels grid stock (default: grid stock)
+# kernels: Triton decode and FlexAttention sliding prefill vs PyTorch references, timings vs HBM bound.
+# grid:    SmolLM2 edited to GateSWA (the shipped GPU recipe's settings) and MLA (its ranks), teacher-initialised
+#          (decode speed does not depend on the trained values); one `attnedit bench` run times both students
+#          and the teacher on the same engine over CTX x BATCH (no stock path: it compiles per shape).
+# stock:   one bench run at STOCK_CTX x STOCK_BATCH with the stock transformers teacher (static cache +
+#          compile) next to both students and the same-engine teacher, with --profile (kernels per step).
+# env: CTX, BATCH, STOCK_CTX, STOCK_BATCH, REPEATS, LIMIT (seconds per bench run)
 set -uo pipefail
 export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python tools/gpu/check_kernels.py 2>&1 | tee "$OUT/kernels.log"
-[ -d /tmp/gs ] || python -m attnedit edit smollm2-135m --target gateswa --set init=teacher --set window=512 --set sink=4 --set full_layers=every:6 --out /tmp/gs > /dev/null 2>&1
-[ -d /tmp/mla ] || python -m attnedit edit smollm2-135m --target mla --set init=teacher --out /tmp/mla > /dev/null 2>&1
-for m in gs mla; do
-  python -m attnedit bench /tmp/$m --teacher smollm2-135m --contexts "${CTX:-2048,8192}" --batches "${BATCH:-1,16,64}" \
-    --decode-tokens 32 --repeats "${REPEATS:-2}" --no-stock --save "$OUT/bench-$m.json" 2> "$OUT/bench-$m.log" | tee "$OUT/bench-$m.txt"
-done
-for m in ${STOCK_MODELS:-gs mla}; do
-  python -m attnedit bench /tmp/$m --teacher smollm2-135m --contexts "${STOCK_CTX:-8192}" --batches "${STOCK_BATCH:-64}" \
-    --decode-tokens 32 --repeats "${REPEATS:-2}" --save "$OUT/bench-$m-stock.json" 2> "$OUT/bench-$m-stock.log" | tee "$OUT/bench-$m-stock.txt"
-done
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PHASES=" ${*:-grid stock} "
+has() { [[ "$PHASES" == *" $1 "* ]]; }
+has kernels && python tools/gpu/check_kernels.py 2>&1 | tee "$OUT/kernels.log"
+# the GPU recipes' target settings, read from the recipes themselves
+edit() {  # $1 recipe, $2 folder
+  [ -d "$2" ] && return
+  sets=$(python - "$1" <<'PY'
+import sys, yaml
+r = yaml.safe_load(open(sys.argv[1]))
+print(" ".join(f"--set {k}={v}" for k, v in r.get("target_args", {}).items()), f"--target {r['target']}")
+PY
+)
+  python -m attnedit edit smollm2-135m $sets --set init=teacher --out "$2" > "$2.log" 2>&1 || { echo "edit $1 failed:"; tail -n 3 "$2.log"; }
+}
+edit recipes/smollm2-gateswa.yaml /tmp/gs
+edit recipes/smollm2-mla.yaml /tmp/mla
+if has grid; then
+  timeout -s INT "${LIMIT:-560}" python -m attnedit bench /tmp/gs /tmp/mla --teacher smollm2-135m --contexts "${CTX:-2048,8192}" \
+    --batches "${BATCH:-1,16,64}" --decode-tokens 32 --repeats "${REPEATS:-2}" --no-stock --save "$OUT/bench-grid.json" \
+    2> "$OUT/bench-grid.log" | tee "$OUT/bench-grid.txt"
+  tail -n 4 "$OUT/bench-grid.log"
+fi
+if has stock; then
+  timeout -s INT "${LIMIT:-560}" python -m attnedit bench /tmp/gs /tmp/mla --teacher smollm2-135m --contexts "${STOCK_CTX:-8192}" \
+    --batches "${STOCK_BATCH:-1,64}" --decode-tokens 32 --repeats "${REPEATS:-2}" --profile --save "$OUT/bench-stock.json" \
+    2> "$OUT/bench-stock.log" | tee "$OUT/bench-stock.txt"
+  tail -n 4 "$OUT/bench-stock.log"
+fi

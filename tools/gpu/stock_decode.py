@@ -87,13 +87,14 @@ def main() -> int:
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(contexts) * len(batches))
-    results = {}
-    for spec in args.models:
+    results, models = {}, {}
+    for spec in args.models:  # all loaded first, then each cell for every model in turn: a run cut short keeps pairs
         name, path = spec.split("=", 1)
-        model = load(path)
-        results[name] = {"path": path, "class": type(model).__name__, "cells": []}
-        for b in batches:
-            for c in contexts:
+        models[name] = load(path)
+        results[name] = {"path": path, "class": type(models[name]).__name__, "cells": []}
+    for b in batches:
+        for c in contexts:
+            for name, model in models.items():
                 torch.cuda.reset_peak_memory_stats()
                 try:
                     r = cell(model, b, c, args.new)
@@ -105,8 +106,8 @@ def main() -> int:
                     f"decode {r['decode_tok_s']:9.0f} tok/s  {r['decode_ms_per_step']:6.2f} ms/step  "
                     f"prefill {r['prefill_ms']:8.1f} ms  peak {r['peak_gib']:5.1f} GiB" if "error" not in r else r["error"]),
                     flush=True)
-        del model
-        torch.cuda.empty_cache()
+                if args.save:  # after every cell, so a run cut short keeps what it measured
+                    Path(args.save).write_text(json.dumps(results, indent=2))
     names = list(results)
     print(f"\nstock compiled decode (transformers, static cache, bf16), tokens/s; x = vs {names[0]}")
     print(f"{'batch x ctx':<12}" + "".join(f"{n:>16}" for n in names))

@@ -2,7 +2,7 @@
 # The stock-servable GateSWA variant (gate: none, sink: 0) on the GPU: convert, export + parity check,
 # quality next to the gated GateSWA at equal tokens, and stock compiled decode next to the stock teacher.
 #
-# usage: [S1=300 S2=300] [CONVERT_GATED=1] [GATED=/tmp/runs/gateswa] bash tools/gpu/stock_swa.sh [PHASE ...]
+# usage: [S1=300 S2=300] [CONVERT_GATED=1] [GATED=/tmp/runs/gateswa] [STOCK_RUN=/tmp/runs/swa-stock] bash tools/gpu/stock_swa.sh [PHASE ...]
 #   PHASE: convert export quality decode (default: all four, in that order)
 #   S1/S2 and the batch overrides are convert_both.sh's (14.7 M tokens at 300 + 300 steps), so the
 #   variant is compared at equal tokens with a gated run made by convert_both.sh or by CONVERT_GATED=1
@@ -15,7 +15,7 @@ set -u
 export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
 PHASES=" ${*:-convert export quality decode} "
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
-R=/tmp/runs/swa-stock
+R=${STOCK_RUN:-/tmp/runs/swa-stock}
 G=${GATED:-/tmp/runs/gateswa}
 W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
 T="--teacher smollm2-135m"
@@ -102,7 +102,7 @@ EOF
 fi
 
 if has decode; then
-  python tools/gpu/stock_decode.py teacher=smollm2-135m swa-stock=$R/export --contexts 2048,8192 --batches 1,64 \
+  python tools/gpu/stock_decode.py teacher=smollm2-135m swa-stock=$R/export --contexts ${DECODE_CTX:-2048,8192} --batches ${DECODE_BATCH:-1,64} \
     --new 64 --save "$OUT/stock_decode.json" > $R.decode.log 2>&1
   cp $R.decode.log "$OUT/"
   echo "=== stock compiled decode"; tail -n 7 $R.decode.log

@@ -4,7 +4,10 @@
 #   test -d /tmp/attnedit-cache || { echo "machine recycled: resend the chunks"; exit 3; }
 #   export PYTHONPATH=/tmp/site:$PYTHONPATH; bash tools/gpu/train_speed.sh
 # env: S1 / S2 stage steps (60 / 40), LIMIT seconds per run (170), EXTRA more --set flags
-#      (e.g. EXTRA="--set stage1.compile=off --set stage2.compile=off" for the eager figures).
+#      (e.g. EXTRA="--set stage1.compile=off --set stage2.compile=off" for the eager figures),
+#      RECIPES (default "gateswa mla"; add swa-stock for the stock-servable variant at the same tokens).
+# The runs stay in /tmp/runs-speed/<recipe> (with held-out KL before/after in summary.json), so
+# tools/gpu/stock_swa.sh can export and evaluate them: STOCK_RUN=/tmp/runs-speed/swa-stock GATED=/tmp/runs-speed/gateswa.
 # Each run measures the teacher's forward at each stage's batch shape itself (attnedit convert does, at
 # its start) and writes tok_s, teacher_fwd_tok_s, ratio and peak vs estimated memory into summary.json;
 # this prints them as one table, with the targets (stage 1 >= 0.5x, stage 2 >= 0.25x).
@@ -16,11 +19,11 @@ R=/tmp/runs-speed; rm -rf $R; mkdir -p $R
 OUTDIR=${OUT:-$R}
 python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"  # dequantise once, not per run
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for t in gateswa mla; do  # one at a time: the GPU is timed
+for t in ${RECIPES:-gateswa mla}; do  # one at a time: the GPU is timed
   start=$(date +%s)
   timeout -s TERM "${LIMIT:-170}" python -m attnedit convert recipes/smollm2-$t.yaml --out $R/$t --progress lines \
     --set data.files=$W --set stage1.steps=${S1:-60} --set stage2.steps=${S2:-40} --set stage1.warmup=10 \
-    --set stage2.warmup=10 --set checkpoint_every=1000 --set heldout_eval=false \
+    --set stage2.warmup=10 --set checkpoint_every=1000 \
     --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts= ${EXTRA:-} > $R/$t.log 2>&1
   echo "$t: exit $? after $(( $(date +%s) - start )) s"
   grep -E "warning|Error|teacher plain forward" $R/$t.log | head -n 8
@@ -33,7 +36,7 @@ root = Path(sys.argv[1])
 target = {1: 0.5, 2: 0.25}
 gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
 print(f"\n{'run':<8} {'stage':<6} {'tokens/step':>11} {'tok/s':>10} {'teacher fwd':>12} {'ratio':>6} {'target':>11} {'peak mem':>10} {'est.':>10} compiled")
-for t in ("gateswa", "mla"):
+for t in sorted(p.name for p in root.iterdir() if p.is_dir()):
     try:
         s = json.loads((root / t / "summary.json").read_text())
     except OSError:
