@@ -51,11 +51,20 @@ multiple of N (for N above it, set `stageK.batch_size=N` and divide `grad_accum`
 batch). MoE: activations count the 8 routed experts per token, not 128; the experts' weights are
 what sharding spreads.
 
-How it will be checked: on one GPU, run a small case (SmolLM2-135M, `recipes/smollm2-mla.yaml`) under
-`torchrun --nproc_per_node 1` and compare each stage's `peak_memory_bytes` (torch.cuda.max_memory_allocated,
-in summary.json) with this plan's total for world size 1 (the `--dry-run --world-size 1` output);
-the estimate should be within 25% and not below the peak. Not measured yet: no GPU was used for
-this issue.
+Checked on one H100 (`bash tools/gpu/dist_memory.sh`: SmolLM2-135M, `recipes/smollm2-mla.yaml` at 30 + 20
+steps under `torchrun --standalone --nproc_per_node 1`, FSDP2 units, DCP checkpoints, compiled; files in
+`docs/results/torchrun-1gpu-mla-*`): each stage's measured peak (`peak_memory_bytes`, torch.cuda.max_memory_allocated)
+next to this plan's sum of components for world size 1 (the total adds 10% slack and 1 GiB of CUDA context,
+which max_memory_allocated does not see). The first plan (activation constants by hand) was 26% and 36% above
+the peaks; its constants (`attnedit/stages/plan.py`) were then calibrated on that run:
+
+| stage | measured peak | plan before (sum / total) | plan now (sum / total) |
+|---|---|---|---|
+| 1 (16 x 1024) | 6.38 GiB | 8.04 / 9.8 GiB | 6.44 / 8.1 GiB (+1%) |
+| 2 (8 x 2048) | 11.12 GiB | 15.1 / 17.6 GiB | 11.64 / 13.7 GiB (+5%) |
+
+One GPU of one process is the only measured point: the shards' and buffers' terms at N > 1 are computed,
+not measured (no machine with several GPUs was lent).
 """
 
 if __name__ == "__main__":

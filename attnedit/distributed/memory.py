@@ -79,6 +79,7 @@ def _mlp_width(config) -> tuple[int, int]:
 
 def _activations(config, recipe, stage: int, micro: int, n_edited: int, abytes: int) -> int:
     from ..stages.convert import stage_seq_len
+    from ..stages.plan import FP32, KD_VOCAB_TENSORS, LAYER_SAVED, MLP_SAVED, STAGE1_CAPTURED, STAGE1_SAVED
 
     cfg = recipe.stage1 if stage == 1 else recipe.stage2
     t, h = stage_seq_len(recipe, stage), config.hidden_size
@@ -86,13 +87,13 @@ def _activations(config, recipe, stage: int, micro: int, n_edited: int, abytes: 
     if stage == 1:
         # the teacher's captured input and output of every edited layer, and each new attention's
         # internals kept for its backward (q, k, v, latent, outputs: ~12 hidden widths)
-        return n_edited * tokens * h * (2 + 12) * abytes
+        return n_edited * tokens * h * (STAGE1_CAPTURED + STAGE1_SAVED) * abytes
     width, router = _mlp_width(config)
-    layer = tokens * (14 * h + 4 * width + router) * abytes  # one layer's internals kept for backward
+    layer = tokens * (LAYER_SAVED * h + MLP_SAVED * width + router) * abytes  # one layer's internals kept for backward
     layers = config.num_hidden_layers
     kept = layers * tokens * h * abytes + layer if cfg.gradient_checkpointing else layers * layer
     teacher = (layers if cfg.feature_weight > 0 else 1) * tokens * h * abytes
-    logits = min(cfg.kl_chunk, tokens) * config.vocab_size * 4 * 5  # fp32 chunk: logits, softmaxes, grads
+    logits = min(cfg.kl_chunk, tokens) * config.vocab_size * FP32 * KD_VOCAB_TENSORS  # fp32 chunk: logits, softmaxes, grads
     return kept + teacher + logits
 
 

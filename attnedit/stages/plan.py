@@ -21,10 +21,12 @@ from ..recipe import Recipe, StageConfig
 FP32 = 4  # bytes of an fp32 value: trained weights are fp32 master copies, and so are their gradients
 ADAMW_STATE = 12  # bytes per trained parameter besides the weight: fp32 gradient + AdamW's two moments
 STAGE1_CAPTURED = 2  # hidden-sized tensors stage 1 keeps per edited layer: the teacher's x_i and y_i
-STAGE1_SAVED = 12  # hidden-sized tensors one edited attention saves for backward (q, k, v, rotations, output)
+STAGE1_SAVED = 9  # hidden-sized tensors one edited attention saves for backward (q, k, v, rotations, output);
+# calibrated on an H100: SmolLM2 -> MLA at 16 x 1024 peaked at 5.4 GiB (6.4 under torchrun), estimate 6.5
 SCORE_TENSORS = 2  # t x t tensors per head (scores and probabilities) on CPU, which has no fused kernel
-LAYER_SAVED = 14  # hidden-sized tensors a decoder layer saves for backward (norms, q/k/v/o, residuals)
-MLP_SAVED = 4  # intermediate-sized tensors of its MLP (gate, up, activation, product)
+LAYER_SAVED = 10  # hidden-sized tensors a decoder layer saves for backward (norms, q/k/v/o, residuals)
+MLP_SAVED = 3  # intermediate-sized tensors of its MLP (gate, up, activation, product; one is recomputed);
+# LAYER_SAVED and MLP_SAVED calibrated on an H100: SmolLM2 -> MLA stage 2 at 8 x 2048 peaked at 11.1 GiB
 MLP_RATIO = 4  # intermediate / hidden size when the config does not say
 KD_VOCAB_TENSORS = 5  # vocabulary-sized fp32 tensors per KD chunk (two logits, two softmaxes, gradient)
 KV_CONTEXT = 8192  # the plan's KV figures are at this context (or the run's seq_len, if longer)
