@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,7 @@ def two(setup):
     return setup / "two"
 
 
+@pytest.mark.xdist_group("distributed-two")
 def test_two_processes_reach_the_losses_of_one(one, two):
     _close(_losses(one), _losses(two))
     s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
@@ -104,6 +106,7 @@ def test_two_processes_reach_the_losses_of_one(one, two):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.xdist_group("distributed-two")
 def test_only_rank_0_writes_and_checkpoints_are_dcp(two):
     assert sorted(p.name for p in two.iterdir()) == sorted(["checkpoints", "metrics.jsonl", "model", "recipe.yaml", "recipe.yaml.sha256", "summary.json"] + (["tensorboard"] if (two / "tensorboard").exists() else []))
     ckpts = sorted((two / "checkpoints").iterdir())
@@ -113,17 +116,27 @@ def test_only_rank_0_writes_and_checkpoints_are_dcp(two):
     assert steps == [1, 2, 3, 4, 5] * 2  # one line per step: no rank but 0 logs
 
 
-@pytest.mark.parametrize("resume_nproc", [2, 1])
-def test_sigkill_under_torchrun_then_resume_reaches_the_same_losses(setup, one, resume_nproc):
-    run = f"killed-{resume_nproc}"
-    done = _convert([str(setup / "recipe.yaml"), "--out", run], setup, 2, driver=(2, 3))
+@pytest.fixture(scope="module")
+def killed(setup):
+    """A 2-process run whose rank 0 was SIGKILLed after logging stage 2, step 3 (run once, resumed by copies)."""
+    done = _convert([str(setup / "recipe.yaml"), "--out", "killed"], setup, 2, driver=(2, 3))
     assert done.returncode != 0
-    assert not (setup / run / "model").exists()
+    assert not (setup / "killed" / "model").exists()
+    assert any(r.get("stage") == 2 and r.get("step") == 3 for r in metrics(setup / "killed"))
+    return setup / "killed"
+
+
+@pytest.mark.xdist_group("distributed-killed")
+@pytest.mark.parametrize("resume_nproc", [2, 1])
+def test_sigkill_under_torchrun_then_resume_reaches_the_same_losses(setup, one, killed, resume_nproc):
+    run = f"killed-{resume_nproc}"
+    shutil.copytree(killed, setup / run)  # each resume starts from the same killed state, untouched by the other
     done = _convert([run, "--resume"], setup, resume_nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     _close(_losses(one), _losses(setup / run))
 
 
+@pytest.mark.xdist_group("distributed-two")
 def test_dcp_checkpoint_exports_to_a_hugging_face_folder(setup, two, tmp_path):
     from transformers import AutoModelForCausalLM
 
