@@ -14,6 +14,7 @@ from attnedit import AttnEditError
 from attnedit.cli import main
 from attnedit.recipe import Recipe, diff, explain, load_recipe, parse_recipe, to_yaml
 from attnedit.stages import format_plan, make_plan
+from attnedit.teachers import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 REQUIRED = {
@@ -94,8 +95,17 @@ def test_recipe_cli_errors_are_one_line(capsys):
     assert err.startswith("attnedit: error: unknown recipe field 'stage1.nope'") and err.count("\n") == 1
 
 
-def test_the_shipped_recipes_exist():
+def test_the_shipped_recipes_are_what_their_names_say():
     assert REQUIRED <= {p.name for p in RECIPES}
+    teachers = {"smollm2": "smollm2-135m", "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B"}
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        stem = path.stem
+        assert recipe.teacher == next(t for prefix, t in teachers.items() if stem.startswith(prefix + "-")), stem
+        assert recipe.target == ("mla" if "-mla" in stem else "gateswa"), stem  # -gateswa and -swa-stock
+        assert (recipe.device == "cpu") == stem.endswith("-cpu"), stem
+        if "stock" in stem:  # the stock-exportable GateSWA: no gate and no sinks (README, attnedit export)
+            assert (recipe.target_args["gate"], recipe.target_args["sink"]) == ("none", 0)
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -118,6 +128,27 @@ def _family(teacher: str) -> str:
     return "qwen3_moe" if "A3B" in teacher else "qwen3" if "Qwen3" in teacher else "llama"
 
 
+def attention_params(config, target: str, args: dict) -> int:
+    """Parameters of one new attention layer, counted from the shapes the README gives (defaults included)."""
+    h, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+    o_bias = getattr(config, "attention_bias", False)
+    if target == "mla":
+        rank = args["kv_lora_rank"] or (2 * kv_heads * d) // 4  # default: a quarter of the teacher's K+V width
+        rope = args["qk_rope_head_dim"] or d // 2
+        nope, v, q_rank = args["qk_nope_head_dim"] or d - rope, args["v_head_dim"] or d, args["q_lora_rank"]
+        bias = qkv_bias if args["bias"] == "auto" else args["bias"]
+        q = h * heads * (nope + rope) if q_rank is None else h * q_rank + q_rank + q_rank * heads * (nope + rope)
+        q += bias * heads * (nope + rope)
+        kv = h * (rank + rope) + bias * (rank + rope) + rank + rank * heads * (nope + v)  # kv_a (+bias), its norm, kv_b
+        return q + kv + heads * v * h + bias * h
+    qkvo = 2 * h * heads * d + 2 * h * kv_heads * d + qkv_bias * (heads + 2 * kv_heads) * d + o_bias * h
+    qk_norm = 2 * d if config.model_type in ("qwen3", "qwen3_moe") else 0
+    width = {"elementwise": heads * d, "headwise": heads, "none": 0}[args["gate"]]
+    return qkvo + qk_norm + (h * width + width if width else 0)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatch):
     monkeypatch.chdir(path.parents[1])  # the recipes' data paths are relative to the repo root
@@ -131,16 +162,21 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     elif not real_teacher:
         sets["teacher"] = str(stand_ins[_family(recipe.teacher)])
     try:
-        plan = make_plan(load_recipe(path, sets))
+        plan_recipe = load_recipe(path, sets)
+        plan = make_plan(plan_recipe)
     except AttnEditError as e:
         if "data" not in str(e):
             raise
-        plan = make_plan(load_recipe(path, {**sets, "data.files": str(stand_ins["docs"])}))
-    text = format_plan(plan)
-    assert "stage 1" in text and "est. memory" in text
-    assert plan["edited_layers"] and plan["new_params"] > 0
-    if "cpu" in path.name:
-        assert all(s["tokens"] > 0 for s in plan["stages"])
+        plan_recipe = load_recipe(path, {**sets, "data.files": str(stand_ins["docs"])})
+        plan = make_plan(plan_recipe)
+    config = load_config(plan_recipe.teacher)
+    assert recipe.target_args["layers"] == "all" and plan["edited_layers"] == list(range(config.num_hidden_layers))
+    assert plan["new_params"] == config.num_hidden_layers * attention_params(config, recipe.target, recipe.target_args)
+    for stage, row in zip((recipe.stage1, recipe.stage2), plan["stages"]):
+        assert row["tokens"] == stage.steps * stage.batch_size * stage.grad_accum * (stage.seq_len or recipe.data.seq_len)
+    text = format_plan(plan)  # the printed plan shows the same figures
+    assert f"new params       {plan['new_params']:,} " in text
+    assert all(f" {row['tokens']:,} " in text for row in plan["stages"])
     if recipe.teacher in REAL_CONFIGS:  # the recipe's own settings on the real shapes, unchanged
         assert plan["num_layers"] == {"Qwen/Qwen3-8B": 36, "Qwen/Qwen3-30B-A3B": 48}[recipe.teacher]
         assert plan["target_args"] == {**plan["target_args"], **recipe.target_args}
