@@ -21,20 +21,44 @@ from attnedit.recipe import parse_recipe
 from attnedit.stages import checkpoint, convert, stage1
 from attnedit.stages.checkpoint import list_checkpoints, load_latest
 
-# Runs the CLI, but first makes the process send itself `signal` right after it logs (stage, step).
-DRIVER = """
-import os, signal, sys
-from attnedit.stages import trainer
-stage, step, sig = int(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3])
-write = trainer.MetricsLog.write
-def patched(self, record):
-    write(self, record)
-    if (record.get("stage"), record.get("step")) == (stage, step):
-        os.kill(os.getpid(), sig)
-trainer.MetricsLog.write = patched
+# A kill needs its own process. This script (one interpreter start-up) forks one child per run; each child runs
+# the CLI, having first arranged to send itself `signal` right after it logs (stage, step). It prints each run's
+# exit status (negative: the signal that ended it) and stderr as JSON.
+SIGNALLER = """
+import json, os, signal, sys
+import attnedit.cli.convert, attnedit.stages.convert  # imported once, before any fork
 from attnedit.cli import main
-sys.exit(main(sys.argv[4:]))
+from attnedit.stages import trainer
+
+def child(out, stage, step, sig, recipe):
+    err = os.open(out + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    write = trainer.MetricsLog.write
+    def patched(self, record):
+        write(self, record)
+        if (record.get("stage"), record.get("step")) == (stage, step):
+            os.kill(os.getpid(), getattr(signal, sig))
+    trainer.MetricsLog.write = patched
+    try:
+        code = main(["convert", recipe, "--out", out, "--progress", "none"])
+    except SystemExit as e:
+        code = e.code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+results = {}
+for out, stage, step, sig in json.loads(sys.argv[2]):
+    pid = os.fork()
+    if pid == 0:
+        child(out, stage, step, sig, sys.argv[1])
+    _, status = os.waitpid(pid, 0)
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    results[out] = {"returncode": code, "stderr": open(out + ".stderr").read()}
+print(json.dumps(results))
 """
+SIGNALLED = [("killed1", 1, 3, "SIGKILL"), ("killed2", 2, 3, "SIGKILL"), ("termed", 1, 3, "SIGTERM")]
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +67,18 @@ def setup(tmp_path_factory):
     raw = tiny_raw(make_teacher_dir(root), make_docs(root / "docs.jsonl"), stage1__steps=5, stage2__steps=5)
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    (root / "driver.py").write_text(DRIVER)
+    (root / "signaller.py").write_text(SIGNALLER)
     return root
 
 
-def _killed(args: list[str], cwd: Path, driver: tuple) -> subprocess.CompletedProcess:
-    """``attnedit convert`` in a fresh process that signals itself at (stage, step): a kill needs its own process."""
+@pytest.fixture(scope="module")
+def signalled(setup) -> dict:
+    """``attnedit convert`` runs that signalled themselves (SIGNALLED), each in a process of its own."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(cwd / "driver.py"), *map(str, driver), "convert", *args, "--progress", "none"]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(setup / "signaller.py"), str(setup / "recipe.yaml"), json.dumps(SIGNALLED)]
+    done = subprocess.run(cmd, cwd=setup, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def _convert(args: list[str], cwd: Path, monkeypatch) -> int:
@@ -80,11 +107,11 @@ def reference(setup):
     return setup / "ref"
 
 
+@pytest.mark.xdist_group("resume-signalled")
 @pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2])
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(setup, reference, stage, monkeypatch):
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(setup, reference, signalled, stage, monkeypatch):
     run = f"killed{stage}"
-    done = _killed([str(setup / "recipe.yaml"), "--out", run], setup, driver=(stage, 3, "SIGKILL"))
-    assert done.returncode == -9
+    assert signalled[run]["returncode"] == -9
     assert not (setup / run / "model").exists()
     last = list_checkpoints(setup / run)[-1].name
     assert last == f"stage{stage}-step000002.pt"  # step 3 was logged, never checkpointed
@@ -94,10 +121,11 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(setup, reference,
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_then_resume_finishes(setup, reference, monkeypatch):
-    done = _killed([str(setup / "recipe.yaml"), "--out", "termed"], setup, driver=(1, 3, "SIGTERM"))
-    assert done.returncode == 130, done.stderr
-    assert "checkpoint saved" in done.stderr and "--resume" in done.stderr
+@pytest.mark.xdist_group("resume-signalled")
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(setup, reference, signalled, monkeypatch):
+    done = signalled["termed"]
+    assert done["returncode"] == 130, done["stderr"]
+    assert "checkpoint saved" in done["stderr"] and "--resume" in done["stderr"]
     assert list_checkpoints(setup / "termed")[-1].name == "stage1-step000003.pt"
     assert _convert(["termed", "--resume"], setup, monkeypatch) == 0
     _same_run(reference, setup / "termed")
