@@ -1,5 +1,7 @@
 """Issue 13: the same recipe on 1 and 2 processes (torchrun, gloo, CPU), SIGKILL + resume under torchrun
 (also on another world size), DCP -> Hugging Face export, a sharded frozen MoE teacher, the memory plan.
+The 2-process parity run is the README's `torchrun -m attnedit`; the SIGKILL, resume and MoE runs go through
+torchrun's own launcher with forked workers, all from one interpreter start-up (LAUNCHER).
 
 Parity tolerance: 1e-4 relative on every logged loss. Each rank trains on a contiguous half of the same
 global batch; FSDP2 averages the gradients, the logged figures are averaged over ranks and stage 1
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,14 @@ from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
 
 RTOL = 1e-4
 
-# torchrun itself (its argument parsing, --standalone rendezvous and elastic agent), with the workers forked from
-# this launcher, which imports attnedit once, instead of each starting an interpreter and importing torch and
-# transformers again (~5 s of CPU per worker). The 2-process parity run below uses the real `torchrun -m attnedit`.
-# With a (stage, step), rank 0 (the one that logs) SIGKILLs itself right after logging it.
+# torchrun itself (its argument parsing, --standalone rendezvous and elastic agent) for each job of a JSON list,
+# with the workers forked from this launcher, which imports attnedit once, instead of each worker starting an
+# interpreter and importing torch and transformers again (~5 s of CPU each). The 2-process parity run below uses
+# the real `torchrun -m attnedit`. A job: nproc, argv, env, kill_at ([stage, step]: rank 0, the one that logs,
+# SIGKILLs itself right after logging it) and copy ([src, dst] before the launch). Prints whether each succeeded.
 LAUNCHER = """
-import os, signal, sys, uuid
+import json, os, shutil, signal, sys, uuid
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import elastic_launch
 from torch.distributed.run import config_from_args, parse_args
 import attnedit.cli.convert, attnedit.stages.convert  # the forked workers start with these imported
@@ -41,20 +44,35 @@ def worker(argv, kill_at):
         write = trainer.MetricsLog.write
         def patched(self, record):
             write(self, record)
-            if (record.get("stage"), record.get("step")) == kill_at:
+            if [record.get("stage"), record.get("step")] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         trainer.MetricsLog.write = patched
     code = main(argv)
     if code:
         sys.exit(code)  # a worker function's return value is not its exit status
 
-if __name__ == "__main__":
-    nproc, stage, step, *argv = sys.argv[1:]
+def torchrun(nproc, argv, kill_at):
     args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "--start-method=fork", "unused"])
     args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())  # as --standalone
     args.master_port = args.master_port or 29500
     config, _, _ = config_from_args(args)
-    elastic_launch(config, worker)(argv, (int(stage), int(step)) if int(stage) else None)
+    elastic_launch(config, worker)(argv, kill_at)
+
+results = []
+for job in json.loads(sys.argv[1]):
+    if job.get("copy"):
+        shutil.copytree(*job["copy"])
+    saved = dict(os.environ)
+    os.environ.update(job.get("env", {}))
+    try:
+        torchrun(job["nproc"], ["convert", *job["argv"], "--progress", "none"], job.get("kill_at"))
+        results.append(True)
+    except ChildFailedError:
+        results.append(False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+print(json.dumps(results))
 """
 
 
@@ -70,13 +88,14 @@ def _torchrun(args: list[str], cwd: Path, nproc: int) -> subprocess.CompletedPro
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240)
 
 
-def _convert(args: list[str], cwd: Path, nproc: int, kill_at: tuple = (0, 0), **env) -> subprocess.CompletedProcess:
-    """``attnedit convert`` on nproc processes through torchrun's launcher (LAUNCHER)."""
-    launcher = cwd / "launch.py"
-    if not launcher.exists():
-        launcher.write_text(LAUNCHER)
-    cmd = [sys.executable, str(launcher), str(nproc), *map(str, kill_at), "convert", *args, "--progress", "none"]
-    return subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=240)
+def _launch(jobs: list[dict], cwd: Path) -> list[bool]:
+    """Run LAUNCHER's jobs (``attnedit convert`` through torchrun's launcher) in order; whether each succeeded."""
+    (cwd / "launch.py").write_text(LAUNCHER)
+    done = subprocess.run([sys.executable, "launch.py", json.dumps(jobs)], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ok = json.loads(done.stdout.splitlines()[-1])
+    assert len(ok) == len(jobs), done.stderr[-3000:]
+    return ok
 
 
 def _losses(run: Path) -> list[tuple]:
@@ -119,7 +138,7 @@ def two(setup):
     return setup / "two"
 
 
-@pytest.mark.xdist_group("distributed-two")
+@pytest.mark.xdist_group("distributed")
 def test_two_processes_reach_the_losses_of_one(one, two):
     _close(_losses(one), _losses(two))
     s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
@@ -131,7 +150,7 @@ def test_two_processes_reach_the_losses_of_one(one, two):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.xdist_group("distributed-two")
+@pytest.mark.xdist_group("distributed")
 def test_only_rank_0_writes_and_checkpoints_are_dcp(two):
     assert sorted(p.name for p in two.iterdir()) == sorted(["checkpoints", "metrics.jsonl", "model", "recipe.yaml", "recipe.yaml.sha256", "summary.json"] + (["tensorboard"] if (two / "tensorboard").exists() else []))
     ckpts = sorted((two / "checkpoints").iterdir())
@@ -142,26 +161,33 @@ def test_only_rank_0_writes_and_checkpoints_are_dcp(two):
 
 
 @pytest.fixture(scope="module")
-def killed(setup):
-    """A 2-process run whose rank 0 was SIGKILLed after logging stage 2, step 3 (run once, resumed by copies)."""
-    done = _convert([str(setup / "recipe.yaml"), "--out", "killed"], setup, 2, kill_at=(2, 3))
-    assert done.returncode != 0
+def launched(setup) -> dict:
+    """Runs through torchrun's launcher: a 2-process run whose rank 0 is SIGKILLed after logging stage 2, step 3;
+    copies of it resumed on 2 and on 1 process; the MoE teacher on 2 processes with its frozen weights sharded."""
+    moe = setup / "moe"
+    moe.mkdir()
+    raw = tiny_raw(make_teacher_dir(moe, "qwen3_moe"), make_docs(moe / "docs.jsonl"), stage1__steps=3, stage2__steps=3)
+    (moe / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    jobs = [
+        {"nproc": 2, "argv": [str(setup / "recipe.yaml"), "--out", "killed"], "kill_at": [2, 3]},
+        {"nproc": 2, "argv": ["killed-2", "--resume"], "copy": ["killed", "killed-2"]},  # each resume starts from
+        {"nproc": 1, "argv": ["killed-1", "--resume"], "copy": ["killed", "killed-1"]},  # the same killed state
+        {"nproc": 2, "argv": [str(moe / "recipe.yaml"), "--out", str(moe / "b")], "env": {"ATTNEDIT_FROZEN": "shard"}},
+    ]
+    return dict(zip(["killed", "killed-2", "killed-1", "moe"], _launch(jobs, setup)))
+
+
+@pytest.mark.xdist_group("distributed")
+@pytest.mark.parametrize("resume_nproc", [2, 1])
+def test_sigkill_under_torchrun_then_resume_reaches_the_same_losses(setup, one, launched, resume_nproc):
+    assert launched["killed"] is False
     assert not (setup / "killed" / "model").exists()
     assert any(r.get("stage") == 2 and r.get("step") == 3 for r in metrics(setup / "killed"))
-    return setup / "killed"
+    assert launched[f"killed-{resume_nproc}"] is True
+    _close(_losses(one), _losses(setup / f"killed-{resume_nproc}"))
 
 
-@pytest.mark.xdist_group("distributed-killed")
-@pytest.mark.parametrize("resume_nproc", [2, 1])
-def test_sigkill_under_torchrun_then_resume_reaches_the_same_losses(setup, one, killed, resume_nproc):
-    run = f"killed-{resume_nproc}"
-    shutil.copytree(killed, setup / run)  # each resume starts from the same killed state, untouched by the other
-    done = _convert([run, "--resume"], setup, resume_nproc)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _close(_losses(one), _losses(setup / run))
-
-
-@pytest.mark.xdist_group("distributed-two")
+@pytest.mark.xdist_group("distributed")
 def test_dcp_checkpoint_exports_to_a_hugging_face_folder(setup, two, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -175,13 +201,12 @@ def test_dcp_checkpoint_exports_to_a_hugging_face_folder(setup, two, tmp_path):
             torch.testing.assert_close(p, final[name], rtol=0, atol=0)
 
 
-def test_moe_teacher_with_sharded_frozen_weights_matches_one_process(tmp_path):
-    raw = tiny_raw(make_teacher_dir(tmp_path, "qwen3_moe"), make_docs(tmp_path / "docs.jsonl"), stage1__steps=3, stage2__steps=3)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    assert _in_process([str(tmp_path / "recipe.yaml"), "--out", "a"], tmp_path) == 0
-    b = _convert([str(tmp_path / "recipe.yaml"), "--out", "b"], tmp_path, 2, ATTNEDIT_FROZEN="shard")
-    assert b.returncode == 0, b.stderr[-3000:]
-    _close(_losses(tmp_path / "a"), _losses(tmp_path / "b"))
+@pytest.mark.xdist_group("distributed")
+def test_moe_teacher_with_sharded_frozen_weights_matches_one_process(setup, launched):
+    moe = setup / "moe"
+    assert _in_process([str(moe / "recipe.yaml"), "--out", str(moe / "a")], moe) == 0
+    assert launched["moe"] is True
+    _close(_losses(moe / "a"), _losses(moe / "b"))
 
 
 # --------------------------------------------------------------------------- the memory plan
