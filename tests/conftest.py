@@ -1,12 +1,21 @@
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # One intra-op thread per test process (and for the processes tests start): the tiny models' ops are far
 # too small to gain from a second thread, and on 2 cores shared with xdist's other worker (or anything
 # else) OpenMP threads spin against each other, making a forward ~10x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Each xdist worker gets its own cache of checkpoints' remote code: transformers copies a checkpoint's modeling
+# file there, without a lock, under the folder's name and the code's hash, so two workers loading same-named
+# folders at once could read each other's half-written copy. (Set before anything imports transformers.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"attnedit-tests-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
