@@ -11,7 +11,7 @@ from .common import add_json, add_out, add_set, parse_sets
 
 EPILOG = """\
 examples:
-  attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (about 6.5 minutes)
+  attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (about 5 minutes)
   attnedit convert recipes/smollm2-mla.yaml --dry-run           # the plan: layers, params, tokens, memory, evaluation
   attnedit convert recipes/smollm2-gateswa.yaml --set stage2.steps=2000 --set data.seq_len=2048
   attnedit convert recipes/smollm2-mla.yaml --set stage1.steps=0 --out runs/stage2-only
