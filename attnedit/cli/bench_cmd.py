@@ -85,14 +85,17 @@ def run(args) -> int:
     students, teacher, tokenizer, dtype = load_students(args, models, settings.contexts)
     paths = save_paths(args.save, models)
 
-    def save(results: dict) -> None:  # after every engine too, so a run cut short keeps what it measured
+    def labelled(raw: dict) -> dict:
+        return {m: {"model": m, "teacher": args.teacher, **raw[m]} for m in models}
+
+    def save(results: dict) -> None:
         for m, path in paths.items():
             if path:
-                write_json(path, {"model": m, "teacher": args.teacher, **results[m]})
+                write_json(path, results[m])
 
-    results = run_bench_many(students, teacher, settings, dtype, log=log, partial=save)
+    # saved after every engine too, so a run cut short keeps what it measured
+    results = labelled(run_bench_many(students, teacher, settings, dtype, log=log, partial=lambda raw: save(labelled(raw))))
     save(results)
-    results = {m: {"model": m, "teacher": args.teacher, **results[m]} for m in models}
     passkey = None
     if args.passkey:
         keys = PasskeySettings(contexts=settings.contexts)

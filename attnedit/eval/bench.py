@@ -502,6 +502,13 @@ def run_bench_many(
     configs.update(teacher=teacher.config, teacher_stock=teacher.config)
     timed: dict[str, dict[tuple[int, int], dict | None]] = {}
     largest: dict[tuple[int, int], dict[str, int]] = {}
+    header = _header(device, dtype, settings, compile_, bandwidth)
+    student_kv = {label: kv_by_context(configs[label], settings.contexts, dtype) for label in students}
+    teacher_kv = kv_by_context(teacher.config, settings.contexts, dtype)
+
+    def assemble() -> dict[str, dict]:
+        return _assemble(header, student_kv, teacher_kv, settings, timed, largest)
+
     for name, engine in engines.items():
         if compile_:
             torch._dynamo.reset()  # each engine compiles its own step; stale graphs would count against the limit
@@ -530,37 +537,37 @@ def run_bench_many(
                 timed[name][(batch, context)] = figures
                 log(_progress_one(label, {"batch": batch, "context": context, label: figures}))
         if partial is not None and name != list(engines)[-1]:
-            partial({k: {**v, "partial": True} for k, v in _assemble(students, teacher, settings, dtype, device, compile_, bandwidth, configs, timed, largest).items()})
-    return _assemble(students, teacher, settings, dtype, device, compile_, bandwidth, configs, timed, largest)
+            partial({k: {**v, "partial": True} for k, v in assemble().items()})
+    return assemble()
 
 
-def _assemble(students, teacher, settings, dtype, device, compile_, bandwidth, configs, timed, largest) -> dict[str, dict]:
-    """One ``bench.json`` per student from the engines' timings so far (an engine not yet run: null)."""
+def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwidth) -> dict:
+    """What every ``bench.json`` of one run says about the run itself."""
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "dtype": dtype,
+        "decode_tokens": settings.decode_tokens,
+        "repeats": settings.repeats,
+        "timing": "CUDA events, medians" if cuda else "wall clock, medians",
+        "engines": {
+            "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager"),
+            "teacher": "the teacher on the same engine as the student",
+            "teacher_stock": "transformers generate(cache_implementation='static')" + (" + automatic torch.compile" if cuda else ""),
+        },
+        "copy_bandwidth_bytes_s": bandwidth,
+    }
+
+
+def _assemble(header: dict, student_kv: dict, teacher_kv: dict, settings: BenchSettings, timed: dict, largest: dict) -> dict[str, dict]:
+    """One ``bench.json`` per student (``student_kv``'s keys) from the engines' timings so far (an engine
+    not yet run: null)."""
     results = {}
-    for label in students:
-        result = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": dtype,
-            "decode_tokens": settings.decode_tokens,
-            "repeats": settings.repeats,
-            "timing": "CUDA events, medians" if device.type == "cuda" else "wall clock, medians",
-            "engines": {
-                "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager"),
-                "teacher": "the teacher on the same engine as the student",
-                "teacher_stock": "transformers generate(cache_implementation='static')"
-                + (" + automatic torch.compile" if device.type == "cuda" else ""),
-            },
-            "copy_bandwidth_bytes_s": bandwidth,
-            "kv": {"student": kv_by_context(configs[label], settings.contexts, dtype),
-                   "teacher": kv_by_context(teacher.config, settings.contexts, dtype)},
-            "runs": [],
-        }
-        if len(students) > 1:
-            result["benched_with"] = [other for other in students if other != label]
-        result["kv"]["ratio"] = [
-            _ratio(s, t)
-            for s, t in zip(result["kv"]["student"]["bytes_per_token"], result["kv"]["teacher"]["bytes_per_token"])
-        ]
+    for label, kv in student_kv.items():
+        result = {**header, "kv": {"student": kv, "teacher": teacher_kv}, "runs": []}
+        if len(student_kv) > 1:
+            result["benched_with"] = [other for other in student_kv if other != label]
+        result["kv"]["ratio"] = [_ratio(s, t) for s, t in zip(kv["bytes_per_token"], teacher_kv["bytes_per_token"])]
         for context in settings.contexts:
             for batch in settings.batches:
                 run = {"batch": batch, "context": context, "student": timed.get(label, {}).get((batch, context)),

@@ -14,12 +14,9 @@ rank 0 evaluates, once the training processes are done with the model.
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import sys
 from pathlib import Path
-
-import torch
 
 from ..devices import resolve_device, run_dtype
 from ..errors import AttnEditError
@@ -89,7 +86,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
 
     The saved model (``run_dir/model``) is compared with ``recipe.teacher`` on ``recipe.device``, in
     bfloat16 on CUDA and float32 elsewhere (as ``--dtype auto``)."""
-    from ..eval.bench import load_students, run_bench
+    from ..eval.bench import load_students, release_memory, run_bench
     from ..eval.passkey import passkey_json
     from ..eval.quality import evaluate_quality
     from ..report import build_report
@@ -101,9 +98,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
         return []
     check_eval(recipe, load_config(recipe.teacher))
     remove_temp_files(run_dir)  # a write a killed evaluation left behind
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     todo = missing_parts(recipe, run_dir)
     log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     model, teacher = str(run_dir / "model"), recipe.teacher
@@ -127,9 +122,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
                 write_json(run_dir / "bench.json", result)
                 log(f"attnedit: wrote {run_dir / 'bench.json'}")
             del students, reference
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
     except AttnEditError as e:
         raise AttnEditError(
             f"{e} (evaluation after training; the model is saved in {model}, and attnedit convert {run_dir} --resume "
