@@ -125,6 +125,7 @@ class Recipe:
     max_nonfinite_restarts: int = _f(3, "on a non-finite or diverging loss: restore the last good checkpoint and halve the lr, at most this many times")
     divergence_factor: float = _f(10.0, "a logged loss above this many times the median of the last 5 logged losses is treated like a non-finite one (0 = off)")
     baseline_batches: int = _f(5, "batches of the teacher's plain forward timed (after two warm-up ones; the median counts) at each stage's batch shape before training: tokens/s ratios in progress, metrics.jsonl, summary.json; 0 skips it")
+    profile_steps: int = _f(0, "after each stage, profile this many more optimizer steps (torch.profiler; the weights are restored, the result is unchanged) next to one teacher plain forward of the same batch shape: device time by kernel family in profile-stage<N>.json and summary.json; 0 = off")
     heldout_eval: bool = _f(True, "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json)")
     eval: EvalConfig = section(EvalConfig, "evaluation after the model is saved: eval.json, passkey.json, bench.json, report.md")
 
@@ -196,6 +197,7 @@ def validate(r: Recipe) -> Recipe:
         (r.max_nonfinite_restarts >= 0, "max_nonfinite_restarts", ">= 0"),
         (r.divergence_factor == 0 or r.divergence_factor > 1, "divergence_factor", "> 1, or 0 to turn the check off"),
         (r.baseline_batches >= 0, "baseline_batches", ">= 0"),
+        (r.profile_steps >= 0, "profile_steps", ">= 0"),
     ]:
         if not ok:
             raise AttnEditError(f"{fname}={getattr(r, fname)!r}: must be {rule}")

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from attnedit.cli.main import main
 from attnedit.errors import AttnEditError
+from attnedit import profiling
 from attnedit.eval import bench
 from attnedit.eval.bench import BenchSettings, format_bench, largest_fit, run_bench
 from attnedit.eval.passkey import (
@@ -289,6 +290,9 @@ def test_profile_counts_the_decode_step(pair):
         assert prof["what"] == "CPU ops (no GPU)" and prof["kernels_per_step"] > 10 and prof["device_ms_per_step"] > 0
         assert sum(k["per_step"] for k in prof["by_kind"].values()) == pytest.approx(prof["kernels_per_step"], abs=0.5)
         assert prof["top"] and all(t["ms_per_step"] > 0 for t in prof["top"])
+        # the prefill of 8 tokens does more work than one decode step
+        assert run[name]["prefill_profile"]["device_ms_per_step"] > 0
+        assert run[name]["prefill_profile"]["kernels_per_step"] >= prof["kernels_per_step"] * 0.8
     assert "profile" not in run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)["runs"][0]["student"]
-    assert bench.kernel_kind("sm90_xmma_gemm_bf16bf16") == "gemm" and bench.kernel_kind("triton_poi_fused_add_0") == "fused (triton)"
-    assert bench.kernel_kind("flash_fwd_splitkv_kernel") == "attention"
+    assert profiling.kernel_kind("sm90_xmma_gemm_bf16bf16") == "gemm" and profiling.kernel_kind("triton_poi_fused_add_0") == "fused (triton)"
+    assert profiling.kernel_kind("flash_fwd_splitkv_kernel") == "attention"

@@ -309,3 +309,31 @@ def test_teacher_baseline_is_the_median_batch_after_warm_up(monkeypatch):
 
     rate = speed.teacher_forward_tok_s(Teacher(), 2, 8, torch.device("cpu"), contextlib.nullcontext, batches=3)
     assert len(calls) == 5 and rate == 2 * 8 / 0.5
+
+
+def test_profile_steps_profiles_each_stage_next_to_the_teacher_and_leaves_the_result_unchanged(tmp_path):
+    """profile_steps: after each stage, profiled extra steps and a teacher forward of the same shape land in
+    profile-stage<N>.json and summary.json; the weights are restored, so the saved model equals an unprofiled run's."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_stages import make_docs, make_teacher_dir, tiny_raw
+
+    from attnedit.stages import convert
+
+    teacher, docs = make_teacher_dir(tmp_path), make_docs(tmp_path / "docs.jsonl")
+    raw = dict(tiny_raw(teacher, docs, stage1__steps=2, stage2__steps=2, log_every=1), baseline_batches=1)
+    convert(parse_recipe(raw), tmp_path / "plain", progress="none")
+    summary = convert(parse_recipe(dict(raw, profile_steps=2)), tmp_path / "profiled", progress="none")
+    for stage in (1, 2):
+        prof = json.loads((tmp_path / "profiled" / f"profile-stage{stage}.json").read_text())
+        assert prof["steps"] == 2 and prof["student_step"]["kernels_per_step"] > 10
+        assert prof["teacher_forward"]["device_ms_per_step"] > 0 and prof["device_ratio"] > 0
+        info = summary[f"stage{stage}"]["profile"]
+        assert info["student_step_device_ms"] == prof["student_step"]["device_ms_per_step"]
+        assert info["device_ratio"] == prof["device_ratio"] and info["teacher_by_kind_ms"]
+        assert not (tmp_path / "plain" / f"profile-stage{stage}.json").exists()
+    # more steps than an unprofiled run took, yet the same weights: the profiled steps were undone
+    a = load_file(tmp_path / "plain" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "profiled" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

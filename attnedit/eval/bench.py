@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttnEditError, is_out_of_memory
+from ..profiling import kernel_kind, profile_steps  # noqa: F401 - kernel_kind re-exported for callers of bench
 from ..schema import FieldError, require, setting
 from .kv import analytic_cache_bytes, kv_by_context, max_context
 
@@ -72,7 +73,8 @@ class BenchSettings:
     compile: bool | None = setting(None, "decode through torch.compile + CUDA graphs, else eagerly (default: on CUDA only)")
     profile: bool = setting(
         False, "also profile attnedit's decode steps in every cell (torch.profiler): kernels per step, device time "
-        "per step, time by kernel family and the costliest kernels, saved under each engine's 'profile'",
+        "per step, time by kernel family and the costliest kernels, saved under each engine's 'profile'; and one prefill "
+        "(where TTFT goes) under 'prefill_profile'",
     )  # fmt: skip
 
     def __post_init__(self):
@@ -278,7 +280,15 @@ class AttnEditEngine:
                 token = self.decode(token, cache)
             clock.mark()
             decode_ms = clock.intervals_ms()[0]
-            profile = profile_steps(lambda: self.decode(token, cache), steps, device) if settings.profile else None
+            profile = prefill_profile = None
+            if settings.profile:
+                profile = profile_steps(lambda: self.decode(token, cache), steps, device)
+
+                def prefill():
+                    cache.reset()
+                    next_token(model, ids, cache, self.kw)
+
+                prefill_profile = profile_steps(prefill, 1, device)  # where TTFT goes
         return {
             "ttft_ms": statistics.median(ttfts),
             "step_ms": decode_ms / steps,
@@ -287,54 +297,8 @@ class AttnEditEngine:
             "kv_bytes_measured": kv,
             "kv_tokens": cache.max_length,
             "compile_s": round(compile_s, 2) if self.compile else None,
-            **({"profile": profile} if profile else {}),
+            **({"profile": profile, "prefill_profile": prefill_profile} if profile else {}),
         }
-
-
-def kernel_kind(name: str) -> str:
-    """A CUDA kernel's family, for the profile's summary."""
-    n = name.lower()
-    for kind, keys in (
-        ("attention", ("flash", "attention", "fmha", "sdpa", "_decode_")),
-        ("gemm", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "matmul", "splitk")),
-        ("copy", ("memcpy", "memset", "copy", "index_copy", "scatter")),
-        ("fused (triton)", ("triton",)),
-    ):
-        if any(k in n for k in keys):
-            return kind
-    return "other"
-
-
-def profile_steps(step: Callable[[], object], steps: int, device: torch.device) -> dict:
-    """``steps`` calls of ``step`` under ``torch.profiler``: device kernels (CPU ops without a GPU) per step,
-    device time per step, and the time by kernel family and by the ten costliest kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-    rows = []
-    for e in prof.key_averages():
-        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) or 0
-        if us <= 0 or (cuda and e.device_type != torch.autograd.DeviceType.CUDA):
-            continue
-        rows.append((e.key, us / 1e3 / steps, e.count / steps))
-    rows.sort(key=lambda r: -r[1])
-    kinds: dict[str, list[float]] = {}
-    for name, ms, n in rows:
-        k = kinds.setdefault(kernel_kind(name), [0.0, 0.0])
-        k[0] += ms
-        k[1] += n
-    return {
-        "what": "CUDA kernels" if cuda else "CPU ops (no GPU)",
-        "kernels_per_step": round(sum(r[2] for r in rows), 1),
-        "device_ms_per_step": round(sum(r[1] for r in rows), 4),
-        "by_kind": {k: {"ms_per_step": round(v[0], 4), "per_step": round(v[1], 1)} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
-        "top": [{"kernel": name[:120], "ms_per_step": round(ms, 4), "per_step": round(n, 1)} for name, ms, n in rows[:10]],
-    }
 
 
 class StockEngine:

@@ -28,7 +28,7 @@ from .. import distributed
 from ..devices import autocast, resolve_device
 from ..distributed import checkpoint as dcp_checkpoint
 from ..errors import AttnEditError
-from ..io import remove_temp_files, write_error_text, write_errors, write_text
+from ..io import remove_temp_files, write_error_text, write_errors, write_json, write_text
 from ..recipe import Recipe
 from . import stage1, stage2
 from .checkpoint import list_checkpoints, load_latest
@@ -36,7 +36,7 @@ from .evaluate import evaluate_run, missing_parts
 from .plan import check_seq_len, estimated_memory, stage_config, stage_data, stage_seq_len, validate_start, weights_dtype
 from .rundir import check_new_run_dir, prepare_run_dir
 from .speed import CompileGroup, compile_wanted, peak_memory, reset_peak_memory, teacher_forward_tok_s, warm_up
-from .trainer import Run, StageJob, load_weights, train_stage
+from .trainer import Run, StageJob, load_weights, profile_stage, train_stage
 
 
 def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, progress: str = "auto") -> dict:
@@ -271,6 +271,7 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
         job.model = student
         distribute(job, teacher, student, run)
     job.teacher_fwd_tok_s = baseline
+    job.teacher_forward = lambda ids: teacher(input_ids=ids, use_cache=False)
     undo = stage2.compile_layers(student, group) if stage == 2 else (lambda: None)
     try:
         resume_state = state if state is not None and state["stage"] == stage else None
@@ -282,14 +283,31 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
         if resume_state is None:
             run.summary[f"stage{stage}"] = {"steps": cfg.steps, "tokens": cfg.steps * job.tokens_per_step, "wall_start": run.wall()}
         reset_peak_memory(device)
-        train_stage(run, job, resume_state)
+        opt = train_stage(run, job, resume_state)
         info = run.summary[f"stage{stage}"]
         info["peak_memory_bytes"] = peak_memory(device)
         info["est_memory_bytes"] = int(estimated_memory(recipe, stage))
         info["compiled"] = group.enabled
+        if recipe.profile_steps and not distributed.is_distributed():
+            profile = profile_stage(run, job, opt)
+            write_json(run.dir / f"profile-stage{stage}.json", profile)
+            info["profile"] = profile_summary(profile)
     finally:
         undo()
         job.stream.close()
+
+
+def profile_summary(profile: dict) -> dict:
+    """The profile's headline figures for ``summary.json`` (the whole profile is ``profile-stage<N>.json``)."""
+    by_kind = lambda p: {k: v["ms_per_step"] for k, v in p["by_kind"].items()}  # noqa: E731
+    out = {"student_step_device_ms": profile["student_step"]["device_ms_per_step"], "student_by_kind_ms": by_kind(profile["student_step"])}
+    if "teacher_forward" in profile:
+        out["teacher_forward_ms_same_tokens"] = profile["teacher_forward_ms_same_tokens"]
+        per_batch = profile["teacher_forward"]["device_ms_per_step"]
+        scale = profile["teacher_forward_ms_same_tokens"] / per_batch if per_batch else 1.0  # a step's batches
+        out["teacher_by_kind_ms"] = {k: round(v * scale, 4) for k, v in by_kind(profile["teacher_forward"]).items()}
+        out["device_ratio"] = profile["device_ratio"]
+    return out
 
 
 def freeze(student) -> None:

@@ -46,6 +46,7 @@ class StageJob:
     stream: object  # attnedit.data.BlockStream (or the DeviceBatches that prefetch from one)
     seq_len: int
     teacher_fwd_tok_s: float | None = None  # the teacher's plain forward at this stage's batch shape
+    teacher_forward: Callable[[torch.Tensor], object] | None = None  # that forward, for profile_stage
 
     @property
     def tokens_per_step(self) -> int:
@@ -347,8 +348,9 @@ def _recover(run: Run, job: StageJob, opt, step: int, lr_scale: float, restarts:
     return step, lr_scale, restarts, window
 
 
-def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
-    """Run (or continue) one stage to its last step; the last logged metrics go to the summary."""
+def train_stage(run: Run, job: StageJob, resume: dict | None) -> torch.optim.Optimizer:
+    """Run (or continue) one stage to its last step; the last logged metrics go to the summary. Returns the
+    optimizer (for :func:`profile_stage`)."""
     cfg, recipe = job.cfg, run.recipe
     params = [p for _, p in job.params]
     opt = make_optimizer(job.params, cfg)
@@ -452,3 +454,52 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> None:
             raise KeyboardInterrupt
     if bar is not None:
         bar.close()
+    return opt
+
+
+def profile_stage(run: Run, job: StageJob, opt: torch.optim.Optimizer) -> dict:
+    """``recipe.profile_steps`` more optimizer steps of a finished stage under ``torch.profiler``, next to one
+    teacher plain forward of a batch of the same shape: device time per step by kernel family, and the
+    costliest kernels. The steps read fresh batches and move the weights, which are restored afterwards
+    (the optimizer is not used again), so a profiled run saves the same model as an unprofiled one."""
+    from ..profiling import profile_steps
+
+    cfg, device, steps = job.cfg, run.device, run.recipe.profile_steps
+    params = [p for _, p in job.params]
+    saved = [p.detach().clone() for p in params]
+
+    def step():
+        for _ in range(cfg.grad_accum):
+            ids = job.stream.next_batch(cfg.batch_size).to(device, non_blocking=True)
+            with autocast(device, cfg.precision):
+                loss, _ = job.loss_fn(ids)
+            (loss / cfg.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        step()  # unprofiled: anything done once (allocator growth, lazy tables) stays out of the profile
+        out = {"steps": steps, "tokens_per_step": job.tokens_per_step, "student_step": profile_steps(step, steps, device)}
+        if job.teacher_forward is not None:
+            ids = job.stream.next_batch(cfg.batch_size).to(device)
+
+            @torch.no_grad()
+            def forward():
+                with autocast(device, cfg.precision):
+                    job.teacher_forward(ids)
+
+            forward()
+            teacher = profile_steps(forward, 1, device)
+            out["teacher_forward"] = teacher
+            # a step holds grad_accum batches: the teacher's forward over the same tokens, and the ratio the
+            # tokens/s figures show, in device time
+            same_tokens = teacher["device_ms_per_step"] * cfg.grad_accum
+            out["teacher_forward_ms_same_tokens"] = round(same_tokens, 4)
+            out["device_ratio"] = round(same_tokens / max(1e-9, out["student_step"]["device_ms_per_step"]), 4)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        opt.zero_grad(set_to_none=True)
+    return out

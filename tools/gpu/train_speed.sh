@@ -5,7 +5,8 @@
 #   export PYTHONPATH=/tmp/site:$PYTHONPATH; bash tools/gpu/train_speed.sh
 # env: S1 / S2 stage steps (60 / 40), LIMIT seconds per run (170), EXTRA more --set flags
 #      (e.g. EXTRA="--set stage1.compile=off --set stage2.compile=off" for the eager figures),
-#      RECIPES (default "gateswa mla"; add swa-stock for the stock-servable variant at the same tokens).
+#      RECIPES (default "gateswa mla"; add swa-stock for the stock-servable variant at the same tokens),
+#      PROFILE optimizer steps profiled after each stage (3; 0 = none): profile-stage<N>.json in each run.
 # The runs stay in /tmp/runs-speed/<recipe> (with held-out KL before/after in summary.json), so
 # tools/gpu/stock_swa.sh can export and evaluate them: STOCK_RUN=/tmp/runs-speed/swa-stock GATED=/tmp/runs-speed/gateswa.
 # Each run measures the teacher's forward at each stage's batch shape itself (attnedit convert does, at
@@ -24,10 +25,11 @@ for t in ${RECIPES:-gateswa mla}; do  # one at a time: the GPU is timed
   timeout -s TERM "${LIMIT:-170}" python -m attnedit convert recipes/smollm2-$t.yaml --out $R/$t --progress lines \
     --set data.files=$W --set stage1.steps=${S1:-60} --set stage2.steps=${S2:-40} --set stage1.warmup=10 \
     --set stage2.warmup=10 --set checkpoint_every=1000 \
-    --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts= ${EXTRA:-} > $R/$t.log 2>&1
+    --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts= --set profile_steps=${PROFILE:-3} ${EXTRA:-} > $R/$t.log 2>&1
   echo "$t: exit $? after $(( $(date +%s) - start )) s"
   grep -E "warning|Error|teacher plain forward" $R/$t.log | head -n 8
   cp $R/$t.log "$OUTDIR/$t-speed.log" 2>/dev/null; cp $R/$t/summary.json "$OUTDIR/$t-summary.json" 2>/dev/null
+  for n in 1 2; do cp $R/$t/profile-stage$n.json "$OUTDIR/$t-profile-stage$n.json" 2>/dev/null; done
 done
 python - "$R" <<'PY'
 import json, sys
@@ -49,5 +51,19 @@ for t in sorted(p.name for p in root.iterdir() if p.is_dir()):
         print(f"{t:<8} {n:<6} {i.get('tokens', 0) // max(1, i.get('steps', 1)):>11,} {i.get('tok_s', 0):>10,.0f} "
               f"{i.get('teacher_fwd_tok_s') or 0:>12,.0f} {ratio:>6.3f} {verdict:>11} {gib(i.get('peak_memory_bytes')):>10} "
               f"{gib(i.get('est_memory_bytes')):>10} {i.get('compiled')}")
+print("\ndevice time per step by kernel family (ms): student step | the teacher's plain forward over the same tokens")
+for t in sorted(p.name for p in root.iterdir() if p.is_dir()):
+    try:
+        s = json.loads((root / t / "summary.json").read_text())
+    except OSError:
+        continue
+    for n in (1, 2):
+        p = s.get(f"stage{n}", {}).get("profile")
+        if not p:
+            continue
+        kinds = sorted(set(p["student_by_kind_ms"]) | set(p.get("teacher_by_kind_ms", {})))
+        fam = "  ".join(f"{k} {p['student_by_kind_ms'].get(k, 0):.1f}|{p.get('teacher_by_kind_ms', {}).get(k, 0):.1f}" for k in kinds)
+        print(f"{t:<8} {n}  step {p['student_step_device_ms']:.1f} | teacher {p.get('teacher_forward_ms_same_tokens', 0):.1f}"
+              f"  (device ratio {p.get('device_ratio', 0):.3f})  {fam}")
 print("issue 10 before (H100): stage 1 GateSWA 0.28x, MLA 0.23x; stage 2 0.11x (of 343k / 422k tok/s)")
 PY
