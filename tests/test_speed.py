@@ -82,7 +82,7 @@ def test_fused_kd_loss_passes_gradcheck():
         head_s.weight.data, head_s.bias.data = w, b  # gradcheck perturbs its own inputs
         kl, ce, _ = stage2._ChunkedKD.apply(
             h_s.flatten(0, 1), w, b, h_t.flatten(0, 1), head_t.weight, None,
-            torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).flatten(), 1.5, 3, True, True,
+            torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).flatten(), 1.5, 3, True, True, stage2.kd_chunk,
         )  # fmt: skip
         return kl, ce
 
@@ -90,6 +90,29 @@ def test_fused_kd_loss_passes_gradcheck():
     w = head_s.weight.detach().clone().requires_grad_(True)
     b = head_s.bias.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(fn, (h_s, w, b))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_kd_losss_chunk_math_compiles_as_one_graph_with_the_same_values_and_gradients(temperature):
+    """Stage 2 compiles kd_chunk (the element-wise work over chunk x vocab logits) when compilation is on: it
+    traces without graph breaks, once per chunk shape, and gives the eager losses and gradients."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    head_s, head_t = (h.float() for h in _heads(vocab=40, dim=8, bias=False))
+    h_s, h_t = torch.randn(3, 16, 8, requires_grad=True), torch.randn(3, 16, 8)
+    ids = torch.randint(0, 40, (3, 16))
+    compiled = torch.compile(stage2.kd_chunk, backend="aot_eager", fullgraph=True)
+    results = []
+    for math in (stage2.kd_chunk, compiled):
+        h_s.grad = head_s.weight.grad = None
+        kl, ce, ce_t = stage2.kd_terms(h_s, h_t, ids, head_s, head_t, temperature, 16, chunk_math=math)
+        (kl + ce).backward()
+        results.append((kl.detach(), ce.detach(), ce_t, h_s.grad.clone(), head_s.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # 48 tokens = 3 chunks of one shape
 
 
 def test_fused_kd_loss_never_keeps_logits_for_the_backward():

@@ -244,7 +244,7 @@ def stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer, device, g
     if stage == 1:
         params, loss_fn = stage1.trainable(student), stage1.make_loss(teacher, student, group)
     else:
-        params, loss_fn = stage2.trainable(student, cfg.trainable), stage2.make_loss(teacher, student, cfg)
+        params, loss_fn = stage2.trainable(student, cfg.trainable), stage2.make_loss(teacher, student, cfg, group)
         student.gradient_checkpointing = cfg.gradient_checkpointing
         # the layer loop checkpoints only in training mode; set the flag on the top module alone, so the
         # shared teacher modules stay in eval mode (no dropout or router noise in the teacher)

@@ -46,6 +46,30 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def kd_chunk(z_s, z_t, labels, valid, n_labels, temperature: float, n: int, acc: torch.dtype, out_dtype: torch.dtype, want_ce: bool, want_kl: bool):
+    """One chunk of the KD loss from its logits: the KL, student-CE and teacher-CE sums (``acc`` dtype) and the
+    gradients of the mean KL (``T (p_s - p_t) / n``) and mean CE w.r.t. the student logits (``out_dtype``; None
+    when not wanted). Element-wise work over ``chunk x vocab`` only: ``torch.compile`` fuses it into a few
+    kernels (on the GPU, stage 2's ``compile`` setting), where eager PyTorch makes a dozen passes over the logits."""
+    T = temperature
+    z_s, z_t = z_s.to(acc), z_t.to(acc)
+    rows = labels.clamp_min(0)[:, None]
+    lse_s = torch.logsumexp(z_s, -1)
+    ce = ((lse_s - z_s.gather(1, rows)[:, 0]) * valid).sum()
+    ce_t = ((torch.logsumexp(z_t, -1) - z_t.gather(1, rows)[:, 0]) * valid).sum()
+    logp_s = F.log_softmax(z_s / T if T != 1.0 else z_s, dim=-1)
+    logp_t = F.log_softmax(z_t / T if T != 1.0 else z_t, dim=-1)
+    kl = F.kl_div(logp_s, logp_t, log_target=True, reduction="sum")
+    dz_ce = dz_kl = None
+    if want_ce:
+        g = (z_s - lse_s[:, None]).exp()  # softmax(z_s)
+        g = g.scatter_add(1, rows, torch.full_like(rows, -1, dtype=g.dtype))
+        dz_ce = (g * (valid.to(acc) / n_labels)[:, None]).to(out_dtype)
+    if want_kl:
+        dz_kl = ((logp_s.exp() - logp_t.exp()) * (T / n)).to(out_dtype)
+    return kl, ce, ce_t, dz_ce, dz_kl
+
+
 class _ChunkedKD(torch.autograd.Function):
     """KL/CE over the LM head, chunk by chunk, with the gradients computed in the forward pass.
 
@@ -58,7 +82,7 @@ class _ChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, weight, bias, h_t, weight_t, bias_t, labels, temperature, chunk, grad_kl, grad_ce):
+    def forward(ctx, h_s, weight, bias, h_t, weight_t, bias_t, labels, temperature, chunk, grad_kl, grad_ce, chunk_math):
         n, T = h_s.shape[0], float(temperature)
         valid = labels != -100
         n_labels = valid.sum().clamp_min(1)
@@ -73,28 +97,17 @@ class _ChunkedKD(torch.autograd.Function):
         kl = h_s.new_zeros((), dtype=acc)
         ce, ce_t = kl.clone(), kl.clone()
         for s in range(0, n, chunk):
-            hs, ht, lab, v = h_s[s : s + chunk], h_t[s : s + chunk], labels[s : s + chunk], valid[s : s + chunk]
-            rows = lab.clamp_min(0)[:, None]
-            z_s = F.linear(hs, weight, bias).to(acc)
-            z_t = F.linear(ht, weight_t, bias_t).to(acc)
-            lse_s = torch.logsumexp(z_s, -1)
-            ce = ce + ((lse_s - z_s.gather(1, rows)[:, 0]) * v).sum()
-            ce_t = ce_t + ((torch.logsumexp(z_t, -1) - z_t.gather(1, rows)[:, 0]) * v).sum()
-            logp_s = F.log_softmax(z_s / T if T != 1.0 else z_s, dim=-1)
-            logp_t = F.log_softmax(z_t / T if T != 1.0 else z_t, dim=-1)
-            del z_t
-            kl = kl + F.kl_div(logp_s, logp_t, log_target=True, reduction="sum")
-            dz = {}
-            if "ce" in g_h or "ce" in g_w or "ce" in g_b:
-                g = (z_s - lse_s[:, None]).exp_()  # softmax(z_s)
-                g.scatter_add_(1, rows, torch.full_like(rows, -1, dtype=g.dtype))
-                dz["ce"] = g.mul_((v.to(acc) / n_labels)[:, None])
-            del z_s
-            if "kl" in g_h or "kl" in g_w or "kl" in g_b:
-                dz["kl"] = logp_s.exp_().sub_(logp_t.exp_()).mul_(T / n)
-            del logp_s, logp_t
-            for k, g in dz.items():
-                g = g.to(cdt)
+            hs, ht = h_s[s : s + chunk], h_t[s : s + chunk]
+            z_s, z_t = F.linear(hs, weight, bias), F.linear(ht, weight_t, bias_t)
+            kl_c, ce_c, ce_t_c, dz_ce, dz_kl = chunk_math(
+                z_s, z_t, labels[s : s + chunk], valid[s : s + chunk], n_labels, T, n, acc, cdt,
+                "ce" in g_h or "ce" in g_w or "ce" in g_b, "kl" in g_h or "kl" in g_w or "kl" in g_b,
+            )  # fmt: skip
+            del z_s, z_t
+            kl, ce, ce_t = kl + kl_c, ce + ce_c, ce_t + ce_t_c
+            for k, g in (("ce", dz_ce), ("kl", dz_kl)):
+                if g is None:
+                    continue
                 if k in g_h:
                     g_h[k][s : s + chunk] = torch.matmul(g, weight.to(cdt))
                 if k in g_w:
@@ -118,23 +131,24 @@ class _ChunkedKD(torch.autograd.Function):
             out[name] = term if out[name] is None else out[name] + term
         dt_h, dt_w, dt_b = ctx.dtypes
         cast = lambda t, dt: None if t is None else t.to(dt)  # noqa: E731
-        return cast(out["h"], dt_h), cast(out["w"], dt_w), cast(out["b"], dt_b), *([None] * 8)
+        return cast(out["h"], dt_h), cast(out["w"], dt_w), cast(out["b"], dt_b), *([None] * 9)
 
 
 def kd_terms(
-    h_s, h_t, ids, head_s, head_t, temperature: float, chunk: int, grads: tuple[bool, bool] = (True, True)
+    h_s, h_t, ids, head_s, head_t, temperature: float, chunk: int, grads: tuple[bool, bool] = (True, True), chunk_math=kd_chunk
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean ``T^2 KL`` per token, mean student CE and mean teacher CE over the next tokens, chunk by chunk.
 
     All three are device tensors (nothing is read back to the host). ``grads`` says which of KL and
-    student CE can be back-propagated; one that cannot is returned as a constant.
+    student CE can be back-propagated; one that cannot is returned as a constant. ``chunk_math`` is
+    :func:`kd_chunk` or its compiled form.
     """
     hs, ht = h_s.flatten(0, 1), h_t.flatten(0, 1)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
     grad_kl, grad_ce = (g and torch.is_grad_enabled() for g in grads)
     return _ChunkedKD.apply(
         hs, head_s.weight, head_s.bias, ht.detach(), head_t.weight.detach(),
-        None if head_t.bias is None else head_t.bias.detach(), labels, temperature, chunk, grad_kl, grad_ce,
+        None if head_t.bias is None else head_t.bias.detach(), labels, temperature, chunk, grad_kl, grad_ce, chunk_math,
     )  # fmt: skip
 
 
@@ -144,15 +158,17 @@ def feature_loss(student_hidden: list, teacher_hidden_: list) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def make_loss(teacher, student, cfg):
-    """The stage-2 loss of one batch of token ids; extras (device tensors): kl, ce (student), teacher_ce, feature."""
+def make_loss(teacher, student, cfg, compile_group: CompileGroup | None = None):
+    """The stage-2 loss of one batch of token ids; extras (device tensors): kl, ce (student), teacher_ce, feature.
+    With a ``compile_group`` that is enabled, the loss's element-wise work per chunk (:func:`kd_chunk`) runs compiled."""
     head_t, features = teacher.get_output_embeddings(), cfg.feature_weight > 0
     grads = (cfg.kl_weight > 0, cfg.ce_weight > 0)
+    chunk_math = compile_group.wrap(kd_chunk) if compile_group is not None else kd_chunk
 
     def loss_fn(ids: torch.Tensor):
         t_hidden = teacher_hidden(teacher, ids, features)
         s_hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[1:]
-        kl, ce, ce_t = kd_terms(s_hidden[-1], t_hidden[-1], ids, student.lm_head, head_t, cfg.temperature, cfg.kl_chunk, grads)
+        kl, ce, ce_t = kd_terms(s_hidden[-1], t_hidden[-1], ids, student.lm_head, head_t, cfg.temperature, cfg.kl_chunk, grads, chunk_math)
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce
         extras = {"kl": kl.detach(), "ce": ce.detach(), "teacher_ce": ce_t}
         if features:
