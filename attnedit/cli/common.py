@@ -57,8 +57,8 @@ def add_save(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--save", metavar="FILE", help=f"also write the JSON to FILE (e.g. RUN/{name}, read by attnedit report)")
 
 
-def add_out(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-    p.add_argument("--out", required=required, help=help)
+def add_out(p: argparse.ArgumentParser, help: str, required: bool = True, metavar: str | None = None) -> None:
+    p.add_argument("--out", required=required, metavar=metavar, help=help)
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:

@@ -46,6 +46,27 @@ def read_json(path: Path) -> dict | None:
     return data
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path, once it is known to be a folder holding at least one of :data:`INPUTS`."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise AttnEditError(f"{run} is not a folder; give a run folder written by attnedit convert")
+    if not any((run / name).is_file() for name in INPUTS):
+        raise AttnEditError(f"{run} holds none of {', '.join(INPUTS)}; give a run folder written by attnedit convert")
+    return run
+
+
+def teacher_name(summary: dict | None, eval_json: dict | None, bench: dict | None, passkey: dict | None) -> str | None:
+    """The teacher's name as the run's files record it (eval.json, bench.json, passkey.json, summary.json), or None."""
+    names = [
+        (eval_json or {}).get("teacher"),
+        (bench or {}).get("teacher"),
+        (passkey or {}).get("teacher_model"),
+        (summary or {}).get("teacher"),
+    ]
+    return next((n for n in names if isinstance(n, str)), None)
+
+
 def read_metrics(path: Path) -> list[dict] | None:
     """``metrics.jsonl`` records that carry a stage and a finite loss (events are skipped); stage 1 -> "stage1"."""
     if not path.is_file():
@@ -192,22 +213,12 @@ def _missing(what: str, command: str) -> str:
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and its PNGs into ``run_dir``; return the report's path."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise AttnEditError(f"{run} is not a folder; give a run folder written by attnedit convert")
-    if not any((run / name).is_file() for name in INPUTS):
-        raise AttnEditError(f"{run} holds none of {', '.join(INPUTS)}; give a run folder written by attnedit convert")
+    run = check_run_dir(run_dir)
     config = read_model_config(run)
     metrics = read_metrics(run / "metrics.jsonl")
     summary, eval_json = read_json(run / "summary.json"), read_json(run / "eval.json")
     bench, passkey = read_json(run / "bench.json"), read_json(run / "passkey.json")
-    names = [
-        (eval_json or {}).get("teacher"),
-        (bench or {}).get("teacher"),
-        (passkey or {}).get("teacher_model"),
-        (summary or {}).get("teacher"),
-    ]
-    teacher = next((n for n in names if isinstance(n, str)), "TEACHER")
+    teacher = teacher_name(summary, eval_json, bench, passkey) or "TEACHER"
     model = f"{run}/model"
 
     lines = [f"# attnedit report: {run.resolve().name}", ""]
