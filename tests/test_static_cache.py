@@ -195,3 +195,18 @@ def test_generate_compiles_the_decode_step_once(case):
     out = student.generate(ids, max_new_tokens=8, do_sample=False, compile_config=config)
     assert torch.equal(out, ref)
     assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_kept_tokens_are_the_sinks_and_the_last_window_of_any_chunk(sink):
+    """The ring keeps, of tokens start..end-1, those below ``sink`` and the last ``window`` ones; computed in
+    O(window) (a long prefill does not loop over every token on the host), on the host and on the device alike."""
+    from attnedit.targets.gateswa import kept_index, kept_tokens
+
+    window = 5
+    for start in range(0, 12):
+        for end in range(start, 30):
+            want = [p for p in range(start, end) if p < sink or p >= end - window]
+            assert kept_tokens(start, end, sink, window) == want
+            assert kept_index(start, end, sink, window, "cpu").tolist() == want
+    assert len(kept_tokens(0, 10**7, sink, window)) == sink + window

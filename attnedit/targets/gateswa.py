@@ -37,8 +37,16 @@ def ring_positions(n, sink: int, window: int, device) -> torch.Tensor:
 
 
 def kept_tokens(start: int, end: int, sink: int, window: int) -> list[int]:
-    """Tokens of ``start..end-1`` a ring still holds once ``end`` tokens have been seen."""
-    return [p for p in range(start, end) if p < sink or p >= end - window]
+    """Tokens of ``start..end-1`` a ring still holds once ``end`` tokens have been seen: the sinks among them,
+    then the last ``window`` (at most ``sink + window`` numbers, whatever the chunk's length)."""
+    return [*range(start, min(end, sink)), *range(max(start, sink, end - window), end)]
+
+
+def kept_index(start: int, end: int, sink: int, window: int, device) -> torch.Tensor:
+    """:func:`kept_tokens` as a device tensor, built on the device (no host list, no host-to-device copy)."""
+    head_end, tail_start = max(start, min(end, sink)), max(start, sink, end - window)
+    head = torch.arange(start, head_end, device=device)
+    return torch.cat([head, torch.arange(min(tail_start, end), end, device=device)])
 
 
 class SlidingKVCacheLayer(CacheLayer):
@@ -120,12 +128,11 @@ class StaticSlidingKVCacheLayer(CacheLayer):
         return [self.k, self.v]
 
     def _write(self, k, v, start: int, end: int) -> None:
-        keep = kept_tokens(start, end, self.sink, self.window)
-        if keep:
-            src = torch.tensor([p - start for p in keep], device=k.device)
-            slots = torch.tensor([ring_slot(p, self.sink, self.window) for p in keep], device=k.device)
-            self.k.index_copy_(2, slots, k[:, :, src])
-            self.v.index_copy_(2, slots, v[:, :, src])
+        keep = kept_index(start, end, self.sink, self.window, k.device)
+        if keep.numel():
+            slots = ring_slot(keep, self.sink, self.window)
+            self.k.index_copy_(2, slots, k[:, :, keep - start])
+            self.v.index_copy_(2, slots, v[:, :, keep - start])
 
     def update(self, k, v, ctx: AttentionContext):
         n_cached, t = ctx.n_cached, k.shape[2]

@@ -24,7 +24,11 @@ edit() {  # $1 recipe, $2 folder
   sets=$(python - "$1" <<'PY'
 import sys, yaml
 r = yaml.safe_load(open(sys.argv[1]))
-print(" ".join(f"--set {k}={v}" for k, v in r.get("target_args", {}).items()), f"--target {r['target']}")
+args = dict(r.get("target_args", {}))
+if str(args.get("full_layers", "")).startswith("auto:"):  # measured by convert on data; decode speed depends on how
+    k = int(args["full_layers"].split(":")[1])            # many layers are full, not which: K evenly spaced ones
+    args["full_layers"] = ",".join(str(round((i + 1) * 30 / k) - 1) for i in range(k))
+print(" ".join(f"--set {k}={v}" for k, v in args.items()), f"--target {r['target']}")
 PY
 )
   python -m attnedit edit smollm2-135m $sets --set init=teacher --out "$2" > "$2.log" 2>&1 || { echo "edit $1 failed:"; tail -n 3 "$2.log"; }
