@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 11, the headline conversions: a shipped SmolLM2 GPU recipe at its full budget (33 M + 66 M tokens),
+# alone on the GPU, then the recipe's own eval section next to the teacher (zero-shot tasks through
+# lm-evaluation-harness on the full sets, WikiText-2 ppl at 2k and 8k, passkey at 2k/4k/8k, bench).
+# One call runs at most 10 minutes: run the same command again (on the same warm machine) and it resumes
+# the conversion, then the evaluation, where the last call stopped; it prints DONE when report.md exists.
+#
+# usage: bash tools/gpu/headline.sh gateswa|mla [LIMIT seconds, default 560]
+# needs: the pack with the harness's wheels in .whl/ and ../shared/data/fewshot (docs/results.md says which),
+#        i.e. CHUNK=64000000 ../shared/device/pack.sh <wikipedia shard> <wiki.test.raw> ../shared/data/fewshot
+set -u
+t=${1:?gateswa or mla}; LIMIT=${2:-560}
+export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+export ATTNEDIT_SHARED_DATA=/tmp/shared-data   # wikitext-2-raw/ and fewshot/ as the eval expects them
+mkdir -p $ATTNEDIT_SHARED_DATA/wikitext-2-raw
+cp -n /tmp/attnedit-cache/extra/wiki.test.raw $ATTNEDIT_SHARED_DATA/wikitext-2-raw/
+[ -e $ATTNEDIT_SHARED_DATA/fewshot ] || ln -s /tmp/attnedit-cache/extra/fewshot $ATTNEDIT_SHARED_DATA/fewshot
+python -c "import lm_eval" 2>/dev/null || echo "warning: lm_eval does not import: the zero-shot tasks will fail (see docs/results.md)"
+W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
+r=/tmp/runs/headline-$t
+if [ -f $r/recipe.yaml ]; then args="$r --resume"; else args="recipes/smollm2-$t.yaml --out $r --set data.files=$W"; fi
+start=$(date +%s)
+timeout -s TERM "$LIMIT" python -m attnedit convert $args --progress lines >> $r.log 2>&1
+echo "exit $? after $(( $(date +%s) - start )) s"; grep -v "^\s*$" $r.log | tail -n 30
+(cd /tmp/runs && tar -czf "$OUT/headline-$t.tgz" $(ls -d headline-$t.log headline-$t/*.json headline-$t/*.jsonl headline-$t/*.md headline-$t/*.png headline-$t/recipe.yaml headline-$t/model/config.json 2>/dev/null))
+[ -f $r/report.md ] && echo DONE
