@@ -28,9 +28,9 @@ for t in ${RECIPES:-gateswa mla}; do  # one at a time: the GPU is timed
     --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts= --set profile_steps=${PROFILE:-3} ${EXTRA:-} > $R/$t.log 2>&1
   echo "$t: exit $? after $(( $(date +%s) - start )) s"
   grep -E "warning|Error|teacher plain forward" $R/$t.log | head -n 8
-  cp $R/$t.log "$OUTDIR/$t-speed.log" 2>/dev/null; cp $R/$t/summary.json "$OUTDIR/$t-summary.json" 2>/dev/null
-  for n in 1 2; do cp $R/$t/profile-stage$n.json "$OUTDIR/$t-profile-stage$n.json" 2>/dev/null; done
 done
+# one archive: the GPU machine returns at most 8 files a call
+(cd $R && tar -czf "$OUTDIR/train-speed.tgz" $(ls -d *.log */summary.json */profile-stage*.json 2>/dev/null))
 python - "$R" <<'PY'
 import json, sys
 from pathlib import Path
