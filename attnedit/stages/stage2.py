@@ -46,27 +46,32 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def kd_chunk(z_s, z_t, labels, valid, n_labels, temperature: float, n: int, acc: torch.dtype, out_dtype: torch.dtype, want_ce: bool, want_kl: bool):
-    """One chunk of the KD loss from its logits: the KL, student-CE and teacher-CE sums (``acc`` dtype) and the
-    gradients of the mean KL (``T (p_s - p_t) / n``) and mean CE w.r.t. the student logits (``out_dtype``; None
-    when not wanted). Element-wise work over ``chunk x vocab`` only: ``torch.compile`` fuses it into a few
-    kernels (on the GPU, stage 2's ``compile`` setting), where eager PyTorch makes a dozen passes over the logits."""
+def kd_chunk(hs, ht, weight, bias, weight_t, bias_t, labels, valid, n_labels, temperature: float, n: int,
+             acc: torch.dtype, out_dtype: torch.dtype, want_ce: bool, want_kl: bool):
+    """One chunk of the KD loss from its hidden states: the student and teacher logits over the LM heads, the
+    KL, student-CE and teacher-CE sums (``acc`` dtype) and the gradients of the mean KL (``T (p_s - p_t) / n``)
+    and mean CE w.r.t. the student logits (``out_dtype``; None when not wanted). Besides the two LM-head
+    matmuls, element-wise work over ``chunk x vocab``: ``torch.compile`` fuses it into a few kernels (on the
+    GPU, stage 2's ``compile`` setting), where eager PyTorch makes a dozen passes over the logits."""
     T = temperature
-    z_s, z_t = z_s.to(acc), z_t.to(acc)
+    z_s = F.linear(hs, weight, bias).to(acc)  # the compute-dtype logits are dropped here: one fp32 copy each
+    z_t = F.linear(ht, weight_t, bias_t).to(acc)
     rows = labels.clamp_min(0)[:, None]
     lse_s = torch.logsumexp(z_s, -1)
     ce = ((lse_s - z_s.gather(1, rows)[:, 0]) * valid).sum()
     ce_t = ((torch.logsumexp(z_t, -1) - z_t.gather(1, rows)[:, 0]) * valid).sum()
     logp_s = F.log_softmax(z_s / T if T != 1.0 else z_s, dim=-1)
     logp_t = F.log_softmax(z_t / T if T != 1.0 else z_t, dim=-1)
+    del z_t
     kl = F.kl_div(logp_s, logp_t, log_target=True, reduction="sum")
     dz_ce = dz_kl = None
     if want_ce:
-        g = (z_s - lse_s[:, None]).exp()  # softmax(z_s)
-        g = g.scatter_add(1, rows, torch.full_like(rows, -1, dtype=g.dtype))
-        dz_ce = (g * (valid.to(acc) / n_labels)[:, None]).to(out_dtype)
+        g = (z_s - lse_s[:, None]).exp_()  # softmax(z_s), in place as the eager path's memory plan assumes
+        g.scatter_add_(1, rows, torch.full_like(rows, -1, dtype=g.dtype))
+        dz_ce = g.mul_((valid.to(acc) / n_labels)[:, None]).to(out_dtype)
+    del z_s
     if want_kl:
-        dz_kl = ((logp_s.exp() - logp_t.exp()) * (T / n)).to(out_dtype)
+        dz_kl = logp_s.exp_().sub_(logp_t.exp_()).mul_(T / n).to(out_dtype)
     return kl, ce, ce_t, dz_ce, dz_kl
 
 
@@ -98,12 +103,10 @@ class _ChunkedKD(torch.autograd.Function):
         ce, ce_t = kl.clone(), kl.clone()
         for s in range(0, n, chunk):
             hs, ht = h_s[s : s + chunk], h_t[s : s + chunk]
-            z_s, z_t = F.linear(hs, weight, bias), F.linear(ht, weight_t, bias_t)
             kl_c, ce_c, ce_t_c, dz_ce, dz_kl = chunk_math(
-                z_s, z_t, labels[s : s + chunk], valid[s : s + chunk], n_labels, T, n, acc, cdt,
-                "ce" in g_h or "ce" in g_w or "ce" in g_b, "kl" in g_h or "kl" in g_w or "kl" in g_b,
+                hs, ht, weight, bias, weight_t, bias_t, labels[s : s + chunk], valid[s : s + chunk], n_labels, T, n,
+                acc, cdt, "ce" in g_h or "ce" in g_w or "ce" in g_b, "kl" in g_h or "kl" in g_w or "kl" in g_b,
             )  # fmt: skip
-            del z_s, z_t
             kl, ce, ce_t = kl + kl_c, ce + ce_c, ce_t + ce_t_c
             for k, g in (("ce", dz_ce), ("kl", dz_kl)):
                 if g is None:

@@ -466,7 +466,7 @@ def profile_stage(run: Run, job: StageJob, opt: torch.optim.Optimizer) -> dict:
 
     cfg, device, steps = job.cfg, run.device, run.recipe.profile_steps
     params = [p for _, p in job.params]
-    saved = [p.detach().clone() for p in params]
+    saved = [p.detach().to("cpu", copy=True) for p in params]  # host copies: no device memory for the restore point
 
     def step():
         for _ in range(cfg.grad_accum):
@@ -480,7 +480,8 @@ def profile_stage(run: Run, job: StageJob, opt: torch.optim.Optimizer) -> dict:
 
     try:
         step()  # unprofiled: anything done once (allocator growth, lazy tables) stays out of the profile
-        out = {"steps": steps, "tokens_per_step": job.tokens_per_step, "student_step": profile_steps(step, steps, device)}
+        out = {"steps": steps, "tokens_per_step": job.tokens_per_step, "grad_accum": cfg.grad_accum}
+        out["student_step"] = profile_steps(step, steps, device)
         if job.teacher_forward is not None:
             ids = job.stream.next_batch(cfg.batch_size).to(device)
 

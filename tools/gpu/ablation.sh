@@ -3,10 +3,11 @@
 # by convert's own eval step: WikiText-2 perplexity at 2k and 8k, passkey at 2k/4k/8k x 5 depths (no
 # harness tasks: the GPU machine has no lm_eval; no bench: the runs share the GPU, and decode speed does
 # not depend on the weights).
-# usage: [S1=300] [S2=300] [LIMIT=540] bash tools/gpu/ablation.sh NAME=RECIPE[,KEY=VALUE...] ...
-#   e.g. the full-layer choice (docs/results.md):
-#   bash tools/gpu/ablation.sh gateswa-every=recipes/smollm2-gateswa.yaml \
-#        gateswa-auto=recipes/smollm2-gateswa.yaml,target_args.full_layers=auto:5
+# usage: [S1=300] [S2=300] [LIMIT=540] bash tools/gpu/ablation.sh NAME=RECIPE[+KEY=VALUE...] ...
+#   settings are separated by '+' (a value may hold commas: eval.ppl_context=2048,8192); e.g. the full-layer
+#   choice (docs/results.md):
+#   bash tools/gpu/ablation.sh gateswa-every=recipes/smollm2-gateswa.yaml+target_args.full_layers=every:6 \
+#        gateswa-auto=recipes/smollm2-gateswa.yaml+target_args.full_layers=auto:5
 # Run it again with the same arguments to resume runs that the time limit stopped. Each run's JSON, log,
 # report and recipe land in $OUT/NAME/ (and $OUT/NAME.tgz); `attnedit report A B --out F.md` compares them.
 set -u
@@ -20,21 +21,20 @@ EVAL="--set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192 --set eval.pas
 python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"  # dequantise once, not per run
 names=()
 for spec in "$@"; do
-  name=${spec%%=*}; rest=${spec#*=}; recipe=${rest%%,*}; names+=("$name")
-  extra=""; [ "$rest" != "$recipe" ] && for kv in $(echo "${rest#*,}" | tr ',' ' '); do extra="$extra --set $kv"; done
+  name=${spec%%=*}; rest=${spec#*=}; recipe=${rest%%+*}; names+=("$name")
+  extra=""; [ "$rest" != "$recipe" ] && for kv in $(echo "${rest#*+}" | tr '+' ' '); do extra="$extra --set $kv"; done
   r=/tmp/runs/$name
-  if [ -d $r/checkpoints ] && [ ! -f $r/report.md ]; then
+  if [ -f $r/recipe.yaml ]; then  # started before: resume (a finished run only completes its evaluation)
     args="$r --resume"
   else
     args="$recipe --out $r --set data.files=$W --set stage1.steps=${S1:-300} --set stage2.steps=${S2:-300}
           --set stage1.warmup=30 --set stage2.warmup=30 --set checkpoint_every=100
           --set stage2.batch_size=4 --set stage2.grad_accum=4 $EVAL $extra"  # a run's own settings last: they win
   fi
-  timeout -s TERM "${LIMIT:-540}" python -m attnedit convert $args --progress lines > $r.log 2>&1 &
+  timeout -s TERM "${LIMIT:-540}" python -m attnedit convert $args --progress lines >> $r.log 2>&1 &
 done
 wait
 for name in "${names[@]}"; do
   r=/tmp/runs/$name; echo "=== $name"; grep -v "^\s*$" $r.log | tail -n 24
-  mkdir -p $r/model; cp $r.log $r/convert.log
-  (cd /tmp/runs && tar -czf "$OUT/$name.tgz" $(cd /tmp/runs && ls -d $name/convert.log $name/*.json $name/*.jsonl $name/report.md $name/recipe.yaml $name/model/config.json 2>/dev/null))
+  (cd /tmp/runs && tar -czf "$OUT/$name.tgz" $(ls -d $name.log $name/*.json $name/*.jsonl $name/report.md $name/recipe.yaml $name/model/config.json 2>/dev/null))
 done

@@ -15,7 +15,7 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 HF_DA
 export ATTNEDIT_SHARED_DATA=/tmp/shared-data   # wikitext-2-raw/ and fewshot/ as the eval expects them
 mkdir -p $ATTNEDIT_SHARED_DATA/wikitext-2-raw
 cp -n /tmp/attnedit-cache/extra/wiki.test.raw $ATTNEDIT_SHARED_DATA/wikitext-2-raw/
-[ -e $ATTNEDIT_SHARED_DATA/fewshot ] || ln -s /tmp/attnedit-cache/extra/fewshot $ATTNEDIT_SHARED_DATA/fewshot
+[ -d /tmp/attnedit-cache/extra/fewshot ] && ln -sfn /tmp/attnedit-cache/extra/fewshot $ATTNEDIT_SHARED_DATA/fewshot
 python -c "import lm_eval" 2>/dev/null || echo "warning: lm_eval does not import: the zero-shot tasks will fail (see docs/results.md)"
 W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
