@@ -382,3 +382,39 @@ def test_a_failing_profile_warns_and_the_conversion_goes_on(tmp_path, monkeypatc
     assert err.count("warning: profiling stage") == 2 and "CUPTI_ERROR_NOT_INITIALIZED" in err and "more lines" not in err
     assert "profile" not in summary["stage1"] and (tmp_path / "run" / "model" / "config.json").exists()
     assert not list((tmp_path / "run").glob("profile-stage*.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_compiled_teacher_layers_give_the_same_stage2_loss_with_the_feature_hooks_and_undo(family):
+    """Stage 2 compiles the teacher's decoder layers too: one graph for all of them, the feature loss's
+    hooks on the layers still see every output, loss and gradients equal eager, and the undo restores them."""
+    torch._dynamo.reset()
+    teacher = tiny_teacher(family)
+    student = edit_model(teacher, "gateswa", {"window": 8, "full_layers": "every:2"})
+    params = stage2.trainable(student, "attention")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    cfg = parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2
+    loss_fn = stage2.make_loss(teacher, student, cfg)
+    ids = tiny_ids(2, 24)
+    eager = _loss_and_grads(loss_fn, params, ids)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    group = CompileGroup(True, "test", backend="aot_eager")
+    undo = stage2.compile_teacher_layers(teacher, group)
+    layers = list(teacher.model.layers)
+    assert all("forward" in vars(layer) for layer in layers)
+    got = _loss_and_grads(loss_fn, params, ids)
+    undo()
+    assert not any("forward" in vars(layer) for layer in layers) and group.enabled
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # every teacher layer: one graph
+    for a, b in zip(got, eager):
+        if isinstance(a, list):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -239,6 +239,28 @@ def compile_layers(student, group: CompileGroup):
     return lambda: student.__dict__.pop("_layer", None)
 
 
+def compile_teacher_layers(teacher, group: CompileGroup):
+    """Run the teacher's decoder layers compiled in stage 2 (when ``group`` is enabled); returns the undo function.
+
+    The teacher's forward in stage 2 is inference only, and eagerly it issues about 40 small kernels a layer
+    (float32 norms, RoPE, activations); compiled, one graph serves every layer. Each layer's ``forward`` is
+    replaced by an instance attribute, so hooks on the layer (the feature loss's) still run around it, and the
+    modules the student shares with the teacher are untouched. The teacher's plain-forward baseline and every
+    evaluation stay eager: the undo runs when the stage ends.
+    """
+    if not group.enabled:
+        return lambda: None
+    layers = list(family_for(teacher.config).layers(teacher))
+    for layer in layers:
+        layer.forward = group.wrap(layer.forward)
+
+    def undo():
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+    return undo
+
+
 def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
