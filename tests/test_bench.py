@@ -296,3 +296,28 @@ def test_profile_counts_the_decode_step(pair):
     assert "profile" not in run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)["runs"][0]["student"]
     assert profiling.kernel_kind("sm90_xmma_gemm_bf16bf16") == "gemm" and profiling.kernel_kind("triton_poi_fused_add_0") == "fused (triton)"
     assert profiling.kernel_kind("flash_fwd_splitkv_kernel") == "attention"
+
+
+def test_compile_prefill_compiles_the_prefill_of_both_attnedit_engines_only(pair, monkeypatch):
+    """--compile-prefill: the student and the teacher on attnedit's engine both prefill through compile_prefill
+    (one path for both, so TTFT ratios stay fair), the header says so; without the flag both prefill eagerly."""
+    from attnedit.eval import bench as bench_module
+
+    student, teacher = pair
+    monkeypatch.setattr(bench_module, "PREFILL_BACKEND", "aot_eager")  # no C++ compiler needed on the CPU
+    seen = []
+    real = type(student).compile_prefill
+
+    def spy(self, backend="inductor"):
+        seen.append(backend)
+        return real(self, backend)
+
+    monkeypatch.setattr(type(student), "compile_prefill", spy)
+    settings = BenchSettings([8], [1], 2, 1, 0, stock=False, compile_prefill=True)
+    result = run_bench(student, teacher, settings, "float32", log=lambda _: None)
+    assert seen == ["aot_eager", "aot_eager"] and "compiled prefill" in result["engines"]["student"]
+    assert result["runs"][0]["student"]["ttft_ms"] > 0 and result["runs"][0]["teacher"]["ttft_ms"] > 0
+    seen.clear()
+    result = run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)
+    assert seen == [None, None] and "compiled prefill" not in result["engines"]["student"]
+    student.compile_prefill(None)

@@ -210,3 +210,48 @@ def test_kept_tokens_are_the_sinks_and_the_last_window_of_any_chunk(sink):
             assert kept_tokens(start, end, sink, window) == want
             assert kept_index(start, end, sink, window, "cpu").tolist() == want
     assert len(kept_tokens(0, 10**7, sink, window)) == sink + window
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("case", list(TARGET_CASES))
+@torch.no_grad()
+def test_compiled_prefill_equals_eager_with_one_graph_per_block_for_every_prompt_length(family, case):
+    """compile_prefill(): the norms, MLP and residuals around each attention run compiled for calls of more than
+    one token (dynamic shapes: two prompt lengths and a second batch size compile once), with the eager results;
+    decode steps and the default model are untouched."""
+    from torch._dynamo.utils import counters
+
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher(family), target, args).eval()
+    ids = tiny_ids(length=21)
+    want = [static_logits(student, ids[:, :n])[0] for n in (21, 17)]
+    want.append(static_logits(student, ids[:1, :19])[0])
+    torch._dynamo.reset()
+    counters.clear()
+    assert student.compile_prefill("aot_eager") is student
+    got = [static_logits(student, ids[:, :n])[0] for n in (21, 17)]
+    got.append(static_logits(student, ids[:1, :19])[0])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 2 <= graphs <= 4, dict(counters["stats"])  # before/after the attention (MoE may split one); no per-length graphs
+    student.compile_prefill(None)
+    counters.clear()
+    static_logits(student, ids)
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+@torch.no_grad()
+def test_a_failing_prefill_compiler_warns_once_and_runs_eagerly(capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    student = edit_model(tiny_teacher("llama"), *TARGET_CASES["gateswa-teacher"]).eval()
+    ids = tiny_ids(length=21)
+    want = static_logits(student, ids)[0]
+    torch._dynamo.reset()
+    student.compile_prefill(broken)
+    got = static_logits(student, ids)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    err = capsys.readouterr().err
+    assert err.count("compiling the prefill failed") == 1 and student.prefill_backend is None

@@ -71,6 +71,11 @@ class BenchSettings:
         "once per shape, about 2 minutes each on an H100; default: every cell)", metavar="BxC[,BxC...]",
     )  # fmt: skip
     compile: bool | None = setting(None, "decode through torch.compile + CUDA graphs, else eagerly (default: on CUDA only)")
+    compile_prefill: bool = setting(
+        False, "also compile the prefill's element-wise work (model.compile_prefill(): norms, MLP activation, residuals; "
+        "dynamic shapes) for the student and the teacher on attnedit's engine; the stock path's prefill stays eager, "
+        "as transformers runs it",
+    )  # fmt: skip
     profile: bool = setting(
         False, "also profile attnedit's decode steps in every cell (torch.profiler): kernels per step, device time "
         "per step, time by kernel family and the costliest kernels, saved under each engine's 'profile'; and one prefill "
@@ -90,6 +95,9 @@ class BenchSettings:
             outside = [c for c in self.stock_cells if c[0] not in self.batches or c[1] not in self.contexts]
             if outside:
                 raise FieldError("stock_cells", outside[0], "not in the grid of batches x contexts")
+
+
+PREFILL_BACKEND = "inductor"  # torch.compile backend of --compile-prefill
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -460,6 +468,14 @@ def run_bench_many(
     # the teacher first: a run cut short still has every ratio of the students it finished
     engines = {"teacher": AttnEditEngine(teacher_on_attnedit(teacher), compile_)}
     engines.update({label: AttnEditEngine(model, compile_) for label, model in students.items()})
+    for name, engine in engines.items():  # the same prefill path for every model on attnedit's engine
+        if hasattr(engine.model, "compile_prefill"):
+            engine.model.compile_prefill(PREFILL_BACKEND if settings.compile_prefill else None)
+        elif settings.compile_prefill:
+            raise AttnEditError(
+                f"{name}: this checkpoint's modeling code predates compile_prefill; save it again with this attnedit "
+                "(attnedit export MODEL --format hf --out NEW), or bench without --compile-prefill"
+            )
     if settings.stock:
         engines["teacher_stock"] = StockEngine(teacher)
     configs = {label: model.config for label, model in students.items()}
@@ -515,7 +531,8 @@ def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwid
         "repeats": settings.repeats,
         "timing": "CUDA events, medians" if cuda else "wall clock, medians",
         "engines": {
-            "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager"),
+            "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager")
+            + (", compiled prefill" if settings.compile_prefill else ""),
             "teacher": "the teacher on the same engine as the student",
             "teacher_stock": "transformers generate(cache_implementation='static')" + (" + automatic torch.compile" if cuda else ""),
         },

@@ -204,6 +204,19 @@ def _context_without_cache(b: int, t: int, attention_mask, position_ids, device)
     return AttentionContext(position_ids, 0, t, key_padding, None)
 
 
+def _pre_attention(layer, h: torch.Tensor) -> torch.Tensor:
+    return layer.input_layernorm(h)
+
+
+def _post_attention(layer, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer once its attention output ``a`` is known: residual, norm, MLP, residual."""
+    h = h + a
+    m = layer.mlp(layer.post_attention_layernorm(h))
+    if isinstance(m, tuple):  # some MoE blocks also return router logits
+        m = m[0]
+    return h + m
+
+
 # transformers renamed `past_key_values` to `cache` in 5.2x; name the output field as this version does
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
@@ -231,6 +244,8 @@ class AttnEditPreTrainedModel(PreTrainedModel):
 
 class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    prefill_backend: str | None = None  # set by compile_prefill(); None: every call runs eagerly
+    _prefill_fns: tuple | None = None
 
     def __init__(self, config: AttnEditConfig):
         super().__init__(config)
@@ -270,11 +285,50 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _layer(layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        h = h + layer.self_attn(layer.input_layernorm(h), ctx)
-        m = layer.mlp(layer.post_attention_layernorm(h))
-        if isinstance(m, tuple):  # some MoE blocks also return router logits
-            m = m[0]
-        return h + m
+        return _post_attention(layer, h, layer.self_attn(_pre_attention(layer, h), ctx))
+
+    def compile_prefill(self, backend: str | None = "inductor") -> "AttnEditForCausalLM":
+        """Compile the element-wise work around every attention (the norms, the MLP's activation, the residual
+        adds) for calls of more than one token without gradients - a prompt's prefill, in ``generate()`` too.
+
+        Eagerly, that work is about half of a long prefill on a GPU (SmolLM2 at 64 x 8k: 587 of 1,066 ms of
+        device time, as many full passes over the activations). ``torch.compile(dynamic=True)``: one compilation
+        serves every prompt length and batch. The attention runs as before; decode steps and training are not
+        affected. ``backend=None`` turns it off. If compiling fails, a warning is printed and prefill runs eagerly.
+        """
+        self.prefill_backend, self._prefill_fns = backend, None
+        return self
+
+    def _prefill_blocks(self):
+        if self._prefill_fns is None:
+            compile_ = lambda fn: torch.compile(fn, backend=self.prefill_backend, dynamic=True)  # noqa: E731
+            self._prefill_fns = (compile_(_pre_attention), compile_(_post_attention))
+        return self._prefill_fns
+
+    def _prefill_failed(self, error: BaseException) -> None:
+        import sys
+
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        print(f"attnedit: warning: compiling the prefill failed ({type(error).__name__}: {first}); running it eagerly", file=sys.stderr)
+        self.prefill_backend, self._prefill_fns = None, None
+
+    def _layer_prefill(self, layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """:meth:`_layer` with the parts around the attention compiled; the attention (which writes the cache)
+        runs exactly once whatever happens to the compiled parts."""
+        pre, post = self._prefill_blocks()
+        try:
+            x = pre(layer, h)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: eager from here on
+            self._prefill_failed(e)
+            x = _pre_attention(layer, h)
+        a = layer.self_attn(x, ctx)
+        if self.prefill_backend is None:
+            return _post_attention(layer, h, a)
+        try:
+            return post(layer, h, a)
+        except Exception as e:  # noqa: BLE001
+            self._prefill_failed(e)
+            return _post_attention(layer, h, a)
 
     def forward(
         self,
@@ -301,11 +355,14 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         else:
             ctx = _context_without_cache(b, t, attention_mask, position_ids, h.device)
         hidden_states = [] if output_hidden_states else None
+        compiled_prefill = self.prefill_backend is not None and t > 1 and not torch.is_grad_enabled()
         for layer in self.model.layers:
             if hidden_states is not None:
                 hidden_states.append(h)
             if self.gradient_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(self._layer, layer, h, ctx, use_reentrant=False)
+            elif compiled_prefill and self.prefill_backend is not None:
+                h = self._layer_prefill(layer, h, ctx)
             else:
                 h = self._layer(layer, h, ctx)
         h = self.model.norm(h)
