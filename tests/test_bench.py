@@ -321,3 +321,15 @@ def test_compile_prefill_compiles_the_prefill_of_both_attnedit_engines_only(pair
     result = run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)
     assert seen == [None, None] and "compiled prefill" not in result["engines"]["student"]
     student.compile_prefill(None)
+
+
+def test_fuse_projections_applies_to_both_attnedit_engines_and_is_undone(pair):
+    """--fuse-projections: the student and the teacher on attnedit's engine decode with fused projections (the
+    header says so, the figures are there); without the flag the models are left unfused."""
+    student, teacher = pair
+    settings = BenchSettings([8], [1], 2, 1, 0, stock=False, fuse_projections=True)
+    result = run_bench(student, teacher, settings, "float32", log=lambda _: None)
+    assert "fused projections" in result["engines"]["student"] and student.attentions()[0]._fused is not None
+    assert result["runs"][0]["student"]["decode_tok_s"] > 0 and result["runs"][0]["teacher"]["decode_tok_s"] > 0
+    run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)
+    assert student.attentions()[0]._fused is None

@@ -97,13 +97,15 @@ def test_beam_search_reorders_the_cache():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("case", ["mla-random", "gateswa-teacher", "gateswa-random"])
-def test_decode_step_traces_into_one_graph_without_retracing(case):
-    """fullgraph=True fails on any graph break; the frame counter catches a re-trace per step."""
+def test_decode_step_traces_into_one_graph_without_retracing(case, fused):
+    """fullgraph=True fails on any graph break; the frame counter catches a re-trace per step (also with the
+    projections fused)."""
     from torch._dynamo.testing import CompileCounter
 
     target, args = TARGET_CASES[case]
-    student = edit_model(tiny_teacher("qwen3"), target, args)
+    student = edit_model(tiny_teacher("qwen3"), target, args).fuse_projections(fused)
     ids = tiny_ids(length=9)
     cache = student.new_cache(static=True, batch_size=2, max_length=20)
     mask = torch.ones(2, 9, dtype=torch.long)
@@ -255,3 +257,79 @@ def test_a_failing_prefill_compiler_warns_once_and_runs_eagerly(capsys):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     err = capsys.readouterr().err
     assert err.count("compiling the prefill failed") == 1 and student.prefill_backend is None
+
+
+def _linear_calls(monkeypatch):
+    import torch.nn.functional as F
+
+    calls, real = [], F.linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("case", list(TARGET_CASES))
+def test_fused_projections_decode_the_same_with_fewer_gemms_and_no_extra_memory(family, case, monkeypatch):
+    """fuse_projections(): q/k/v (+ gate; MLA: the query's and the latent's projections) and a dense MLP's gate/up
+    run as one GEMM each without gradients. Same logits, full and cached; fewer GEMMs per decode step; the
+    parameters are views of the fused weights (no extra memory, state_dict unchanged)."""
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher(family), target, args).eval()
+    ids = tiny_ids(length=21)
+    with torch.no_grad():
+        want_full = student(ids).logits
+        want_inc = static_logits(student, ids)[0]
+        cache = student.new_cache(static=True, batch_size=ids.shape[0], max_length=ids.shape[1] + 2)
+        student(ids[:, :-1], cache=cache, use_cache=True)
+        calls = _linear_calls(monkeypatch)
+        student(ids[:, -1:], cache=cache, use_cache=True)
+        unfused = len(calls)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    params = sum(p.numel() for p in student.parameters())
+    storages = {p.untyped_storage().data_ptr() for p in student.parameters()}
+    assert student.fuse_projections() is student
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, want_full, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(static_logits(student, ids)[0], want_inc, atol=1e-5, rtol=1e-4)
+        cache = student.new_cache(static=True, batch_size=ids.shape[0], max_length=ids.shape[1] + 2)
+        student(ids[:, :-1], cache=cache, use_cache=True)
+        calls.clear()
+        student(ids[:, -1:], cache=cache, use_cache=True)
+        assert len(calls) < unfused, (len(calls), unfused)
+    attn = student.attentions()[0]
+    assert attn.input_linears()[0].weight.untyped_storage().data_ptr() == attn._fused.weight.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in student.parameters()) == params and len({p.untyped_storage().data_ptr() for p in student.parameters()}) < len(storages)
+    got = student.state_dict()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+    student.fuse_projections(False)
+    assert attn._fused is None and len({p.untyped_storage().data_ptr() for p in student.parameters()}) == len(storages)
+
+
+def test_fused_projections_follow_training_updates_casts_and_save(tmp_path):
+    """The fused weights share the parameters' memory: an in-place update (an optimizer step) shows in the next
+    forward; gradients still reach the separate parameters; after a cast the weights are fused again; a model
+    saved while fused reloads (unfused) with the same logits."""
+    student = edit_model(tiny_teacher("qwen2"), *TARGET_CASES["gateswa-teacher"]).eval().fuse_projections()
+    ids = tiny_ids(length=21)
+    loss = student(ids).logits.float().pow(2).mean()  # with gradients: the separate layers, autograd intact
+    loss.backward()
+    attn = student.attentions()[1]
+    assert attn.q_proj.weight.grad is not None and attn.g_proj.weight.grad is not None
+    with torch.no_grad():
+        attn.q_proj.weight.add_(0.05)
+        student.model.layers[1].mlp.up_proj.weight.mul_(1.1)
+        fused = student(ids).logits
+        student.fuse_projections(False)
+        torch.testing.assert_close(fused, student(ids).logits, atol=1e-5, rtol=1e-4)
+        student.fuse_projections()
+        student.to(torch.float64)  # new parameter tensors: fused again on the next call
+        torch.testing.assert_close(student(ids).logits, fused.double(), atol=1e-4, rtol=1e-4)
+        assert attn._fused.weight.dtype == torch.float64
+        student.save_pretrained(tmp_path / "m")
+        again = type(student).from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
+        torch.testing.assert_close(again(ids).logits, student(ids).logits)

@@ -71,6 +71,10 @@ class BenchSettings:
         "once per shape, about 2 minutes each on an H100; default: every cell)", metavar="BxC[,BxC...]",
     )  # fmt: skip
     compile: bool | None = setting(None, "decode through torch.compile + CUDA graphs, else eagerly (default: on CUDA only)")
+    fuse_projections: bool = setting(
+        False, "run the student's and the same-engine teacher's input projections as one GEMM each (q/k/v and the gate; "
+        "an MLP's gate/up): model.fuse_projections(), fewer kernels per decode step",
+    )  # fmt: skip
     compile_prefill: bool = setting(
         False, "also compile the prefill's element-wise work (model.compile_prefill(): norms, MLP activation, residuals; "
         "dynamic shapes) for the student and the teacher on attnedit's engine; the stock path's prefill stays eager, "
@@ -469,13 +473,16 @@ def run_bench_many(
     engines = {"teacher": AttnEditEngine(teacher_on_attnedit(teacher), compile_)}
     engines.update({label: AttnEditEngine(model, compile_) for label, model in students.items()})
     for name, engine in engines.items():  # the same prefill path for every model on attnedit's engine
-        if hasattr(engine.model, "compile_prefill"):
-            engine.model.compile_prefill(PREFILL_BACKEND if settings.compile_prefill else None)
-        elif settings.compile_prefill:
-            raise AttnEditError(
-                f"{name}: this checkpoint's modeling code predates compile_prefill; save it again with this attnedit "
-                "(attnedit export MODEL --format hf --out NEW), or bench without --compile-prefill"
-            )
+        for method, wanted, value in (("compile_prefill", settings.compile_prefill, PREFILL_BACKEND),
+                                      ("fuse_projections", settings.fuse_projections, True)):  # fmt: skip
+            if hasattr(engine.model, method):
+                getattr(engine.model, method)(value if wanted else None if method == "compile_prefill" else False)
+            elif wanted:
+                flag = "--" + method.replace("_", "-")
+                raise AttnEditError(
+                    f"{name}: this checkpoint's modeling code predates {method}; save it again with this attnedit "
+                    f"(attnedit export MODEL --format hf --out NEW), or bench without {flag}"
+                )
     if settings.stock:
         engines["teacher_stock"] = StockEngine(teacher)
     configs = {label: model.config for label, model in students.items()}
@@ -532,6 +539,7 @@ def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwid
         "timing": "CUDA events, medians" if cuda else "wall clock, medians",
         "engines": {
             "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager")
+            + (", fused projections" if settings.fuse_projections else "")
             + (", compiled prefill" if settings.compile_prefill else ""),
             "teacher": "the teacher on the same engine as the student",
             "teacher_stock": "transformers generate(cache_implementation='static')" + (" + automatic torch.compile" if cuda else ""),

@@ -91,6 +91,65 @@ class Rotary:
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
+class FusedLinears:
+    """Linear layers that read the same input, run at inference as one GEMM (fewer, larger kernels per decode step).
+
+    Their weights (and biases) are made views into one tensor, so the fused weight costs no memory and always
+    holds the layers' current values: training updates them in place, ``load_state_dict`` copies into them,
+    and ``state_dict``/``save_pretrained`` still see the separate parameters. Used only without gradients (the
+    separate layers keep their autograd); if the parameters were replaced since (``.to()``, a cast), the
+    weights are fused again on the next eager call.
+    """
+
+    def __init__(self, linears: list):
+        self.linears = list(linears)
+        self.sizes = [lin.out_features for lin in self.linears]
+        self.weight = torch.cat([lin.weight.detach() for lin in self.linears])
+        self.bias = None
+        if any(lin.bias is not None for lin in self.linears):
+            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else self.weight.new_zeros(lin.out_features) for lin in self.linears])
+        offset = 0
+        for lin, n in zip(self.linears, self.sizes):
+            lin.weight.data = self.weight[offset : offset + n]
+            if lin.bias is not None:
+                lin.bias.data = self.bias[offset : offset + n]
+            offset += n
+
+    def current(self) -> bool:
+        """Whether the layers' weights are still views of the fused tensor (host check; eager code only)."""
+        return all(lin.weight.data_ptr() == self.weight.data_ptr() + off * self.weight.stride(0) * self.weight.element_size()
+                   for lin, off in zip(self.linears, self._offsets()))
+
+    def _offsets(self) -> list[int]:
+        out, o = [], 0
+        for n in self.sizes:
+            out.append(o)
+            o += n
+        return out
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+    def release(self) -> None:
+        """Give every layer its own storage again."""
+        for lin in self.linears:
+            lin.weight.data = lin.weight.data.clone()
+            if lin.bias is not None:
+                lin.bias.data = lin.bias.data.clone()
+
+
+def fused_call(owner, name: str):
+    """``owner``'s :class:`FusedLinears` under attribute ``name`` for a call without gradients, or None (unfused,
+    or gradients wanted). Fuses again if the layers' parameters were replaced since (checked in eager code)."""
+    fused = getattr(owner, name, None)
+    if fused is None or torch.is_grad_enabled():
+        return None
+    if not torch.compiler.is_compiling() and not fused.current():
+        fused = FusedLinears(fused.linears)
+        object.__setattr__(owner, name, fused)
+    return fused
+
+
 @dataclass
 class AttentionContext:
     """What every attention layer needs to know about the current forward call.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, attend_new, head_scale, static_buffer
+from .common import AttentionContext, CacheLayer, FusedLinears, RMSNorm, Rotary, apply_rope, attend, attend_new, fused_call, head_scale, static_buffer
 from .kernels import decode_attention
 
 
@@ -105,11 +105,31 @@ class DenseAttention(nn.Module):
             return StaticKVCacheLayer(batch, self.num_kv_heads, max_length, self.head_dim, self.head_dim, dtype, device)
         return KVCacheLayer()
 
-    def project(self, x: torch.Tensor, ctx: AttentionContext):
+    _fused: FusedLinears | None = None  # fuse(): q/k/v (and the gate) as one GEMM without gradients
+
+    def input_linears(self) -> list[nn.Linear]:
+        """The projections of the layer's input, in the order :meth:`project` splits the fused output."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def fuse(self) -> None:
+        self._fused = FusedLinears(self.input_linears())
+
+    def unfuse(self) -> None:
+        if self._fused is not None:
+            self._fused.release()
+            self._fused = None
+
+    def projections(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of :meth:`input_linears` on ``x``: one GEMM when fused and no gradient is wanted."""
+        fused = fused_call(self, "_fused")
+        return fused(x) if fused is not None else [lin(x) for lin in self.input_linears()]
+
+    def project(self, x: torch.Tensor, ctx: AttentionContext, outs: list[torch.Tensor] | None = None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        outs = outs if outs is not None else self.projections(x)
+        q = outs[0].view(b, t, self.num_heads, self.head_dim)
+        k = outs[1].view(b, t, self.num_kv_heads, self.head_dim)
+        v = outs[2].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.rope(self.rotary, x.dtype)
@@ -117,8 +137,9 @@ class DenseAttention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos[:, None], sin[:, None])
         return q, k, v
 
-    def gate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out`` is ``[batch, tokens, heads, head_dim]``; the plain attention has no gate."""
+    def gate(self, out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
+        """``out`` is ``[batch, tokens, heads, head_dim]``; the plain attention has no gate. ``pre``: the gate's
+        pre-activation when the fused projection computed it."""
         return out
 
     def attention(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
@@ -138,7 +159,8 @@ class DenseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.project(x, ctx)
+        outs = self.projections(x)
+        q, k, v = self.project(x, ctx, outs)
         out = self.attention(q, k, v, ctx).transpose(1, 2)
-        out = self.gate(out, x)
+        out = self.gate(out, x, outs[3] if len(outs) > 3 else None)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -195,10 +195,13 @@ class GateSWAAttention(DenseAttention):
             self.g_proj.weight.zero_()
             self.g_proj.bias.fill_(gate_bias)
 
-    def gate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def input_linears(self) -> list[nn.Linear]:
+        return super().input_linears() + ([self.g_proj] if self.g_proj is not None else [])
+
+    def gate(self, out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
         if self.g_proj is None:
             return out
-        g = torch.sigmoid(self.g_proj(x))
+        g = torch.sigmoid(pre if pre is not None else self.g_proj(x))
         b, t = x.shape[:2]
         g = g.view(b, t, self.num_heads, -1)
         return out * g.to(out.dtype)

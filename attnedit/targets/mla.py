@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import AttentionContext, CacheLayer, RMSNorm, Rotary, apply_rope, attend, head_scale, static_buffer
+from .common import AttentionContext, CacheLayer, FusedLinears, RMSNorm, Rotary, apply_rope, attend, fused_call, head_scale, static_buffer
 from .kernels import decode_attention
 
 
@@ -128,10 +128,24 @@ class MLAAttention(nn.Module):
             return StaticLatentCacheLayer(batch, max_length, self.kv_lora_rank + self.qk_rope_head_dim, dtype, device)
         return LatentCacheLayer()
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
+    _fused: FusedLinears | None = None  # fuse(): the query's first projection and kv_a_proj_with_mqa as one GEMM
+
+    def input_linears(self) -> list[nn.Linear]:
+        return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
+
+    def fuse(self) -> None:
+        self._fused = FusedLinears(self.input_linears())
+
+    def unfuse(self) -> None:
+        if self._fused is not None:
+            self._fused.release()
+            self._fused = None
+
+    def query(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """The query; ``first``: the output of its first projection when the fused GEMM computed it."""
         if self.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return first if first is not None else self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(first if first is not None else self.q_a_proj(x)))
 
     def use_absorbed(self, ctx: AttentionContext) -> bool:
         if self.absorb == "auto":
@@ -146,9 +160,11 @@ class MLAAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
         hds, nope, rope, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        q = self.query(x).view(b, t, hds, self.qk_head_dim).transpose(1, 2)
+        fused = fused_call(self, "_fused")
+        q_first, kv_a = fused(x) if fused is not None else (None, self.kv_a_proj_with_mqa(x))
+        q = self.query(x, q_first).view(b, t, hds, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = q.split([nope, rope], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, rope], dim=-1)
+        c_kv, k_pe = kv_a.split([r, rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         cos, sin = ctx.rope(self.rotary, x.dtype)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])

@@ -8,7 +8,8 @@
 # stock:   one bench run at STOCK_CTX x STOCK_BATCH with the stock transformers teacher (static cache +
 #          compile) next to both students and the same-engine teacher, with --profile (kernels per step).
 # env: CTX, BATCH, STOCK_CTX, STOCK_BATCH, REPEATS, LIMIT (seconds per bench run), TAG (suffix of the stock run's files),
-#      PREFILL=1 (attnedit's engines prefill through model.compile_prefill(): bench --compile-prefill)
+#      PREFILL=1 (attnedit's engines prefill through model.compile_prefill(): bench --compile-prefill),
+#      FUSE=1 (attnedit's engines run fused input projections: bench --fuse-projections)
 # The whole grid with all three engines, in two calls of under 10 minutes:
 #   TAG=-2k STOCK_CTX=2048 STOCK_BATCH=1,16,64 bash tools/gpu/bench_decode.sh stock
 #   TAG=-8k STOCK_CTX=8192 STOCK_BATCH=1,16,64 bash tools/gpu/bench_decode.sh stock
@@ -44,7 +45,7 @@ if has grid; then
 fi
 if has stock; then
   timeout -s INT "${LIMIT:-560}" python -m attnedit bench /tmp/gs /tmp/mla --teacher smollm2-135m --contexts "${STOCK_CTX:-8192}" \
-    --batches "${STOCK_BATCH:-1,64}" --decode-tokens 32 --repeats "${REPEATS:-2}" --profile $([ "${PREFILL:-0}" = 1 ] && echo --compile-prefill) \
+    --batches "${STOCK_BATCH:-1,64}" --decode-tokens 32 --repeats "${REPEATS:-2}" --profile $([ "${PREFILL:-0}" = 1 ] && echo --compile-prefill) $([ "${FUSE:-0}" = 1 ] && echo --fuse-projections) \
     --save "$OUT/bench-stock${TAG:-}.json" \
     2> "$OUT/bench-stock${TAG:-}.log" | tee "$OUT/bench-stock${TAG:-}.txt"
   tail -n 4 "$OUT/bench-stock${TAG:-}.log"
