@@ -315,21 +315,29 @@ def test_compile_prefill_compiles_the_prefill_of_both_attnedit_engines_only(pair
     monkeypatch.setattr(type(student), "compile_prefill", spy)
     settings = BenchSettings([8], [1], 2, 1, 0, stock=False, compile_prefill=True)
     result = run_bench(student, teacher, settings, "float32", log=lambda _: None)
-    assert seen == ["aot_eager", "aot_eager"] and "compiled prefill" in result["engines"]["student"]
+    assert seen == ["aot_eager", "aot_eager", None, None] and "compiled prefill" in result["engines"]["student"]  # off again after
     assert result["runs"][0]["student"]["ttft_ms"] > 0 and result["runs"][0]["teacher"]["ttft_ms"] > 0
     seen.clear()
     result = run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)
-    assert seen == [None, None] and "compiled prefill" not in result["engines"]["student"]
+    assert seen == [None, None, None, None] and "compiled prefill" not in result["engines"]["student"]
     student.compile_prefill(None)
 
 
-def test_fuse_projections_applies_to_both_attnedit_engines_and_is_undone(pair):
+def test_fuse_projections_applies_to_both_attnedit_engines_and_is_undone(pair, monkeypatch):
     """--fuse-projections: the student and the teacher on attnedit's engine decode with fused projections (the
-    header says so, the figures are there); without the flag the models are left unfused."""
+    header says so); after the run both are unfused again, flag or not."""
     student, teacher = pair
+    seen = []
+    real = type(student).fuse_projections
+
+    def spy(self, fuse=True):
+        seen.append((self is student, fuse, self.attentions()[0]._fused is not None))
+        return real(self, fuse)
+
+    monkeypatch.setattr(type(student), "fuse_projections", spy)
     settings = BenchSettings([8], [1], 2, 1, 0, stock=False, fuse_projections=True)
     result = run_bench(student, teacher, settings, "float32", log=lambda _: None)
-    assert "fused projections" in result["engines"]["student"] and student.attentions()[0]._fused is not None
+    assert "fused projections" in result["engines"]["student"]
+    assert [(s, f) for s, f, _ in seen] == [(False, True), (True, True), (False, False), (True, False)]
+    assert seen[-1][2] and student.attentions()[0]._fused is None  # fused while timed, unfused after
     assert result["runs"][0]["student"]["decode_tok_s"] > 0 and result["runs"][0]["teacher"]["decode_tok_s"] > 0
-    run_bench(student, teacher, BenchSettings([8], [1], 2, 1, 0, stock=False), "float32", log=lambda _: None)
-    assert student.attentions()[0]._fused is None

@@ -333,3 +333,36 @@ def test_fused_projections_follow_training_updates_casts_and_save(tmp_path):
         student.save_pretrained(tmp_path / "m")
         again = type(student).from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
         torch.testing.assert_close(again(ids).logits, student(ids).logits)
+
+
+def test_fused_projections_stay_correct_when_layers_or_parameters_are_replaced_or_hooked():
+    """Fusing inside inference_mode leaves trainable parameters; load_state_dict(assign=True) and .to() re-fuse at
+    once; a layer swapped in after fusing, or a forward hook on a fused layer, makes that group run unfused."""
+    student = edit_model(tiny_teacher("llama"), *TARGET_CASES["gateswa-teacher"]).eval()
+    ids = tiny_ids(length=21)
+    with torch.inference_mode():
+        student.fuse_projections()
+    attn = student.attentions()[0]
+    assert not attn.q_proj.weight.is_inference()
+    student(ids).logits.float().mean().backward()  # trainable as before
+    state = {k: v.clone() + 0.01 for k, v in student.state_dict().items()}
+    student.load_state_dict(state, assign=True)
+    assert attn._fused.current() and student.model.layers[0].mlp._attnedit_gate_up.current()
+    student.to(torch.float64)  # re-fused at once: no stale fused copy is left behind
+    assert attn._fused.weight.dtype == torch.float64 and attn._fused.current()
+    student.to(torch.float32)
+    with torch.no_grad():
+        fused = student(ids).logits
+        student.fuse_projections(False)
+        torch.testing.assert_close(fused, student(ids).logits, atol=1e-5, rtol=1e-4)
+        student.fuse_projections()
+        swapped = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=attn.q_proj.bias is not None)
+        attn.q_proj = swapped  # the new layer is used: the fused group steps aside
+        x = torch.ones(1, 2, swapped.in_features)
+        torch.testing.assert_close(attn.projections(x)[0], swapped(x))
+        seen = []
+        mlp = student.model.layers[1].mlp
+        handle = mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        student(ids)
+        handle.remove()
+        assert seen  # the hooked MLP ran its separate layers

@@ -496,6 +496,16 @@ def run_bench_many(
     def assemble() -> dict[str, dict]:
         return _assemble(header, student_kv, teacher_kv, settings, timed, largest)
 
+    try:
+        return _time_engines(engines, students, configs, settings, compile_, bandwidth, dtype, log, partial, assemble, timed, largest)
+    finally:  # the models leave as they came: unfused, prefill eager (a later passkey run uses them)
+        for engine in engines.values():
+            if hasattr(engine.model, "fuse_projections"):
+                engine.model.fuse_projections(False)
+                engine.model.compile_prefill(None)
+
+
+def _time_engines(engines, students, configs, settings, compile_, bandwidth, dtype, log, partial, assemble, timed, largest):
     for name, engine in engines.items():
         if compile_:
             torch._dynamo.reset()  # each engine compiles its own step; stale graphs would count against the limit

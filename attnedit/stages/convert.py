@@ -272,11 +272,13 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
         distribute(job, teacher, student, run)
     job.teacher_fwd_tok_s = baseline
     job.teacher_forward = lambda ids: teacher(input_ids=ids, use_cache=False)
-    undos = [stage2.compile_layers(student, group)] if stage == 2 else []
-    if stage == 2 and not distributed.is_distributed():  # FSDP2 wraps the teacher's layers itself: left eager there
-        undos.append(stage2.compile_teacher_layers(teacher, group))
-    undo = lambda: [u() for u in undos]  # noqa: E731
+    undos: list = []
+    undo = lambda: [u() for u in reversed(undos)]  # noqa: E731
     try:
+        if stage == 2:
+            undos.append(stage2.compile_layers(student, group))
+            if not distributed.is_distributed():  # FSDP2 wraps the teacher's layers itself: left eager there
+                undos.append(stage2.compile_teacher_layers(teacher, group))
         resume_state = state if state is not None and state["stage"] == stage else None
         if resume_state is None:
             job.stream.check()  # too little data fails here, before the stage's first checkpoint

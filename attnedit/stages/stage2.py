@@ -251,12 +251,15 @@ def compile_teacher_layers(teacher, group: CompileGroup):
     if not group.enabled:
         return lambda: None
     layers = list(family_for(teacher.config).layers(teacher))
+    before = [layer.__dict__.get("forward") for layer in layers]  # a wrapper someone else put there stays
     for layer in layers:
         layer.forward = group.wrap(layer.forward)
 
     def undo():
-        for layer in layers:
+        for layer, old in zip(layers, before):
             layer.__dict__.pop("forward", None)
+            if old is not None:
+                layer.forward = old
 
     return undo
 

@@ -104,21 +104,30 @@ class FusedLinears:
     def __init__(self, linears: list):
         self.linears = list(linears)
         self.sizes = [lin.out_features for lin in self.linears]
-        self.weight = torch.cat([lin.weight.detach() for lin in self.linears])
-        self.bias = None
-        if any(lin.bias is not None for lin in self.linears):
-            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else self.weight.new_zeros(lin.out_features) for lin in self.linears])
-        offset = 0
-        for lin, n in zip(self.linears, self.sizes):
-            lin.weight.data = self.weight[offset : offset + n]
-            if lin.bias is not None:
-                lin.bias.data = self.bias[offset : offset + n]
-            offset += n
+        # never inference tensors (fusing inside inference_mode would make the parameters unusable for training)
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight = torch.cat([lin.weight.detach() for lin in self.linears])
+            self.bias = None
+            if any(lin.bias is not None for lin in self.linears):
+                self.bias = torch.cat(
+                    [lin.bias.detach() if lin.bias is not None else self.weight.new_zeros(lin.out_features) for lin in self.linears]
+                )
+            offset = 0
+            for lin, n in zip(self.linears, self.sizes):
+                lin.weight.data = self.weight[offset : offset + n]
+                if lin.bias is not None:
+                    lin.bias.data = self.bias[offset : offset + n]
+                offset += n
 
     def current(self) -> bool:
-        """Whether the layers' weights are still views of the fused tensor (host check; eager code only)."""
-        return all(lin.weight.data_ptr() == self.weight.data_ptr() + off * self.weight.stride(0) * self.weight.element_size()
-                   for lin, off in zip(self.linears, self._offsets()))
+        """Whether the layers' weights and biases are still views of the fused tensors (host check; eager code only)."""
+        row = self.weight.stride(0) * self.weight.element_size()
+        for lin, off in zip(self.linears, self._offsets()):
+            if lin.weight.data_ptr() != self.weight.data_ptr() + off * row:
+                return False
+            if lin.bias is not None and lin.bias.data_ptr() != self.bias.data_ptr() + off * self.bias.element_size():
+                return False
+        return True
 
     def _offsets(self) -> list[int]:
         out, o = [], 0
@@ -132,21 +141,32 @@ class FusedLinears:
 
     def release(self) -> None:
         """Give every layer its own storage again."""
-        for lin in self.linears:
-            lin.weight.data = lin.weight.data.clone()
-            if lin.bias is not None:
-                lin.bias.data = lin.bias.data.clone()
+        with torch.inference_mode(False), torch.no_grad():
+            for lin in self.linears:
+                lin.weight.data = lin.weight.data.clone()
+                if lin.bias is not None:
+                    lin.bias.data = lin.bias.data.clone()
 
 
-def fused_call(owner, name: str):
-    """``owner``'s :class:`FusedLinears` under attribute ``name`` for a call without gradients, or None (unfused,
-    or gradients wanted). Fuses again if the layers' parameters were replaced since (checked in eager code)."""
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def fused_call(owner, name: str, linears: list, *also):
+    """``owner``'s :class:`FusedLinears` under attribute ``name`` for a call without gradients, or None: unfused,
+    gradients wanted, a layer replaced since fusing (``linears`` are the layers in place now), or a forward hook
+    on one of them or on ``also`` (hooks must see their calls). Fuses again if the parameters were replaced since
+    (a host check, in eager code; the model re-fuses after ``.to()`` and ``load_state_dict`` itself)."""
     fused = getattr(owner, name, None)
     if fused is None or torch.is_grad_enabled():
         return None
+    if len(linears) != len(fused.linears) or any(a is not b for a, b in zip(linears, fused.linears)):
+        return None
+    if any(_hooked(m) for m in (*linears, *also)):
+        return None
     if not torch.compiler.is_compiling() and not fused.current():
         fused = FusedLinears(fused.linears)
-        object.__setattr__(owner, name, fused)
+        setattr(owner, name, fused)
     return fused
 
 

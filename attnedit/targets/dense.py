@@ -121,8 +121,9 @@ class DenseAttention(nn.Module):
 
     def projections(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of :meth:`input_linears` on ``x``: one GEMM when fused and no gradient is wanted."""
-        fused = fused_call(self, "_fused")
-        return fused(x) if fused is not None else [lin(x) for lin in self.input_linears()]
+        linears = self.input_linears()
+        fused = fused_call(self, "_fused", linears)
+        return fused(x) if fused is not None else [lin(x) for lin in linears]
 
     def project(self, x: torch.Tensor, ctx: AttentionContext, outs: list[torch.Tensor] | None = None):
         b, t, _ = x.shape

@@ -160,7 +160,7 @@ class MLAAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
         hds, nope, rope, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        fused = fused_call(self, "_fused")
+        fused = fused_call(self, "_fused", self.input_linears())
         q_first, kv_a = fused(x) if fused is not None else (None, self.kv_a_proj_with_mqa(x))
         q = self.query(x, q_first).view(b, t, hds, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = q.split([nope, rope], dim=-1)

@@ -214,7 +214,7 @@ def _gated_mlp(mlp) -> bool:
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    fused = fused_call(mlp, "_attnedit_gate_up")
+    fused = fused_call(mlp, "_attnedit_gate_up", [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)], mlp)
     if fused is None:
         m = mlp(x)
         return m[0] if isinstance(m, tuple) else m  # some MoE blocks also return router logits
@@ -297,6 +297,27 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
     @staticmethod
     def _layer(layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         return _post_attention(layer, h, layer.self_attn(_pre_attention(layer, h), ctx))
+
+    def _fused_groups(self) -> list:
+        """(owner, attribute) of every :class:`FusedLinears` in place."""
+        owners = [(attn, "_fused") for attn in self.attentions()] + [(layer.mlp, "_attnedit_gate_up") for layer in self.model.layers]
+        return [(o, n) for o, n in owners if getattr(o, n, None) is not None]
+
+    def _refuse(self) -> None:
+        """Fuse again from the current parameters (after ``.to()``/``load_state_dict`` replaced them): the old
+        fused tensors are dropped and the views restored."""
+        for owner, name in self._fused_groups():
+            setattr(owner, name, FusedLinears(getattr(owner, name).linears))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refuse()
+        return out
+
+    def load_state_dict(self, *args, **kwargs):
+        out = super().load_state_dict(*args, **kwargs)
+        self._refuse()  # with assign=True the parameters are new tensors
+        return out
 
     def fuse_projections(self, fuse: bool = True) -> "AttnEditForCausalLM":
         """Run the projections that read the same input as one GEMM each, in calls without gradients (inference):
