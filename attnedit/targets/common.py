@@ -148,6 +148,23 @@ class FusedLinears:
                     lin.bias.data = lin.bias.data.clone()
 
 
+class FusableProjections:
+    """An attention whose projections of its input (:meth:`input_linears`) can run as one GEMM:
+    ``AttnEditForCausalLM.fuse_projections()`` calls :meth:`fuse`; :meth:`fused_projections` is the fused call
+    for this forward, or None (see :func:`fused_call`)."""
+
+    _fused: FusedLinears | None = None
+
+    def input_linears(self) -> list:
+        raise NotImplementedError
+
+    def fuse(self) -> None:
+        self._fused = FusedLinears(self.input_linears())
+
+    def fused_projections(self) -> FusedLinears | None:
+        return fused_call(self, "_fused", self.input_linears())
+
+
 def _hooked(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import AttentionContext, CacheLayer, FusedLinears, RMSNorm, Rotary, apply_rope, attend, attend_new, fused_call, head_scale, static_buffer
+from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, attend_new, head_scale, static_buffer
 from .kernels import decode_attention
 
 
@@ -68,7 +68,7 @@ class StaticKVCacheLayer(CacheLayer):
         return self.k, self.v, ctx.n_filled, ctx.key_valid
 
 
-class DenseAttention(nn.Module):
+class DenseAttention(FusableProjections, nn.Module):
     """Grouped-query attention exactly as Llama/Mistral/Qwen2/Qwen3 compute it."""
 
     kind = "dense"
@@ -105,25 +105,14 @@ class DenseAttention(nn.Module):
             return StaticKVCacheLayer(batch, self.num_kv_heads, max_length, self.head_dim, self.head_dim, dtype, device)
         return KVCacheLayer()
 
-    _fused: FusedLinears | None = None  # fuse(): q/k/v (and the gate) as one GEMM without gradients
-
     def input_linears(self) -> list[nn.Linear]:
-        """The projections of the layer's input, in the order :meth:`project` splits the fused output."""
+        """The projections of the layer's input (q/k/v, and GateSWA's gate), in the order :meth:`project` splits them."""
         return [self.q_proj, self.k_proj, self.v_proj]
-
-    def fuse(self) -> None:
-        self._fused = FusedLinears(self.input_linears())
-
-    def unfuse(self) -> None:
-        if self._fused is not None:
-            self._fused.release()
-            self._fused = None
 
     def projections(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of :meth:`input_linears` on ``x``: one GEMM when fused and no gradient is wanted."""
-        linears = self.input_linears()
-        fused = fused_call(self, "_fused", linears)
-        return fused(x) if fused is not None else [lin(x) for lin in linears]
+        fused = self.fused_projections()
+        return fused(x) if fused is not None else [lin(x) for lin in self.input_linears()]
 
     def project(self, x: torch.Tensor, ctx: AttentionContext, outs: list[torch.Tensor] | None = None):
         b, t, _ = x.shape

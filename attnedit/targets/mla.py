@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import AttentionContext, CacheLayer, FusedLinears, RMSNorm, Rotary, apply_rope, attend, fused_call, head_scale, static_buffer
+from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, head_scale, static_buffer
 from .kernels import decode_attention
 
 
@@ -77,7 +77,7 @@ class StaticLatentCacheLayer(CacheLayer):
         return self.latent, ctx.n_filled, ctx.key_valid
 
 
-class MLAAttention(nn.Module):
+class MLAAttention(FusableProjections, nn.Module):
     kind = "mla"
 
     def __init__(
@@ -128,18 +128,9 @@ class MLAAttention(nn.Module):
             return StaticLatentCacheLayer(batch, max_length, self.kv_lora_rank + self.qk_rope_head_dim, dtype, device)
         return LatentCacheLayer()
 
-    _fused: FusedLinears | None = None  # fuse(): the query's first projection and kv_a_proj_with_mqa as one GEMM
-
     def input_linears(self) -> list[nn.Linear]:
+        """The projections of the layer's input: the query's first one and ``kv_a_proj_with_mqa``."""
         return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
-
-    def fuse(self) -> None:
-        self._fused = FusedLinears(self.input_linears())
-
-    def unfuse(self) -> None:
-        if self._fused is not None:
-            self._fused.release()
-            self._fused = None
 
     def query(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """The query; ``first``: the output of its first projection when the fused GEMM computed it."""
@@ -160,7 +151,7 @@ class MLAAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
         hds, nope, rope, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        fused = fused_call(self, "_fused", self.input_linears())
+        fused = self.fused_projections()
         q_first, kv_a = fused(x) if fused is not None else (None, self.kv_a_proj_with_mqa(x))
         q = self.query(x, q_first).view(b, t, hds, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = q.split([nope, rope], dim=-1)

@@ -326,16 +326,15 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         batch 64 for SmolLM2's sizes, whatever its width). The fused weights are views of the same memory as
         the parameters: no extra memory, checkpoints and ``state_dict`` unchanged, training unaffected.
         ``fuse=False`` gives every layer its own storage again."""
-        for attn in self.attentions():
-            attn.fuse() if fuse else attn.unfuse()
-        for layer in self.model.layers:
-            mlp = layer.mlp
-            old = getattr(mlp, "_attnedit_gate_up", None)
-            if old is not None:
-                old.release()
-                mlp._attnedit_gate_up = None
-            if fuse and _gated_mlp(mlp):
-                mlp._attnedit_gate_up = FusedLinears([mlp.gate_proj, mlp.up_proj])
+        for owner, name in self._fused_groups():
+            getattr(owner, name).release()
+            setattr(owner, name, None)
+        if fuse:
+            for attn in self.attentions():
+                attn.fuse()
+            for layer in self.model.layers:
+                if _gated_mlp(layer.mlp):
+                    layer.mlp._attnedit_gate_up = FusedLinears([layer.mlp.gate_proj, layer.mlp.up_proj])
         return self
 
     def compile_prefill(self, backend: str | None = "inductor") -> "AttnEditForCausalLM":
