@@ -445,6 +445,21 @@ def run_bench(student, teacher, settings: BenchSettings, dtype: str, log: Callab
     return run_bench_many({"student": student}, teacher, settings, dtype, log)["student"]
 
 
+def set_engine_options(engines: dict, fuse: bool, prefill: bool) -> None:
+    """Fused projections and compiled prefill on (or off) for every model on attnedit's engine together."""
+    for name, engine in engines.items():
+        model = engine.model
+        if hasattr(model, "fuse_projections"):
+            model.fuse_projections(fuse)
+            model.compile_prefill(PREFILL_BACKEND if prefill else None)
+        elif fuse or prefill:  # a checkpoint saved before these options (stock engines have neither, and are skipped)
+            flags = " / ".join(f for f, on in (("--fuse-projections", fuse), ("--compile-prefill", prefill)) if on)
+            raise AttnEditError(
+                f"{name}: this checkpoint's modeling code predates {flags}; save it again with this attnedit "
+                f"(attnedit export MODEL --format hf --out NEW), or bench without {flags}"
+            )
+
+
 def run_bench_many(
     students: dict,
     teacher,
@@ -472,17 +487,7 @@ def run_bench_many(
     # the teacher first: a run cut short still has every ratio of the students it finished
     engines = {"teacher": AttnEditEngine(teacher_on_attnedit(teacher), compile_)}
     engines.update({label: AttnEditEngine(model, compile_) for label, model in students.items()})
-    for name, engine in engines.items():  # the same prefill path for every model on attnedit's engine
-        for method, wanted, value in (("compile_prefill", settings.compile_prefill, PREFILL_BACKEND),
-                                      ("fuse_projections", settings.fuse_projections, True)):  # fmt: skip
-            if hasattr(engine.model, method):
-                getattr(engine.model, method)(value if wanted else None if method == "compile_prefill" else False)
-            elif wanted:
-                flag = "--" + method.replace("_", "-")
-                raise AttnEditError(
-                    f"{name}: this checkpoint's modeling code predates {method}; save it again with this attnedit "
-                    f"(attnedit export MODEL --format hf --out NEW), or bench without {flag}"
-                )
+    set_engine_options(engines, settings.fuse_projections, settings.compile_prefill)  # one path for both models
     if settings.stock:
         engines["teacher_stock"] = StockEngine(teacher)
     configs = {label: model.config for label, model in students.items()}
@@ -497,45 +502,38 @@ def run_bench_many(
         return _assemble(header, student_kv, teacher_kv, settings, timed, largest)
 
     try:
-        return _time_engines(engines, students, configs, settings, compile_, bandwidth, dtype, log, partial, assemble, timed, largest)
+        for name, engine in engines.items():
+            if compile_:
+                torch._dynamo.reset()  # each engine compiles its own step; stale graphs would count against the limit
+            limits: dict[int, tuple[int, int]] = {}  # context -> (largest fit, smallest failure)
+            timed[name] = {}
+            role = name if name in ("teacher", "teacher_stock") else "student"
+            label = name if len(students) > 1 else role
+            for batch in settings.batches:  # batch-major: the compiled step re-specialises on batch 1 only once
+                for context in settings.contexts:
+                    if name == "teacher_stock" and settings.stock_cells is not None and (batch, context) not in settings.stock_cells:
+                        continue
+                    if name == "teacher_stock" and compile_:
+                        torch._dynamo.reset()  # stock compiles per shape; keep every cell within the recompile limit
+                    figures = _cell(engine, batch, context, settings, limits.get(context))
+                    if isinstance(figures, int):
+                        limits[context] = (figures, min(batch, limits.get(context, (0, batch))[1]))
+                        largest.setdefault((batch, context), {})[name] = figures
+                        log(f"{name}: batch {batch} at context {context} does not fit in memory; the largest that fits is {figures}")
+                        figures = None
+                    else:
+                        need = bytes_per_step(engine.model, configs[name], batch, context, dtype)
+                        figures["kv_bytes_analytic"] = analytic_cache_bytes(configs[name], figures["kv_tokens"], batch, dtype)
+                        figures["bytes_per_step"] = need
+                        figures["hbm_bound_ms"] = need / bandwidth * 1e3 if bandwidth else None
+                        figures["step_over_bound"] = _ratio(figures["step_ms"], figures["hbm_bound_ms"])
+                    timed[name][(batch, context)] = figures
+                    log(_progress_one(label, {"batch": batch, "context": context, label: figures}))
+            if partial is not None and name != list(engines)[-1]:
+                partial({k: {**v, "partial": True} for k, v in assemble().items()})
+        return assemble()
     finally:  # the models leave as they came: unfused, prefill eager (a later passkey run uses them)
-        for engine in engines.values():
-            if hasattr(engine.model, "fuse_projections"):
-                engine.model.fuse_projections(False)
-                engine.model.compile_prefill(None)
-
-
-def _time_engines(engines, students, configs, settings, compile_, bandwidth, dtype, log, partial, assemble, timed, largest):
-    for name, engine in engines.items():
-        if compile_:
-            torch._dynamo.reset()  # each engine compiles its own step; stale graphs would count against the limit
-        limits: dict[int, tuple[int, int]] = {}  # context -> (largest fit, smallest failure)
-        timed[name] = {}
-        role = name if name in ("teacher", "teacher_stock") else "student"
-        label = name if len(students) > 1 else role
-        for batch in settings.batches:  # batch-major: the compiled step re-specialises on batch 1 only once
-            for context in settings.contexts:
-                if name == "teacher_stock" and settings.stock_cells is not None and (batch, context) not in settings.stock_cells:
-                    continue
-                if name == "teacher_stock" and compile_:
-                    torch._dynamo.reset()  # stock compiles per shape; keep every cell within the recompile limit
-                figures = _cell(engine, batch, context, settings, limits.get(context))
-                if isinstance(figures, int):
-                    limits[context] = (figures, min(batch, limits.get(context, (0, batch))[1]))
-                    largest.setdefault((batch, context), {})[name] = figures
-                    log(f"{name}: batch {batch} at context {context} does not fit in memory; the largest that fits is {figures}")
-                    figures = None
-                else:
-                    need = bytes_per_step(engine.model, configs[name], batch, context, dtype)
-                    figures["kv_bytes_analytic"] = analytic_cache_bytes(configs[name], figures["kv_tokens"], batch, dtype)
-                    figures["bytes_per_step"] = need
-                    figures["hbm_bound_ms"] = need / bandwidth * 1e3 if bandwidth else None
-                    figures["step_over_bound"] = _ratio(figures["step_ms"], figures["hbm_bound_ms"])
-                timed[name][(batch, context)] = figures
-                log(_progress_one(label, {"batch": batch, "context": context, label: figures}))
-        if partial is not None and name != list(engines)[-1]:
-            partial({k: {**v, "partial": True} for k, v in assemble().items()})
-    return assemble()
+        set_engine_options(engines, False, False)
 
 
 def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwidth) -> dict:
