@@ -348,6 +348,30 @@ def _recover(run: Run, job: StageJob, opt, step: int, lr_scale: float, restarts:
     return step, lr_scale, restarts, window
 
 
+def accumulate_gradients(run: Run, job: StageJob, params: list) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One optimizer step's micro-batches, forward and backward, then gradient clipping. Returns the
+    metrics (means over the micro-batches), whether every loss and the gradient norm are finite, and the
+    gradient norm - all device tensors: nothing is read back to the host here."""
+    cfg = job.cfg
+    values, finite = {}, None
+    for _ in range(cfg.grad_accum):
+        ids = job.stream.next_batch(cfg.batch_size).to(run.device, non_blocking=True)
+        with autocast(run.device, cfg.precision):
+            loss, extras = job.loss_fn(ids)
+        loss = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), device=run.device)
+        ok = torch.isfinite(loss.detach())
+        finite = ok if finite is None else finite & ok
+        (loss / cfg.grad_accum).backward()
+        for k, v in {"loss": loss.detach(), **extras}.items():  # means over the micro-batches
+            if isinstance(v, list):
+                values[k] = [a + b / cfg.grad_accum for a, b in zip(values.get(k, [0.0] * len(v)), v)]
+            else:
+                values[k] = values[k] + v / cfg.grad_accum if k in values else v / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    grad_norm = distributed.env.local_value(grad_norm)  # issue 13: FSDP2 gives a replicated DTensor
+    return values, finite & torch.isfinite(grad_norm).to(finite.device), grad_norm
+
+
 def train_stage(run: Run, job: StageJob, resume: dict | None) -> torch.optim.Optimizer:
     """Run (or continue) one stage to its last step; the last logged metrics go to the summary. Returns the
     optimizer (for :func:`profile_stage`)."""
@@ -373,23 +397,8 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> torch.optim.Opt
             group["lr"] = lr
         # the hot path reads nothing back from the device but one flag per step: losses, extras and the
         # gradient norm stay device tensors until a log step (see _Window)
-        values, finite = {}, None
-        for _ in range(cfg.grad_accum):
-            ids = job.stream.next_batch(cfg.batch_size).to(run.device, non_blocking=True)
-            with autocast(run.device, cfg.precision):
-                loss, extras = job.loss_fn(ids)
-            loss = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), device=run.device)
-            ok = torch.isfinite(loss.detach())
-            finite = ok if finite is None else finite & ok
-            (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": loss.detach(), **extras}.items():  # means over the micro-batches
-                if isinstance(v, list):
-                    values[k] = [a + b / cfg.grad_accum for a, b in zip(values.get(k, [0.0] * len(v)), v)]
-                else:
-                    values[k] = values[k] + v / cfg.grad_accum if k in values else v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-        grad_norm = distributed.env.local_value(grad_norm)  # issue 13: FSDP2 gives a replicated DTensor
-        finite = bool(finite & torch.isfinite(grad_norm).to(finite.device))  # the step's one host sync
+        values, finite, grad_norm = accumulate_gradients(run, job, params)
+        finite = bool(finite)  # the step's one host sync
         if not finite:
             opt.zero_grad(set_to_none=True)
             step, lr_scale, restarts, window = _recover(run, job, opt, step + 1, lr_scale, restarts, "non-finite")
@@ -468,13 +477,8 @@ def profile_stage(run: Run, job: StageJob, opt: torch.optim.Optimizer) -> dict:
     params = [p for _, p in job.params]
     saved = [p.detach().to("cpu", copy=True) for p in params]  # host copies: no device memory for the restore point
 
-    def step():
-        for _ in range(cfg.grad_accum):
-            ids = job.stream.next_batch(cfg.batch_size).to(device, non_blocking=True)
-            with autocast(device, cfg.precision):
-                loss, _ = job.loss_fn(ids)
-            (loss / cfg.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    def step():  # the training loop's step, without its one host sync
+        accumulate_gradients(run, job, params)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
