@@ -203,10 +203,10 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(capsys):
     assert err.count("torch.compile of the stage-1 attentions failed") == 1 and "running eagerly" in err
 
 
-@pytest.mark.slow
-def test_compiled_stage2_layers_match_eager_and_undo_restores_the_model():
-    torch._dynamo.reset()
-    teacher = tiny_teacher("llama")
+def _stage2_setup(family: str):
+    """A tiny GateSWA student of ``family`` training its attentions in stage 2 with feature matching: teacher,
+    student, trainable params, loss function, ids."""
+    teacher = tiny_teacher(family)
     student = edit_model(teacher, "gateswa", {"window": 8, "full_layers": "every:2"})
     params = stage2.trainable(student, "attention")
     for p in student.parameters():
@@ -214,8 +214,13 @@ def test_compiled_stage2_layers_match_eager_and_undo_restores_the_model():
     for _, p in params:
         p.requires_grad_(True)
     cfg = parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2
-    loss_fn = stage2.make_loss(teacher, student, cfg)
-    ids = tiny_ids(2, 24)
+    return teacher, student, params, stage2.make_loss(teacher, student, cfg), tiny_ids(2, 24)
+
+
+@pytest.mark.slow
+def test_compiled_stage2_layers_match_eager_and_undo_restores_the_model():
+    torch._dynamo.reset()
+    teacher, student, params, loss_fn, ids = _stage2_setup("llama")
     eager = _loss_and_grads(loss_fn, params, ids)
     from torch._dynamo.utils import counters
 
@@ -390,16 +395,7 @@ def test_compiled_teacher_layers_give_the_same_stage2_loss_with_the_feature_hook
     """Stage 2 compiles the teacher's decoder layers too: one graph for all of them, the feature loss's
     hooks on the layers still see every output, loss and gradients equal eager, and the undo restores them."""
     torch._dynamo.reset()
-    teacher = tiny_teacher(family)
-    student = edit_model(teacher, "gateswa", {"window": 8, "full_layers": "every:2"})
-    params = stage2.trainable(student, "attention")
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for _, p in params:
-        p.requires_grad_(True)
-    cfg = parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2
-    loss_fn = stage2.make_loss(teacher, student, cfg)
-    ids = tiny_ids(2, 24)
+    teacher, student, params, loss_fn, ids = _stage2_setup(family)
     eager = _loss_and_grads(loss_fn, params, ids)
     from torch._dynamo.utils import counters
 
