@@ -11,14 +11,11 @@
 # Run it again with the same arguments to resume runs that the time limit stopped. Each run's JSON, log,
 # report and recipe land in $OUT/NAME/ (and $OUT/NAME.tgz); `attnedit report A B --out F.md` compares them.
 set -u
-export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-export ATTNEDIT_SHARED_DATA=/tmp/shared-data   # wikitext-2-raw/ for the perplexity
-mkdir -p $ATTNEDIT_SHARED_DATA/wikitext-2-raw; cp /tmp/attnedit-cache/extra/wiki.test.raw $ATTNEDIT_SHARED_DATA/wikitext-2-raw/
-W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
+source "$(dirname "$0")/env.sh"
+shared_data   # wikitext-2-raw/ for the perplexity
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 EVAL="--set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192 --set eval.passkey.contexts=2048,4096,8192 --set eval.bench.contexts="
-python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"  # dequantise once, not per run
+dequantise_teacher
 names=()
 for spec in "$@"; do
   name=${spec%%=*}; rest=${spec#*=}; recipe=${rest%%+*}; names+=("$name")

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # usage: S1=300 S2=300 LIMIT=520 bash tools/gpu/convert_both.sh   (again to resume an interrupted pair)
 set -u
-export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
+source "$(dirname "$0")/env.sh"
 NOEVAL="--set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts="  # this script measures on its own: no eval after training
 mkdir -p /tmp/runs
-python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"  # dequantise once, not twice
+dequantise_teacher
 for t in mla gateswa; do
   if [ -d /tmp/runs/$t/checkpoints ] && [ ! -f /tmp/runs/$t/summary.json ]; then
     args="/tmp/runs/$t --resume"

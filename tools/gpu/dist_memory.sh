@@ -4,9 +4,7 @@
 # the --dry-run plan for one GPU (attnedit convert --dry-run --world-size 1).
 #   bash tools/gpu/dist_memory.sh          env: S1 / S2 (30 / 20), LIMIT (150 s)
 set -u
-export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
+source "$(dirname "$0")/env.sh"
 R=/tmp/runs-dist; rm -rf $R
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SETS="--set data.files=$W --set stage1.steps=${S1:-30} --set stage2.steps=${S2:-20} --set stage1.warmup=5 --set stage2.warmup=5 --set checkpoint_every=15 --set heldout_eval=false

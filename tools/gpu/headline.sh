@@ -10,14 +10,10 @@
 #        i.e. CHUNK=64000000 ../shared/device/pack.sh <wikipedia shard> <wiki.test.raw> ../shared/data/fewshot
 set -u
 t=${1:?gateswa or mla}; LIMIT=${2:-560}
-export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-export ATTNEDIT_SHARED_DATA=/tmp/shared-data   # wikitext-2-raw/ and fewshot/ as the eval expects them
-mkdir -p $ATTNEDIT_SHARED_DATA/wikitext-2-raw
-cp -n /tmp/attnedit-cache/extra/wiki.test.raw $ATTNEDIT_SHARED_DATA/wikitext-2-raw/
-[ -d /tmp/attnedit-cache/extra/fewshot ] && ln -sfn /tmp/attnedit-cache/extra/fewshot $ATTNEDIT_SHARED_DATA/fewshot
+source "$(dirname "$0")/env.sh"
+export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+shared_data   # wikitext-2-raw/ and fewshot/ as the eval expects them
 python -c "import lm_eval" 2>/dev/null || echo "warning: lm_eval does not import: the zero-shot tasks will fail (see docs/results.md)"
-W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 r=/tmp/runs/headline-$t
 if [ -f $r/recipe.yaml ]; then args="$r --resume"; else args="recipes/smollm2-$t.yaml --out $r --set data.files=$W"; fi

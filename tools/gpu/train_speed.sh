@@ -13,12 +13,10 @@
 # its start) and writes tok_s, teacher_fwd_tok_s, ratio and peak vs estimated memory into summary.json;
 # this prints them as one table, with the issue's targets (stage 1 >= 0.5x, stage 2 >= 0.25x).
 set -u
-export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}  # where pack.sh unpacks the teacher
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz
+source "$(dirname "$0")/env.sh"
 R=/tmp/runs-speed; rm -rf $R; mkdir -p $R
 OUTDIR=${OUT:-$R}
-python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"  # dequantise once, not per run
+dequantise_teacher
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for t in ${RECIPES:-gateswa mla}; do  # one at a time: the GPU is timed
   start=$(date +%s)
