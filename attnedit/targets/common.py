@@ -104,6 +104,7 @@ class FusedLinears:
     def __init__(self, linears: list):
         self.linears = list(linears)
         self.sizes = [lin.out_features for lin in self.linears]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # each layer's first row
         # never inference tensors (fusing inside inference_mode would make the parameters unusable for training)
         with torch.inference_mode(False), torch.no_grad():
             self.weight = torch.cat([lin.weight.detach() for lin in self.linears])
@@ -112,29 +113,20 @@ class FusedLinears:
                 self.bias = torch.cat(
                     [lin.bias.detach() if lin.bias is not None else self.weight.new_zeros(lin.out_features) for lin in self.linears]
                 )
-            offset = 0
-            for lin, n in zip(self.linears, self.sizes):
-                lin.weight.data = self.weight[offset : offset + n]
+            for lin, off, n in zip(self.linears, self.offsets, self.sizes):
+                lin.weight.data = self.weight[off : off + n]
                 if lin.bias is not None:
-                    lin.bias.data = self.bias[offset : offset + n]
-                offset += n
+                    lin.bias.data = self.bias[off : off + n]
 
     def current(self) -> bool:
         """Whether the layers' weights and biases are still views of the fused tensors (host check; eager code only)."""
         row = self.weight.stride(0) * self.weight.element_size()
-        for lin, off in zip(self.linears, self._offsets()):
+        for lin, off in zip(self.linears, self.offsets):
             if lin.weight.data_ptr() != self.weight.data_ptr() + off * row:
                 return False
             if lin.bias is not None and lin.bias.data_ptr() != self.bias.data_ptr() + off * self.bias.element_size():
                 return False
         return True
-
-    def _offsets(self) -> list[int]:
-        out, o = [], 0
-        for n in self.sizes:
-            out.append(o)
-            o += n
-        return out
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
