@@ -341,3 +341,16 @@ def test_fuse_projections_applies_to_both_attnedit_engines_and_is_undone(pair, m
     assert [(s, f) for s, f, _ in seen] == [(False, True), (True, True), (False, False), (True, False)]
     assert seen[-1][2] and student.attentions()[0]._fused is None  # fused while timed, unfused after
     assert result["runs"][0]["student"]["decode_tok_s"] > 0 and result["runs"][0]["teacher"]["decode_tok_s"] > 0
+
+
+def test_options_on_a_checkpoint_saved_before_them_fail_in_one_line_saying_what_to_do():
+    """A student whose saved modeling code predates --fuse-projections/--compile-prefill: one line naming the flag
+    and the way out; without those flags such a model (or a stock one) is left alone."""
+    import types
+
+    old = types.SimpleNamespace(model=types.SimpleNamespace())  # an engine whose model has neither method
+    bench.set_engine_options({"student": old}, False, False)
+    with pytest.raises(AttnEditError) as e:
+        bench.set_engine_options({"student": old}, True, False)
+    text = str(e.value)
+    assert "\n" not in text and "--fuse-projections" in text and "--compile-prefill" not in text and "attnedit export" in text
