@@ -5,7 +5,10 @@
 # One call runs at most 10 minutes: run the same command again (on the same warm machine) and it resumes
 # the conversion, then the evaluation, where the last call stopped; it prints DONE when report.md exists.
 #
-# usage: bash tools/gpu/headline.sh gateswa|mla [LIMIT seconds, default 560]
+# usage: [EXTRA="--set k=v ..."] bash tools/gpu/headline.sh gateswa|mla [LIMIT seconds, default 560]
+#   EXTRA applies when the run starts (a resumed run keeps its recipe). Both targets side by side on one GPU:
+#   EXTRA="--set eval.bench.contexts=" bash tools/gpu/headline.sh gateswa & EXTRA=... bash tools/gpu/headline.sh mla & wait
+#   (no bench while the GPU is shared: its timings would be the two runs' together)
 # needs: the pack with the harness's wheels in .whl/ and ../shared/data/fewshot (docs/results.md says which),
 #        i.e. CHUNK=64000000 ../shared/device/pack.sh <wikipedia shard> <wiki.test.raw> ../shared/data/fewshot
 set -u
@@ -16,7 +19,8 @@ shared_data   # wikitext-2-raw/ and fewshot/ as the eval expects them
 python -c "import lm_eval" 2>/dev/null || echo "warning: lm_eval does not import: the zero-shot tasks will fail (see docs/results.md)"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 r=/tmp/runs/headline-$t
-if [ -f $r/recipe.yaml ]; then args="$r --resume"; else args="recipes/smollm2-$t.yaml --out $r --set data.files=$W"; fi
+dequantise_teacher
+if [ -f $r/recipe.yaml ]; then args="$r --resume"; else args="recipes/smollm2-$t.yaml --out $r --set data.files=$W ${EXTRA:-}"; fi
 start=$(date +%s)
 timeout -s TERM "$LIMIT" python -m attnedit convert $args --progress lines >> $r.log 2>&1
 echo "exit $? after $(( $(date +%s) - start )) s"; grep -v "^\s*$" $r.log | tail -n 30
