@@ -275,6 +275,8 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
     undos: list = []
     undo = lambda: [u() for u in reversed(undos)]  # noqa: E731
     try:
+        if stage == 1:
+            undos.append(stage1.compile_teacher_modules(teacher, list(student.config.edit["edited_layers"]), group))
         if stage == 2:
             undos.append(stage2.compile_layers(student, group))
             if not distributed.is_distributed():  # FSDP2 wraps the teacher's layers itself: left eager there

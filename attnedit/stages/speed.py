@@ -72,6 +72,27 @@ class CompileGroup:
             print(f"attnedit: warning: torch.compile of {self.what} failed ({type(error).__name__}: {first}); running eagerly", file=sys.stderr)
 
 
+def compile_forwards(modules: list[nn.Module], group: CompileGroup):
+    """Run each module's ``forward`` compiled (when ``group`` is enabled); returns the undo function.
+
+    The compiled ``forward`` is an instance attribute, so hooks on the module still run around it (eagerly),
+    and modules of one class share one graph. A ``forward`` someone else put on a module is kept and restored.
+    """
+    if not group.enabled:
+        return lambda: None
+    before = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        m.forward = group.wrap(m.forward)
+
+    def undo():
+        for m, old in zip(modules, before):
+            m.__dict__.pop("forward", None)
+            if old is not None:
+                m.forward = old
+
+    return undo
+
+
 @dataclasses.dataclass
 class _LayerContext(AttentionContext):
     """An :class:`AttentionContext` for one compiled layer call: RoPE tables computed in the graph, not

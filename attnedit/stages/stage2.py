@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..families import family_for
 from ..families.hooks import watch
-from .speed import CompileGroup, layer_context
+from .speed import CompileGroup, compile_forwards, layer_context
 from .stage1 import trainable as attention_trainable
 
 
@@ -248,20 +248,7 @@ def compile_teacher_layers(teacher, group: CompileGroup):
     modules the student shares with the teacher are untouched. The teacher's plain-forward baseline and every
     evaluation stay eager: the undo runs when the stage ends.
     """
-    if not group.enabled:
-        return lambda: None
-    layers = list(family_for(teacher.config).layers(teacher))
-    before = [layer.__dict__.get("forward") for layer in layers]  # a wrapper someone else put there stays
-    for layer in layers:
-        layer.forward = group.wrap(layer.forward)
-
-    def undo():
-        for layer, old in zip(layers, before):
-            layer.__dict__.pop("forward", None)
-            if old is not None:
-                layer.forward = old
-
-    return undo
+    return compile_forwards(list(family_for(teacher.config).layers(teacher)), group)
 
 
 def _is_norm(module: nn.Module) -> bool:

@@ -2,7 +2,7 @@
 # teacher and the data on the GPU machine, and the settings every run there shares.
 export ATTNEDIT_SMOLLM2_GGUF=${ATTNEDIT_SMOLLM2_GGUF:-/tmp/attnedit-cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-W=/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz  # the training shard
+W=${W:-/tmp/attnedit-cache/extra/wikipedia-en-2019-00000-of-00008.jsonl.xz}  # the training shard
 
 dequantise_teacher() {  # once, before runs that would each do it
   python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"

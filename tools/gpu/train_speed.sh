@@ -6,7 +6,12 @@
 # env: S1 / S2 stage steps (60 / 40), LIMIT seconds per run (170), EXTRA more --set flags
 #      (e.g. EXTRA="--set stage1.compile=off --set stage2.compile=off" for the eager figures),
 #      RECIPES (default "gateswa mla"; add swa-stock for the stock-servable variant at the same tokens),
-#      PROFILE optimizer steps profiled after each stage (3; 0 = none): profile-stage<N>.json in each run.
+#      PROFILE optimizer steps profiled after each stage (3; 0 = none): profile-stage<N>.json in each run,
+#      BEFORE a folder holding an older attnedit package (`git archive <commit> attnedit | tar -x -C DIR`): each
+#      recipe (or each of BEFORE_RECIPES) is timed with it first, as run <recipe>-before, so a change's before/after
+#      come from one machine,
+#      TEACHER a teacher folder instead of smollm2-135m (speed does not depend on the weights: a randomly
+#      initialised model of SmolLM2's config and tokenizer times the same), W the training text.
 # The runs stay in /tmp/runs-speed/<recipe> (with held-out KL before/after in summary.json), so
 # tools/gpu/stock_swa.sh can export and evaluate them: STOCK_RUN=/tmp/runs-speed/swa-stock GATED=/tmp/runs-speed/gateswa.
 # Each run measures the teacher's forward at each stage's batch shape itself (attnedit convert does, at
@@ -14,18 +19,26 @@
 # this prints them as one table, with the issue's targets (stage 1 >= 0.5x, stage 2 >= 0.25x).
 set -u
 source "$(dirname "$0")/env.sh"
-R=/tmp/runs-speed; rm -rf $R; mkdir -p $R
+R=/tmp/runs-speed; rm -rf $R; mkdir -p $R; REPO=$PWD
 OUTDIR=${OUT:-$R}
-dequantise_teacher
+TEACHER_SET=""
+if [ -n "${TEACHER:-}" ]; then TEACHER_SET="--set teacher=$TEACHER"; else dequantise_teacher; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for t in ${RECIPES:-gateswa mla}; do  # one at a time: the GPU is timed
+RECIPES=${RECIPES:-gateswa mla}; runs=""
+for t in $RECIPES; do
+  [ -n "${BEFORE:-}" ] && [[ " ${BEFORE_RECIPES:-$RECIPES} " == *" $t "* ]] && runs="$runs $t-before"
+  runs="$runs $t"
+done
+for name in $runs; do  # one at a time: the GPU is timed
+  t=${name%-before}; pkg=$REPO; [ "$name" != "$t" ] && pkg=$BEFORE
   start=$(date +%s)
-  timeout -s TERM "${LIMIT:-170}" python -m attnedit convert recipes/smollm2-$t.yaml --out $R/$t --progress lines \
+  # run from the package's folder: `python -m` puts the working directory first on sys.path
+  (cd "$pkg" && timeout -s TERM "${LIMIT:-170}" python -m attnedit convert "$REPO/recipes/smollm2-$t.yaml" --out $R/$name --progress lines $TEACHER_SET \
     --set data.files=$W --set stage1.steps=${S1:-60} --set stage2.steps=${S2:-40} --set stage1.warmup=10 \
     --set stage2.warmup=10 --set checkpoint_every=1000 \
-    --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts= --set profile_steps=${PROFILE:-3} ${EXTRA:-} > $R/$t.log 2>&1
-  echo "$t: exit $? after $(( $(date +%s) - start )) s"
-  grep -E "warning|Error|teacher plain forward" $R/$t.log | head -n 8
+    --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts= --set profile_steps=${PROFILE:-3} ${EXTRA:-} > $R/$name.log 2>&1)
+  echo "$name: exit $? after $(( $(date +%s) - start )) s"
+  grep -E "warning|Error|teacher plain forward" $R/$name.log | head -n 8
 done
 # one archive: the GPU machine returns at most 8 files a call
 (cd $R && tar -czf "$OUTDIR/train-speed.tgz" $(ls -d *.log */summary.json */profile-stage*.json 2>/dev/null))
@@ -35,18 +48,18 @@ from pathlib import Path
 root = Path(sys.argv[1])
 target = {1: 0.5, 2: 0.25}
 gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
-print(f"\n{'run':<8} {'stage':<6} {'tokens/step':>11} {'tok/s':>10} {'teacher fwd':>12} {'ratio':>6} {'target':>11} {'peak mem':>10} {'est.':>10} compiled")
+print(f"\n{'run':<12} {'stage':<6} {'tokens/step':>11} {'tok/s':>10} {'teacher fwd':>12} {'ratio':>6} {'target':>11} {'peak mem':>10} {'est.':>10} compiled")
 for t in sorted(p.name for p in root.iterdir() if p.is_dir()):
     try:
         s = json.loads((root / t / "summary.json").read_text())
     except OSError:
-        print(f"{t:<8} (no summary.json: see {t}.log)")
+        print(f"{t:<12} (no summary.json: see {t}.log)")
         continue
     for n in (1, 2):
         i = s.get(f"stage{n}", {})
         ratio = i.get("ratio") or 0
         verdict = f">={target[n]} " + ("ok" if ratio >= target[n] else "MISS")
-        print(f"{t:<8} {n:<6} {i.get('tokens', 0) // max(1, i.get('steps', 1)):>11,} {i.get('tok_s', 0):>10,.0f} "
+        print(f"{t:<12} {n:<6} {i.get('tokens', 0) // max(1, i.get('steps', 1)):>11,} {i.get('tok_s', 0):>10,.0f} "
               f"{i.get('teacher_fwd_tok_s') or 0:>12,.0f} {ratio:>6.3f} {verdict:>11} {gib(i.get('peak_memory_bytes')):>10} "
               f"{gib(i.get('est_memory_bytes')):>10} {i.get('compiled')}")
 print("\ndevice time per step by kernel family (ms): student step | the teacher's plain forward over the same tokens")
@@ -61,7 +74,7 @@ for t in sorted(p.name for p in root.iterdir() if p.is_dir()):
             continue
         kinds = sorted(set(p["student_by_kind_ms"]) | set(p.get("teacher_by_kind_ms", {})))
         fam = "  ".join(f"{k} {p['student_by_kind_ms'].get(k, 0):.1f}|{p.get('teacher_by_kind_ms', {}).get(k, 0):.1f}" for k in kinds)
-        print(f"{t:<8} {n}  step {p['student_step_device_ms']:.1f} | teacher {p.get('teacher_forward_ms_same_tokens', 0):.1f}"
+        print(f"{t:<12} {n}  step {p['student_step_device_ms']:.1f} | teacher {p.get('teacher_forward_ms_same_tokens', 0):.1f}"
               f"  (device ratio {p.get('device_ratio', 0):.3f})  {fam}")
 print("issue 10 before (H100): stage 1 GateSWA 0.28x, MLA 0.23x; stage 2 0.11x (of 343k / 422k tok/s)")
 PY
