@@ -232,12 +232,12 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(capsys):
     teacher, student, params = _stage1_setup("mla", {})
     ids = tiny_ids(2, 16)
     eager = _loss_and_grads(stage1.make_loss(teacher, student), params, ids)
-    group = CompileGroup(True, "the stage-1 attentions", backend=broken)
+    group = CompileGroup(True, "the stage-1 attentions and the teacher's capture", backend=broken)
     got = _loss_and_grads(stage1.make_loss(teacher, student, group), params, ids)
     assert not group.enabled
     torch.testing.assert_close(got[0], eager[0])
     err = capsys.readouterr().err
-    assert err.count("torch.compile of the stage-1 attentions failed") == 1 and "running eagerly" in err
+    assert err.count("torch.compile of the stage-1 attentions and the teacher's capture failed") == 1 and "running eagerly" in err
 
 
 def _stage2_setup(family: str):
@@ -478,3 +478,30 @@ def test_stage2_memory_estimate_counts_the_mla_heads_kv_up_projection(target, ar
     recipe = parse_recipe({"teacher": "x", "target": target, "stage2": {"batch_size": 2, "seq_len": 16}})
     base = activation_bytes(recipe, 2, c, len(layers), 2, torch.device("cuda"))
     assert activation_bytes(recipe, 2, c, len(layers), 2, torch.device("cuda"), width) - base == 2 * 16 * width * 2
+
+
+def test_the_profiles_teacher_forward_is_eager_while_the_stage_runs_its_modules_compiled():
+    """profile_stage compares the student's step with the teacher's plain forward: eager, as the tok/s baseline
+    is, even while stage 1 (or 2) runs the teacher's modules compiled; the group is enabled again afterwards."""
+    from attnedit.stages.convert import plain_forward
+
+    torch._dynamo.reset()
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    teacher = tiny_teacher("llama")
+    group = CompileGroup(True, "test", backend=backend)
+    undo = stage1.compile_teacher_modules(teacher, [0, 1], group)
+    ids = tiny_ids(2, 16)
+    with torch.no_grad():
+        eager = teacher(input_ids=ids, use_cache=False).logits
+        assert compiled  # the teacher's modules do run compiled in the stage ...
+        n = len(compiled)
+        torch._dynamo.reset()
+        got = plain_forward(teacher, ids, group).logits
+    assert len(compiled) == n and group.enabled  # ... but not in the plain forward, and the group is back on
+    torch.testing.assert_close(got, eager)
+    undo()

@@ -262,7 +262,7 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
     if stage == 2:
         stage2.unshare(student, teacher, cfg.trainable)
     run.owned = owned_parameters(student, teacher)
-    what = "the stage-1 attentions" if stage == 1 else "the stage-2 decoder layers"
+    what = "the stage-1 attentions and the teacher's capture" if stage == 1 else "the stage-2 decoder layers (student and teacher)"
     group = CompileGroup(compile_wanted(cfg.compile, device), what)
     job = stage_job(stage, recipe, teacher, student, tokenizer, device, group)
     if distributed.is_distributed():  # the FSDP2 plan, and this rank's share of every batch
@@ -271,7 +271,7 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
         job.model = student
         distribute(job, teacher, student, run)
     job.teacher_fwd_tok_s = baseline
-    job.teacher_forward = lambda ids: teacher(input_ids=ids, use_cache=False)
+    job.teacher_forward = lambda ids: plain_forward(teacher, ids, group)
     undos: list = []
     undo = lambda: [u() for u in reversed(undos)]  # noqa: E731
     try:
@@ -307,6 +307,16 @@ def train(stage: int, run: Run, recipe: Recipe, teacher, student, tokenizer, dev
     finally:
         undo()
         job.stream.close()
+
+
+def plain_forward(teacher, ids, group: CompileGroup):
+    """The teacher's plain forward, eager even while the stage runs its modules compiled (the group steps
+    aside), so that the profile's teacher is the baseline's: what the tok/s ratios compare against."""
+    enabled, group.enabled = group.enabled, False
+    try:
+        return teacher(input_ids=ids, use_cache=False)
+    finally:
+        group.enabled = enabled
 
 
 def profile_summary(profile: dict) -> dict:

@@ -246,7 +246,8 @@ def compile_teacher_layers(teacher, group: CompileGroup):
     (float32 norms, RoPE, activations); compiled, one graph serves every layer. Each layer's ``forward`` is
     replaced by an instance attribute, so hooks on the layer (the feature loss's) still run around it, and the
     modules the student shares with the teacher are untouched. The teacher's plain-forward baseline and every
-    evaluation stay eager: the undo runs when the stage ends.
+    evaluation stay eager (the undo runs when the stage ends), and so does the profile's teacher forward
+    (``convert.plain_forward``).
     """
     return compile_forwards(list(family_for(teacher.config).layers(teacher)), group)
 

@@ -21,6 +21,7 @@ set -u
 source "$(dirname "$0")/env.sh"
 R=/tmp/runs-speed; rm -rf $R; mkdir -p $R; REPO=$PWD
 OUTDIR=${OUT:-$R}
+W=$(realpath "$W"); [ -n "${TEACHER:-}" ] && [ -e "$TEACHER" ] && TEACHER=$(realpath "$TEACHER")  # runs start in other folders
 TEACHER_SET=""
 if [ -n "${TEACHER:-}" ]; then TEACHER_SET="--set teacher=$TEACHER"; else dequantise_teacher; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
