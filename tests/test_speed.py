@@ -144,8 +144,8 @@ from attnedit.stages.speed import CompileGroup, warm_up  # noqa: E402
 from attnedit.surgery import edit_model  # noqa: E402
 
 
-def _stage1_setup(target, args):
-    teacher = tiny_teacher("qwen3")
+def _stage1_setup(target, args, family="qwen3"):
+    teacher = tiny_teacher(family)
     student = edit_model(teacher, target, args)
     params = stage1.trainable(student)
     for p in student.parameters():
@@ -196,13 +196,7 @@ def test_compiled_teacher_modules_give_the_same_stage1_loss_and_the_undo_restore
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    teacher = tiny_teacher(family)
-    student = edit_model(teacher, "mla", {"layers": [0, 1, 2]})
-    params = stage1.trainable(student)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for _, p in params:
-        p.requires_grad_(True)
+    teacher, student, params = _stage1_setup("mla", {"layers": [0, 1, 2]}, family)
     ids = tiny_ids(2, 24)
     loss_fn = stage1.make_loss(teacher, student)
     eager = _loss_and_grads(loss_fn, params, ids)
@@ -467,7 +461,7 @@ def test_stage2_memory_estimate_counts_the_mla_heads_kv_up_projection(target, ar
     with torch.device("meta"):
         meta = AttnEditForCausalLM(edited)
     layers = edited.edit["edited_layers"]
-    width = attention_extra_width(meta, layers, teacher.config)
+    width = attention_extra_width(edited)
     c = teacher.config
     if target == "mla":
         up = meta.model.layers[0].self_attn.kv_b_proj.out_features

@@ -15,11 +15,10 @@ import argparse
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attnedit.eval.passkey import passkey_prompt, trial_keys
 from attnedit.surgery.edit import teacher_on_attnedit
-from attnedit.teachers import local_path
+from attnedit.teachers import load_model
 
 
 def main() -> None:
@@ -34,9 +33,7 @@ def main() -> None:
     ap.add_argument("--compare", action="append", default=[], help="a set of full layers to score, e.g. 3,7,8,18,23")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    path = local_path(a.teacher) if a.teacher == "smollm2-135m" else a.teacher
-    tok = AutoTokenizer.from_pretrained(path)
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(a.device)
+    teacher, tok = load_model(a.teacher, device=a.device)  # any teacher name: folder, hub id, .gguf, alias
     model = teacher_on_attnedit(teacher)
     attns = model.attentions()
     key = trial_keys(1, seed=a.seed)[0]

@@ -82,19 +82,15 @@ def validate_start(recipe: Recipe) -> None:
     check_eval(recipe, config)
 
 
-def attention_extra_width(model, layers: list[int], config) -> int:
-    """Values per token that the edited attentions save for stage 2's backward beyond the teacher's, summed
-    over ``layers``: an MLA layer up-projects its latent to every head's K (no-RoPE part) and V
+def attention_extra_width(edited) -> int:
+    """Values per token that an edited model's attentions save for stage 2's backward beyond the teacher's,
+    summed over its layers: an MLA layer up-projects its latent to every head's K (no-RoPE part) and V
     (``kv_b_proj``, heads x (nope + v) wide) where the teacher keeps grouped K and V (2 x kv heads x head dim).
-    ``model`` may live on the meta device."""
-    heads = config.num_attention_heads
-    kv = 2 * (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    extra = 0
-    for i in layers:
-        up = getattr(model.model.layers[i].self_attn, "kv_b_proj", None)
-        if up is not None:
-            extra += max(0, up.out_features - kv)
-    return extra
+    Read from the edited config's attention spec and layer list, as the KV figures are (``eval/kv.py``)."""
+    spec = edited.teacher_attention
+    kv = 2 * spec["num_kv_heads"] * spec["head_dim"]
+    up = [spec["num_heads"] * (x["qk_nope_head_dim"] + x["v_head_dim"]) for x in edited.layer_attention if x["kind"] == "mla"]
+    return sum(max(0, w - kv) for w in up)
 
 
 def activation_bytes(recipe: Recipe, stage: int, config, n_edited: int, abytes: int, device: torch.device, extra_width: int = 0) -> float:
@@ -144,7 +140,7 @@ def make_plan(recipe: Recipe) -> dict:
     context = max(recipe.data.seq_len, KV_CONTEXT)
     kv_t, kv_s = kv_summary(config, context, "bfloat16"), kv_summary(edited, context, "bfloat16")
     wbytes = torch.finfo(wdtype).bits // 8
-    extra = attention_extra_width(meta, layers, config)
+    extra = attention_extra_width(edited)
     stages = []
     for n in (1, 2):
         cfg = stage_config(recipe, n)
