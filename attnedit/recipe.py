@@ -74,6 +74,11 @@ class Stage2Config(StageConfig):
     trainable: str = _f("attention", "what trains: the edited attention, plus all norms, or every weight (a second copy)", TRAINABLE)
     kl_chunk: int = _f(1024, "tokens per chunk of the KL/CE loss: fp32 logits never exceed kl_chunk x vocab")
     gradient_checkpointing: bool = _f(False, "recompute each layer in the backward pass (less memory, about 30% slower)")
+    recall_fraction: float = _f(
+        0.0,
+        "fraction of stage-2 blocks in which a 32-256 token span of the block's text is copied further on, so the "
+        "student learns to fetch it from far back as the teacher does (long-range retrieval; attnedit.data.recall); 0 = off",
+    )
 
 
 @dataclass
@@ -187,6 +192,7 @@ def validate(r: Recipe) -> Recipe:
         (min(s2.kl_weight, s2.ce_weight, s2.feature_weight) >= 0, "kl_weight/ce_weight/feature_weight", ">= 0"),
         (s2.kl_weight + s2.ce_weight + s2.feature_weight > 0, "kl_weight/ce_weight/feature_weight", "not all 0"),
         (s2.kl_chunk >= 1, "kl_chunk", ">= 1"),
+        (0 <= s2.recall_fraction <= 1, "recall_fraction", "between 0 and 1 (0 = off)"),
     ]:
         if not ok:
             raise AttnEditError(f"stage2.{fname}: must be {rule}")

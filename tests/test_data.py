@@ -303,3 +303,49 @@ def test_every_field_has_help():
     names = [name for name, text, _ in DataConfig.help()]
     assert {"files", "text_field", "seq_len", "heldout_blocks", "shuffle_buffer", "tokenizer"} <= set(names)
     assert all(text for _, text, _ in DataConfig.help())
+
+
+# recall spans (stage2.recall_fraction) -----------------------------------------------------------
+def test_recall_spans_copy_a_span_of_the_block_further_on():
+    from attnedit.data.recall import SPAN, recall_plan, with_recall_spans
+
+    ids = torch.randint(0, 50_000, (64, 512), generator=torch.Generator().manual_seed(0))
+    assert with_recall_spans(ids, 0.0) is ids
+    out = with_recall_spans(ids, 1.0, seed=3)
+    assert torch.equal(out, with_recall_spans(ids, 1.0, seed=3)) and not torch.equal(out, with_recall_spans(ids, 1.0, seed=4))
+    distances = []
+    for row, new in zip(ids, out):
+        source, destination, length = recall_plan(row, 1.0, seed=3)
+        assert SPAN[0] <= length <= SPAN[1] and source + length <= destination <= 512 - length
+        assert torch.equal(new[destination : destination + length], row[source : source + length])  # the copy
+        keep = torch.ones(512, dtype=torch.bool)
+        keep[destination : destination + length] = False
+        assert torch.equal(new[keep], row[keep])  # and nothing else changed
+        distances.append(destination - source)
+    assert min(distances) < 128 and max(distances) > 320  # near and far
+    half = with_recall_spans(ids, 0.5, seed=3)
+    changed = sum(not torch.equal(a, b) for a, b in zip(half, ids))
+    assert 20 <= changed <= 44  # about half of 64 rows
+    assert torch.equal(with_recall_spans(ids[:, :40], 1.0), ids[:, :40])  # too short for two spans: left alone
+
+
+def test_recall_spans_reach_stage_2_batches_and_resume_exactly(tmp_path, tok):
+    from functools import partial
+
+    from attnedit.data import DeviceBatches
+    from attnedit.data.recall import with_recall_spans
+
+    cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", docs(60)), seq_len=96, heldout_blocks=2, shuffle_buffer=5)
+    mix = partial(with_recall_spans, fraction=1.0, seed=0)
+    plain, mixed = BlockStream(cfg, tok, seed=1), DeviceBatches(BlockStream(cfg, tok, seed=1), "cpu", transform=mix)
+    for _ in range(3):
+        want = plain.next_batch(2)
+        got = mixed.next_batch(2)
+        assert torch.equal(got, mix(want)) and not torch.equal(got, want)
+    state = mixed.state_dict()
+    want = [mixed.next_batch(2) for _ in range(3)]
+    resumed = DeviceBatches(BlockStream(cfg, tok, seed=1), "cpu", transform=mix)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch(2), w) for w in want)
+    mixed.close()
+    resumed.close()

@@ -36,6 +36,19 @@ def test_window_sensitivity_finds_the_layer_that_needs_distant_tokens():
     assert wide[2] < scores[2]
 
 
+def test_window_sensitivity_is_the_same_in_row_batches_and_kl_pieces(monkeypatch):
+    """Memory is bounded by batching rows by tokens and taking the KL in pieces; the scores do not change."""
+    from attnedit.surgery import sensitivity
+
+    teacher = tiny_teacher("qwen3")
+    ids = tiny_ids(batch=3, length=40)
+    whole = window_sensitivity(teacher, ids, window=4, sink=1)  # 3 rows of 40 tokens in one batch
+    monkeypatch.setattr(sensitivity, "KL_CHUNK", 7)
+    pieces = window_sensitivity(teacher, ids, window=4, sink=1, batch_tokens=40)  # one row at a time
+    assert torch.allclose(torch.tensor(pieces), torch.tensor(whole), rtol=1e-4, atol=1e-7), (pieces, whole)
+    assert max(whole) > 0
+
+
 def test_convert_measures_auto_full_layers_and_reuses_the_choice_on_resume(tmp_path, monkeypatch):
     import json
 

@@ -275,3 +275,20 @@ def test_bad_inputs_give_one_line_errors(assets, tmp_path):
     (run / "x").write_text("")
     with pytest.raises(AttnEditError, match="already exists; continue it with --resume"):
         convert(parse_recipe(tiny_raw(teacher, docs)), run, progress="none")
+
+
+def test_recall_fraction_sets_stage_2s_data_mix_only(assets):
+    """stage2.recall_fraction puts recall spans into stage 2's batches; stage 1 reads plain blocks."""
+    from attnedit.stages.convert import edit, stage_job
+
+    recipe = parse_recipe(tiny_raw(assets["teacher"], assets["docs"], stage2__recall_fraction=1.0, stage2__seq_len=96))
+    teacher, student, tok, _ = edit(recipe, torch.device("cpu"))
+    jobs = {n: stage_job(n, recipe, teacher, student, tok, torch.device("cpu")) for n in (1, 2)}
+    assert jobs[1].stream.transform is None
+    ids = jobs[2].stream.next_batch(4)
+    assert ids.shape == (4, 96) and jobs[2].stream.transform(ids.new_zeros(1, 96)).shape == (1, 96)
+    assert all(any(torch.equal(row[i : i + 32], row[j : j + 32]) for i in range(64) for j in range(i + 32, 65)) for row in ids)
+    for job in jobs.values():
+        job.stream.close()
+    with pytest.raises(AttnEditError, match="recall_fraction"):
+        parse_recipe(tiny_raw(assets["teacher"], assets["docs"], stage2__recall_fraction=1.5))

@@ -14,16 +14,19 @@ import torch
 
 
 class DeviceBatches:
-    """``next_batch(n)`` as a :class:`BlockStream` has it, but on ``device`` and drawn one batch ahead."""
+    """``next_batch(n)`` as a :class:`BlockStream` has it, but on ``device`` and drawn one batch ahead;
+    ``transform`` (a pure function of the CPU batch) is applied in the background too."""
 
-    def __init__(self, stream, device: torch.device | str, ahead: bool = True):
-        self.stream, self.device = stream, torch.device(device)
+    def __init__(self, stream, device: torch.device | str, ahead: bool = True, transform=None):
+        self.stream, self.device, self.transform = stream, torch.device(device), transform
         self.pin = self.device.type == "cuda" and torch.cuda.is_available()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="attnedit-batches") if ahead else None
         self._pending: tuple[int, tuple, Future] | None = None  # (batch size, stream mark before it, batch)
 
     def _draw(self, batch_size: int) -> torch.Tensor:
         ids = self.stream.next_batch(batch_size)
+        if self.transform is not None:  # a pure function of the batch (e.g. recall spans): resume stays exact
+            ids = self.transform(ids)
         if self.device.type == "cpu":
             return ids
         if self.pin:

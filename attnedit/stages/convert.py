@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -236,11 +237,14 @@ def _finished(state: dict | None, stage: int) -> bool:
 def stage_job(stage: int, recipe: Recipe, teacher, student, tokenizer, device, group: CompileGroup | None = None) -> StageJob:
     """A stage's trainable parameters, loss and data stream; everything else frozen."""
     from ..data import BlockStream, DeviceBatches
+    from ..data.recall import with_recall_spans
 
     cfg, seq = stage_config(recipe, stage), stage_seq_len(recipe, stage)
     # each stage reads its own shuffle of the data (seed + stage - 1), at its own sequence length; batches
     # reach the device one ahead of training (pinned, non-blocking on CUDA); resume stays exact
-    stream = DeviceBatches(BlockStream(stage_data(recipe, seq), tokenizer, seed=recipe.seed + stage - 1), device)
+    recall = getattr(cfg, "recall_fraction", 0.0)  # stage 2's long-range retrieval mix (attnedit.data.recall)
+    transform = partial(with_recall_spans, fraction=recall, seed=recipe.seed) if recall else None
+    stream = DeviceBatches(BlockStream(stage_data(recipe, seq), tokenizer, seed=recipe.seed + stage - 1), device, transform=transform)
     if stage == 1:
         params, loss_fn = stage1.trainable(student), stage1.make_loss(teacher, student, group)
     else:

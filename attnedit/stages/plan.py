@@ -175,6 +175,7 @@ def make_plan(recipe: Recipe) -> dict:
         "kv_bytes_per_token": {"teacher": kv_t["kv_bytes_per_token"], "edited": kv_s["kv_bytes_per_token"]},
         "data_files": [str(f) for f in files],
         "seq_len": recipe.data.seq_len,
+        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps else 0.0,
         "device": str(device),
         "weights_dtype": str(wdtype).replace("torch.", ""),
         "stages": stages,

@@ -29,16 +29,29 @@ def parse_auto(full_layers: str) -> int | None:
     return k
 
 
+KL_CHUNK = 1024  # positions per piece of the KL: fp32 log-softmaxes never exceed rows x KL_CHUNK x vocab
+
+
 def _kl_per_token(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(
         F.log_softmax(logits.float(), -1), F.log_softmax(logits_ref.float(), -1), log_target=True, reduction="none"
     ).sum(-1)
 
 
+def _kl_sum(logits_ref: torch.Tensor, logits: torch.Tensor) -> float:
+    """Summed KL(ref || logits) over every position, a piece of ``KL_CHUNK`` positions at a time."""
+    pieces = range(0, logits.shape[1], KL_CHUNK)
+    return sum(float(_kl_per_token(logits_ref[:, c : c + KL_CHUNK], logits[:, c : c + KL_CHUNK]).sum()) for c in pieces)
+
+
 @torch.no_grad()
-def window_sensitivity(teacher, ids: torch.Tensor, window: int, sink: int, batch_size: int = 4) -> list[float]:
+def window_sensitivity(teacher, ids: torch.Tensor, window: int, sink: int, batch_tokens: int = 8192) -> list[float]:
     """Per layer, the mean KL (nats per token) that restricting only that layer to ``window`` (+ ``sink``)
-    costs the teacher on ``ids`` [n, T], over the positions past ``window + sink``."""
+    costs the teacher on ``ids`` [n, T], over the positions past ``window + sink``.
+
+    Rows go through the model ``batch_tokens // T`` at a time (at least one), and the KL is taken in
+    pieces, so memory follows the tokens of one batch, not the block length squared or the vocabulary
+    times every position (8,192-token blocks four at a time, with the KL in one piece, held 38 GiB)."""
     from .edit import teacher_on_attnedit
 
     t = ids.shape[1]
@@ -52,6 +65,7 @@ def window_sensitivity(teacher, ids: torch.Tensor, window: int, sink: int, batch
     attentions = model.attentions()
     scores = [0.0] * len(attentions)
     start = window + sink
+    batch_size = max(1, batch_tokens // t)
     for s in range(0, ids.shape[0], batch_size):
         batch = ids[s : s + batch_size].to(device)
         ref = model(input_ids=batch).logits[:, start:]
@@ -63,7 +77,10 @@ def window_sensitivity(teacher, ids: torch.Tensor, window: int, sink: int, batch
                 out = model(input_ids=batch).logits[:, start:]
             finally:
                 attn.window, attn.sink = None, 0
-            scores[i] += float(_kl_per_token(ref, out).sum())
+            scores[i] += _kl_sum(ref, out)
+            del out
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back what the measurement cached before training allocates
     n = ids.shape[0] * (t - start)
     return [x / n for x in scores]
 

@@ -9,9 +9,11 @@
 #   bash tools/gpu/ablation.sh gateswa-every=recipes/smollm2-gateswa.yaml+target_args.full_layers=every:6 \
 #        gateswa-auto=recipes/smollm2-gateswa.yaml+target_args.full_layers=auto:5
 # Run it again with the same arguments to resume runs that the time limit stopped. Each run's JSON, log,
-# report and recipe land in $OUT/NAME/ (and $OUT/NAME.tgz); `attnedit report A B --out F.md` compares them.
+# report and recipe land in /tmp/runs/NAME/ (all runs in $OUT/runs.tgz); `attnedit report A B --out F.md` compares them.
+# Many runs at once share the host's cores: each gets a few threads for its compiles and CPU work.
 set -u
 source "$(dirname "$0")/env.sh"
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 shared_data   # wikitext-2-raw/ for the perplexity
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 EVAL="--set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192 --set eval.passkey.contexts=2048,4096,8192 --set eval.bench.contexts="
@@ -31,7 +33,9 @@ for spec in "$@"; do
   timeout -s TERM "${LIMIT:-540}" python -m attnedit convert $args --progress lines >> $r.log 2>&1 &
 done
 wait
+files=()
 for name in "${names[@]}"; do
-  r=/tmp/runs/$name; echo "=== $name"; grep -v "^\s*$" $r.log | tail -n 24
-  (cd /tmp/runs && tar -czf "$OUT/$name.tgz" $(ls -d $name.log $name/*.json $name/*.jsonl $name/report.md $name/recipe.yaml $name/model/config.json 2>/dev/null))
+  r=/tmp/runs/$name; echo "=== $name"; grep -v "^\s*$" $r.log | tail -n ${TAIL:-24}
+  files+=($(cd /tmp/runs && ls -d $name.log $name/*.json $name/*.jsonl $name/report.md $name/recipe.yaml $name/model/config.json 2>/dev/null))
 done
+(cd /tmp/runs && tar -czf "$OUT/runs.tgz" "${files[@]}")  # one file: a GPU call brings back only a few

@@ -1,0 +1,63 @@
+"""Recall spans: long-range retrieval made part of ordinary training text (``stage2.recall_fraction``).
+
+In a chosen fraction of the training blocks, one span of the block's own text (32-256 tokens) is copied
+over text further on, at a distance drawn uniformly over what the block allows. Where the copy starts
+the teacher recognises text it has seen and predicts the rest of it almost surely (induction); a student
+whose sliding-window layers cannot see the first occurrence must fetch it through its full-attention
+layers (or its latent cache) to match the teacher's distribution there. Nothing else changes: the loss
+is still the distillation on the teacher's own predictions, so this is a data mix, not a new objective,
+and it is unlike the passkey prompts the evaluation uses (no instruction, no question, no digits).
+
+The choice for a block depends only on its tokens and the seed, so a resumed run draws the same spans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..errors import AttnEditError
+
+SPAN = (32, 256)  # copied span length in tokens, inclusive range
+
+
+def _generator(block: torch.Tensor, seed: int) -> torch.Generator:
+    digest = hashlib.blake2b(block.to(torch.int64).numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def _draw(g: torch.Generator, low: int, high: int) -> int:
+    """An integer uniform in ``[low, high]``."""
+    return int(torch.randint(low, high + 1, (1,), generator=g))
+
+
+def recall_plan(block: torch.Tensor, fraction: float, seed: int = 0) -> tuple[int, int, int] | None:
+    """``(source, destination, length)`` of the span copied in ``block`` (1-D token ids), or None when the
+    block is left as it is (by chance, or because it is too short for two spans of the shortest length)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise AttnEditError(f"recall_fraction={fraction!r}: must be between 0 and 1 (e.g. 0.5; 0 = off)")
+    t = block.numel()
+    if fraction == 0.0 or t < 2 * SPAN[0]:
+        return None
+    g = _generator(block, seed)
+    if float(torch.rand((), generator=g)) >= fraction:
+        return None
+    length = _draw(g, SPAN[0], min(SPAN[1], t // 2))
+    source = _draw(g, 0, t - 2 * length)
+    destination = _draw(g, source + length, t - length)
+    return source, destination, length
+
+
+def with_recall_spans(ids: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """``ids`` ([batch, seq] token ids, on the CPU) with a recall span copied into a ``fraction`` of its rows
+    (a new tensor; rows left alone are unchanged)."""
+    if fraction == 0.0:
+        return ids
+    out = ids.clone()
+    for row in out:
+        plan = recall_plan(row, fraction, seed)
+        if plan is not None:
+            source, destination, length = plan
+            row[destination : destination + length] = row[source : source + length].clone()
+    return out
