@@ -160,6 +160,24 @@ def test_passkey_prompt_has_exact_length_and_depth():
         passkey_prompt(tok, 400, 1.5, "12345")
 
 
+def test_varied_filler_gives_each_trial_its_own_text_of_the_same_sentences():
+    from attnedit.eval.passkey import FILLER, PasskeySettings, filler_tokens
+
+    tok = char_tokenizer()
+    sentences = {x.strip() for x in FILLER.split(".") if x.strip()}
+    prompts = {seed: passkey_prompt(tok, 400, 0.5, "12345", order_seed=seed) for seed in (0, 1, 2)}
+    for seed, ids in prompts.items():
+        text = tok.decode(ids)
+        assert len(ids) == 400 and text.count("12345") == 2 and text.startswith(INSTRUCTION) and text.endswith(QUESTION)
+        body = text[len(INSTRUCTION) : -len(QUESTION)].replace(NEEDLE.format(key="12345"), "")  # cut mid-sentence
+        assert {x.strip() for x in body.split(".")[1:-1] if x.strip()} <= sentences  # whole sentences, only FILLER's
+        assert ids == passkey_prompt(tok, 400, 0.5, "12345", order_seed=seed)  # a seed is one text
+    assert len({tuple(p) for p in prompts.values()}) == 3  # each seed its own order
+    assert tok.decode(filler_tokens(tok, 200)) == (FILLER * 3)[:200]  # 'same' is the classic repeated filler
+    with pytest.raises(AttnEditError, match="filler"):
+        PasskeySettings(filler="shuffled")
+
+
 def test_answer_parsing():
     assert answer_is(" 12345. Remember", "12345")
     assert not answer_is(" 1234 5", "12345") and not answer_is(" none", "12345") and not answer_is("123456", "12345")
@@ -174,7 +192,11 @@ def test_passkey_grid(pair):
         grid = result[name]
         assert len(grid) == 2 and all(len(row) == 3 for row in grid)
         assert all(a * 3 in (0, 1, 2, 3) for row in grid for a in row)
-    assert json.loads(json.dumps(result))["trials"] == 3
+    assert json.loads(json.dumps(result))["trials"] == 3 and result["filler"] == "same"
+    varied = run_passkey({"teacher": teacher}, char_tokenizer(), [240], [0.0, 1.0], 3, log=lambda _: None, filler="varied")
+    assert varied["filler"] == "varied" and len(varied["teacher"][0]) == 2
+    with pytest.raises(AttnEditError, match="filler"):
+        run_passkey({"teacher": teacher}, char_tokenizer(), [240], [0.5], 1, filler="other")
     with pytest.raises(AttnEditError, match="longer than"):
         run_passkey({"student": student}, char_tokenizer(), [4096], [0.5], 1)
 

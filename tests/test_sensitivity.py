@@ -43,8 +43,8 @@ def test_window_sensitivity_is_the_same_in_row_batches_and_kl_pieces(monkeypatch
     teacher = tiny_teacher("qwen3")
     ids = tiny_ids(batch=3, length=40)
     whole = window_sensitivity(teacher, ids, window=4, sink=1)  # 3 rows of 40 tokens in one batch
-    monkeypatch.setattr(sensitivity, "KL_CHUNK", 7)
-    pieces = window_sensitivity(teacher, ids, window=4, sink=1, batch_tokens=40)  # one row at a time
+    monkeypatch.setattr(sensitivity, "KL_CHUNK", 6)  # 35 positions: pieces of 6 and a last one of 5
+    pieces = window_sensitivity(teacher, ids, window=4, sink=1, batch_tokens=80)  # 2 rows, then the last one
     assert torch.allclose(torch.tensor(pieces), torch.tensor(whole), rtol=1e-4, atol=1e-7), (pieces, whole)
     assert max(whole) > 0
 

@@ -24,7 +24,7 @@ def accuracy(model, tok, rows: list[list[int]], keys: list[str], device: str) ->
     """Share of rows whose answer is their key, and the first row's answer."""
     with torch.no_grad():
         out = generate_greedy(model, torch.tensor(rows, device=device), 8)
-    texts = tok.batch_decode(out)
+    texts = tok.batch_decode(out, skip_special_tokens=True)
     return sum(answer_is(t, k) for t, k in zip(texts, keys)) / len(keys), texts[0]
 
 
@@ -46,6 +46,8 @@ def main() -> None:
         full = [passkey_prompt(tok, args.context, depth, k) for k in keys]
         cuts = [("whole prompt", full)]
         for keep in (int(k) for k in args.keep.split(",")):
+            if not 0 < keep < args.context - args.sink:
+                raise SystemExit(f"--keep {keep}: give tails shorter than --context minus --sink ({args.context - args.sink})")
             cuts += [(f"last {keep}", [p[-keep:] for p in full]), (f"first {args.sink} + last {keep}", [p[: args.sink] + p[-keep:] for p in full])]
         for name, rows in cuts:
             acc, answer = accuracy(model, tok, rows, keys, args.device)

@@ -1,7 +1,9 @@
 """Recall spans: long-range retrieval made part of ordinary training text (``stage2.recall_fraction``).
 
 In a chosen fraction of the training blocks, one span of the block's own text (32-256 tokens) is copied
-over text further on, at a distance drawn uniformly over what the block allows. Where the copy starts
+over text further on: the source's start is uniform over the block (leaving room for the copy), the
+destination's uniform after the source, so distances lean short (2,048-token blocks: median 476 tokens,
+46% further back than 516; 8,192-token blocks: median 1,691, 82%). Where the copy starts
 the teacher recognises text it has seen and predicts the rest of it almost surely (induction); a student
 whose sliding-window layers cannot see the first occurrence must fetch it through its full-attention
 layers (or its latent cache) to match the teacher's distribution there. Nothing else changes: the loss

@@ -27,6 +27,7 @@ INSTRUCTION = (
     "Find it and memorize it. I will quiz you about it.\n"
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+FILLERS = ("same", "varied")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -40,9 +41,17 @@ class PasskeySettings:
     depths: list[float] = setting(list(DEFAULT_DEPTHS), "where the key sits, 0 = start .. 1 = end")
     trials: int = setting(5, "keys per cell, run as one batch")
     seed: int = setting(0, "seed of the keys")
+    filler: str = setting(
+        "same",
+        "'same': every trial's filler is the same repeated sentences (the classic prompt), so the trials of a cell "
+        "differ only in the key; 'varied': each trial repeats them in its own shuffled order, so a cell samples "
+        "contexts too",
+        FILLERS,
+    )
 
     def __post_init__(self):
         require(self, [
+            (self.filler in FILLERS, "filler", "must be 'same' or 'varied'"),
             (all(c >= 1 for c in self.contexts), "contexts", "must be positive integers"),
             (all(0.0 <= d <= 1.0 for d in self.depths), "depths", "must be fractions between 0 and 1, e.g. 0,0.5,1"),
             (self.trials >= 1, "trials", "must be at least 1"),
@@ -53,8 +62,24 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> list[int]:
-    """Token ids of one prompt of exactly ``context`` tokens with ``key`` at ``depth`` (0..1) of the filler."""
+def filler_tokens(tokenizer, n: int, order_seed: int | None = None) -> list[int]:
+    """``n`` tokens of filler: :data:`FILLER` repeated, or with ``order_seed`` its sentences repeated in orders
+    shuffled by that seed (a different text for each seed, the same sentences)."""
+    if order_seed is None:
+        unit = _tokens(tokenizer, FILLER)
+        return (unit * (n // len(unit) + 1))[:n]
+    rng = random.Random(order_seed)
+    sentences = [x.strip() + "." for x in FILLER.split(".") if x.strip()]
+    out: list[int] = []
+    while len(out) < n:
+        rng.shuffle(sentences)
+        out += _tokens(tokenizer, " ".join(sentences) + " ")
+    return out[:n]
+
+
+def passkey_prompt(tokenizer, context: int, depth: float, key: str, order_seed: int | None = None) -> list[int]:
+    """Token ids of one prompt of exactly ``context`` tokens with ``key`` at ``depth`` (0..1) of the filler
+    (the classic repeated filler, or with ``order_seed`` the shuffled one of :func:`filler_tokens`)."""
     if not 0.0 <= depth <= 1.0:
         raise AttnEditError(f"depth {depth} is outside 0..1; give depths as fractions, e.g. --depths 0,0.5,1")
     start = tokenizer("")["input_ids"]  # the special tokens this tokenizer puts first (BOS), if any
@@ -68,8 +93,7 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> list[int]
         raise AttnEditError(
             f"context {context} is too short for a passkey prompt; use at least {context - n_fill} tokens"
         )
-    unit = _tokens(tokenizer, FILLER)
-    filler = (unit * (n_fill // len(unit) + 1))[:n_fill]
+    filler = filler_tokens(tokenizer, n_fill, order_seed)
     cut = round(depth * n_fill)
     return start + head + filler[:cut] + needle + filler[cut:] + question
 
@@ -86,19 +110,24 @@ def trial_keys(trials: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, context: int, depth: float, keys: list[str], new_tokens: int = 8) -> float:
-    """Fraction of ``keys`` the model retrieves at (``context``, ``depth``); all trials run as one batch."""
+def passkey_accuracy(
+    model, tokenizer, context: int, depth: float, keys: list[str], new_tokens: int = 8, filler: str = "same"
+) -> float:
+    """Fraction of ``keys`` the model retrieves at (``context``, ``depth``); all trials run as one batch.
+    With ``filler='varied'`` trial i's filler is shuffled with seed i (the same texts for every model)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([passkey_prompt(tokenizer, context, depth, k) for k in keys], device=device)
+    seeds = range(len(keys)) if filler == "varied" else [None] * len(keys)
+    ids = torch.tensor([passkey_prompt(tokenizer, context, depth, k, s) for k, s in zip(keys, seeds)], device=device)
     answers = tokenizer.batch_decode(generate_greedy(model, ids, new_tokens).cpu(), skip_special_tokens=True)
     return sum(answer_is(a, k) for a, k in zip(answers, keys)) / len(keys)
 
 
 def run_passkey(
-    models: dict, tokenizer, contexts: list[int], depths: list[float], trials: int = 5, seed: int = 0, log=print
+    models: dict, tokenizer, contexts: list[int], depths: list[float], trials: int = 5, seed: int = 0, log=print,
+    filler: str = "same",
 ) -> dict:
     """Accuracy per (context, depth) for each model in ``models``, as ``passkey.json``:
-    ``{"contexts": [...], "depths": [...], "trials": int, NAME: [[accuracy per depth] per context], ...}``."""
+    ``{"contexts": [...], "depths": [...], "trials": int, "filler": str, NAME: [[accuracy per depth] per context], ...}``."""
     if tokenizer is None:
         raise AttnEditError(
             "the model folder has no tokenizer; passkey retrieval needs one (save it with the checkpoint)"
@@ -112,12 +141,14 @@ def run_passkey(
                 f"the {name}'s vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})"
             )
     keys = trial_keys(trials, seed)
-    result = {"contexts": list(contexts), "depths": list(depths), "trials": trials}
+    if filler not in FILLERS:
+        raise AttnEditError(f"passkey filler {filler!r}: choose 'same' or 'varied'")
+    result = {"contexts": list(contexts), "depths": list(depths), "trials": trials, "filler": filler}
     for name, model in models.items():
         grid = []
         for context in contexts:
             try:
-                grid.append([passkey_accuracy(model, tokenizer, context, d, keys) for d in depths])
+                grid.append([passkey_accuracy(model, tokenizer, context, d, keys, filler=filler) for d in depths])
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                 if not is_out_of_memory(e):
                     raise
@@ -134,7 +165,7 @@ def passkey_json(model: str, teacher: str, student, teacher_model, tokenizer, se
     """``passkey.json`` for a student and its teacher (both loaded): the grid of :func:`run_passkey` plus both names."""
     grid = run_passkey(
         {"student": student, "teacher": teacher_model}, tokenizer, settings.contexts, settings.depths, settings.trials,
-        settings.seed, log=log,
+        settings.seed, log=log, filler=settings.filler,
     )  # fmt: skip
     return {"model": model, "teacher_model": teacher, **grid}
 
@@ -146,4 +177,5 @@ def format_passkey(result: dict) -> str:
     headers = ["model", "context"] + [f"depth {d:g}" for d in result["depths"]]
     rows = [[n, c] + [f"{a:.2f}" for a in accs] for n in names for c, accs in zip(result["contexts"], result[n])]
     right = set(range(1, len(headers)))
-    return f"passkey retrieval, accuracy over {result['trials']} trials per cell\n" + text_table(headers, rows, right)
+    varied = ", each with its own filler" if result.get("filler") == "varied" else ""
+    return f"passkey retrieval, accuracy over {result['trials']} trials per cell{varied}\n" + text_table(headers, rows, right)

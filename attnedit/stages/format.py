@@ -34,7 +34,7 @@ def format_plan(plan: dict) -> str:
             f"({kv['edited'] / kv['teacher']:.1%} of the teacher's, bf16, context {plan['kv_context']:,})"
         ),
         f"data             {len(files)} file(s) in {shown}; blocks of {plan['seq_len']} tokens"
-        + (f"; recall spans in {plan['recall_fraction']:.0%} of stage-2 blocks" if plan.get("recall_fraction") else ""),
+        + (f"; recall spans in {100 * plan['recall_fraction']:g}% of stage-2 blocks" if plan.get("recall_fraction") else ""),
         f"device           {plan['device']}, frozen weights {plan['weights_dtype']}",
         f"checkpoints      every {plan['checkpoint_every']} steps and at each stage's end",
     ]

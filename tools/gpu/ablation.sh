@@ -8,13 +8,15 @@
 #   choice (docs/results.md):
 #   bash tools/gpu/ablation.sh gateswa-every=recipes/smollm2-gateswa.yaml+target_args.full_layers=every:6 \
 #        gateswa-auto=recipes/smollm2-gateswa.yaml+target_args.full_layers=auto:5
-# Run it again with the same arguments to resume runs that the time limit stopped. Each run's JSON, log,
+# Run it again with the same arguments, on the same warm machine, to resume runs that the time limit stopped
+# (the checkpoints stay in /tmp/runs there; on a fresh machine every run starts again). Each run's JSON, log,
 # report and recipe land in /tmp/runs/NAME/ (all runs in $OUT/runs.tgz); `attnedit report A B --out F.md` compares them.
 # Many runs at once share the host's cores: each gets a few threads for its compiles and CPU work.
 set -u
 source "$(dirname "$0")/env.sh"
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 shared_data   # wikitext-2-raw/ for the perplexity
+[ $# -ge 1 ] || { echo "usage: bash tools/gpu/ablation.sh NAME=RECIPE[+KEY=VALUE...] ..." >&2; exit 2; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 EVAL="--set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192 --set eval.passkey.contexts=2048,4096,8192 --set eval.bench.contexts="
 dequantise_teacher
@@ -24,7 +26,7 @@ for spec in "$@"; do
   extra=""; [ "$rest" != "$recipe" ] && for kv in $(echo "${rest#*+}" | tr '+' ' '); do extra="$extra --set $kv"; done
   r=/tmp/runs/$name
   if [ -f $r/recipe.yaml ]; then  # started before: resume (a finished run only completes its evaluation)
-    args="$r --resume"
+    args="$r --resume"; echo "$name: resuming $r"
   else
     args="$recipe --out $r --set data.files=$W --set stage1.steps=${S1:-300} --set stage2.steps=${S2:-300}
           --set stage1.warmup=30 --set stage2.warmup=30 --set checkpoint_every=100

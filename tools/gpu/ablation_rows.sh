@@ -3,7 +3,7 @@
 # or the same tokens in one stage), both targets, side by side on one GPU through ablation.sh; plus the
 # runs that test what would close the headline's misses at the same budget (stage 2 at 8k, every weight
 # training in stage 2, recall spans in stage 2's data).
-# usage: bash tools/gpu/ablation_rows.sh        (on an H200: 15 runs of 6-7 GiB each; run it again to resume)
+# usage: bash tools/gpu/ablation_rows.sh        (on an H200: 15 runs of 6-9 GiB each; run it again to resume)
 #        ROWS="gs-base gs-recall" bash tools/gpu/ablation_rows.sh   (a subset, by name)
 G=recipes/smollm2-gateswa.yaml M=recipes/smollm2-mla.yaml
 declare -A SPEC=(
