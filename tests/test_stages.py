@@ -292,3 +292,8 @@ def test_recall_fraction_sets_stage_2s_data_mix_only(assets):
         job.stream.close()
     with pytest.raises(AttnEditError, match="recall_fraction"):
         parse_recipe(tiny_raw(assets["teacher"], assets["docs"], stage2__recall_fraction=1.5))
+    from attnedit.stages.plan import make_plan
+
+    assert make_plan(recipe)["recall_fraction"] == 1.0
+    short = parse_recipe(tiny_raw(assets["teacher"], assets["docs"], stage2__recall_fraction=1.0))  # 32-token blocks
+    assert make_plan(short)["recall_fraction"] == 0.0  # too short for a span: the plan does not promise one
