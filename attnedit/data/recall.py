@@ -24,6 +24,11 @@ from ..errors import AttnEditError
 SPAN = (32, 256)  # copied span length in tokens, inclusive range
 
 
+def spans_fit(seq_len: int) -> bool:
+    """Whether a block of ``seq_len`` tokens can hold a span and its copy (two of the shortest length)."""
+    return seq_len >= 2 * SPAN[0]
+
+
 def _generator(block: torch.Tensor, seed: int) -> torch.Generator:
     digest = hashlib.blake2b(block.to(torch.int64).numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
@@ -40,7 +45,7 @@ def recall_plan(block: torch.Tensor, fraction: float, seed: int = 0) -> tuple[in
     if not 0.0 <= fraction <= 1.0:
         raise AttnEditError(f"recall_fraction={fraction!r}: must be between 0 and 1 (e.g. 0.5; 0 = off)")
     t = block.numel()
-    if fraction == 0.0 or t < 2 * SPAN[0]:
+    if fraction == 0.0 or not spans_fit(t):
         return None
     g = _generator(block, seed)
     if float(torch.rand((), generator=g)) >= fraction:

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from ..data.recall import SPAN as RECALL_SPAN
+from ..data.recall import spans_fit
 from ..devices import resolve_device, use_bf16
 from ..errors import AttnEditError
 from ..recipe import Recipe, StageConfig
@@ -176,7 +176,7 @@ def make_plan(recipe: Recipe) -> dict:
         "kv_bytes_per_token": {"teacher": kv_t["kv_bytes_per_token"], "edited": kv_s["kv_bytes_per_token"]},
         "data_files": [str(f) for f in files],
         "seq_len": recipe.data.seq_len,
-        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps and stage_seq_len(recipe, 2) >= 2 * RECALL_SPAN[0] else 0.0,
+        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps and spans_fit(stage_seq_len(recipe, 2)) else 0.0,
         "device": str(device),
         "weights_dtype": str(wdtype).replace("torch.", ""),
         "stages": stages,
