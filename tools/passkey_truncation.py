@@ -15,16 +15,13 @@ import argparse
 
 import torch
 
-from attnedit.eval.bench import generate_greedy
-from attnedit.eval.passkey import answer_is, passkey_prompt, trial_keys
+from attnedit.eval.passkey import answer_is, greedy_answers, passkey_prompt, trial_keys
 from attnedit.teachers import load_model
 
 
-def accuracy(model, tok, rows: list[list[int]], keys: list[str], device: str) -> tuple[float, str]:
-    """Share of rows whose answer is their key, and the first row's answer."""
-    with torch.no_grad():
-        out = generate_greedy(model, torch.tensor(rows, device=device), 8)
-    texts = tok.batch_decode(out, skip_special_tokens=True)
+def accuracy(model, tok, rows: list[list[int]], keys: list[str]) -> tuple[float, str]:
+    """Share of rows whose answer is their key (the eval's scoring), and the first row's answer."""
+    texts = greedy_answers(model, tok, rows)
     return sum(answer_is(t, k) for t, k in zip(texts, keys)) / len(keys), texts[0]
 
 
@@ -50,7 +47,7 @@ def main() -> None:
                 raise SystemExit(f"--keep {keep}: give tails shorter than --context minus --sink ({args.context - args.sink})")
             cuts += [(f"last {keep}", [p[-keep:] for p in full]), (f"first {args.sink} + last {keep}", [p[: args.sink] + p[-keep:] for p in full])]
         for name, rows in cuts:
-            acc, answer = accuracy(model, tok, rows, keys, args.device)
+            acc, answer = accuracy(model, tok, rows, keys)
             print(f"{depth:g} | {name} | {acc:.2f} | {answer!r}", flush=True)
 
 

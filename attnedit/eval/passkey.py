@@ -110,15 +110,21 @@ def trial_keys(trials: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
+def greedy_answers(model, tokenizer, rows: list[list[int]], new_tokens: int = 8) -> list[str]:
+    """The text each prompt in ``rows`` (equal-length token ids) makes the model write, greedily through its
+    real cache, all rows as one batch."""
+    ids = torch.tensor(rows, device=next(model.parameters()).device)
+    return tokenizer.batch_decode(generate_greedy(model, ids, new_tokens).cpu(), skip_special_tokens=True)
+
+
 def passkey_accuracy(
     model, tokenizer, context: int, depth: float, keys: list[str], new_tokens: int = 8, filler: str = "same"
 ) -> float:
     """Fraction of ``keys`` the model retrieves at (``context``, ``depth``); all trials run as one batch.
     With ``filler='varied'`` trial i's filler is shuffled with seed i (the same texts for every model)."""
-    device = next(model.parameters()).device
     seeds = range(len(keys)) if filler == "varied" else [None] * len(keys)
-    ids = torch.tensor([passkey_prompt(tokenizer, context, depth, k, s) for k, s in zip(keys, seeds)], device=device)
-    answers = tokenizer.batch_decode(generate_greedy(model, ids, new_tokens).cpu(), skip_special_tokens=True)
+    rows = [passkey_prompt(tokenizer, context, depth, k, s) for k, s in zip(keys, seeds)]
+    answers = greedy_answers(model, tokenizer, rows, new_tokens)
     return sum(answer_is(a, k) for a, k in zip(answers, keys)) / len(keys)
 
 
