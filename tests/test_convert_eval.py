@@ -17,7 +17,8 @@ import yaml
 from test_stages import WORDS, make_docs, make_teacher_dir, tiny_raw
 
 from attnedit.cli import main
-from attnedit.recipe import load_recipe
+from attnedit.recipe import EvalConfig, PasskeyConfig, load_recipe
+from attnedit.stages.evaluate import describe
 
 PARTS = ("eval.json", "passkey.json", "bench.json")
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +191,12 @@ def test_dry_run_plans_the_evaluation(finished, capsys):
     assert main(["convert", str(run), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "evaluation       eval.json: wikitext2 perplexity at 32 (stride 16), 64 (stride 32) (first 200 tokens of WikiText-2)" in out
-    assert "passkey.json: contexts 240 x depths 0,1, 2 trials" in out and "bench.json: batches 1 x contexts 16" in out
+    assert "passkey.json: contexts 240 x depths 0,1, 2 trials\n" in out and "bench.json: batches 1 x contexts 16" in out
+
+
+def test_the_plan_says_when_each_passkey_trial_has_its_own_filler():
+    cfg = EvalConfig(passkey=PasskeyConfig(contexts=[240], depths=[0.0], trials=20, filler="varied"))
+    assert describe(cfg) == ["passkey.json: contexts 240 x depths 0, 20 trials, each with its own filler"]
 
 
 def test_the_shipped_recipes_evaluate():

@@ -70,7 +70,8 @@ def describe(cfg: EvalConfig) -> list[str]:
         lines.append(f"eval.json: {', '.join(tasks)}" + (f" ({'; '.join(notes)})" if notes else ""))
     if cfg.passkey.contexts:
         p = cfg.passkey
-        lines.append(f"passkey.json: contexts {_ints(p.contexts)} x depths {','.join(f'{d:g}' for d in p.depths)}, {p.trials} trials")
+        lines.append(f"passkey.json: contexts {_ints(p.contexts)} x depths {','.join(f'{d:g}' for d in p.depths)}, {p.trials} trials"
+                     + (", each with its own filler" if p.filler == "varied" else ""))
     if cfg.bench.contexts:
         b = cfg.bench
         lines.append(f"bench.json: batches {_ints(b.batches)} x contexts {_ints(b.contexts)}, {b.decode_tokens} decode tokens")

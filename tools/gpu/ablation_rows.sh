@@ -3,7 +3,7 @@
 # or the same tokens in one stage), both targets, side by side on one GPU through ablation.sh; plus the
 # runs that test what would close the headline's misses at the same budget (stage 2 at 8k, every weight
 # training in stage 2, recall spans in stage 2's data).
-# usage: bash tools/gpu/ablation_rows.sh        (on an H200: 15 runs of 6-9 GiB each; run it again to resume)
+# usage: bash tools/gpu/ablation_rows.sh        (on an H200: 16 runs of 6-9 GiB each; run it again to resume)
 #        ROWS="gs-base gs-recall" bash tools/gpu/ablation_rows.sh   (a subset, by name)
 G=recipes/smollm2-gateswa.yaml M=recipes/smollm2-mla.yaml
 declare -A SPEC=(
@@ -13,6 +13,7 @@ declare -A SPEC=(
   [gs-random]="$G+target_args.init=random"
   [gs-nofeat]="$G+stage2.feature_weight=0"
   [gs-s2long]="$G+stage2.seq_len=8192+stage2.batch_size=1"         # 1 x 4 x 8192: the same tokens per step
+  [gs-s2long-pinned]="$G+stage2.seq_len=8192+stage2.batch_size=1+target_args.full_layers=3,7,8,18,23"  # only the length differs from gs-base
   [gs-all]="$G+stage2.trainable=all"
   [gs-recall]="$G+stage2.recall_fraction=0.5"
   [mla-base]="$M"
@@ -23,7 +24,7 @@ declare -A SPEC=(
   [mla-s2long]="$M+stage2.seq_len=8192+stage2.batch_size=1"
   [mla-all]="$M+stage2.trainable=all"
 )
-ORDER="gs-base gs-s2only gs-s1only gs-random gs-nofeat gs-s2long gs-all gs-recall
+ORDER="gs-base gs-s2only gs-s1only gs-random gs-nofeat gs-s2long gs-s2long-pinned gs-all gs-recall
        mla-base mla-s2only mla-s1only mla-random mla-nofeat mla-s2long mla-all"
 args=()
 for name in ${ROWS:-$ORDER}; do
