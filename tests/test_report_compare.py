@@ -13,7 +13,7 @@ from attnedit.eval.kv import kv_figures
 from attnedit.eval.quality import ratios
 from attnedit.export import save_edited
 from attnedit.recipe import parse_recipe
-from attnedit.report.compare import compare_runs, render_comparison, run_figures, varying, zero_shot_metric
+from attnedit.report.compare import compare_runs, passkey_grid_table, render_comparison, run_figures, varying, zero_shot_metric
 from attnedit.stages.rundir import prepare_run_dir
 from attnedit.surgery import edit_model
 
@@ -170,7 +170,7 @@ def test_zero_shot_and_passkey_tables(runs):
         ("teacher", "128"), ("teacher", "256"), ("gs-w16", "128"), ("gs-w16", "256"), ("gs-w32", "128"), ("gs-w32", "256")
     ]  # fmt: skip
     assert [grid[3][f"depth {d}"] for d in ("0", "0.5", "1")] == ["0.00", "0.25", "1.00"]
-    assert grid[1]["depth 0.5"] == "0.75" and grid[0]["trials"] == "4"
+    assert grid[1]["depth 0.5"] == "0.75" and grid[0]["keys"] == "4"
     assert "No passkey.json: gs-s2only." in text
 
 
@@ -270,3 +270,14 @@ def test_cli_errors_are_one_line(runs, tmp_path, capsys):
         code, _, err = attnedit(capsys, *args)
         assert code == 2 and err.startswith("attnedit: error: ") and err.count("\n") == 1, args
         assert message in err, (args, err)
+
+
+def test_the_passkey_grid_says_how_each_run_drew_its_keys():
+    """Runs measured with different protocols (5 keys on one filler, 20 each on its own) are told apart."""
+    def run(name, trials, filler=None):
+        pk = {"contexts": [64], "depths": [0.0], "trials": trials, "student": [[1.0]], "teacher": [[1.0]]}
+        return {"run": name, "passkey": {**pk, **({"filler": filler} if filler else {})}}
+
+    a, b = run("a", 5), run("b", 20, "varied")
+    rows = [line.split("|")[1:4] for line in passkey_grid_table([a, b], {}).splitlines()[2:]]
+    assert [[c.strip() for c in r] for r in rows] == [["a", "64", "5"], ["b", "64", "20, each its own filler"]]

@@ -51,7 +51,7 @@ multiple of N (for N above it, set `stageK.batch_size=N` and divide `grad_accum`
 batch). MoE: activations count the 8 routed experts per token, not 128; the experts' weights are
 what sharding spreads.
 
-Checked on one H100 (`bash tools/gpu/dist_memory.sh`: SmolLM2-135M, `recipes/smollm2-mla.yaml` at 30 + 20
+Checked on one H100 (`bash tools/gpu/dist_memory.sh`: SmolLM2-135M, `recipes/smollm2-mla-2k.yaml`, then named smollm2-mla.yaml, at 30 + 20
 steps under `torchrun --standalone --nproc_per_node 1`, FSDP2 units, DCP checkpoints, compiled; files in
 `docs/results/torchrun-1gpu-mla-*`): each stage's measured peak (`peak_memory_bytes`, torch.cuda.max_memory_allocated)
 next to this plan's sum of components for world size 1 (the total adds 10% slack and 1 GiB of CUDA context,

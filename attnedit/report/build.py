@@ -194,6 +194,11 @@ def kv_series(summary: dict | None, bench: dict | None) -> tuple[str, list[int],
     return None
 
 
+def passkey_protocol(passkey: dict) -> str:
+    """How many keys a passkey cell holds and whether each brought its own filler ("5", "20, each its own filler")."""
+    return f"{passkey['trials']}" + (", each its own filler" if passkey.get("filler") == "varied" else "")
+
+
 def passkey_tables(passkey: dict) -> str:
     out = []
     for name in ("student", "teacher"):
@@ -321,7 +326,9 @@ def build_report(run_dir: str | Path) -> Path:
     if passkey:
         plots.passkey_heatmaps(passkey, run / "passkey.png")
         intro = (
-            f"Accuracy per (context, depth) over {passkey['trials']} trials; depth 0 puts the key at the start of the "
+            f"Accuracy per (context, depth) over {passkey['trials']} keys"
+            + (" (each with its own shuffled filler)" if passkey.get("filler") == "varied" else "")
+            + "; depth 0 puts the key at the start of the "
             "filler, 1 right before the question. Sliding layers only see their window, so this shows what the full "
             "layers (and sink tokens) keep."
         )

@@ -43,7 +43,7 @@ from ..errors import AttnEditError
 from ..eval.quality import PPL_TASK
 from ..io import write_text
 from ..tables import markdown_table
-from .build import check_run_dir, kv_series, read_json, read_model_config, teacher_name
+from .build import check_run_dir, kv_series, passkey_protocol, read_json, read_model_config, teacher_name
 
 T = "teacher:"  # prefix of the teacher's figures as a run's own files record them
 STAGE_SETTINGS = (
@@ -418,8 +418,8 @@ def passkey_grid_table(runs: list[dict], teacher: dict) -> str | None:
             continue
         for c, accs in zip(pk["contexts"], pk["student"]):
             by_depth = dict(zip(pk["depths"], accs))
-            rows.append([name, c, pk["trials"]] + [f"{by_depth[d]:.2f}" if d in by_depth else "-" for d in depths])
-    return markdown_table(["model", "context", "trials"] + [f"depth {d:g}" for d in depths], rows)
+            rows.append([name, c, passkey_protocol(pk)] + [f"{by_depth[d]:.2f}" if d in by_depth else "-" for d in depths])
+    return markdown_table(["model", "context", "keys"] + [f"depth {d:g}" for d in depths], rows)
 
 
 def render_comparison(runs: list[dict]) -> str:

@@ -5,7 +5,12 @@
 # training in stage 2, recall spans in stage 2's data).
 # usage: bash tools/gpu/ablation_rows.sh        (on an H200: 16 runs of 6-9 GiB each; run it again to resume)
 #        ROWS="gs-base gs-recall" bash tools/gpu/ablation_rows.sh   (a subset, by name)
-G=recipes/smollm2-gateswa.yaml M=recipes/smollm2-mla.yaml
+# Each target's rows start from the settings its rows were first measured with, so that a later change of a
+# shipped recipe does not move them (smollm2-mla.yaml now trains stage 2 on 8k sequences without feature
+# matching, and measures passkey with 20 keys a cell, each with its own filler).
+ROWS_PASSKEY="+eval.passkey.trials=5+eval.passkey.filler=same"
+G="recipes/smollm2-gateswa.yaml$ROWS_PASSKEY"
+M="recipes/smollm2-mla.yaml+stage2.seq_len=2048+stage2.feature_weight=0.1$ROWS_PASSKEY"
 declare -A SPEC=(
   [gs-base]="$G"                                                   # stage 1 + 2, teacher init, features 0.1
   [gs-s2only]="$G+stage1.steps=0+stage2.steps=450"                 # the same 14.7 M tokens, all in stage 2

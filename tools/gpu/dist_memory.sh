@@ -9,8 +9,8 @@ R=/tmp/runs-dist; rm -rf $R
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SETS="--set data.files=$W --set stage1.steps=${S1:-30} --set stage2.steps=${S2:-20} --set stage1.warmup=5 --set stage2.warmup=5 --set checkpoint_every=15 --set heldout_eval=false
       --set eval.tasks= --set eval.passkey.contexts= --set eval.bench.contexts="  # no evaluation after training
-python -m attnedit convert recipes/smollm2-mla.yaml --out $R --dry-run --world-size 1 --gpu-memory 80 $SETS > "$OUT/dist-plan.txt" 2>&1
-timeout -s TERM "${LIMIT:-150}" torchrun --standalone --nproc_per_node 1 -m attnedit convert recipes/smollm2-mla.yaml --out $R \
+python -m attnedit convert recipes/smollm2-mla-2k.yaml --out $R --dry-run --world-size 1 --gpu-memory 80 $SETS > "$OUT/dist-plan.txt" 2>&1
+timeout -s TERM "${LIMIT:-150}" torchrun --standalone --nproc_per_node 1 -m attnedit convert recipes/smollm2-mla-2k.yaml --out $R \
   --progress lines $SETS > "$OUT/dist-run.log" 2>&1
 echo "torchrun exit $?"; grep -iE "error|warning" "$OUT/dist-run.log" | head -n 5
 cp $R/summary.json "$OUT/dist-summary.json" 2>/dev/null; ls $R/checkpoints 2>/dev/null | head

@@ -10,7 +10,8 @@
 #   EXTRA="--set eval.bench.contexts=" bash tools/gpu/headline.sh gateswa & EXTRA=... bash tools/gpu/headline.sh mla & wait
 #   (no bench while the GPU is shared: its timings would be the two runs' together)
 # needs: the pack with the harness's wheels in .whl/ and ../shared/data/fewshot (docs/results.md says which),
-#        i.e. CHUNK=64000000 ../shared/device/pack.sh <wikipedia shard> <wiki.test.raw> ../shared/data/fewshot
+#        i.e. CHUNK=60000000 ../shared/device/pack.sh <wikipedia shard> <wiki.test.raw> ../shared/data/fewshot
+#        (a call carries 64 MiB with the working tree: 64,000,000-byte chunks stopped fitting once the tree passed 3.1 MB)
 set -u
 t=${1:?gateswa or mla}; LIMIT=${2:-560}
 source "$(dirname "$0")/env.sh"

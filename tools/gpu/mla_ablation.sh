@@ -12,9 +12,9 @@ COMMON="--set data.files=$W --set stage1.steps=300 --set stage2.steps=300 --set 
 mkdir -p /tmp/runs
 if [ "${1:-convert}" = convert ]; then
   python -c "from attnedit.teachers import local_path; local_path('smollm2-135m')"
-  timeout -s TERM 530 python -m attnedit convert recipes/smollm2-mla.yaml --out /tmp/runs/mla-teacher $COMMON \
+  timeout -s TERM 530 python -m attnedit convert recipes/smollm2-mla-2k.yaml --out /tmp/runs/mla-teacher $COMMON \
     --set target_args.init=teacher > /tmp/runs/mla-teacher.log 2>&1 &
-  [ -n "${ONLY_TEACHER:-}" ] || timeout -s TERM 530 python -m attnedit convert recipes/smollm2-mla.yaml \
+  [ -n "${ONLY_TEACHER:-}" ] || timeout -s TERM 530 python -m attnedit convert recipes/smollm2-mla-2k.yaml \
     --out /tmp/runs/mla-s2only $COMMON --set stage1.steps=0 > /tmp/runs/mla-s2only.log 2>&1 &
   wait
   for t in mla-teacher mla-s2only; do
