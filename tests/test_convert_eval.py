@@ -196,17 +196,20 @@ def test_dry_run_plans_the_evaluation(finished, capsys):
 
 def test_the_plan_says_when_each_passkey_trial_has_its_own_filler():
     cfg = EvalConfig(passkey=PasskeyConfig(contexts=[240], depths=[0.0], trials=20, filler="varied"))
-    assert describe(cfg) == ["passkey.json: contexts 240 x depths 0, 20 trials, each with its own filler"]
+    assert describe(cfg) == ["passkey.json: contexts 240 x depths 0, 20 trials, each with its own shuffled filler"]
 
 
 def test_the_shipped_recipes_evaluate():
     """The GPU recipes measure what the project's results need; the CPU ones a small sample of it."""
-    for name in ("smollm2-mla.yaml", "smollm2-gateswa.yaml", "smollm2-swa-stock.yaml"):
+    for name in ("smollm2-mla.yaml", "smollm2-mla-2k.yaml", "smollm2-gateswa.yaml", "smollm2-swa-stock.yaml"):
         e = load_recipe(REPO / "recipes" / name).eval
         assert e.tasks == ["wikitext2", "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande"], name
         assert (e.ppl_context, e.limit, e.num_fewshot) == ([2048, 8192], None, None), name
         assert e.passkey.contexts == [2048, 4096, 8192], name
         assert (e.bench.contexts, e.bench.batches) == ([2048, 8192], [1, 64]), name
+    # the shipped MLA headline's passkey: 20 keys a cell, each with its own filler (docs/results.md)
+    shipped = load_recipe(REPO / "recipes" / "smollm2-mla.yaml").eval.passkey
+    assert (shipped.trials, shipped.filler) == (20, "varied")
     for name in ("smollm2-mla-cpu.yaml", "smollm2-gateswa-cpu.yaml"):
         e = load_recipe(REPO / "recipes" / name).eval
         assert "wikitext2" in e.tasks and e.ppl_tokens and e.ppl_tokens <= 8192, name

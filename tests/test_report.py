@@ -97,13 +97,21 @@ def test_full_report(run_dir):
     assert "| stage1 | 40 | 163,840 |" in text and "| stage2 | 30 |" in text
     assert "target **gateswa** on 4 of 4 layers" in text and "teacher `tiny-teacher`" in text
     assert "| 1,024 | 0.00 | 0.25 | 1.00 |" in text  # the student's passkey row
-    assert "over 4 keys;" in text
+    assert "over 4 keys;" in text and "Sliding layers only see their window" in text  # a GateSWA run
+
+
+def test_the_window_sentence_is_for_windowed_targets_only(tmp_path):
+    teacher = tiny_teacher("llama")
+    save_edited(edit_model(teacher, "mla", {"kv_lora_rank": 8, "qk_rope_head_dim": 4}), tmp_path / "model")
+    (tmp_path / "passkey.json").write_text(json.dumps(PASSKEY))
+    text = build_report(tmp_path).read_text()
+    assert "over 4 keys;" in text and "Sliding layers" not in text
 
 
 def test_the_report_says_when_each_passkey_key_had_its_own_filler(run_dir):
     (run_dir / "passkey.json").write_text(json.dumps({**PASSKEY, "filler": "varied"}))
     try:
-        assert "over 4 keys (each with its own shuffled filler);" in build_report(run_dir).read_text()
+        assert "over 4 keys, each with its own shuffled filler;" in build_report(run_dir).read_text()
     finally:
         (run_dir / "passkey.json").write_text(json.dumps(PASSKEY))
 

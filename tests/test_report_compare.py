@@ -13,7 +13,7 @@ from attnedit.eval.kv import kv_figures
 from attnedit.eval.quality import ratios
 from attnedit.export import save_edited
 from attnedit.recipe import parse_recipe
-from attnedit.report.compare import compare_runs, passkey_grid_table, render_comparison, run_figures, varying, zero_shot_metric
+from attnedit.report.compare import compare_runs, passkey_figures, passkey_grid_table, render_comparison, run_figures, varying, zero_shot_metric
 from attnedit.stages.rundir import prepare_run_dir
 from attnedit.surgery import edit_model
 
@@ -274,10 +274,14 @@ def test_cli_errors_are_one_line(runs, tmp_path, capsys):
 
 def test_the_passkey_grid_says_how_each_run_drew_its_keys():
     """Runs measured with different protocols (5 keys on one filler, 20 each on its own) are told apart."""
-    def run(name, trials, filler=None):
-        pk = {"contexts": [64], "depths": [0.0], "trials": trials, "student": [[1.0]], "teacher": [[1.0]]}
-        return {"run": name, "passkey": {**pk, **({"filler": filler} if filler else {})}}
+    def run(name, trials, teacher, filler=None):  # as run_figures reads a passkey.json (older ones have no filler)
+        pk = {"contexts": [64], "depths": [0.0], "trials": trials, "student": [[1.0]], "teacher": [[teacher]]}
+        return {"run": name, **passkey_figures({**pk, **({"filler": filler} if filler else {})})}
 
-    a, b = run("a", 5), run("b", 20, "varied")
-    rows = [line.split("|")[1:4] for line in passkey_grid_table([a, b], {}).splitlines()[2:]]
-    assert [[c.strip() for c in r] for r in rows] == [["a", "64", "5"], ["b", "64", "20, each its own filler"]]
+    a, b, c = run("a", 5, 1.0), run("b", 20, 0.5, "varied"), run("c", 20, 0.0, "varied")
+    rows = [line.split("|")[1:5] for line in passkey_grid_table([a, b, c], {}).splitlines()[2:]]
+    varied = "20, each with its own shuffled filler"
+    assert [[cell.strip() for cell in r] for r in rows] == [
+        ["teacher", "64", "5", "1.00"], ["teacher", "64", varied, "0.50"],  # one teacher row per protocol, its first run's
+        ["a", "64", "5", "1.00"], ["b", "64", varied, "1.00"], ["c", "64", varied, "1.00"],
+    ]  # fmt: skip

@@ -31,6 +31,7 @@ FILLERS = ("same", "varied")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+VARIED = "each with its own shuffled filler"  # how the plan, the report and the comparison name filler: varied
 
 
 @dataclass

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..eval.passkey import VARIED
 from ..io import write_text
 from ..tables import human_bytes, markdown_table
 from . import plots
@@ -195,8 +196,9 @@ def kv_series(summary: dict | None, bench: dict | None) -> tuple[str, list[int],
 
 
 def passkey_protocol(passkey: dict) -> str:
-    """How many keys a passkey cell holds and whether each brought its own filler ("5", "20, each its own filler")."""
-    return f"{passkey['trials']}" + (", each its own filler" if passkey.get("filler") == "varied" else "")
+    """How many keys a passkey cell holds and whether each brought its own filler ("5", "20, each with its own
+    shuffled filler")."""
+    return f"{passkey['trials']}" + (f", {VARIED}" if passkey.get("filler") == "varied" else "")
 
 
 def passkey_tables(passkey: dict) -> str:
@@ -325,12 +327,12 @@ def build_report(run_dir: str | Path) -> Path:
     lines += ["", "## Long context: passkey retrieval", ""]
     if passkey:
         plots.passkey_heatmaps(passkey, run / "passkey.png")
+        windowed = ((config or {}).get("edit") or {}).get("target") == "gateswa"
         intro = (
             f"Accuracy per (context, depth) over {passkey['trials']} keys"
-            + (" (each with its own shuffled filler)" if passkey.get("filler") == "varied" else "")
-            + "; depth 0 puts the key at the start of the "
-            "filler, 1 right before the question. Sliding layers only see their window, so this shows what the full "
-            "layers (and sink tokens) keep."
+            + (f", {VARIED}" if passkey.get("filler") == "varied" else "")
+            + "; depth 0 puts the key at the start of the filler, 1 right before the question."
+            + (" Sliding layers only see their window, so this shows what the full layers (and sink tokens) keep." * windowed)
         )
         lines += [intro, "", "![passkey accuracy](passkey.png)", "", passkey_tables(passkey)]
     else:

@@ -155,7 +155,7 @@ def eval_figures(eval_json: dict) -> dict:
 def passkey_figures(passkey: dict) -> dict:
     """``passkey@C`` (mean over depths) per context, the teacher's as ``teacher:passkey@C``, and the grids."""
     contexts, depths = list(passkey["contexts"]), [float(d) for d in passkey["depths"]]
-    grids = {"contexts": contexts, "depths": depths, "trials": passkey["trials"]}
+    grids = {"contexts": contexts, "depths": depths, "trials": passkey["trials"], "filler": passkey.get("filler", "same")}
     out: dict = {}
     for name, prefix in (("student", ""), ("teacher", T)):
         grid = passkey.get(name)
@@ -217,7 +217,7 @@ def teacher_row(runs: list[dict]) -> dict:
                 row["teacher_model"] = row.get("teacher_model") or r.get("teacher_model")
         pk = r.get("passkey") or {}
         if "teacher" in pk and "passkey" not in row:
-            row["passkey"] = {**{k: pk[k] for k in ("contexts", "depths", "trials")}, "student": pk["teacher"]}
+            row["passkey"] = teacher_grid(pk)
     if any("kv.percent" in r for r in runs):
         row["kv.percent"] = 100.0
     if any("heldout_kl" in r for r in runs):
@@ -405,9 +405,20 @@ def zero_shot_table(runs: list[dict], teacher: dict) -> str | None:
     return markdown_table(["task", "metric", "teacher"] + [r["run"] for r in runs], rows)
 
 
+def teacher_grid(passkey: dict) -> dict:
+    """A run's passkey.json with the teacher's accuracies in the student's place (how its keys were drawn kept)."""
+    return {**{k: passkey[k] for k in ("contexts", "depths", "trials", "filler") if k in passkey}, "student": passkey["teacher"]}
+
+
 def passkey_grid_table(runs: list[dict], teacher: dict) -> str | None:
-    """Part 3: one table, a row per (model, context), a column per depth (the union of the runs' depths)."""
-    models = [("teacher", teacher)] * ("passkey" in teacher) + [(r["run"], r) for r in runs if "passkey" in r]
+    """Part 3: one table, a row per (model, context), a column per depth (the union of the runs' depths); a teacher
+    row for each way the runs drew their keys (5 on one filler, 20 each with its own...), from the first run that did."""
+    grids: dict[str, dict] = {}
+    for pk in [r["passkey"] for r in runs if "teacher" in r.get("passkey", {})]:
+        grids.setdefault(passkey_protocol(pk), teacher_grid(pk))
+    if not grids and "passkey" in teacher:
+        grids[passkey_protocol(teacher["passkey"])] = teacher["passkey"]
+    models = [("teacher", {"passkey": g}) for g in grids.values()] + [(r["run"], r) for r in runs if "passkey" in r]
     if not models:
         return None
     depths = sorted({d for _, r in models for d in r["passkey"]["depths"]})

@@ -5,7 +5,7 @@
 # One call runs at most 10 minutes: run the same command again (on the same warm machine) and it resumes
 # the conversion, then the evaluation, where the last call stopped; it prints DONE when report.md exists.
 #
-# usage: [EXTRA="--set k=v ..."] bash tools/gpu/headline.sh gateswa|mla [LIMIT seconds, default 560]
+# usage: [EXTRA="--set k=v ..."] bash tools/gpu/headline.sh gateswa|mla|mla-2k [LIMIT seconds, default 560]
 #   EXTRA applies when the run starts (a resumed run keeps its recipe). Both targets side by side on one GPU:
 #   EXTRA="--set eval.bench.contexts=" bash tools/gpu/headline.sh gateswa & EXTRA=... bash tools/gpu/headline.sh mla & wait
 #   (no bench while the GPU is shared: its timings would be the two runs' together)
@@ -13,7 +13,7 @@
 #        i.e. CHUNK=60000000 ../shared/device/pack.sh <wikipedia shard> <wiki.test.raw> ../shared/data/fewshot
 #        (a call carries 64 MiB with the working tree: 64,000,000-byte chunks stopped fitting once the tree passed 3.1 MB)
 set -u
-t=${1:?gateswa or mla}; LIMIT=${2:-560}
+t=${1:?gateswa, mla or mla-2k (recipes/smollm2-<t>.yaml)}; LIMIT=${2:-560}
 source "$(dirname "$0")/env.sh"
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 shared_data   # wikitext-2-raw/ and fewshot/ as the eval expects them
