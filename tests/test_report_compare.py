@@ -279,7 +279,7 @@ def test_the_passkey_grid_says_how_each_run_drew_its_keys():
         return {"run": name, **passkey_figures({**pk, **({"filler": filler} if filler else {})})}
 
     a, b, c = run("a", 5, 1.0), run("b", 20, 0.5, "varied"), run("c", 20, 0.0, "varied")
-    rows = [line.split("|")[1:5] for line in passkey_grid_table([a, b, c], {}).splitlines()[2:]]
+    rows = [line.split("|")[1:5] for line in passkey_grid_table([a, b, c]).splitlines()[2:]]
     varied = "20, each with its own shuffled filler"
     assert [[cell.strip() for cell in r] for r in rows] == [
         ["teacher", "64", "5", "1.00"], ["teacher", "64", varied, "0.50"],  # one teacher row per protocol, its first run's

@@ -31,7 +31,7 @@ FILLERS = ("same", "varied")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-VARIED = "each with its own shuffled filler"  # how the plan, the report and the comparison name filler: varied
+VARIED = "each with its own shuffled filler"  # how every output names filler: varied (filler_note)
 
 
 @dataclass
@@ -57,6 +57,11 @@ class PasskeySettings:
             (all(0.0 <= d <= 1.0 for d in self.depths), "depths", "must be fractions between 0 and 1, e.g. 0,0.5,1"),
             (self.trials >= 1, "trials", "must be at least 1"),
         ])  # fmt: skip
+
+
+def filler_note(filler: str | None) -> str:
+    """What printed figures add after the number of keys: ", each with its own shuffled filler" for 'varied'."""
+    return f", {VARIED}" if filler == "varied" else ""
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
@@ -184,5 +189,5 @@ def format_passkey(result: dict) -> str:
     headers = ["model", "context"] + [f"depth {d:g}" for d in result["depths"]]
     rows = [[n, c] + [f"{a:.2f}" for a in accs] for n in names for c, accs in zip(result["contexts"], result[n])]
     right = set(range(1, len(headers)))
-    varied = ", each with its own filler" if result.get("filler") == "varied" else ""
-    return f"passkey retrieval, accuracy over {result['trials']} trials per cell{varied}\n" + text_table(headers, rows, right)
+    note = filler_note(result.get("filler"))
+    return f"passkey retrieval, accuracy over {result['trials']} trials per cell{note}\n" + text_table(headers, rows, right)

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from ..errors import AttnEditError
-from ..eval.passkey import VARIED
+from ..eval.passkey import filler_note
 from ..io import write_text
 from ..tables import human_bytes, markdown_table
 from . import plots
@@ -198,7 +198,7 @@ def kv_series(summary: dict | None, bench: dict | None) -> tuple[str, list[int],
 def passkey_protocol(passkey: dict) -> str:
     """How many keys a passkey cell holds and whether each brought its own filler ("5", "20, each with its own
     shuffled filler")."""
-    return f"{passkey['trials']}" + (f", {VARIED}" if passkey.get("filler") == "varied" else "")
+    return f"{passkey['trials']}{filler_note(passkey.get('filler'))}"
 
 
 def passkey_tables(passkey: dict) -> str:
@@ -329,8 +329,7 @@ def build_report(run_dir: str | Path) -> Path:
         plots.passkey_heatmaps(passkey, run / "passkey.png")
         windowed = ((config or {}).get("edit") or {}).get("target") == "gateswa"
         intro = (
-            f"Accuracy per (context, depth) over {passkey['trials']} keys"
-            + (f", {VARIED}" if passkey.get("filler") == "varied" else "")
+            f"Accuracy per (context, depth) over {passkey['trials']} keys{filler_note(passkey.get('filler'))}"
             + "; depth 0 puts the key at the start of the filler, 1 right before the question."
             + (" Sliding layers only see their window, so this shows what the full layers (and sink tokens) keep." * windowed)
         )

@@ -215,9 +215,6 @@ def teacher_row(runs: list[dict]) -> dict:
             if k.startswith(T) and k[len(T) :] not in row:
                 row[k[len(T) :]] = v
                 row["teacher_model"] = row.get("teacher_model") or r.get("teacher_model")
-        pk = r.get("passkey") or {}
-        if "teacher" in pk and "passkey" not in row:
-            row["passkey"] = teacher_grid(pk)
     if any("kv.percent" in r for r in runs):
         row["kv.percent"] = 100.0
     if any("heldout_kl" in r for r in runs):
@@ -410,14 +407,12 @@ def teacher_grid(passkey: dict) -> dict:
     return {**{k: passkey[k] for k in ("contexts", "depths", "trials", "filler") if k in passkey}, "student": passkey["teacher"]}
 
 
-def passkey_grid_table(runs: list[dict], teacher: dict) -> str | None:
+def passkey_grid_table(runs: list[dict]) -> str | None:
     """Part 3: one table, a row per (model, context), a column per depth (the union of the runs' depths); a teacher
     row for each way the runs drew their keys (5 on one filler, 20 each with its own...), from the first run that did."""
     grids: dict[str, dict] = {}
     for pk in [r["passkey"] for r in runs if "teacher" in r.get("passkey", {})]:
         grids.setdefault(passkey_protocol(pk), teacher_grid(pk))
-    if not grids and "passkey" in teacher:
-        grids[passkey_protocol(teacher["passkey"])] = teacher["passkey"]
     models = [("teacher", {"passkey": g}) for g in grids.values()] + [(r["run"], r) for r in runs if "passkey" in r]
     if not models:
         return None
@@ -467,7 +462,7 @@ def render_comparison(runs: list[dict]) -> str:
     else:
         lines += ["_No few-shot tasks in these runs' eval.json (attnedit eval MODEL --teacher T --tasks arc_easy,piqa ...)._"]
     lines += ["", "## Passkey retrieval", ""]
-    table = passkey_grid_table(runs, teacher)
+    table = passkey_grid_table(runs)
     if table:
         lines += ["Accuracy per (context, depth); depth 0 puts the key at the start of the filler, 1 right before the question.", "", table]
         absent = [r["run"] for r in runs if "passkey" not in r]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..devices import resolve_device, run_dtype
 from ..errors import AttnEditError
-from ..eval.passkey import VARIED
+from ..eval.passkey import filler_note
 from ..io import remove_temp_files, write_json
 from ..recipe import EvalConfig, Recipe
 
@@ -72,7 +72,7 @@ def describe(cfg: EvalConfig) -> list[str]:
     if cfg.passkey.contexts:
         p = cfg.passkey
         lines.append(f"passkey.json: contexts {_ints(p.contexts)} x depths {','.join(f'{d:g}' for d in p.depths)}, {p.trials} trials"
-                     + (f", {VARIED}" if p.filler == "varied" else ""))
+                     + filler_note(p.filler))
     if cfg.bench.contexts:
         b = cfg.bench
         lines.append(f"bench.json: batches {_ints(b.batches)} x contexts {_ints(b.contexts)}, {b.decode_tokens} decode tokens")
