@@ -228,6 +228,28 @@ def test_a_signal_between_two_log_steps_resumes_to_the_same_summary(root, tmp_pa
     assert saved["stage1"]["final"]["loss"] == ref["stage1"]["final"]["loss"]
 
 
+@pytest.mark.parametrize("sigs, saved", [((signal.SIGTERM, signal.SIGTERM), True), ((signal.SIGINT, signal.SIGINT), False)])
+def test_a_repeated_sigterm_still_saves_the_checkpoint_and_ctrl_c_twice_stops_at_once(root, tmp_path, monkeypatch, sigs, saved):
+    """`timeout` sends SIGTERM to the run and again to its process group: the second must not lose the step's
+    checkpoint (an H100 run lost 60 steps so). Ctrl-C twice is a person asking to stop now."""
+    raw = yaml.safe_load((root / "recipe.yaml").read_text())
+    raw.update(checkpoint_every=10)
+    raw["stage1"]["steps"], raw["stage2"]["steps"] = 7, 2
+    real = trainer.lr_at
+
+    def two_signals_in_step_5(step, cfg):
+        if step == 4 and cfg.steps == 7:
+            for sig in sigs:
+                os.kill(os.getpid(), sig)
+        return real(step, cfg)
+
+    monkeypatch.setattr(trainer, "lr_at", two_signals_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        convert(parse_recipe(raw), tmp_path / "run", progress="none")
+    names = [c.name for c in list_checkpoints(tmp_path / "run")]
+    assert ("stage1-step000005.pt" in names) == saved
+
+
 def _stopped_run(root, tmp_path, monkeypatch, docs=None):
     """A run stopped by SIGTERM after stage 1 step 2, resumable with `attnedit convert RUN --resume`."""
     raw = yaml.safe_load((root / "recipe.yaml").read_text())

@@ -175,14 +175,18 @@ class Run:
 
     @contextlib.contextmanager
     def stop_on_signals(self):
-        """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second one stops at once."""
+        """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT (Ctrl-C
+        twice) stops at once. A repeated SIGTERM does not: ``timeout``, schedulers and launchers often send it
+        twice (to the process, then to its process group), and the second must not cut the checkpoint short."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
             if self.stop_signal is not None:
-                raise KeyboardInterrupt
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return  # SIGTERM again: the checkpoint after this step is already on its way
             self.stop_signal = signum
             print(f"\nattnedit: {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
 

@@ -9,7 +9,7 @@
 #   EXTRA applies when the run starts (a resumed run keeps its recipe). Both targets side by side on one GPU:
 #   EXTRA="--set eval.bench.contexts=" bash tools/gpu/headline.sh gateswa & EXTRA=... bash tools/gpu/headline.sh mla & wait
 #   (no bench while the GPU is shared: its timings would be the two runs' together)
-# needs: the pack with the harness's wheels in .whl/ and ../shared/data/fewshot (docs/results.md says which),
+# needs: the pack with the harness's wheels in .whl/ (HARNESS=1 bash tools/gpu/wheels.sh) and ../shared/data/fewshot,
 #        i.e. CHUNK=60000000 ../shared/device/pack.sh <wikipedia shard> <wiki.test.raw> ../shared/data/fewshot
 #        (a call carries 64 MiB with the working tree: 64,000,000-byte chunks stopped fitting once the tree passed 3.1 MB)
 set -u

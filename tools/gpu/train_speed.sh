@@ -7,7 +7,7 @@
 #      (e.g. EXTRA="--set stage1.compile=off --set stage2.compile=off" for the eager figures),
 #      RECIPES (default "gateswa mla"; add swa-stock for the stock-servable variant at the same tokens; the
 #      figures in docs/performance.md were taken while the MLA recipe trained stage 2 on 16 x 2048:
-#      RECIPES="gateswa mla-2k" repeats them, "mla" now times stage 2 on 4 x 8192),
+#      RECIPES="gateswa mla-2k" repeats them, "mla" now times stage 2 on 4 x 8192, every weight training),
 #      PROFILE optimizer steps profiled after each stage (3; 0 = none): profile-stage<N>.json in each run,
 #      BEFORE a folder holding an older attnedit package (`git archive <commit> attnedit | tar -x -C DIR`): each
 #      recipe (or each of BEFORE_RECIPES) is timed with it first, as run <recipe>-before, so a change's before/after
