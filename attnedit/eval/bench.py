@@ -80,6 +80,13 @@ class BenchSettings:
         "dynamic shapes) for the student and the teacher on attnedit's engine; the stock path's prefill stays eager, "
         "as transformers runs it",
     )  # fmt: skip
+    capacity: bool = setting(
+        False, "also find, at every context, the largest batch each model serves on this device (its caches, the "
+        "weights and one sequence's chunked prefill in memory at once; the other models' weights moved to host "
+        "memory meanwhile) and its decode throughput there, next to the KV-only limit (memory - weights) / cache "
+        "bytes per sequence",
+    )  # fmt: skip
+    memory_gb: float | None = setting(None, "device memory the capacity search fills, in GiB (default: the GPU's total; needed on CPU)")
     profile: bool = setting(
         False, "also profile attnedit's decode steps in every cell (torch.profiler): kernels per step, device time "
         "per step, time by kernel family and the costliest kernels, saved under each engine's 'profile'; and one prefill "
@@ -93,6 +100,7 @@ class BenchSettings:
             (self.decode_tokens >= 1, "decode_tokens", "must be at least 1"),
             (self.repeats >= 1, "repeats", "must be at least 1"),
             (self.warmup >= 0, "warmup", "must be 0 or more"),
+            (self.memory_gb is None or self.memory_gb > 0, "memory_gb", "must be a positive number of GiB"),
         ])  # fmt: skip
         if self.stock_cells is not None:
             self.stock_cells = [tuple(c) for c in self.stock_cells]
@@ -259,14 +267,65 @@ class AttnEditEngine:
             torch.compiler.cudagraph_mark_step_begin()
         return self.step(token, cache).clone()
 
+    @property
+    def warm_steps(self) -> int:
+        return 3 if self.compile else 1
+
+    def cache_length(self, context: int, settings: BenchSettings) -> int:
+        """Tokens a cell's static cache holds: the prompt, the warm-up and timed steps (and the profiled ones)."""
+        extra = settings.decode_tokens if settings.profile else 0  # the profiled steps decode past the timed ones
+        return context + self.warm_steps + settings.decode_tokens + extra + 1
+
+    def _one_row_prefilled(self, batch: int, context: int, settings: BenchSettings):
+        """A static cache for ``batch`` sequences with row 0 prefilled from a random prompt and copied into every
+        other row, and the next token of each row (see :mod:`attnedit.eval.capacity`)."""
+        from .capacity import fill_rows_from_first
+
+        model, device = self.model, next(self.model.parameters()).device
+        cache = model.new_cache(static=True, batch_size=batch, max_length=self.cache_length(context, settings))
+        ids = _random_ids(model, 1, context, settings.seed, device)
+        with torch.no_grad():
+            first = next_token(model, ids, cache.rows(0, 1), self.kw)
+            fill_rows_from_first(cache)
+        return cache, first.expand(batch, 1).contiguous()
+
+    def probe(self, batch: int, context: int, settings: BenchSettings) -> bool:
+        """Whether ``batch`` sequences of ``context`` tokens fit: their caches, one sequence's prefill, two eager
+        decode steps (raises OutOfMemoryError when not)."""
+        cache, token = self._one_row_prefilled(batch, context, settings)
+        with torch.no_grad():
+            for _ in range(2):
+                token = next_token(self.model, token, cache, self.kw)
+        del cache
+        return True
+
+    def serve(self, batch: int, context: int, settings: BenchSettings) -> dict:
+        """Decode figures at ``batch`` sequences of ``context`` tokens, each row's cache full (the capacity cell)."""
+        model, device = self.model, next(self.model.parameters()).device
+        before = _peak_start(device)
+        cache, token = self._one_row_prefilled(batch, context, settings)
+        with torch.no_grad():
+            for _ in range(self.warm_steps):
+                token = self.decode(token, cache)
+            clock = Clock(device)
+            clock.mark()
+            for _ in range(settings.decode_tokens):
+                token = self.decode(token, cache)
+            clock.mark()
+            decode_ms = clock.intervals_ms()[0]
+        return {
+            "step_ms": decode_ms / settings.decode_tokens,
+            "decode_tok_s": batch * settings.decode_tokens / (decode_ms / 1e3),
+            "peak_mem_bytes": _peak(device, before, model),
+        }
+
     def run(self, batch: int, context: int, settings: BenchSettings) -> dict:
         model, device = self.model, next(self.model.parameters()).device
         steps = settings.decode_tokens
-        warm = 3 if self.compile else 1
+        warm = self.warm_steps
         ids = _random_ids(model, batch, context, settings.seed, device)
         before = _peak_start(device)
-        extra = steps if settings.profile else 0  # the profiled steps decode past the timed ones
-        cache = model.new_cache(static=True, batch_size=batch, max_length=context + warm + steps + extra + 1)
+        cache = model.new_cache(static=True, batch_size=batch, max_length=self.cache_length(context, settings))
         kv = cache.allocated_bytes()
         ttfts = []
         with torch.no_grad():
@@ -498,8 +557,10 @@ def run_bench_many(
     student_kv = {label: kv_by_context(configs[label], settings.contexts, dtype) for label in students}
     teacher_kv = kv_by_context(teacher.config, settings.contexts, dtype)
 
+    capacity: dict[tuple[str, int], dict] = {}
+
     def assemble() -> dict[str, dict]:
-        return _assemble(header, student_kv, teacher_kv, settings, timed, largest)
+        return _assemble(header, student_kv, teacher_kv, settings, timed, largest, capacity)
 
     try:
         for name, engine in engines.items():
@@ -529,11 +590,43 @@ def run_bench_many(
                         figures["step_over_bound"] = _ratio(figures["step_ms"], figures["hbm_bound_ms"])
                     timed[name][(batch, context)] = figures
                     log(_progress_one(label, {"batch": batch, "context": context, label: figures}))
-            if partial is not None and name != list(engines)[-1]:
+            if partial is not None and (name != list(engines)[-1] or settings.capacity):
                 partial({k: {**v, "partial": True} for k, v in assemble().items()})
+        if settings.capacity:
+            capacity.update(_capacity(engines, settings, dtype, device, log))
         return assemble()
     finally:  # the models leave as they came: unfused, prefill eager (a later passkey run uses them)
         set_engine_options(engines, False, False)
+
+
+def _capacity(engines: dict, settings: BenchSettings, dtype: str, device, log) -> dict:
+    """{(engine, context): capacity cell} for the engines on attnedit's engine, each measured with the device to
+    itself (see :mod:`attnedit.eval.capacity`)."""
+    from .capacity import capacity_cell, resident_alone
+
+    if device.type == "cuda":
+        memory = int(settings.memory_gb * 2**30) if settings.memory_gb else torch.cuda.mem_get_info(device)[1]
+    elif settings.memory_gb:
+        memory = int(settings.memory_gb * 2**30)
+    else:
+        raise AttnEditError("--capacity on a CPU needs --memory-gb (the memory to fill); on a GPU it is the card's")
+    ours = {name: e for name, e in engines.items() if isinstance(e, AttnEditEngine)}
+    models = [e.model for e in engines.values()]
+    out = {}
+    set_engine_options(ours, False, False)  # a fused weight would keep a moved model's device memory
+    for name, engine in ours.items():
+        set_engine_options({name: engine}, settings.fuse_projections, settings.compile_prefill)
+        if engine.compile:
+            torch._dynamo.reset()
+        weights = weight_bytes(engine.model)
+        with resident_alone(engine.model, [m for m in models if m is not engine.model]):
+            for context in settings.contexts:
+                cell = capacity_cell(engine, context, settings, memory, dtype, weights)
+                out[(name, context)] = cell
+                log(f"{name}: at context {context} serves {cell['largest_batch']} sequences (KV-only limit "
+                    f"{cell['kv_only_limit']})" + (f", {cell['decode_tok_s']:,.0f} tok/s" if cell["decode_tok_s"] else ""))
+        set_engine_options({name: engine}, False, False)
+    return out
 
 
 def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwidth) -> dict:
@@ -556,7 +649,9 @@ def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwid
     }
 
 
-def _assemble(header: dict, student_kv: dict, teacher_kv: dict, settings: BenchSettings, timed: dict, largest: dict) -> dict[str, dict]:
+def _assemble(
+    header: dict, student_kv: dict, teacher_kv: dict, settings: BenchSettings, timed: dict, largest: dict, capacity: dict | None = None
+) -> dict[str, dict]:
     """One ``bench.json`` per student (``student_kv``'s keys) from the engines' timings so far (an engine
     not yet run: null)."""
     results = {}
@@ -577,8 +672,23 @@ def _assemble(header: dict, student_kv: dict, teacher_kv: dict, settings: BenchS
                 run["ratio"] = ratios(run["student"], run["teacher"])
                 run["ratio_stock"] = ratios(run["student"], run["teacher_stock"])
                 result["runs"].append(run)
+        if capacity:
+            result["capacity"] = _capacity_rows(label, settings.contexts, capacity)
         results[label] = result
     return results
+
+
+def _capacity_rows(label: str, contexts: list[int], capacity: dict) -> list[dict]:
+    """``bench.json``'s ``capacity``: per context the student's and the teacher's cells and their ratios."""
+    from .capacity import capacity_ratios
+
+    rows = []
+    for context in contexts:
+        student, teacher = capacity.get((label, context)), capacity.get(("teacher", context))
+        row = {"context": context, "student": student, "teacher": teacher}
+        row["ratio"] = capacity_ratios(student, teacher) if student and teacher else None
+        rows.append(row)
+    return rows
 
 
 def _cell(engine, batch: int, context: int, settings: BenchSettings, known: tuple[int, int] | None) -> dict | int:
@@ -672,4 +782,33 @@ def format_bench(result: dict) -> str:
     for r in result["runs"]:
         for name, best in r.get("largest_batch", {}).items():
             lines.append(f"{name}: batch {r['batch']} at context {r['context']} does not fit; largest that fits: {best}")
+    if result.get("capacity"):
+        lines += ["", format_capacity(result["capacity"])]
     return "\n".join(lines)
+
+
+def format_capacity(rows: list[dict]) -> str:
+    """The serving-capacity table: per context and model, the largest batch served, the KV-only limit, decode
+    throughput at that batch, and the student over the teacher (each at its own largest batch)."""
+    from ..tables import human_bytes, text_table
+
+    def num(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    out = []
+    for r in rows:
+        for name in ("teacher", "student"):
+            c = r.get(name)
+            if not c:
+                continue
+            ratio = r.get("ratio") or {}
+            out.append([
+                r["context"], name, c["largest_batch"], c["kv_only_limit"], human_bytes(c["cache_bytes_per_sequence"]),
+                num(c["decode_tok_s"], "{:,.0f}"), num(c["step_ms"], "{:.2f}"),
+                "-" if name == "teacher" else num(ratio.get("largest_batch"), "{:.2f}x"),
+                "-" if name == "teacher" else num(ratio.get("decode_tok_s"), "{:.2f}x"),
+            ])  # fmt: skip
+    headers = ["context", "model", "largest batch", "KV-only limit", "cache/seq", "tok/s there", "step ms", "batch S/T", "tok/s S/T"]
+    return "serving capacity (each model alone on the device; caches + weights + one sequence's chunked prefill)\n" + text_table(
+        headers, out, right=set(range(len(headers)))
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .kernels import sliding_attention, window_mask
 
@@ -246,6 +247,10 @@ class AttentionContext:
         )
         if plain and not force:
             return None
+        if not force and window is None and self.key_padding is None and n == self.n_cached + self.q_len:
+            # a chunk after earlier ones over a full cache (keys = every token in order): causal aligned to the
+            # last key, which SDPA's flash kernel runs without a mask tensor (a prefill in chunks)
+            return causal_lower_right(self.q_len, n)
         q = self.query_index(key_index.device)
         allowed = window_mask(q, key_index, window, sink)[None, None]
         if self.key_padding is not None:
@@ -255,10 +260,23 @@ class AttentionContext:
         return allowed
 
 
+def mask_tensor(mask) -> bool:
+    """Whether ``mask`` is a boolean mask tensor (not None, nor a :func:`causal_lower_right` bias)."""
+    return isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias)
+
+
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:
     """Scaled dot-product attention; K/V may have fewer heads than Q (grouped-query, or one latent
-    head for MLA). ``mask`` None means plain causal, or one query at the end of the keys."""
+    head for MLA). ``mask`` None means plain causal, or one query at the end of the keys; a
+    :func:`causal_lower_right` bias means causal aligned to the last key (a chunk after cached tokens)."""
     gqa = k.shape[1] != q.shape[1]
+    if gqa and q.is_cuda and mask_tensor(mask):
+        # SDPA's memory-efficient kernel takes a mask but not grouped K/V, and its math fallback would hold
+        # [batch, heads, queries, keys] scores: give it K/V per query head instead (masks come with padding
+        # or with a sliding layer's chunk, whose keys are few)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        gqa = False
     causal = mask is None and q.shape[2] > 1 and q.shape[2] == k.shape[2]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
@@ -304,6 +322,17 @@ class CacheLayer:
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def rows(self, start: int, end: int) -> "CacheLayer":
+        """This static layer over batch rows ``start:end``: the same object's fields with every tensor a view of
+        its rows (writes land in this layer's storage)."""
+        import copy
+
+        view = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(view, name, value[start:end])
+        return view
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.static:

@@ -211,6 +211,185 @@ def decode_attention(q, k, v, n_filled, valid, scale: float, v_dim: int | None =
     return decode_attention_sdpa(q, k, v, n_filled, valid, scale, v_dim)
 
 
+# ------------------------------------------------------------------------------------ MLA decode
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mla_decode_partial(
+        Q, LAT, VALID, NF, OUT, PO, PM, PL,
+        sq_b, sq_h, sl_b, sl_n, sval_b, so_b, so_h,
+        scale, split_len, H,
+        R: tl.constexpr, R_PAD: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, HT: tl.constexpr,
+        HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One (sequence, tile of heads, split of the cache): scores over the latent ``[c_kv | k_pe]`` read
+        once as ``q_c . c_kv + q_p . k_pe``, values = ``c_kv`` (the same tile, already loaded)."""
+        b = tl.program_id(0)
+        ht = tl.program_id(1)
+        sp = tl.program_id(2)
+        n = tl.load(NF).to(tl.int32)
+        start = sp * split_len
+        end = tl.minimum(start + split_len, n)
+        offs_h = ht * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_r = tl.arange(0, R_PAD)
+        offs_p = tl.arange(0, P_PAD)
+        hmask = offs_h < H
+        q_row = Q + b * sq_b + offs_h[:, None] * sq_h
+        q_c = tl.load(q_row + offs_r[None, :], mask=hmask[:, None] & (offs_r[None, :] < R), other=0.0)
+        q_p = tl.load(q_row + R + offs_p[None, :], mask=hmask[:, None] & (offs_p[None, :] < P), other=0.0)
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, R_PAD], tl.float32)
+        for s in range(start, end, BLOCK_N):
+            offs_n = s + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            row = LAT + b * sl_b + offs_n[:, None] * sl_n
+            c = tl.load(row + offs_r[None, :], mask=nmask[:, None] & (offs_r[None, :] < R), other=0.0)  # [N, R]
+            kp = tl.load(row + R + offs_p[None, :], mask=nmask[:, None] & (offs_p[None, :] < P), other=0.0)
+            if IEEE:
+                qk = tl.dot(q_c, tl.trans(c), input_precision="ieee") + tl.dot(q_p, tl.trans(kp), input_precision="ieee")
+            else:
+                qk = tl.dot(q_c, tl.trans(c)) + tl.dot(q_p, tl.trans(kp))
+            qk = qk * scale
+            keep = nmask
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * sval_b + offs_n, mask=nmask, other=0) != 0)
+            qk = tl.where(keep[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(qk - m_safe[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            m = m_new
+        if NSPLIT == 1:  # the whole cache in one program: write the output itself
+            out = acc / tl.maximum(l, 1e-30)[:, None]
+            ptr = OUT + b * so_b + offs_h[:, None] * so_h + offs_r[None, :]
+            tl.store(ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None] & (offs_r[None, :] < R))
+        else:
+            row = (b * HT + ht) * NSPLIT + sp
+            tl.store(PO + row * BLOCK_H * R_PAD + tl.arange(0, BLOCK_H)[:, None] * R_PAD + offs_r[None, :], acc)
+            tl.store(PM + row * BLOCK_H + tl.arange(0, BLOCK_H), m)
+            tl.store(PL + row * BLOCK_H + tl.arange(0, BLOCK_H), l)
+
+    @triton.jit
+    def _mla_decode_combine(
+        PO, PM, PL, OUT, so_b, so_h, H,
+        R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_PAD: tl.constexpr, HT: tl.constexpr,
+    ):  # fmt: skip
+        """Merge the splits' partial softmax states of one (sequence, head) in one pass."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        ht = h // BLOCK_H
+        hh = h % BLOCK_H
+        base = (b * HT + ht) * NSPLIT
+        offs_s = tl.arange(0, NSPLIT_PAD)
+        smask = offs_s < NSPLIT
+        ms = tl.load(PM + (base + offs_s) * BLOCK_H + hh, mask=smask, other=float("-inf"))
+        ls = tl.load(PL + (base + offs_s) * BLOCK_H + hh, mask=smask, other=0.0)
+        m = tl.max(ms, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.where(smask, tl.exp(ms - m_safe), 0.0)
+        denom = tl.maximum(tl.sum(w * ls, 0), 1e-30)
+        offs_r = tl.arange(0, R_PAD)
+        acc = tl.zeros([R_PAD], tl.float32)
+        for s in range(NSPLIT):
+            ws = tl.exp(tl.load(PM + (base + s) * BLOCK_H + hh) - m_safe)  # 0 for a split that saw no key
+            acc += ws * tl.load(PO + ((base + s) * BLOCK_H + hh) * R_PAD + offs_r)
+        tl.store(OUT + b * so_b + h * so_h + offs_r, (acc / denom).to(OUT.dtype.element_ty), mask=offs_r < R)
+
+
+def mla_decode_plan(batch: int, heads: int, slots: int, rank: int, rope: int, sms: int = 132) -> dict:
+    """Launch shape of :func:`mla_decode_triton` (a pure function of the shapes, tested on CPU).
+
+    Heads go in tiles of ``block_h`` rows (at least 16, the matrix units' smallest M; 64 at most, as FlashMLA
+    does); the cache is split over ``nsplit`` programs per tile so that about two programs run per SM, but
+    never into splits so short that their partial states (``block_h x rank`` floats each, written and read
+    once more by the merge) would cost more than an eighth of the latent bytes the split reads."""
+    r_pad, p_pad = _pow2(rank), _pow2(rope)
+    block_h = min(64, _pow2(heads))
+    tiles = -(-heads // block_h)
+    block_n = 32 if r_pad >= 512 else 64
+    partial_bytes = block_h * r_pad * 4
+    min_split = max(block_n, math.ceil(8 * partial_bytes / ((rank + rope) * 2) / block_n) * block_n)
+    want = max(1, math.ceil(2 * sms / (batch * tiles)))
+    split_len = max(min_split, math.ceil(math.ceil(slots / want) / block_n) * block_n)
+    nsplit = max(1, math.ceil(slots / split_len))
+    return {"r_pad": r_pad, "p_pad": p_pad, "block_h": block_h, "tiles": tiles, "block_n": block_n,
+            "split_len": split_len, "nsplit": nsplit}  # fmt: skip
+
+
+def mla_decode_triton(q, latent, n_filled, valid, scale: float, rank: int) -> torch.Tensor:
+    """Absorbed MLA decode: ``q`` [B, H, rank + rope] against the latent cache ``latent`` [B, S, rank + rope]
+    (one KV head, values = its first ``rank`` columns) -> [B, H, rank]. Each latent row is read once per
+    tile of heads; splits over the cache are merged by a second small kernel."""
+    bsz, heads, width = q.shape
+    rope, slots = width - rank, latent.shape[1]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+    plan = mla_decode_plan(bsz, heads, slots, rank, rope, sms)
+    q = q.to(latent.dtype)
+    if latent.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("mla_decode: the last dimension of q and the latent cache must be contiguous")
+    out = torch.empty(bsz, heads, rank, device=q.device, dtype=latent.dtype)
+    nsplit, block_h, tiles, r_pad = plan["nsplit"], plan["block_h"], plan["tiles"], plan["r_pad"]
+    f32 = torch.float32
+    shape = (bsz, tiles, nsplit, block_h) if nsplit > 1 else (1,)
+    po = torch.empty(*shape, r_pad, device=q.device, dtype=f32) if nsplit > 1 else out
+    pm = torch.empty(shape, device=q.device, dtype=f32) if nsplit > 1 else out
+    pl = torch.empty(shape, device=q.device, dtype=f32) if nsplit > 1 else out
+    val = valid if valid is not None else q
+    wide = r_pad >= 512
+    _mla_decode_partial[(bsz, tiles, nsplit)](
+        q, latent, val, n_filled, out, po, pm, pl,
+        q.stride(0), q.stride(1), latent.stride(0), latent.stride(1),
+        valid.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
+        scale, plan["split_len"], heads,
+        R=rank, R_PAD=r_pad, P=rope, P_PAD=plan["p_pad"], BLOCK_H=block_h, BLOCK_N=plan["block_n"],
+        NSPLIT=nsplit, HT=tiles, HAS_VALID=valid is not None, IEEE=latent.dtype == torch.float32,
+        num_warps=8 if wide else 4, num_stages=2,
+    )  # fmt: skip
+    if nsplit > 1:
+        _mla_decode_combine[(bsz, heads)](
+            po, pm, pl, out, out.stride(0), out.stride(1), heads,
+            R=rank, R_PAD=r_pad, BLOCK_H=block_h, NSPLIT=nsplit, NSPLIT_PAD=_pow2(nsplit, 2), HT=tiles, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+_MLA_OP_NAME = "attnedit::mla_decode_v1"
+
+
+def _mla_impl(q: torch.Tensor, latent: torch.Tensor, n_filled: torch.Tensor, valid: torch.Tensor | None, scale: float, rank: int) -> torch.Tensor:
+    return mla_decode_triton(q, latent, n_filled, valid, scale, rank)
+
+
+def _register_mla_op():
+    ns, name = _MLA_OP_NAME.split("::")
+    try:
+        op = torch.library.custom_op(_MLA_OP_NAME, mutates_args=())(_mla_impl)
+        op.register_fake(lambda q, latent, n_filled, valid, scale, rank: q.new_empty(q.shape[0], q.shape[1], rank, dtype=latent.dtype))
+    except RuntimeError:
+        pass
+    return getattr(getattr(torch.ops, ns), name)
+
+
+_MLA_OP = _register_mla_op() if HAS_TRITON else None
+
+
+def mla_decode_attention(q, latent, n_filled, valid, scale: float, rank: int) -> torch.Tensor:
+    """One query per sequence and head over MLA's static latent cache: ``q`` [B, H, rank + rope] (the absorbed
+    query, ``[W_uk q_nope | q_pe]``), ``latent`` [B, S, rank + rope] -> [B, H, rank] (to be multiplied by
+    ``W_uv``). On CUDA the Triton kernel (``ATTNEDIT_DECODE=sdpa`` forces the reference), elsewhere SDPA."""
+    if _use_fast(q) and HAS_TRITON and os.environ.get("ATTNEDIT_DECODE", "auto") != "sdpa":
+        return _MLA_OP(q, latent, n_filled, valid, scale, rank)
+    return decode_attention_sdpa(q, latent[:, None], None, n_filled, valid, scale, v_dim=rank)
+
+
 # ------------------------------------------------------------------------------- sliding prefill
 
 

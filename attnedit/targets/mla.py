@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, head_scale, static_buffer
-from .kernels import decode_attention
+from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, head_scale, mask_tensor, static_buffer
+from .kernels import mla_decode_attention
 
 
 def with_rope_theta(base_config: dict, theta: float | None) -> dict:
@@ -167,7 +167,7 @@ class MLAAttention(FusableProjections, nn.Module):
             w_uk, w_uv = self.absorbed_weights()
             q_lat = torch.einsum("bhn,hnr->bhr", q_nope[:, :, 0], w_uk)
             queries = torch.cat([q_lat, q_pe[:, :, 0]], dim=-1)
-            out = decode_attention(queries, buf[:, None], None, n_filled, valid, scale, v_dim=r)
+            out = mla_decode_attention(queries, buf, n_filled, valid, scale, r)
             out = torch.einsum("bhr,hvr->bhv", out, w_uv)
             return self.o_proj(out.reshape(b, 1, hds * self.v_head_dim))
         if ctx.cache is not None:
@@ -186,7 +186,7 @@ class MLAAttention(FusableProjections, nn.Module):
             # one latent KV head shared by all heads: fold the heads into the query axis (an MQA read of
             # the latent cache, never expanded per head)
             queries = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, hds * t, -1)
-            if mask is None and t > 1:
+            if t > 1 and not mask_tensor(mask):  # heads x tokens fold into one axis: a real mask
                 mask = ctx.mask(key_index if key_index is not None else torch.arange(n, device=x.device), force=True)
             if mask is not None:
                 mask = mask.expand(-1, -1, t, -1).repeat(1, 1, hds, 1)

@@ -61,7 +61,7 @@ class AttnEditCache(Cache):
         super().__init__(layers=layers)
         self.static = static
         self.n_cached = 0
-        self.rows, self.max_length = batch_size, max_length
+        self.n_rows, self.max_length = batch_size, max_length
         if static:
             self.n_cached_device = static_buffer((), torch.long, device)
             self.real = static_buffer((batch_size,), torch.long, device)
@@ -88,6 +88,18 @@ class AttnEditCache(Cache):
     def allocated_bytes(self) -> int:
         """Bytes of storage the K/V (or latent) tensors hold, summed over layers."""
         return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def rows(self, start: int, end: int) -> "AttnEditCache":
+        """A static cache over rows ``start:end`` of this one: every tensor a view of this cache's (writes land
+        here), with its own token count starting at this cache's (a prefill of one group of sequences)."""
+        if not self.static:
+            raise ValueError("only a static cache has row views")
+        view = AttnEditCache([layer.rows(start, end) for layer in self.layers])
+        view.static, view.n_rows, view.max_length = True, end - start, self.max_length
+        view.n_cached, view.padded = self.n_cached, self.padded
+        view.n_cached_device = self.n_cached_device.clone()
+        view.real, view.valid = self.real[start:end], self.valid[start:end]
+        return view
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         for layer in self.layers:
@@ -194,6 +206,17 @@ def _new_token_mask(attention_mask, n_cached: int, t: int) -> torch.Tensor | Non
     return new
 
 
+def _chunk_mask(attention_mask, i: int, j: int, n_before: int, s: int, e: int, t: int, static: bool):
+    """The 2-D attention mask of rows ``i:j`` for the chunk of new tokens ``s:e`` (of ``t``) after ``n_before``
+    cached ones: a static cache takes the new tokens' columns, a growing one every column up to the chunk's end."""
+    if attention_mask is None:
+        return None
+    offset = attention_mask.shape[1] - t  # the mask covers the cached tokens too, or only the new ones
+    if static:
+        return attention_mask[i:j, offset + s : offset + e]
+    return attention_mask[i:j, : offset + e]
+
+
 def _context_without_cache(b: int, t: int, attention_mask, position_ids, device) -> AttentionContext:
     key_padding = _new_token_mask(attention_mask, 0, t)
     if position_ids is None:
@@ -256,6 +279,9 @@ class AttnEditPreTrainedModel(PreTrainedModel):
 class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     prefill_backend: str | None = None  # set by compile_prefill(); None: every call runs eagerly
+    # the most tokens (summed over the batch) a prefill into a cache processes at once; longer prompts (and
+    # larger batches) run in chunks of the cache's rows and of the sequence, which bounds prefill memory; None: all at once
+    prefill_chunk: int | None = 8192
     _prefill_fns: tuple | None = None
 
     def __init__(self, config: AttnEditConfig):
@@ -398,6 +424,19 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = self.new_cache()
+        tokens = inputs_embeds if inputs_embeds is not None else input_ids
+        b, t = tokens.shape[:2]
+        chunk = self.prefill_chunk
+        if cache is not None and chunk and b * t > chunk and t > 1 and labels is None and not output_hidden_states and not torch.is_grad_enabled():
+            logits = self._prefill_in_chunks(input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep)
+            return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
+        return self._forward(input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, output_hidden_states, logits_to_keep)
+
+    def _forward(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, cache, labels=None, output_hidden_states=None, logits_to_keep: int | None = 0
+    ) -> CausalLMOutputWithPast:
+        """One pass over the given tokens; ``logits_to_keep=None`` computes no logits (a prefill chunk whose
+        positions nobody reads)."""
         h = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
         b, t = h.shape[:2]
         if cache is not None:
@@ -415,13 +454,16 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
                 h = self._layer_prefill(layer, h, ctx)
             else:
                 h = self._layer(layer, h, ctx)
-        h = self.model.norm(h)
-        if hidden_states is not None:
-            hidden_states.append(h)
         if cache is not None:
             cache.end(ctx)
+        if logits_to_keep is None:
+            return CausalLMOutputWithPast(logits=None, **{_CACHE_FIELD: cache})
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(h[:, keep])
+        h = self.model.norm(h[:, keep] if hidden_states is None else h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+            h = h[:, keep]
+        logits = self.lm_head(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -433,6 +475,47 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             **{_CACHE_FIELD: cache},
         )
+
+    def _prefill_in_chunks(self, input_ids, inputs_embeds, attention_mask, position_ids, cache: AttnEditCache, logits_to_keep: int):
+        """A long prompt's prefill in pieces of at most :attr:`prefill_chunk` tokens (summed over the batch), so
+        its working memory stays bounded whatever the prompt's length or the batch: with a static cache one
+        sequence group at a time (rows of the cache written in place, as a server prefills one request at a time)
+        and each in chunks along the sequence; a growing cache advances every row together. Logits are computed
+        for the kept positions only. The result equals the prefill in one piece (tested)."""
+        tokens = inputs_embeds if inputs_embeds is not None else input_ids
+        b, t = tokens.shape[:2]
+        budget = self.prefill_chunk
+        n_before = cache.get_seq_length()
+        if cache.static:
+            length = min(t, budget)
+            rows = max(1, min(b, budget // length))
+        else:
+            length, rows = max(1, budget // b), b
+        keep_from = t - logits_to_keep if logits_to_keep else 0
+        groups = []
+        for i in range(0, b, rows):
+            j = min(b, i + rows)
+            part = cache if rows == b else cache.rows(i, j)
+            pieces = []
+            for s in range(0, t, length):
+                e = min(t, s + length)
+                keep = e - max(s, keep_from) if e > keep_from else None
+                out = self._forward(
+                    None if input_ids is None else input_ids[i:j, s:e],
+                    None if inputs_embeds is None else inputs_embeds[i:j, s:e],
+                    _chunk_mask(attention_mask, i, j, n_before, s, e, t, cache.static),
+                    None if position_ids is None else position_ids[i:j if position_ids.shape[0] > 1 else None, ..., s:e],
+                    part,
+                    logits_to_keep=keep,
+                )
+                if out.logits is not None:
+                    pieces.append(out.logits)
+            groups.append(torch.cat(pieces, dim=1))
+            if part is not cache:
+                cache.padded = cache.padded or part.padded
+        if rows < b:
+            cache.n_cached_device.add_(t)
+        return torch.cat(groups, dim=0)
 
     # ------------------------------------------------------------------------------- generation
     # attnedit supplies its own cache (as Mamba-style models do): `generate()` allocates a static

@@ -1,0 +1,79 @@
+"""Decode speed, time to first token and serving capacity at a real model's shapes, with random weights (speed and
+memory do not depend on the weights): the teacher built from a config on the GPU, its students edited in memory
+with each recipe's target settings, all timed in one run by ``attnedit bench``'s functions.
+
+    python benchmarks/serving_at_scale.py tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \\
+        --contexts 8192,32768 --batches 1 --capacity --out OUT_DIR
+
+Writes ``OUT_DIR/bench-<target>.json`` (the bench.json layout, with ``capacity``) and prints each table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from attnedit.eval.bench import BenchSettings, format_bench, run_bench_many
+from attnedit.recipe import load_recipe
+from attnedit.surgery import edit_model
+
+
+def random_teacher(config_dir: str, dtype=torch.bfloat16):
+    config = AutoConfig.from_pretrained(config_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="folder with the teacher's config.json")
+    p.add_argument("recipes", nargs="+", help="recipes whose target and target_args make the students")
+    p.add_argument("--contexts", default="8192,32768")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--capacity", action="store_true", help="also the largest batch each serves, and its throughput")
+    p.add_argument("--stock-cells", default=None, help="time the stock transformers path at these BxC cells too")
+    p.add_argument("--out", required=True, help="folder for the JSON files")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    teacher = random_teacher(args.config)
+    students = {}
+    for path in args.recipes:
+        recipe = load_recipe(path)
+        settings = {**recipe.target_args, "init": "random"}  # the weights do not change speed or memory
+        students[recipe.target] = edit_model(teacher, recipe.target, settings)
+    print(f"built teacher and {len(students)} students in {time.time() - t0:.0f} s", flush=True)
+    stock_cells = [tuple(int(x) for x in c.split("x")) for c in args.stock_cells.split(",")] if args.stock_cells else None
+    settings = BenchSettings(
+        contexts=[int(c) for c in args.contexts.split(",")],
+        batches=[int(b) for b in args.batches.split(",")],
+        decode_tokens=args.decode_tokens,
+        repeats=3,
+        warmup=1,
+        stock=stock_cells is not None,
+        stock_cells=stock_cells,
+        capacity=args.capacity,
+    )
+
+    def save(results: dict) -> None:
+        for name, result in results.items():
+            (out / f"bench-{name}.json").write_text(json.dumps({"config": args.config, **result}, indent=1))
+
+    results = run_bench_many(students, teacher, settings, "bfloat16", log=lambda m: print(m, flush=True), partial=save)
+    save(results)
+    for name, result in results.items():
+        print(f"== {name}\n{format_bench(result)}\n", flush=True)
+    print(f"total {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
