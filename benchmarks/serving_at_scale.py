@@ -39,11 +39,16 @@ def main() -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--capacity", action="store_true", help="also the largest batch each serves, and its throughput")
     p.add_argument("--stock-cells", default=None, help="time the stock transformers path at these BxC cells too")
+    p.add_argument("--memory-gb", type=float, default=None, help="cap this process's GPU memory at this many GiB "
+                   "(torch.cuda.set_per_process_memory_fraction), e.g. 79.6 for an 80 GB H100's usable memory on a larger card")
     p.add_argument("--out", required=True, help="folder for the JSON files")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if args.memory_gb:
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total))
     teacher = random_teacher(args.config)
     students = {}
     for path in args.recipes:
@@ -61,6 +66,7 @@ def main() -> int:
         stock=stock_cells is not None,
         stock_cells=stock_cells,
         capacity=args.capacity,
+        memory_gb=args.memory_gb,
     )
 
     def save(results: dict) -> None:
