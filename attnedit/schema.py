@@ -10,7 +10,7 @@ allowed values) in their metadata: ``setting(default, help, choices)``. One such
   with ``x`` (``--stock-cells 1x8192,64x8192``);
 - a line of ``attnedit recipe --explain``.
 
-Types are checked by pydantic's ``TypeAdapter`` (``attnedit.surgery.settings.coerce``): ``"12"`` -> 12,
+Types are checked by pydantic's ``TypeAdapter`` (:func:`coerce`): ``"12"`` -> 12,
 ``"1e-3"`` -> 0.001, ``"true"`` -> True, ``none``/``null`` -> None where allowed. A list field takes a YAML
 list, a comma-separated string, or one value. Range rules live in each dataclass's ``__post_init__``
 (:func:`require`); a broken rule is a :class:`FieldError`, which :func:`build` and :func:`from_args` name by
@@ -26,11 +26,57 @@ import typing
 from dataclasses import field
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from .errors import AttnEditError
-from .surgery.settings import coerce, type_name
 
 REQUIRED = dataclasses.MISSING
+
+
+def _adapter(hint) -> TypeAdapter:
+    if hint not in _ADAPTERS:
+        _ADAPTERS[hint] = TypeAdapter(hint)
+    return _ADAPTERS[hint]
+
+
+_ADAPTERS: dict = {}
+
+
+def type_name(hint) -> str:
+    """A type as a user reads it: ``int``, ``int or 'auto'``, ``list of int``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"list of {type_name(args[0]) if args else 'str'}"
+    if origin is tuple:
+        return " x ".join(type_name(a) for a in args)
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce(name: str, value, hint):
+    """Turn a string from ``--set`` (or a YAML scalar) into the field's type, or explain why not in one line.
+
+    ``hint`` is a resolved type (``typing.get_type_hints``); pydantic does the conversion (lax mode:
+    ``"12"`` -> 12, ``"1e-3"`` -> 0.001, ``"true"`` -> True; ``1.5`` is not an int). ``none``/``null``
+    or an empty string give None where the field allows it.
+    """
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    optional = union and type(None) in typing.get_args(hint)
+    rest = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    base = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise AttnEditError(f"{name} needs a value of type {type_name(base)}")
+    if base is str:  # YAML may read `layers: 0-3,7` or `layers: [0, 3]`; a str field keeps the text
+        return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    try:
+        return _adapter(base).validate_python(value)
+    except ValidationError:
+        raise AttnEditError(f"{name}={value!r} is not a valid {type_name(base)}") from None
 
 
 def setting(default, help: str, choices: tuple | None = None, metavar: str | None = None):

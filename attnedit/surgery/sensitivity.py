@@ -13,21 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnEditError
-
-
-def parse_auto(full_layers: str) -> int | None:
-    """``'auto:K'`` -> K; anything else -> None."""
-    text = str(full_layers).strip().lower()
-    if not text.startswith("auto:"):
-        return None
-    try:
-        k = int(text.split(":", 1)[1])
-    except ValueError:
-        k = -1
-    if k < 0:
-        raise AttnEditError(f"full_layers='{full_layers}': 'auto:K' needs an integer K >= 0")
-    return k
-
+from .settings import parse_auto
 
 KL_CHUNK = 1024  # positions per piece of the KL: fp32 log-softmaxes never exceed rows x KL_CHUNK x vocab
 

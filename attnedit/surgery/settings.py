@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 
-from pydantic import TypeAdapter, ValidationError
-
 from ..errors import AttnEditError
+from ..schema import coerce
 
 TARGETS = ("mla", "gateswa")
 
@@ -64,52 +62,6 @@ SETTINGS = {"mla": MLASettings, "gateswa": GateSWASettings}
 
 def field_help(cls) -> list[tuple[str, str, object]]:
     return [(f.name, f.metadata.get("help", ""), f.default) for f in dataclasses.fields(cls)]
-
-
-def _adapter(hint) -> TypeAdapter:
-    if hint not in _ADAPTERS:
-        _ADAPTERS[hint] = TypeAdapter(hint)
-    return _ADAPTERS[hint]
-
-
-_ADAPTERS: dict = {}
-
-
-def type_name(hint) -> str:
-    """A type as a user reads it: ``int``, ``int or 'auto'``, ``list of int``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return " or ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in args if a is not type(None))
-    if origin is list:
-        return f"list of {type_name(args[0]) if args else 'str'}"
-    if origin is tuple:
-        return " x ".join(type_name(a) for a in args)
-    return getattr(hint, "__name__", str(hint))
-
-
-def coerce(name: str, value, hint):
-    """Turn a string from ``--set`` (or a YAML scalar) into the field's type, or explain why not in one line.
-
-    ``hint`` is a resolved type (``typing.get_type_hints``); pydantic does the conversion (lax mode:
-    ``"12"`` -> 12, ``"1e-3"`` -> 0.001, ``"true"`` -> True; ``1.5`` is not an int). ``none``/``null``
-    or an empty string give None where the field allows it.
-    """
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    optional = union and type(None) in typing.get_args(hint)
-    rest = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
-    base = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise AttnEditError(f"{name} needs a value of type {type_name(base)}")
-    if base is str:  # YAML may read `layers: 0-3,7` or `layers: [0, 3]`; a str field keeps the text
-        return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-    try:
-        return _adapter(base).validate_python(value)
-    except ValidationError:
-        raise AttnEditError(f"{name}={value!r} is not a valid {type_name(base)}") from None
 
 
 def field_types(cls) -> dict:
@@ -243,12 +195,24 @@ def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: s
     }
 
 
+def parse_auto(full_layers: str) -> int | None:
+    """``'auto:K'`` -> K; anything else -> None."""
+    text = str(full_layers).strip().lower()
+    if not text.startswith("auto:"):
+        return None
+    try:
+        k = int(text.split(":", 1)[1])
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise AttnEditError(f"full_layers='{full_layers}': 'auto:K' needs an integer K >= 0")
+    return k
+
+
 def full_layer_indices(full_layers, n_layers: int) -> list[int]:
     """The full layers of a GateSWA plan. ``auto:K`` has not been measured yet when a plan is made from
     configs alone (``--dry-run``, ``inspect``): K layers spread evenly stand in for it, which gives the
     same KV figures; ``convert`` measures the real choice before it edits (surgery/sensitivity.py)."""
-    from .sensitivity import parse_auto
-
     k = parse_auto(full_layers)
     if k is None:
         return parse_layer_list(full_layers, n_layers, "full_layers")
