@@ -22,12 +22,13 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 
 def use_bf16(device: torch.device, precision: str) -> bool:
-    """A stage's ``precision``: bf16, fp32, or auto = bf16 autocast on a GPU that supports it."""
+    """A stage's ``precision``: bf16, fp32, or auto = bf16 autocast on a GPU that supports it (a plan for a
+    GPU made on a machine without one assumes a bf16 GPU: A100, H100, H200)."""
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
 
 
 def autocast(device: torch.device, precision: str):

@@ -191,9 +191,9 @@ def test_sigkill_under_torchrun_then_resume_reaches_the_same_losses(setup, one, 
 def test_dcp_checkpoint_exports_to_a_hugging_face_folder(setup, two, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from attnedit.distributed.checkpoint import export_hf
+    from attnedit.stages.context import export_checkpoint
 
-    out = export_hf(two, tmp_path / "hf")
+    out = export_checkpoint(two, tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     final = load_file(two / "model" / "model.safetensors")
     for name, p in model.state_dict().items():
@@ -225,8 +225,10 @@ def _qwen3_configs():
 
 
 def test_memory_plan_for_the_qwen3_recipes():
-    from attnedit.distributed.memory import GiB, plan_memory, smallest_world
+    from attnedit.distributed.memory import GiB
     from attnedit.recipe import load_recipe
+    from attnedit.stages.plan import memory_plan as plan_memory
+    from attnedit.stages.plan import smallest_world
 
     root = Path(__file__).resolve().parents[1]
     dense, moe = _qwen3_configs()

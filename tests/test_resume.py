@@ -18,8 +18,9 @@ from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
 from attnedit import AttnEditError
 from attnedit.cli import main
 from attnedit.recipe import parse_recipe
-from attnedit.stages import checkpoint, convert, stage1
-from attnedit.stages.checkpoint import list_checkpoints, load_latest
+from attnedit.distributed import checkpoint
+from attnedit.distributed.checkpoint import list_checkpoints, load_latest
+from attnedit.stages import convert, stage1
 
 # A kill needs its own process. This script (one interpreter start-up) forks one child per run; each child runs
 # the CLI, having first arranged to send itself `signal` right after it logs (stage, step). It prints each run's

@@ -452,7 +452,7 @@ def test_stage2_memory_estimate_counts_the_mla_heads_kv_up_projection(target, ar
     """MLA saves every head's up-projected K (no-RoPE part) and V for stage 2's backward where the teacher keeps
     grouped K and V: the estimate adds exactly that width per token and edited layer (H100: without it, MLA's
     stage 2 at 16 x 2048 peaked 4% above the estimate); GateSWA adds nothing."""
-    from attnedit.stages.plan import activation_bytes, attention_extra_width
+    from attnedit.stages.stage2 import Stage2, attention_extra_width
     from attnedit.surgery import edited_config
     from attnedit.targets import AttnEditForCausalLM
 
@@ -461,7 +461,7 @@ def test_stage2_memory_estimate_counts_the_mla_heads_kv_up_projection(target, ar
     with torch.device("meta"):
         meta = AttnEditForCausalLM(edited)
     layers = edited.edit["edited_layers"]
-    width = attention_extra_width(edited)
+    width = sum(attention_extra_width(edited))
     c = teacher.config
     if target == "mla":
         up = meta.model.layers[0].self_attn.kv_b_proj.out_features
@@ -469,9 +469,11 @@ def test_stage2_memory_estimate_counts_the_mla_heads_kv_up_projection(target, ar
         assert width == len(layers) * (up - 2 * c.num_key_value_heads * c.head_dim) > 0
     else:
         assert width == 0
-    recipe = parse_recipe({"teacher": "x", "target": target, "stage2": {"batch_size": 2, "seq_len": 16}})
-    base = activation_bytes(recipe, 2, c, len(layers), 2, torch.device("cuda"))
-    assert activation_bytes(recipe, 2, c, len(layers), 2, torch.device("cuda"), width) - base == 2 * 16 * width * 2
+    stage = Stage2(parse_recipe({"teacher": "x", "target": target, "stage2": {"batch_size": 2, "seq_len": 16}}))
+    with pytest.MonkeyPatch.context() as m:  # the same estimate without the extra width
+        m.setattr(stage2, "attention_extra_width", lambda edited: [])
+        base = stage.activation_bytes(c, edited, 2, False, torch.device("cuda"), 2)
+    assert stage.activation_bytes(c, edited, 2, False, torch.device("cuda"), 2) - base == 2 * 16 * width * 2
 
 
 def test_the_profiles_teacher_forward_is_eager_while_the_stage_runs_its_modules_compiled():

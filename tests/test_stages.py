@@ -208,7 +208,7 @@ def test_convert_runs_both_stages_and_saves_a_loadable_model(assets, tmp_path):
 
     assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))  # what it returned
     assert parse_recipe(yaml.safe_load((run / "recipe.yaml").read_text())) == parse_recipe(raw)  # what it ran
-    from attnedit.stages.checkpoint import list_checkpoints
+    from attnedit.distributed.checkpoint import list_checkpoints
 
     assert list_checkpoints(run)[-1].name == "stage2-step000008.pt"  # the last step was checkpointed
     rows = [m for m in metrics(run) if "step" in m]
@@ -279,11 +279,13 @@ def test_bad_inputs_give_one_line_errors(assets, tmp_path):
 
 def test_recall_fraction_sets_stage_2s_data_mix_only(assets):
     """stage2.recall_fraction puts recall spans into stage 2's batches; stage 1 reads plain blocks."""
-    from attnedit.stages.convert import edit, stage_job
+    from attnedit.distributed import Parallelism
+    from attnedit.stages.context import edit
+    from attnedit.stages.plan import stages
 
     recipe = parse_recipe(tiny_raw(assets["teacher"], assets["docs"], stage2__recall_fraction=1.0, stage2__seq_len=96))
-    teacher, student, tok, _ = edit(recipe, torch.device("cpu"))
-    jobs = {n: stage_job(n, recipe, teacher, student, tok, torch.device("cpu")) for n in (1, 2)}
+    ctx, _ = edit(recipe, torch.device("cpu"), assets["root"] / "unused", Parallelism())
+    jobs = {stage.number: stage.job(ctx) for stage in stages(recipe)}
     assert jobs[1].stream.transform is None
     ids = jobs[2].stream.next_batch(4)
     assert ids.shape == (4, 96) and jobs[2].stream.transform(ids.new_zeros(1, 96)).shape == (1, 96)

@@ -13,6 +13,7 @@ EPILOG = """\
 examples:
   attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (about 5 minutes)
   attnedit convert recipes/smollm2-mla.yaml --dry-run           # the plan: layers, params, tokens, memory, evaluation
+  attnedit convert recipes/qwen3-8b-mla.yaml --dry-run --gpu-memory 80   # on an 80 GiB GPU: the micro-batches that fit
   attnedit convert recipes/smollm2-gateswa.yaml --set stage2.steps=2000 --set data.seq_len=2048
   attnedit convert recipes/smollm2-mla.yaml --set stage1.steps=0 --out runs/stage2-only
   attnedit convert recipes/smollm2-mla.yaml --set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192
@@ -40,8 +41,11 @@ def add_parser(sub) -> None:
     add_out(p, "run folder (default: runs/<recipe name>; with a run folder as source: that folder)", required=False)
     p.add_argument("--dry-run", action="store_true", help="print the plan (layers, params, tokens, estimated memory, evaluation) and exit")
     add_json(p, "with --dry-run: print the plan as JSON")
-    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the memory per GPU on N GPUs, and the fewest that fit")
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="with --dry-run --world-size: memory of one GPU (default 80)")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the plan on N GPUs under torchrun, the memory per GPU, and the fewest that fit")
+    p.add_argument(
+        "--gpu-memory", type=float, metavar="GiB",
+        help="with --dry-run: plan for GPUs of this memory (default with --world-size: 80), with the micro-batches convert fits to it",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run folder from its last good checkpoint (a run whose model is saved: only its missing evaluation)")
     p.add_argument(
         "--progress", default="auto", choices=["auto", "bar", "lines", "none"],
@@ -66,25 +70,27 @@ def run(args) -> int:
     else:
         recipe, out = load_recipe(src, sets), Path(args.out or Path("runs") / src.stem)
     if args.dry_run:
-        plan = make_plan(recipe)
+        plan = make_plan(recipe, args.gpu_memory, args.world_size)
         plan["run_dir"] = str(out)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan) + f"\nrun folder       {out}")
-        if args.world_size:  # issue 13: the per-GPU memory plan
-            from ..distributed.memory import GiB, format_memory_plan, plan_memory, smallest_world
+        if args.world_size:  # the per-GPU memory plan
+            from ..distributed.memory import GiB
+            from ..stages.format import format_memory_plan
+            from ..stages.plan import DEFAULT_GPU_GIB, memory_plan, smallest_world
             from ..teachers import load_config
 
-            config, gpu = load_config(recipe.teacher), args.gpu_memory * GiB
-            print("\n" + format_memory_plan(plan_memory(config, recipe, args.world_size, gpu), smallest_world(config, recipe, gpu)))
+            config, gpu = load_config(recipe.teacher), (args.gpu_memory or DEFAULT_GPU_GIB) * GiB
+            smallest, fitted = smallest_world(config, recipe, gpu), smallest_world(config, recipe, gpu, adapt=True)[0]
+            print("\n" + format_memory_plan(memory_plan(config, recipe, args.world_size, gpu), smallest, fitted))
         return 0
-    from .. import distributed  # issue 13: under torchrun, one process of N
+    from .. import distributed  # under torchrun, one process of N
 
-    distributed.init_from_env(recipe.device)
-    main_rank = distributed.is_main()
+    parallel = distributed.from_env(recipe.device)
     try:
-        summary = convert(recipe, out, resume=args.resume, progress=args.progress)
+        summary = convert(recipe, out, resume=args.resume, progress=args.progress, parallel=parallel)
     finally:
-        distributed.shutdown()
-    if main_rank:
+        parallel.shutdown()
+    if parallel.main:
         print(format_summary(summary))
         tables = format_evaluation(recipe, out)
         if tables:

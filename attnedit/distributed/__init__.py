@@ -1,16 +1,18 @@
-"""Running one recipe on N processes with PyTorch's own engine (torchrun, FSDP2, DCP).
+"""How a conversion is laid out over processes: the parallelism strategy the training loop is handed.
 
-``torchrun --nproc_per_node N -m attnedit convert RECIPE.yaml`` sets the usual environment variables;
-:func:`env.init_from_env` turns them into a process group (NCCL on GPUs, gloo on CPUs). Without them
-nothing here is active and every helper is a no-op for one process.
+One process by default; ``torchrun --nproc_per_node N -m attnedit convert RECIPE.yaml`` sets the usual
+environment variables, :func:`from_env` joins the process group they describe (NCCL on GPUs, gloo on
+CPUs) and hands back the FSDP2 strategy. The stages and the loop ask the strategy, never the process
+group, what differs.
 
-- :mod:`.env`: process group, rank and world helpers.
+- :mod:`.strategy`: :class:`Parallelism` (one process) and :class:`FSDP2` (N processes).
+- :mod:`.memory`: the one memory model (per stage and process), and fitting a stage to a GPU.
+- :mod:`.checkpoint`: one process's atomic ``.pt`` checkpoints; :mod:`.dcp`: sharded DCP ones.
 - :mod:`.fsdp`: the FSDP2 plan of the edited model (which modules are units, what is shared).
-- :mod:`.data_parallel`: how a stage's job runs on N ranks (data split, reduced metrics).
-- :mod:`.checkpoint`: sharded, atomic DCP checkpoints and their conversion to a Hugging Face folder.
-- :mod:`.memory`: the per-GPU memory plan for a world size, and the smallest GPU count that fits.
+- :mod:`.data_parallel`: each rank's slice of a batch, metrics averaged over ranks.
+- :mod:`.env`: process group, rank and world helpers.
 """
 
-from .env import barrier, broadcast_object, init_from_env, is_distributed, is_main, rank, shutdown, world_size
+from .strategy import FSDP2, Parallelism, current, from_env
 
-__all__ = ["barrier", "broadcast_object", "init_from_env", "is_distributed", "is_main", "rank", "shutdown", "world_size"]
+__all__ = ["FSDP2", "Parallelism", "current", "from_env"]

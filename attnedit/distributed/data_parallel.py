@@ -1,4 +1,4 @@
-"""How a stage runs on N ranks: data-parallel, for both stages.
+"""How a stage runs on N ranks (the FSDP2 strategy, :mod:`.strategy`): data-parallel, for both stages.
 
 Every rank draws the same global batch from the same stream (same seed, same position: resume and a
 change of world size stay exact) and trains on its own contiguous slice of ``batch_size / N``
@@ -21,12 +21,9 @@ against seconds of compute.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from ..errors import AttnEditError
-from . import env, fsdp
+from . import env
 
 
 class RankBatches:
@@ -72,36 +69,3 @@ def global_variances(ys: dict) -> dict:
     n, s, ss = stats.unbind(1)
     var = (ss - s * s / n) / (n - 1)
     return {i: var[k].float() for k, i in enumerate(keys)}
-
-
-def distribute(job, teacher, student, run) -> None:
-    """Turn a one-process :class:`~attnedit.stages.trainer.StageJob` into this rank's part, in place."""
-    from .memory import frozen_decision
-
-    world = env.world_size()
-    if job.cfg.batch_size % world:
-        raise AttnEditError(
-            f"stage{job.stage}.batch_size={job.cfg.batch_size} does not split over {world} processes; "
-            f"use a multiple of {world} (each rank trains on batch_size / {world} sequences)"
-        )
-    shard_frozen = frozen_decision(teacher.config, run.recipe, world)
-    if job.stage == 2:
-        fsdp.check_trainable(job.cfg.trainable, shard_frozen)
-    made = fsdp.apply_plan(teacher, student, shard_frozen)
-    names = [n for n, _ in job.params]
-    live = dict(student.named_parameters())
-    job.params = [(n, live[n]) for n in names]  # fully_shard put sharded parameters in their place
-    for _, p in job.params:
-        p.requires_grad_(True)
-    teacher_ids = {id(p) for p in teacher.parameters()}
-    run.owned = [(n, p) for n, p in student.named_parameters() if id(p) not in teacher_ids]
-    fsdp.sync_replicated_grads(job.params)
-    job.stream = RankBatches(job.stream, env.rank(), world)
-    job.loss_fn = reduced(job.loss_fn)
-    if env.is_main() and run.progress != "none":
-        print(
-            f"attnedit: stage {job.stage} on {world} processes: {job.cfg.batch_size // world} of {job.cfg.batch_size} "
-            f"sequences per rank; FSDP2 units made now: {made['trained']} trained, {made['frozen']} frozen "
-            f"(frozen weights {'sharded' if shard_frozen else 'replicated'})",
-            file=sys.stderr,
-        )

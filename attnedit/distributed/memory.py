@@ -1,36 +1,76 @@
-"""The per-GPU memory plan of a conversion on N GPUs, from configs alone (no weights are read).
+"""The one memory model: the bytes one process needs for a stage, from configs alone (no weights are read).
 
-For each stage and each rank: frozen weights (the teacher, shared with the student), trained weights
-(fp32 master copies), their gradients (fp32), AdamW state (two fp32 moments), activations of one
-micro-batch of ``batch_size / N`` sequences, and buffers (FSDP2's all-gathered units: the unit in use
-and the one prefetched). Frozen weights are replicated when that fits and sharded per decoder layer
-otherwise (see :mod:`.fsdp`); trained weights, gradients and AdamW state are always sharded.
+Per stage and process: frozen weights (the teacher, shared with the student: replicated, or under FSDP2
+sharded per decoder layer when replicated ones do not fit), trained weights (fp32 master copies), their
+gradients (fp32), AdamW's two fp32 moments, the activations one micro-batch keeps for the backward pass
+(each stage's own estimate, ``Stage.activation_bytes`` in ``attnedit/stages/``), and FSDP2's buffers (the
+all-gathered unit in use and the prefetched next one). Trained weights, gradients and AdamW state are
+split over the processes; frozen ones only when sharded.
 
-Activations are estimates of what one micro-batch keeps for the backward pass with the recipe's
-settings (fused attention on GPU, so no ``T x T`` scores; gradient checkpointing keeps one layer's
-input per layer plus one layer's internals). An MoE layer's MLP activations count only the routed
-``num_experts_per_tok`` experts per token and the router's logits: no expert runs on tokens not routed
-to it, so memory and time do not grow with the number of experts (the experts' *weights* do, and are
-what sharding spreads). A margin covers the CUDA context and allocator slack.
+``peak`` is the sum: the estimate of the allocator's peak (``torch.cuda.max_memory_allocated``), which
+``summary.json`` reports next to the measured one. What must fit a GPU (``total``) adds 10% allocator
+slack and 1 GiB of CUDA context. When a stage's ``total`` is above the GPU's memory, :func:`fit` picks
+the largest micro-batch that fits and raises gradient accumulation to keep the recipe's global batch,
+turning gradient checkpointing on (a stage that has it) only where no micro-batch fits without it.
+
+The strategy (:class:`~attnedit.distributed.Parallelism`) says how the weights are laid out (:class:`Layout`);
+the stages say what they train and keep (:class:`StageLoad`); this module adds them up.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 
 GiB = 1024**3
+FP32 = 4  # bytes of an fp32 value: trained weights are fp32 master copies, and so are their gradients and AdamW's moments
 CONTEXT_BYTES = 1.0 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers
 SLACK = 0.10  # allocator fragmentation, on top of the estimate
-WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)
+SCORE_TENSORS = 2  # t x t tensors per head (scores and probabilities) on the CPU, which has no fused attention kernel
 
 
-def _teacher_parts(config) -> dict:
-    """Teacher parameter counts by kind: embed, head, attention, mlp (router and experts), norms."""
+def device_memory(device: torch.device) -> int | None:
+    """The GPU's total memory (``torch.cuda.mem_get_info``); None on other devices, where nothing is fitted."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info(device)[1])
+
+
+def score_bytes(device: torch.device, batch: int, heads: int, seq: int, abytes: int) -> int:
+    """The attention scores one layer keeps for backward: none on a GPU (fused kernels), ``t x t`` per head on the CPU."""
+    return batch * heads * seq * seq * SCORE_TENSORS * abytes if device.type == "cpu" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts of the teacher by kind, and of the edited model's new attention."""
+
+    embed: int
+    head: int
+    attention: int
+    mlp: int
+    norms: int
+    largest_layer_frozen: int  # the largest decoder layer's frozen attention + MLP (a sharded frozen unit)
+    new_attention: int
+    largest_new: int  # the largest new attention (a trained FSDP2 unit)
+
+    @property
+    def teacher(self) -> int:
+        return self.embed + self.head + self.attention + self.mlp + self.norms
+
+
+def model_sizes(config, edited) -> ModelSizes:
+    """Count the teacher's parameters (``config``) and the edited model's new attention (``edited``) on the meta device."""
     from transformers import AutoModelForCausalLM
+
+    from ..targets import AttnEditForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    parts = {"embed": 0, "head": 0, "attention": 0, "mlp": 0, "norms": 0, "largest_layer_frozen": 0}
+        student = AttnEditForCausalLM(edited)
+    parts = {"embed": 0, "head": 0, "attention": 0, "mlp": 0, "norms": 0}
     seen, per_layer = set(), {}
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -51,150 +91,96 @@ def _teacher_parts(config) -> dict:
         if kind in ("attention", "mlp"):
             layer = int(name.split(".layers.")[1].split(".")[0])
             per_layer[layer] = per_layer.get(layer, 0) + n
-    parts["largest_layer_frozen"] = max(per_layer.values(), default=0)
-    return parts
+    new = [sum(p.numel() for p in student.attentions()[i].parameters()) for i in edited.edit["edited_layers"]]
+    return ModelSizes(**parts, largest_layer_frozen=max(per_layer.values(), default=0), new_attention=sum(new), largest_new=max(new, default=0))
 
 
-def _new_attention(config, recipe) -> tuple[int, int, int]:
-    """(new params, edited layer count, largest new attention) of the edited model."""
-    from ..stages import stage1
-    from ..surgery import edited_config
-    from ..targets import AttnEditForCausalLM
+@dataclasses.dataclass(frozen=True)
+class StageLoad:
+    """What one stage asks of memory: what it trains and what a micro-batch keeps (from its Stage object)."""
 
-    edited = edited_config(config, recipe.target, recipe.target_args)
-    with torch.device("meta"):
-        meta = AttnEditForCausalLM(edited)
-    layers = edited.edit["edited_layers"]
-    per = [sum(p.numel() for p in meta.attentions()[i].parameters()) for i in layers]
-    return sum(per), len(layers), max(per, default=0)
+    stage: int
+    trained: int  # trained parameters
+    seq_len: int
+    batch_size: int  # the recipe's micro-batch: sequences per forward, all processes together
+    grad_accum: int
+    gradient_checkpointing: bool | None  # the stage's setting; None: the stage has no such switch
+    activations: Callable[[int, bool], float]  # bytes one process keeps for backward at m sequences (checkpointing on/off)
 
-
-def _mlp_width(config) -> tuple[int, int]:
-    """(activated MLP width per token, router outputs per token)."""
-    experts = getattr(config, "num_experts", 0) or 0
-    if experts:
-        return config.moe_intermediate_size * config.num_experts_per_tok, experts
-    return config.intermediate_size, 0
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum
 
 
-def _activations(config, recipe, stage: int, micro: int, n_edited: int, abytes: int) -> int:
-    from ..stages.convert import stage_seq_len
-    from ..stages.plan import FP32, KD_VOCAB_TENSORS, LAYER_SAVED, MLP_SAVED, STAGE1_CAPTURED, STAGE1_SAVED
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a strategy lays the weights out: over how many processes, frozen weights sharded or not,
+    FSDP2 units (whose all-gather buffers count)."""
 
-    cfg = recipe.stage1 if stage == 1 else recipe.stage2
-    t, h = stage_seq_len(recipe, stage), config.hidden_size
-    tokens = micro * t
-    if stage == 1:
-        # the teacher's captured input and output of every edited layer, and each new attention's
-        # internals kept for its backward (q, k, v, latent, outputs: ~12 hidden widths)
-        return n_edited * tokens * h * (STAGE1_CAPTURED + STAGE1_SAVED) * abytes
-    width, router = _mlp_width(config)
-    layer = tokens * (LAYER_SAVED * h + MLP_SAVED * width + router) * abytes  # one layer's internals kept for backward
-    layers = config.num_hidden_layers
-    kept = layers * tokens * h * abytes + layer if cfg.gradient_checkpointing else layers * layer
-    teacher = (layers if cfg.feature_weight > 0 else 1) * tokens * h * abytes
-    logits = min(cfg.kl_chunk, tokens) * config.vocab_size * FP32 * KD_VOCAB_TENSORS  # fp32 chunk: logits, softmaxes, grads
-    return kept + teacher + logits
+    world: int = 1
+    shard_frozen: bool = False
+    fsdp_units: bool = False
+
+    @property
+    def frozen(self) -> str:
+        return "shard" if self.shard_frozen else "replicate"
 
 
-def plan_memory(config, recipe, world_size: int, gpu_bytes: float | None = None, frozen: str = "auto") -> dict:
-    """Per-rank bytes of each stage on ``world_size`` GPUs; ``frozen``: replicate, shard or auto."""
-    from ..stages import stage2  # noqa: F401  (the trainable sets below follow stage2.trainable)
-    from ..stages.convert import stage_seq_len
-
-    def use_bf16(device, precision: str) -> bool:  # the plan is for bf16-capable GPUs (A100, H100, H200)
-        return precision != "fp32"
-
-    device = torch.device("cuda")
-    parts = _teacher_parts(config)
-    new, n_edited, largest_new = _new_attention(config, recipe)
-    bf16_all = all(use_bf16(device, s.precision) for s in (recipe.stage1, recipe.stage2))
-    wb = 2 if (recipe.weights_dtype == "auto" and bf16_all) or recipe.weights_dtype == "bfloat16" else 4
-    tied = parts["head"] == 0
-    whole = (parts["embed"] + parts["head"] + parts["norms"]) * wb
-    layered = (parts["attention"] + parts["mlp"]) * wb
-    modes = ("replicate", "shard") if frozen == "auto" else (frozen,)
-    out = {"world_size": world_size, "gpu_bytes": gpu_bytes, "params": {**parts, "new_attention": new, "tied_head": tied}}
-    options = {}
-    for mode in modes:
-        n = world_size
-        stages = []
-        for stage in (1, 2):
-            cfg = recipe.stage1 if stage == 1 else recipe.stage2
-            if cfg.steps == 0:
-                continue
-            trained = new
-            if stage == 2 and cfg.trainable == "attention+norms":
-                trained += parts["norms"]
-            elif stage == 2 and cfg.trainable == "all":
-                trained = new + parts["embed"] + parts["head"] + parts["norms"] + parts["mlp"]
-            micro = max(1, cfg.batch_size // n)
-            ab = 2 if use_bf16(device, cfg.precision) else 4
-            row = {
-                "stage": stage,
-                "micro_batch": f"{micro} x {stage_seq_len(recipe, stage)}",
-                "frozen_weights": whole + (layered / n if mode == "shard" else layered),
-                "trained_weights": trained * 4 / n,
-                "grads": trained * 4 / n,
-                "optimizer": trained * 8 / n,
-                "activations": _activations(config, recipe, stage, micro, n_edited, ab),
-                # FSDP2 buffers: the all-gathered unit in use and the prefetched next one
-                "buffers": 2 * (largest_new * 4 + (parts["largest_layer_frozen"] * wb if mode == "shard" and n > 1 else 0)),
-            }
-            est = sum(row[k] for k in ("frozen_weights", "trained_weights", "grads", "optimizer", "activations", "buffers"))
-            row["total"] = est * (1 + SLACK) + CONTEXT_BYTES
-            stages.append(row)
-        peak = max((s["total"] for s in stages), default=0)
-        options[mode] = {"stages": stages, "peak": peak, "fits": gpu_bytes is None or peak <= gpu_bytes}
-    out["options"] = options
-    fitting = [m for m in modes if options[m]["fits"]]
-    out["frozen"] = fitting[0] if fitting else modes[-1]
-    out["fits"] = bool(fitting)
-    return out
+TERMS = ("frozen_weights", "trained_weights", "grads", "optimizer", "activations", "buffers")
 
 
-def smallest_world(config, recipe, gpu_bytes: float, frozen: str = "auto") -> tuple[int | None, str | None]:
-    """The fewest GPUs of ``gpu_bytes`` each on which every stage fits, and the frozen-weight mode then."""
-    for n in WORLD_SIZES:
-        p = plan_memory(config, recipe, n, gpu_bytes, frozen)
-        if p["fits"]:
-            return n, p["frozen"]
-    return None, None
+def stage_bytes(sizes: ModelSizes, load: StageLoad, layout: Layout, wbytes: int, batch_size: int | None = None, checkpointing: bool | None = None) -> dict:
+    """One process's bytes for a stage at ``batch_size`` sequences per micro-step (all processes together;
+    default: the recipe's) with gradient checkpointing ``checkpointing`` (default: the stage's setting)."""
+    n = layout.world
+    batch = load.batch_size if batch_size is None else batch_size
+    gc = load.gradient_checkpointing if checkpointing is None else checkpointing
+    micro = max(1, batch // n)
+    whole = (sizes.embed + sizes.head + sizes.norms) * wbytes
+    layered = (sizes.attention + sizes.mlp) * wbytes
+    sharded_frozen = layout.shard_frozen and n > 1
+    row = {
+        "stage": load.stage,
+        "micro_batch": micro,
+        "seq_len": load.seq_len,
+        "batch_size": batch,
+        "grad_accum": load.global_batch // batch,
+        "gradient_checkpointing": gc,
+        "frozen_weights": whole + (layered / n if layout.shard_frozen else layered),
+        "trained_weights": load.trained * FP32 / n,
+        "grads": load.trained * FP32 / n,
+        "optimizer": load.trained * 2 * FP32 / n,
+        "activations": load.activations(micro, bool(gc)),
+        "buffers": 2 * (sizes.largest_new * FP32 + (sizes.largest_layer_frozen * wbytes if sharded_frozen else 0)) if layout.fsdp_units else 0,
+    }
+    row["peak"] = sum(row[k] for k in TERMS)
+    row["total"] = row["peak"] * (1 + SLACK) + CONTEXT_BYTES
+    return row
 
 
-def frozen_decision(config, recipe, world: int) -> bool:
-    """Whether this run shards its frozen weights: ``ATTNEDIT_FROZEN`` (replicate, shard), or, by
-    default, only when replicated ones do not fit this GPU (never on CPU)."""
-    from .fsdp import frozen_mode
-
-    mode = frozen_mode()
-    if mode != "auto":
-        return mode == "shard"
-    if not torch.cuda.is_available() or world == 1:
-        return False
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return plan_memory(config, recipe, world, total, "auto")["frozen"] == "shard"
+def fits(row: dict, gpu_bytes: float | None) -> bool:
+    return gpu_bytes is None or row["total"] <= gpu_bytes
 
 
-def format_memory_plan(plan: dict, smallest: tuple[int | None, str | None] | None = None) -> str:
-    from ..tables import human_bytes, text_table
+def micro_batches(load: StageLoad, world: int) -> list[int]:
+    """The micro-batches that keep the recipe's global batch, largest first: divisors of it, at most the
+    recipe's, that split evenly over ``world`` processes (the recipe's own first, whatever it is)."""
+    g = load.global_batch
+    return [load.batch_size] + [b for b in range(load.batch_size - 1, 0, -1) if g % b == 0 and b % world == 0]
 
-    n = plan["world_size"]
-    lines = [f"memory per GPU on {n} GPU(s) (bf16 frozen weights, fp32 trained weights + AdamW; estimates)"]
-    for mode, opt in plan["options"].items():
-        rows = [
-            [f"stage {s['stage']}", s["micro_batch"], *(human_bytes(s[k]) for k in
-             ("frozen_weights", "trained_weights", "grads", "optimizer", "activations", "buffers", "total"))]
-            for s in opt["stages"]
-        ]  # fmt: skip
-        fits = "" if plan["gpu_bytes"] is None else (" fits" if opt["fits"] else " does NOT fit")
-        lines.append(f"\nfrozen weights {mode.replace('shard', 'sharde')}d{fits}" + (f" in {human_bytes(plan['gpu_bytes'])}" if plan["gpu_bytes"] else ""))
-        headers = ["stage", "micro-batch/rank", "frozen", "trained", "grads", "AdamW", "activations", "FSDP buffers", "total"]
-        lines.append(text_table(headers, rows, right=set(range(2, 9))))
-    if smallest is not None:
-        k, mode = smallest
-        gpu = human_bytes(plan["gpu_bytes"])
-        lines.append(
-            f"\nsmallest GPU count that fits {gpu}: {k} (frozen weights {mode.replace('shard', 'sharde')}d)" if k else f"\nno GPU count up to {WORLD_SIZES[-1]} fits {gpu}"
-        )
-    return "\n".join(lines)
+
+def fit(sizes: ModelSizes, load: StageLoad, layout: Layout, wbytes: int, gpu_bytes: float | None) -> dict | None:
+    """The row of the largest micro-batch that fits ``gpu_bytes`` (the recipe's when it fits), gradient
+    checkpointing turned on only where no micro-batch fits without it; None when nothing fits."""
+    switches = [load.gradient_checkpointing] + ([True] if load.gradient_checkpointing is False else [])
+    for gc in switches:
+        for batch in micro_batches(load, layout.world):
+            row = stage_bytes(sizes, load, layout, wbytes, batch, gc)
+            if fits(row, gpu_bytes):
+                return row
+    return None
+
+
+def adapted(row: dict, load: StageLoad) -> bool:
+    """Whether a fitted row changes what the recipe asks (micro-batch, gradient checkpointing)."""
+    return row["batch_size"] != load.batch_size or bool(row["gradient_checkpointing"]) != bool(load.gradient_checkpointing)

@@ -35,7 +35,8 @@ def format_plan(plan: dict) -> str:
         ),
         f"data             {len(files)} file(s) in {shown}; blocks of {plan['seq_len']} tokens"
         + (f"; recall spans in {100 * plan['recall_fraction']:g}% of stage-2 blocks" if plan.get("recall_fraction") else ""),
-        f"device           {plan['device']}, frozen weights {plan['weights_dtype']}",
+        f"device           {plan['device']} ({plan['parallel']}), frozen weights in {plan['weights_dtype']}"
+        + (f", GPU memory {human_bytes(plan['gpu_bytes'])}" if plan.get("gpu_bytes") else ""),
         f"checkpoints      every {plan['checkpoint_every']} steps and at each stage's end",
     ]
     evaluation = plan.get("eval") or ["none (the recipe's eval: section asks for nothing)"]
@@ -60,7 +61,68 @@ def format_plan(plan: dict) -> str:
         )
     headers = ["stage", "steps", "batch x accum x seq", "tokens", "lr", "trainable", "precision", "est. memory"]
     lines.append(text_table(headers, rows, right={1, 3, 5}))
+    fitted = [line for line in (fit_text(s) for s in plan["stages"]) if line]
+    if fitted:
+        lines.append("")
+        lines += [f"{'memory' if i == 0 else '':<17}{line}" for i, line in enumerate(fitted)]
     return "\n".join(lines)
+
+
+def fit_text(row: dict) -> str | None:
+    """How a planned stage meets the GPU, in one line (None where it runs as the recipe says, or nothing is fitted)."""
+    note = row.get("memory")
+    if not note or note["gpu_bytes"] is None:
+        return None
+    gpu, stage = human_bytes(note["gpu_bytes"]), row["stage"]
+    asked = f"stage {stage} at the recipe's micro-batch of {note['asked_batch_size']} needs {human_bytes(note['asked_total'])} (slack and CUDA context included)"
+    if not note["fits"]:
+        return f"{asked}: it fits the GPU's {gpu} at no micro-batch; convert refuses it (--world-size N: the GPU count that fits)"
+    if not note["adapted"]:
+        return None
+    checkpointing = ", gradient checkpointing on" if note["gradient_checkpointing"] else ""
+    return (
+        f"{asked}, more than the GPU's {gpu}: convert runs it at micro-batch {note['batch_size']} with grad_accum "
+        f"{note['grad_accum']}{checkpointing} (the same global batch), {human_bytes(note['total'])}"
+    )
+
+
+def format_memory_plan(plan: dict, smallest: tuple[int | None, str | None] | None = None, smallest_fitted: int | None = None, largest_count: int = 64) -> str:
+    """The per-GPU memory table of ``attnedit.stages.plan.memory_plan`` (``--dry-run --world-size N``)."""
+    n = plan["world_size"]
+    lines = [f"memory per GPU on {n} GPU(s) (bf16 frozen weights, fp32 trained weights + AdamW; estimates)"]
+    for mode, opt in plan["options"].items():
+        rows = [
+            [f"stage {s['stage']}", f"{s['micro_batch']} x {s['seq_len']}", *(human_bytes(s[k]) for k in
+             ("frozen_weights", "trained_weights", "grads", "optimizer", "activations", "buffers", "total"))]
+            for s in opt["stages"]
+        ]  # fmt: skip
+        fits = "" if plan["gpu_bytes"] is None else (" fits" if opt["fits"] else " does NOT fit")
+        lines.append(f"\nfrozen weights {_done(mode)}{fits}" + (f" in {human_bytes(plan['gpu_bytes'])}" if plan["gpu_bytes"] else ""))
+        headers = ["stage", "micro-batch/rank", "frozen", "trained", "grads", "AdamW", "activations", "FSDP buffers", "total"]
+        lines.append(text_table(headers, rows, right=set(range(2, 9))))
+    for stage, row in sorted(plan.get("fitted", {}).items()):
+        where = f"frozen weights {_done(plan['frozen'])}"
+        if row is None:
+            lines.append(f"\nstage {stage} fits {human_bytes(plan['gpu_bytes'])} at no micro-batch ({where})")
+        else:
+            checkpointing = ", gradient checkpointing on" if row["gradient_checkpointing"] else ""
+            lines.append(
+                f"\nstage {stage} fitted ({where}): micro-batch {row['micro_batch']} x {row['seq_len']} per GPU with grad_accum "
+                f"{row['grad_accum']}{checkpointing} (the same global batch), {human_bytes(row['total'])}"
+            )
+    if smallest is not None:
+        k, mode = smallest
+        gpu = human_bytes(plan["gpu_bytes"])
+        lines.append(
+            f"\nsmallest GPU count that fits {gpu}: {k} (frozen weights {_done(mode)})" if k else f"\nno GPU count up to {largest_count} fits {gpu}"
+        )
+        if smallest_fitted and smallest_fitted != k:
+            lines.append(f"smallest GPU count that fits {gpu} with the micro-batches fitted to it: {smallest_fitted}")
+    return "\n".join(lines)
+
+
+def _done(mode: str) -> str:
+    return "sharded" if mode == "shard" else "replicated"
 
 
 def format_summary(summary: dict) -> str:

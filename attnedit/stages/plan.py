@@ -1,9 +1,14 @@
-"""What ``convert`` will do, from configs alone (no weights are loaded): the ``--dry-run`` plan.
+"""What ``convert`` will do, from configs alone (no weights are loaded): the stages, the ``--dry-run`` plan,
+and each stage fitted to the GPU's memory.
 
 The plan resolves the run's settings (device, frozen-weights dtype, each stage's sequence length and
 batch), counts the parameters that train, reads the KV figures from :mod:`attnedit.eval.kv`, and
-estimates each stage's peak memory. ``convert`` uses the same estimate for ``est_memory_bytes`` in
-``summary.json``, next to the measured peak.
+lays the stages out with the strategy's one memory model (:mod:`attnedit.distributed.memory`). When a
+stage does not fit the GPU (its total memory; ``--gpu-memory`` in a dry run), the stage runs at the
+largest micro-batch that fits, with gradient accumulation raised to keep the recipe's global batch
+(and gradient checkpointing on in stage 2 where no micro-batch fits without it); ``convert`` runs the
+stages exactly as :func:`fit_stages` lays them out, and a recipe that fits at no micro-batch is refused
+before training with one line saying what would fit.
 """
 
 from __future__ import annotations
@@ -14,39 +19,22 @@ import torch
 
 from ..data.recall import spans_fit
 from ..devices import resolve_device, use_bf16
+from ..distributed import FSDP2, Parallelism
+from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, device_memory, fit, fits, model_sizes, stage_bytes
 from ..errors import AttnEditError
-from ..recipe import Recipe, StageConfig
+from ..recipe import Recipe
+from .base import Stage
+from .stage1 import Stage1
+from .stage2 import Stage2
 
-# The memory estimate (bytes). A rough upper figure, checked against measured peaks on the GPU
-# (tools/gpu/train_speed.sh); each constant says what it counts.
-FP32 = 4  # bytes of an fp32 value: trained weights are fp32 master copies, and so are their gradients
-ADAMW_STATE = 12  # bytes per trained parameter besides the weight: fp32 gradient + AdamW's two moments
-STAGE1_CAPTURED = 2  # hidden-sized tensors stage 1 keeps per edited layer: the teacher's x_i and y_i
-STAGE1_SAVED = 9  # hidden-sized tensors one edited attention saves for backward (q, k, v, rotations, output);
-# calibrated on an H100: SmolLM2 -> MLA at 16 x 1024 peaked at 5.4 GiB (6.4 under torchrun), estimate 6.5
-SCORE_TENSORS = 2  # t x t tensors per head (scores and probabilities) on CPU, which has no fused kernel
-LAYER_SAVED = 10  # hidden-sized tensors a decoder layer saves for backward (norms, q/k/v/o, residuals)
-MLP_SAVED = 3  # intermediate-sized tensors of its MLP (gate, up, activation, product; one is recomputed);
-# LAYER_SAVED and MLP_SAVED calibrated on an H100: SmolLM2 -> MLA stage 2 at 8 x 2048 peaked at 11.1 GiB;
-# an MLA layer saves more: see attention_extra_width (at 16 x 2048, 21.35 GiB measured against 20.54 without it)
-MLP_RATIO = 4  # intermediate / hidden size when the config does not say
-KD_VOCAB_TENSORS = 5  # vocabulary-sized fp32 tensors per KD chunk (two logits, two softmaxes, gradient)
 KV_CONTEXT = 8192  # the plan's KV figures are at this context (or the run's seq_len, if longer)
+WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the GPU counts the plan tries for "what would fit"
+DEFAULT_GPU_GIB = 80.0  # a dry run for N GPUs without --gpu-memory plans for 80 GiB cards
 
 
-def stage_config(recipe: Recipe, stage: int) -> StageConfig:
-    return recipe.stage1 if stage == 1 else recipe.stage2
-
-
-def stage_seq_len(recipe: Recipe, stage: int) -> int:
-    return stage_config(recipe, stage).seq_len or recipe.data.seq_len
-
-
-def stage_data(recipe: Recipe, seq_len: int):
-    """The data settings at ``seq_len``, holding out at least the documents of the held-out blocks
-    (counted at ``data.seq_len``)."""
-    held = -(-recipe.data.heldout_blocks * recipe.data.seq_len // seq_len)
-    return dataclasses.replace(recipe.data, seq_len=seq_len, heldout_blocks=held)
+def stages(recipe: Recipe) -> list[Stage]:
+    """The conversion's stages, in order, as the recipe says them."""
+    return [Stage1(recipe), Stage2(recipe)]
 
 
 def weights_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
@@ -59,132 +47,265 @@ def weights_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
 
 def check_seq_len(recipe: Recipe, config) -> None:
     limit = getattr(config, "max_position_embeddings", None)
-    longest = max(recipe.data.seq_len, stage_seq_len(recipe, 1), stage_seq_len(recipe, 2))
+    longest = max([recipe.data.seq_len] + [s.seq_len for s in stages(recipe)])
     if limit and longest > limit:
         raise AttnEditError(
             f"seq_len {longest} is above the teacher's max_position_embeddings {limit}; lower data.seq_len / stageN.seq_len"
         )
 
 
-def validate_start(recipe: Recipe) -> None:
+def validate_start(recipe: Recipe, parallel: Parallelism | None = None) -> None:
     """What can fail from configs and files alone (family, target settings, seq_len, data files, device, the
-    eval section's data and contexts), checked before a new run folder is written."""
+    eval section's data and contexts, a stage that fits the GPU at no micro-batch), checked before a new run
+    folder is written."""
     from ..data import check_files
     from ..surgery import edited_config
     from ..teachers import load_config
-
     from .evaluate import check_eval
 
     config = load_config(recipe.teacher)
     check_seq_len(recipe, config)
-    edited_config(config, recipe.target, recipe.target_args)
+    edited = edited_config(config, recipe.target, recipe.target_args)
     check_files(recipe.data)
-    resolve_device(recipe.device)
+    device = resolve_device(recipe.device)
     check_eval(recipe, config)
+    fit_stages(recipe, config, edited, device, parallel or Parallelism())
 
 
-def attention_extra_width(edited) -> int:
-    """Values per token that an edited model's attentions save for stage 2's backward beyond the teacher's,
-    summed over its layers: an MLA layer up-projects its latent to every head's K (no-RoPE part) and V
-    (``kv_b_proj``, heads x (nope + v) wide) where the teacher keeps grouped K and V (2 x kv heads x head dim).
-    Read from the edited config's attention spec and layer list, as the KV figures are (``eval/kv.py``)."""
-    spec = edited.teacher_attention
-    kv = 2 * spec["num_kv_heads"] * spec["head_dim"]
-    up = [spec["num_heads"] * (x["qk_nope_head_dim"] + x["v_head_dim"]) for x in edited.layer_attention if x["kind"] == "mla"]
-    return sum(max(0, w - kv) for w in up)
+# ------------------------------------------------------------------------------------ memory
 
 
-def activation_bytes(recipe: Recipe, stage: int, config, n_edited: int, abytes: int, device: torch.device, extra_width: int = 0) -> float:
-    """A rough upper figure for the activations one micro-batch keeps for the backward pass; ``extra_width``:
-    :func:`attention_extra_width` (stage 2)."""
-    cfg = stage_config(recipe, stage)
-    b, t = cfg.batch_size, stage_seq_len(recipe, stage)
-    h, heads = config.hidden_size, config.num_attention_heads
-    inter = getattr(config, "intermediate_size", MLP_RATIO * h)
-    scores = b * heads * t * t * SCORE_TENSORS * abytes if device.type == "cpu" else 0
-    if stage == 1:
-        return n_edited * (b * t * h * (STAGE1_CAPTURED * abytes + STAGE1_SAVED * abytes) + scores)
-    layers = config.num_hidden_layers
-    logits = min(cfg.kl_chunk, b * t) * config.vocab_size * FP32 * KD_VOCAB_TENSORS
-    return layers * (b * t * (LAYER_SAVED * h + MLP_SAVED * inter) * abytes + scores) + b * t * extra_width * abytes + logits
+@dataclasses.dataclass
+class MemoryPlan:
+    """The stages laid out by a strategy on a device: each stage's memory as the recipe asks it and as it
+    will run (fitted to ``gpu_bytes``; None: fits at no micro-batch)."""
+
+    layout: Layout
+    gpu_bytes: float | None
+    sizes: ModelSizes
+    wbytes: int  # bytes of a frozen weight
+    loads: dict[int, StageLoad]  # stage number -> what the stage asks (stages that train)
+    stages: list[Stage]  # as they will run (those that fit); stages with no steps as the recipe says them
+    asked: dict[int, dict]  # stage number -> memory at the recipe's micro-batch
+    rows: dict[int, dict | None]  # stage number -> memory as the stage will run
+    options: dict[str, dict]  # every layout the strategy offers -> its rows at the recipe's micro-batch
+
+    @property
+    def fits(self) -> bool:
+        return all(row is not None for row in self.rows.values())
+
+    def adapted(self, number: int) -> bool:
+        """Whether stage ``number`` runs otherwise than the recipe says (micro-batch, gradient checkpointing)."""
+        row = self.rows.get(number)
+        return row is not None and adapted(row, self.loads[number])
 
 
-def memory_bytes(teacher_params: int, new_params: int, trainable: int, wbytes: int, activations: float) -> float:
-    """Frozen teacher weights + fp32 new attention + fp32 copies of the teacher modules stage 2 trains
-    + gradients and optimizer state of everything that trains + activations."""
-    copies = (trainable - new_params) * FP32
-    return teacher_params * wbytes + new_params * FP32 + copies + trainable * ADAMW_STATE + activations
+def stage_loads(recipe: Recipe, config, edited, device: torch.device) -> tuple[list[Stage], list[StageLoad]]:
+    """The stages that train and what each asks of memory on ``device``."""
+    from ..targets import AttnEditForCausalLM
+
+    with torch.device("meta"):
+        meta = AttnEditForCausalLM(edited)
+    out, loads = [], []
+    for stage in stages(recipe):
+        if not stage.runs:
+            continue
+        cfg = stage.cfg
+        abytes = 2 if use_bf16(device, cfg.precision) else 4
+
+        def activations(micro, checkpointing, stage=stage, abytes=abytes):
+            return stage.activation_bytes(config, edited, micro, checkpointing, device, abytes)
+
+        trained = sum(p.numel() for _, p in stage.trainable(meta))
+        loads.append(StageLoad(stage.number, trained, stage.seq_len, cfg.batch_size, cfg.grad_accum, stage.gradient_checkpointing, activations))
+        out.append(stage)
+    return out, loads
 
 
-def make_plan(recipe: Recipe) -> dict:
-    """The ``--dry-run`` plan of ``recipe`` (a dict; :func:`attnedit.stages.format.format_plan` prints it)."""
+def plan_memory(recipe: Recipe, config, edited, device: torch.device, parallel: Parallelism, gpu_bytes: float | None) -> MemoryPlan:
+    """Lay the recipe's stages out: the strategy's first layout in which every stage fits at the recipe's
+    micro-batch (else its last), then each stage fitted to ``gpu_bytes`` within it (:func:`memory.fit`)."""
+    sizes = model_sizes(config, edited)
+    wbytes = torch.finfo(weights_dtype(recipe, device)).bits // 8
+    running, loads = stage_loads(recipe, config, edited, device)
+    options = {}
+    for layout in parallel.layouts():
+        options[layout.frozen] = {load.stage: stage_bytes(sizes, load, layout, wbytes) for load in loads}
+    layouts = parallel.layouts()
+    layout = next((lay for lay in layouts if all(fits(r, gpu_bytes) for r in options[lay.frozen].values())), layouts[-1])
+    asked = options[layout.frozen]
+    rows = {load.stage: fit(sizes, load, layout, wbytes, gpu_bytes) for load in loads}
+    plan = MemoryPlan(layout, gpu_bytes, sizes, wbytes, {load.stage: load for load in loads}, [], asked, rows, options)
+    for stage in stages(recipe):
+        if plan.adapted(stage.number):
+            row = rows[stage.number]
+            stage = stage.fitted(row["batch_size"], row["grad_accum"], row["gradient_checkpointing"])
+        plan.stages.append(stage)
+    return plan
+
+
+def fit_stages(recipe: Recipe, config, edited, device: torch.device, parallel: Parallelism, gpu_bytes: float | None = None) -> MemoryPlan:
+    """The stages as ``convert`` runs them on ``device`` (the GPU's total memory unless ``gpu_bytes`` says
+    otherwise); a one-line AttnEditError when a stage fits at no micro-batch."""
+    gpu = gpu_bytes if gpu_bytes is not None else device_memory(device)
+    plan = plan_memory(recipe, config, edited, device, parallel, gpu)
+    if not plan.fits:
+        raise AttnEditError(refusal(recipe, config, edited, plan))
+    return plan
+
+
+def refusal(recipe: Recipe, config, edited, plan: MemoryPlan) -> str:
+    """One line: which stage fits at no micro-batch, what it needs at its smallest, and what would fit."""
+    number = next(n for n, row in plan.rows.items() if row is None)
+    asked, load = plan.asked[number], plan.loads[number]
+    checkpointing = None if load.gradient_checkpointing is None else True
+    smallest = stage_bytes(plan.sizes, load, plan.layout, plan.wbytes, plan.layout.world, checkpointing)
+    need = smallest["total"] / GiB
+    world = smallest_world(config, recipe, plan.gpu_bytes, adapt=True)[0]
+    where = f"{world} such GPUs (torchrun --nproc_per_node {world})" if world else f"no count up to {WORLD_SIZES[-1]} such GPUs"
+    least = "1 sequence per GPU" + (" with gradient checkpointing" if checkpointing else "")
+    return (
+        f"stage {number} does not fit this GPU ({plan.gpu_bytes / GiB:.1f} GiB) at any micro-batch: at the recipe's "
+        f"{asked['batch_size']} x {asked['seq_len']} it needs {asked['total'] / GiB:.1f} GiB, and {need:.1f} GiB even at "
+        f"{least}; what would fit: a GPU of {need:.0f} GiB or more, {where}, or a shorter stage{number}.seq_len"
+    )
+
+
+def memory_plan(config, recipe: Recipe, world: int, gpu_bytes: float | None) -> dict:
+    """The per-GPU memory of the recipe on ``world`` GPUs under torchrun (FSDP2), each frozen-weight layout
+    at the recipe's micro-batches, and the micro-batches fitted to ``gpu_bytes`` (``--world-size``)."""
+    from ..surgery import edited_config
+
+    edited = edited_config(config, recipe.target, recipe.target_args)
+    plan = plan_memory(recipe, config, edited, torch.device("cuda"), FSDP2(world), gpu_bytes)
+    options = {}
+    for mode, rows in plan.options.items():
+        peak = max((r["total"] for r in rows.values()), default=0)
+        options[mode] = {"stages": list(rows.values()), "peak": peak, "fits": gpu_bytes is None or peak <= gpu_bytes}
+    fitted = {n: row for n, row in plan.rows.items() if row is None or plan.adapted(n)}
+    return {
+        "world_size": world,
+        "gpu_bytes": gpu_bytes,
+        "options": options,
+        "frozen": plan.layout.frozen,
+        "fits": any(o["fits"] for o in options.values()),
+        "fitted": fitted,
+    }
+
+
+def smallest_world(config, recipe: Recipe, gpu_bytes: float, adapt: bool = False) -> tuple[int | None, str | None]:
+    """The fewest GPUs of ``gpu_bytes`` each on which every stage fits (at the recipe's micro-batches, or
+    with ``adapt`` at any), and the frozen-weight layout then."""
+    for n in WORLD_SIZES:
+        plan = memory_plan(config, recipe, n, gpu_bytes)
+        if plan["fits"] or (adapt and all(row is not None for row in plan["fitted"].values())):
+            return n, plan["frozen"]
+    return None, None
+
+
+# ------------------------------------------------------------------------------------ the dry run
+
+
+def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None = None) -> dict:
+    """The ``--dry-run`` plan of ``recipe`` (a dict; :func:`attnedit.stages.format.format_plan` prints it).
+
+    On the recipe's device; with ``gpu_memory`` (GiB) or ``world`` (processes under torchrun), on that many
+    GPUs of that size (80 GiB unless said), which ``convert`` there would fit its stages to.
+    """
     from ..data import check_files
-    from ..eval.inspect import count_parameters
     from ..eval.kv import kv_summary
     from ..surgery import edited_config
-    from ..targets import AttnEditForCausalLM
     from ..teachers import load_config
-    from . import stage1, stage2
     from .evaluate import describe
 
     config = load_config(recipe.teacher)
     check_seq_len(recipe, config)
     edited = edited_config(config, recipe.target, recipe.target_args)
     files = check_files(recipe.data)
-    device = resolve_device(recipe.device)
+    on_gpu = gpu_memory is not None or world is not None
+    device = torch.device("cuda") if on_gpu else resolve_device(recipe.device)
+    parallel = FSDP2(world) if world else Parallelism()
+    gpu = (gpu_memory or DEFAULT_GPU_GIB) * GiB if on_gpu else device_memory(device)
+    memory = plan_memory(recipe, config, edited, device, parallel, gpu)
     wdtype = weights_dtype(recipe, device)
-    with torch.device("meta"):
-        meta = AttnEditForCausalLM(edited)
     layers = edited.edit["edited_layers"]
-    new_params = sum(p.numel() for _, p in stage1.trainable(meta))
-    teacher_params = count_parameters(config)
     context = max(recipe.data.seq_len, KV_CONTEXT)
     kv_t, kv_s = kv_summary(config, context, "bfloat16"), kv_summary(edited, context, "bfloat16")
-    wbytes = torch.finfo(wdtype).bits // 8
-    extra = attention_extra_width(edited)
-    stages = []
-    for n in (1, 2):
-        cfg = stage_config(recipe, n)
-        trainable = new_params if n == 1 else sum(p.numel() for _, p in stage2.trainable(meta, cfg.trainable))
-        bf16 = use_bf16(device, cfg.precision)
-        activations = activation_bytes(recipe, n, config, len(layers), 2 if bf16 else 4, device, extra)
-        seq = stage_seq_len(recipe, n)
-        stages.append(
+    rows = []
+    for stage in memory.stages:
+        cfg, seq = stage.cfg, stage.seq_len
+        row = memory.rows.get(stage.number)
+        rows.append(
             {
-                "stage": n,
+                "stage": stage.number,
                 "steps": cfg.steps,
                 "batch": f"{cfg.batch_size} x {cfg.grad_accum} x {seq}",
                 "tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * seq,
                 "lr": f"{cfg.lr:g} ({cfg.schedule}, warmup {cfg.warmup}, min {cfg.min_lr:g})",
-                "trainable_params": trainable if cfg.steps else 0,
-                "precision": "bf16" if bf16 else "fp32",
-                "memory_bytes": memory_bytes(teacher_params, new_params, trainable, wbytes, activations) if cfg.steps else 0,
+                "trainable_params": memory.loads[stage.number].trained if stage.runs else 0,
+                "precision": "bf16" if use_bf16(device, cfg.precision) else "fp32",
+                "memory_bytes": int(row["peak"]) if row else (int(memory.asked[stage.number]["peak"]) if stage.runs else 0),
+                "memory": fit_note(stage, memory) if stage.runs else None,
             }
         )
     return {
         "teacher": recipe.teacher,
         "family": config.model_type,
-        "teacher_params": teacher_params,
+        "teacher_params": memory.sizes.teacher,
         "num_layers": config.num_hidden_layers,
         "vocab_size": config.vocab_size,
         "target": recipe.target,
         "target_args": recipe.target_args,
         "edited_layers": layers,
-        "new_params": new_params,
+        "new_params": memory.sizes.new_attention,
         "replaced_params": sum(x["params"] for x in kv_t["layers"] if x["layer"] in layers),
         "kv_context": context,
         "kv_bytes_per_token": {"teacher": kv_t["kv_bytes_per_token"], "edited": kv_s["kv_bytes_per_token"]},
         "data_files": [str(f) for f in files],
         "seq_len": recipe.data.seq_len,
-        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps and spans_fit(stage_seq_len(recipe, 2)) else 0.0,
+        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps and spans_fit(Stage2(recipe).seq_len) else 0.0,
         "device": str(device),
+        "parallel": parallel.describe() + (f", frozen weights {'sharded' if memory.layout.shard_frozen else 'replicated'}" if world else ""),
+        "gpu_bytes": gpu,
         "weights_dtype": str(wdtype).replace("torch.", ""),
-        "stages": stages,
+        "stages": rows,
         "checkpoint_every": recipe.checkpoint_every,
         "eval": describe(recipe.eval),
     }
 
 
-def estimated_memory(recipe: Recipe, stage: int) -> float:
+def fit_note(stage: Stage, memory: MemoryPlan) -> dict:
+    """How the stage meets the GPU: the recipe's micro-batch and its total, and the one it runs at."""
+    asked, row = memory.asked[stage.number], memory.rows[stage.number]
+    note = {"gpu_bytes": memory.gpu_bytes, "asked_batch_size": asked["batch_size"], "asked_total": int(asked["total"])}
+    if row is None:
+        note["fits"] = False
+        return note
+    note.update(fits=True, total=int(row["total"]), adapted=memory.adapted(stage.number), batch_size=row["batch_size"],
+                grad_accum=row["grad_accum"], gradient_checkpointing=row["gradient_checkpointing"])  # fmt: skip
+    return note
+
+
+def fit_summary(stage: Stage, memory: MemoryPlan) -> dict | None:
+    """``summary.json``'s record of a stage run at another micro-batch than the recipe's (None: as the recipe says)."""
+    note = fit_note(stage, memory)
+    if not note.get("adapted"):
+        return None
+    cfg = stage.recipe_cfg
+    out = {
+        "batch_size": stage.cfg.batch_size,
+        "grad_accum": stage.cfg.grad_accum,
+        "recipe_batch_size": cfg.batch_size,
+        "recipe_grad_accum": cfg.grad_accum,
+        "planned_bytes_at_recipe_batch": note["asked_total"],
+        "planned_bytes": note["total"],
+        "gpu_bytes": int(memory.gpu_bytes),
+    }
+    if stage.gradient_checkpointing is not None:
+        out["gradient_checkpointing"] = stage.cfg.gradient_checkpointing
+    return out
+
+
+def estimated_memory(recipe: Recipe, stage: int) -> int:
     """The ``--dry-run`` memory estimate of ``stage`` (bytes), for ``summary.json``."""
     return next(s["memory_bytes"] for s in make_plan(recipe)["stages"] if s["stage"] == stage)

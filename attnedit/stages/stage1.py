@@ -8,6 +8,7 @@ and free of error accumulation because no layer sees another student layer's out
 
 The per-layer losses and relative errors stay on the device (the trainer reads them at log steps only);
 with compilation on, each layer's attention and loss run as one compiled graph, shared by the layers.
+:class:`Stage1` is the stage as the conversion runs it (``base.Stage``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,18 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .. import distributed
+from ..distributed.memory import score_bytes
 from ..families import family_for
 from ..families.hooks import watch
+from ..recipe import Recipe, StageConfig
 from ..targets import AttentionContext
+from .base import Conversion, Stage
 from .speed import CompileGroup, compile_forwards, layer_context
+
+# Activation memory (bytes per token and edited layer, in hidden-sized tensors), checked against measured
+# peaks on an H100: SmolLM2 -> MLA at 16 x 1024 peaked at 5.4 GiB (6.4 under torchrun), estimate 6.5.
+CAPTURED = 2  # the teacher's x_i and y_i, kept for the whole step
+SAVED = 9  # what one edited attention saves for backward (q, k, v, rotations, output)
 
 
 class _Stop(Exception):
@@ -68,7 +76,7 @@ class LayerLoss(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: AttentionContext, var: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         y = y.float()
         mse = (self.attn(x, ctx).float() - y).pow(2).mean()
-        loss = mse / (y.var() if var is None else var).clamp_min(1e-12)  # var: the global batch's (issue 13)
+        loss = mse / (y.var() if var is None else var).clamp_min(1e-12)  # var: the global batch's, when sharded
         rel_err = torch.sqrt(mse.detach() / y.pow(2).mean().clamp_min(1e-12))
         return loss, rel_err
 
@@ -83,10 +91,12 @@ def layer_losses(terms: dict, xs: dict, ys: dict, ctx: AttentionContext, varianc
     return losses, rel_errs
 
 
-def make_loss(teacher, student, compile_group: CompileGroup | None = None):
+def make_loss(teacher, student, compile_group: CompileGroup | None = None, batch_variances=None):
     """The stage-1 loss of one batch of token ids, plus per-layer figures (device tensors) for the metrics.
 
     With a ``compile_group`` that is enabled, each layer's attention and loss run compiled.
+    ``batch_variances(ys)``: each layer's output variance over the whole global batch when this process
+    holds a slice of it (the strategy's; None, or returning None: the batch's own).
     """
     layers = list(student.config.edit["edited_layers"])
     modules = student.attentions()
@@ -101,11 +111,7 @@ def make_loss(teacher, student, compile_group: CompileGroup | None = None):
         ctx = AttentionContext(positions, n_cached=0, q_len=t, key_padding=None, cache=None)
         if compiled:
             ctx = layer_context(ctx)  # one compiled graph serves every layer of a kind
-        variances = None
-        if distributed.is_distributed():  # issue 13: normalise by the whole global batch's variance, as one process
-            from ..distributed.data_parallel import global_variances
-
-            variances = global_variances(ys)
+        variances = batch_variances(ys) if batch_variances is not None else None
         losses, rel_errs = layer_losses(terms, xs, ys, ctx, variances)
         loss = torch.stack(losses).sum()
         rel = torch.stack([torch.as_tensor(r, dtype=torch.float32, device=loss.device) for r in rel_errs])
@@ -123,9 +129,9 @@ def compile_teacher_modules(teacher, layers: list[int], group: CompileGroup):
     the layers the capture runs (attention, norms, MLP) gets a compiled ``forward``: the taps' hooks still
     run around the attention, each module class compiles once, and only the residual adds stay eager. The
     modules the student shares with the teacher (norms, MLP) run only here in stage 1; the undo runs when the
-    stage ends. Off under torchrun (FSDP2 wraps the teacher's layers itself).
+    stage ends.
     """
-    if not group.enabled or distributed.is_distributed():
+    if not group.enabled:
         return lambda: None
     ran = list(family_for(teacher.config).layers(teacher))[: max(layers) + 1]
     return compile_forwards([m for layer in ran for m in layer.children()], group)
@@ -135,3 +141,32 @@ def trainable(student) -> list[tuple[str, torch.nn.Parameter]]:
     """Stage 1 trains the new attention modules of the edited layers, nothing else."""
     prefixes = tuple(f"model.layers.{i}.self_attn." for i in student.config.edit["edited_layers"])
     return [(n, p) for n, p in student.named_parameters() if n.startswith(prefixes)]
+
+
+class Stage1(Stage):
+    """Stage 1 as the conversion runs it: the new attentions trained on the teacher's activations."""
+
+    number = 1
+    compiles = "the stage-1 attentions and the teacher's capture"
+
+    @staticmethod
+    def settings(recipe: Recipe) -> StageConfig:
+        return recipe.stage1
+
+    def trainable(self, student):
+        return trainable(student)
+
+    def loss(self, ctx: Conversion, group: CompileGroup):
+        return make_loss(ctx.teacher, ctx.student, group, ctx.parallel.batch_variances)
+
+    def compile(self, ctx: Conversion, group: CompileGroup):
+        if not ctx.parallel.compile_frozen:  # FSDP2 wraps the teacher's modules itself: left eager there
+            return lambda: None
+        return compile_teacher_modules(ctx.teacher, ctx.edited_layers, group)
+
+    def activation_bytes(self, config, edited, micro, checkpointing, device, abytes):
+        """Every edited layer's captured input and output and its attention's saved tensors (plus, on the
+        CPU, its scores): the layers train side by side, so all of them are kept at once."""
+        n_edited, t, h = len(edited.edit["edited_layers"]), self.seq_len, config.hidden_size
+        scores = score_bytes(device, micro, config.num_attention_heads, t, abytes)
+        return n_edited * (micro * t * h * (CAPTURED + SAVED) * abytes + scores)

@@ -6,7 +6,8 @@ Loss = ``kl_weight * T^2 KL(p_T^(1/T) || p_S^(1/T))`` on every position's next-t
 The student shares its frozen weights with the teacher. The loss never materialises full-vocabulary
 logits for the whole batch: the LM head and softmaxes run over ``kl_chunk`` tokens at a time, and each
 chunk's gradient w.r.t. the student's final hidden states is computed right there (:class:`_ChunkedKD`),
-so the backward pass neither keeps logits nor runs the LM heads again.
+so the backward pass neither keeps logits nor runs the LM heads again. :class:`Stage2` is the stage as the
+conversion runs it (``base.Stage``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed.memory import FP32, score_bytes
 from ..families import family_for
 from ..families.hooks import watch
+from ..recipe import Recipe, StageConfig
+from .base import Conversion, Stage
 from .speed import CompileGroup, compile_forwards, layer_context
 from .stage1 import trainable as attention_trainable
+
+# Activation memory, in tensors per token kept for backward; LAYER_SAVED and MLP_SAVED checked against
+# measured peaks on an H100: SmolLM2 -> MLA stage 2 at 8 x 2048 peaked at 11.1 GiB. An MLA layer keeps
+# more: see attention_extra_width (at 16 x 2048, 21.35 GiB measured against 20.54 without it).
+LAYER_SAVED = 10  # hidden-sized tensors a decoder layer saves for backward (norms, q/k/v/o, residuals)
+MLP_SAVED = 3  # intermediate-sized tensors of its MLP (gate, up, activation, product; one is recomputed)
+KD_VOCAB_TENSORS = 5  # vocabulary-sized fp32 tensors per KD chunk (two logits, two softmaxes, gradient)
+MLP_RATIO = 4  # intermediate / hidden size when the config does not say
 
 
 @torch.no_grad()
@@ -289,3 +301,81 @@ def trainable(student, which: str) -> list[tuple[str, nn.Parameter]]:
                 for pname, p in module.named_parameters(recurse=False):
                     chosen.setdefault(f"{mname}.{pname}" if mname else pname, p)
     return list(chosen.items())
+
+
+def attention_extra_width(edited) -> list[int]:
+    """Values per token that each edited layer's attention saves for stage 2's backward beyond the teacher's:
+    an MLA layer up-projects its latent to every head's K (no-RoPE part) and V (``kv_b_proj``, heads x (nope +
+    v) wide) where the teacher keeps grouped K and V (2 x kv heads x head dim). Read from the edited config's
+    attention spec and layer list, as the KV figures are (``eval/kv.py``)."""
+    spec = edited.teacher_attention
+    kv = 2 * spec["num_kv_heads"] * spec["head_dim"]
+    up = [spec["num_heads"] * (x["qk_nope_head_dim"] + x["v_head_dim"]) for x in edited.layer_attention if x["kind"] == "mla"]
+    return [max(0, w - kv) for w in up]
+
+
+def mlp_width(config) -> tuple[int, int]:
+    """(MLP width activated per token, router outputs per token): an MoE layer runs only its routed
+    ``num_experts_per_tok`` experts on a token, so memory does not grow with the number of experts."""
+    experts = getattr(config, "num_experts", 0) or 0
+    if experts:
+        return config.moe_intermediate_size * config.num_experts_per_tok, experts
+    return getattr(config, "intermediate_size", None) or MLP_RATIO * config.hidden_size, 0
+
+
+class Stage2(Stage):
+    """Stage 2 as the conversion runs it: the whole student distilled from the teacher's distributions."""
+
+    number = 2
+    compiles = "the stage-2 decoder layers (student and teacher)"
+
+    @staticmethod
+    def settings(recipe: Recipe) -> StageConfig:
+        return recipe.stage2
+
+    @property
+    def trains(self) -> str:
+        return self.cfg.trainable
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.cfg.gradient_checkpointing
+
+    def prepare(self, student, teacher) -> None:
+        unshare(student, teacher, self.cfg.trainable)
+
+    def trainable(self, student):
+        return trainable(student, self.cfg.trainable)
+
+    def loss(self, ctx: Conversion, group: CompileGroup):
+        return make_loss(ctx.teacher, ctx.student, self.cfg, group)
+
+    def train_mode(self, student) -> None:
+        student.gradient_checkpointing = self.cfg.gradient_checkpointing
+        # the layer loop checkpoints only in training mode; set the flag on the top module alone, so the
+        # shared teacher modules stay in eval mode (no dropout or router noise in the teacher)
+        student.training = self.cfg.gradient_checkpointing
+
+    def compile(self, ctx: Conversion, group: CompileGroup):
+        undos = [compile_layers(ctx.student, group)]
+        if ctx.parallel.compile_frozen:  # FSDP2 wraps the teacher's layers itself: left eager there
+            undos.append(compile_teacher_layers(ctx.teacher, group))
+        return lambda: [undo() for undo in reversed(undos)]
+
+    def activation_bytes(self, config, edited, micro, checkpointing, device, abytes):
+        """Each decoder layer's internals (attention, MLP or routed experts, router; on the CPU the attention
+        scores), or under gradient checkpointing each layer's input plus one layer's internals; the teacher's
+        hidden states the loss compares with; one KD chunk's fp32 vocabulary-sized tensors."""
+        cfg, t, h = self.cfg, self.seq_len, config.hidden_size
+        tokens, layers = micro * t, config.num_hidden_layers
+        width, router = mlp_width(config)
+        extra = attention_extra_width(edited)
+        scores = score_bytes(device, micro, config.num_attention_heads, t, abytes)
+        layer = tokens * (LAYER_SAVED * h + MLP_SAVED * width + router) * abytes + scores  # one layer's internals
+        if checkpointing:
+            kept = layers * tokens * h * abytes + layer + tokens * max(extra, default=0) * abytes
+        else:
+            kept = layers * layer + tokens * sum(extra) * abytes
+        teacher = (layers if cfg.feature_weight > 0 else 1) * tokens * h * abytes
+        logits = min(cfg.kl_chunk, tokens) * config.vocab_size * FP32 * KD_VOCAB_TENSORS
+        return kept + teacher + logits

@@ -1,8 +1,9 @@
 """The training loop both stages share: AdamW with warm-up and decay, gradient accumulation and
 clipping, bf16 autocast where it pays, metrics, checkpoints, signals and non-finite recovery.
 
-A stage is a :class:`StageJob`: what trains, a loss function of one batch of token ids, and the
-data stream. The loop is deterministic given the seed: the learning rate is a pure function of the
+A stage is a :class:`~attnedit.stages.base.StageJob`: what trains, a loss function of one batch of
+token ids, and the data stream. How it is laid out over processes (the checkpoint format, the gradient
+norm of sharded weights) is the run's strategy's (``attnedit.distributed``). The loop is deterministic given the seed: the learning rate is a pure function of the
 step (times a scale that only a non-finite restart changes), and everything else that evolves (weights,
 optimizer, data position, RNG) is in every checkpoint, so a resumed run repeats the uninterrupted one.
 """
@@ -16,41 +17,19 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..devices import autocast
-from .. import distributed
+from ..distributed.checkpoint import rng_state, set_rng_state
 from ..errors import AttnEditError
 from ..provenance import provenance
-from ..recipe import Recipe, StageConfig
-from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from ..recipe import StageConfig
+from .base import Conversion, StageJob
 
 DIVERGENCE_HISTORY = 5  # logged losses the divergence guard compares with (their median)
-
-LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
-
-
-@dataclass
-class StageJob:
-    """One stage to run: ``loss_fn(ids) -> (loss, extras)``; extras are floats or per-layer lists."""
-
-    stage: int
-    cfg: StageConfig
-    params: list[tuple[str, nn.Parameter]]
-    loss_fn: LossFn
-    stream: object  # attnedit.data.BlockStream (or the DeviceBatches that prefetch from one)
-    seq_len: int
-    teacher_fwd_tok_s: float | None = None  # the teacher's plain forward at this stage's batch shape
-    teacher_forward: Callable[[torch.Tensor], object] | None = None  # that forward, for profile_stage
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.seq_len
 
 
 def lr_at(step: int, cfg: StageConfig) -> float:
@@ -110,7 +89,7 @@ class MetricsLog:
 
 
 class _NoMetrics:
-    """What ranks other than 0 log to (issue 13): nothing."""
+    """What processes other than the main one log to: nothing."""
 
     def offset(self) -> int:
         return 0
@@ -125,12 +104,13 @@ class _NoMetrics:
 class Run:
     """One run folder while it trains: metrics, checkpoints, the summary so far, and stop requests."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, device: torch.device, summary: dict, progress: str = "auto"):
-        self.dir = Path(run_dir)
-        self.recipe = recipe
-        self.device = device
+    def __init__(self, ctx: Conversion, summary: dict, progress: str = "auto"):
+        self.dir = ctx.run_dir
+        self.recipe = ctx.recipe
+        self.device = ctx.device
+        self.parallel = ctx.parallel
         self.summary = summary
-        self.metrics = MetricsLog(self.dir) if distributed.is_main() else _NoMetrics()  # issue 13: rank 0 writes
+        self.metrics = MetricsLog(self.dir) if self.parallel.main else _NoMetrics()  # the main process writes the log
         self.progress = progress if progress != "auto" else ("bar" if sys.stderr.isatty() else "lines")
         self.stop_signal: int | None = None
         self.started = time.time()
@@ -148,18 +128,13 @@ class Run:
             info["wall_s"] = round(self.summary["wall_s"] - info["wall_start"], 1)
 
     def checkpoint(self, job: StageJob, opt, step: int, lr_scale: float, restarts: int, window: _Window | None = None) -> Path:
-        if distributed.is_distributed():  # issue 13: a sharded DCP checkpoint, every rank writes its shards
-            from ..distributed import checkpoint as dcp_checkpoint
-
-            return dcp_checkpoint.save(self, job, opt, step, lr_scale, restarts, window)
+        """Everything a resume needs, in the strategy's checkpoint format (with the trained weights and AdamW's state)."""
         self.stamp_wall(job.stage)
-        state = {
+        meta = {
             "version": 1,
             "stage": job.stage,
             "step": step,
             "done": step >= job.cfg.steps,
-            "model": {n: p.detach().cpu().clone() for n, p in self.owned},
-            "optimizer": opt.state_dict(),
             "lr_scale": lr_scale,
             "restarts": restarts,
             "data": job.stream.state_dict(),
@@ -171,7 +146,7 @@ class Run:
             # uninterrupted run logs, even when it stopped between two log steps
             "window": window.state_dict() if window is not None else None,
         }
-        return save_checkpoint(self.dir, state, self.recipe.keep_checkpoints)
+        return self.parallel.save_checkpoint(self.dir, meta, self.owned, job.model, opt, self.recipe.keep_checkpoints)
 
     @contextlib.contextmanager
     def stop_on_signals(self):
@@ -198,23 +173,9 @@ class Run:
                 signal.signal(s, h)
 
 
-def load_weights(owned: list[tuple[str, nn.Parameter]], state: dict) -> None:
-    """Copy a checkpoint's weights into the live parameters (those it holds)."""
-    with torch.no_grad():
-        for name, p in owned:
-            if name in state["model"]:
-                p.copy_(state["model"][name])
-
-
 def _restore(run: Run, job: StageJob, opt, state: dict) -> _Window:
     """Put the run back to ``state``; returns the log window as it stood then."""
-    if "dcp_path" in state:  # issue 13: weights and AdamW state from a DCP checkpoint, into the sharded ones
-        from ..distributed import checkpoint as dcp_checkpoint
-
-        dcp_checkpoint.restore(job, opt, state)
-    else:
-        load_weights(run.owned, state)
-        opt.load_state_dict(state["optimizer"])
+    run.parallel.restore(state, run.owned, job.model, opt)
     job.stream.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     run.metrics.truncate(state["metrics_offset"])
@@ -335,10 +296,7 @@ def _recover(run: Run, job: StageJob, opt, step: int, lr_scale: float, restarts:
             f"stage {job.stage} step {step}: the loss is still {what} after {restarts} restarts "
             f"with halved learning rates; lower stage{job.stage}.lr or raise max_nonfinite_restarts"
         )
-    find = load_latest
-    if distributed.is_distributed():  # issue 13
-        from ..distributed.checkpoint import load_latest as find
-    state = find(run.dir, accept=lambda p: p.name.startswith(f"stage{job.stage}-"), required=False)
+    state = run.parallel.load_latest(run.dir, accept=lambda p: p.name.startswith(f"stage{job.stage}-"), required=False)
     if state is None:
         raise AttnEditError(
             f"stage {job.stage} step {step}: the loss is {what} and no good checkpoint of stage {job.stage} is left "
@@ -371,8 +329,7 @@ def accumulate_gradients(run: Run, job: StageJob, params: list) -> tuple[dict, t
                 values[k] = [a + b / cfg.grad_accum for a, b in zip(values.get(k, [0.0] * len(v)), v)]
             else:
                 values[k] = values[k] + v / cfg.grad_accum if k in values else v / cfg.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-    grad_norm = distributed.env.local_value(grad_norm)  # issue 13: FSDP2 gives a replicated DTensor
+    grad_norm = run.parallel.clip_grad_norm(params, cfg.clip)
     return values, finite & torch.isfinite(grad_norm).to(finite.device), grad_norm
 
 

@@ -1,0 +1,108 @@
+"""The one memory model fitting the stages to a GPU: the largest micro-batch that fits, gradient accumulation
+raised to keep the global batch, gradient checkpointing where no micro-batch fits without it, and a one-line
+refusal where nothing fits. On the CPU, with a pretend GPU size (the memory model counts the CPU's terms)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
+
+from attnedit import AttnEditError
+from attnedit.cli import main
+from attnedit.distributed import Parallelism
+from attnedit.distributed.memory import stage_bytes
+from attnedit.recipe import parse_recipe
+from attnedit.stages import convert
+from attnedit.stages import plan as plan_module
+from attnedit.surgery import edited_config
+from attnedit.teachers import load_config
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("memory")
+    return {"root": root, "teacher": make_teacher_dir(root), "docs": make_docs(root / "docs.jsonl")}
+
+
+def _totals(raw: dict) -> dict:
+    """stage -> {(micro-batch, gradient checkpointing): bytes needed} on this CPU, one process."""
+    recipe = parse_recipe(raw)
+    config = load_config(recipe.teacher)
+    edited = edited_config(config, recipe.target, recipe.target_args)
+    plan = plan_module.plan_memory(recipe, config, edited, torch.device("cpu"), Parallelism(), None)
+    out = {}
+    for n, load in plan.loads.items():
+        out[n] = {(b, gc): stage_bytes(plan.sizes, load, plan.layout, plan.wbytes, b, gc)["total"] for b in (1, 2, 4) for gc in (False, True)}
+    return out
+
+
+def test_a_stage_too_big_for_the_gpu_runs_at_the_largest_micro_batch_that_fits(tiny, monkeypatch, capsys):
+    """Stage 1 fits the pretend GPU at 2 sequences, not at the recipe's 4: it runs 2 x 2 (the same global batch of
+    4), exactly as a recipe asking for 2 x 2 does, says so on stderr and in summary.json; stage 2 fits as asked."""
+    raw = tiny_raw(tiny["teacher"], tiny["docs"], stage1__steps=3, stage1__seq_len=128, stage2__steps=2, heldout_eval=False)
+    totals = _totals(raw)
+    gpu = (totals[1][(2, False)] + totals[1][(4, False)]) / 2
+    assert totals[2][(4, False)] < gpu  # stage 2 fits as the recipe says
+    monkeypatch.setattr(plan_module, "device_memory", lambda device: gpu)
+    summary = convert(parse_recipe(raw), tiny["root"] / "fitted", progress="lines")
+    err = capsys.readouterr().err
+    assert "stage 1 at the recipe's micro-batch of 4 needs" in err and "runs it at micro-batch 2 with grad_accum 2" in err
+    fitted = summary["stage1"]["fitted_to_gpu"]
+    assert (fitted["batch_size"], fitted["grad_accum"], fitted["recipe_batch_size"], fitted["recipe_grad_accum"]) == (2, 2, 4, 1)
+    assert fitted["planned_bytes"] <= gpu < fitted["planned_bytes_at_recipe_batch"] and fitted["gpu_bytes"] == int(gpu)
+    assert "fitted_to_gpu" not in summary["stage2"]
+    assert json.loads((tiny["root"] / "fitted" / "summary.json").read_text())["stage1"]["fitted_to_gpu"] == fitted
+    assert summary["stage1"]["tokens"] == 3 * 4 * 128  # the recipe's tokens per step
+
+    monkeypatch.setattr(plan_module, "device_memory", lambda device: None)
+    same = dict(raw, stage1={**raw["stage1"], "batch_size": 2, "grad_accum": 2})
+    convert(parse_recipe(same), tiny["root"] / "asked", progress="none")
+    losses = [[(r["stage"], r["step"], r["loss"]) for r in metrics(tiny["root"] / run) if "loss" in r] for run in ("fitted", "asked")]
+    assert losses[0] == losses[1]
+
+
+def test_stage_2_turns_gradient_checkpointing_on_only_where_no_micro_batch_fits_without_it(tiny, monkeypatch):
+    raw = tiny_raw(tiny["teacher"], tiny["docs"], stage1__steps=0, stage2__seq_len=128)
+    totals = _totals(raw)[2]
+    assert totals[(1, True)] < totals[(1, False)]
+    recipe = parse_recipe(raw)
+    config = load_config(recipe.teacher)
+    edited = edited_config(config, recipe.target, recipe.target_args)
+    gpu = (totals[(1, True)] + totals[(1, False)]) / 2
+    plan = plan_module.fit_stages(recipe, config, edited, torch.device("cpu"), Parallelism(), gpu)
+    stage = plan.stages[1]
+    assert stage.cfg.gradient_checkpointing is True and stage.cfg.batch_size * stage.cfg.grad_accum == 4
+    assert plan.rows[2]["total"] <= gpu
+    roomy = plan_module.fit_stages(recipe, config, edited, torch.device("cpu"), Parallelism(), totals[(1, False)] * 1.001)
+    assert roomy.stages[1].cfg.gradient_checkpointing is False and roomy.stages[1].cfg.batch_size == 1  # smaller micro-batch first
+
+
+def test_a_recipe_that_fits_at_no_micro_batch_is_refused_before_training_in_one_line(tiny, monkeypatch, tmp_path):
+    raw = tiny_raw(tiny["teacher"], tiny["docs"])
+    monkeypatch.setattr(plan_module, "device_memory", lambda device: 0.5 * 1024**3)  # below the CUDA context alone
+    with pytest.raises(AttnEditError) as e:
+        convert(parse_recipe(raw), tmp_path / "run", progress="none")
+    text = str(e.value)
+    assert "\n" not in text and "stage 1 does not fit this GPU (0.5 GiB) at any micro-batch" in text
+    assert "what would fit: a GPU of" in text and "stage1.seq_len" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_qwen3_8b_mla_dry_run_on_an_80_gib_gpu_shows_the_fitted_micro_batch(tiny, capsys):
+    """The shipped recipe's stage 1 needs 95 GiB at 8 x 2048 on one GPU: the plan runs it at 4 x 4 (global batch 16)."""
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "qwen3-8b-mla.yaml")
+    sets = ["--set", f"teacher={ASSETS / 'qwen3-8b'}", "--set", f"data.files={tiny['docs']}"]
+    assert main(["convert", recipe, *sets, "--dry-run", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1  4,000  4 x 4 x 2048" in out and "stage 2  4,000  2 x 16 x 4096" in out
+    assert "stage 1 at the recipe's micro-batch of 8 needs 95" in out and "micro-batch 4 with grad_accum 4" in out
+    assert main(["convert", recipe, *sets, "--dry-run", "--gpu-memory", "80", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    first = plan["stages"][0]["memory"]
+    assert first["adapted"] and (first["batch_size"], first["grad_accum"]) == (4, 4) and first["total"] <= 80 * 1024**3
