@@ -469,7 +469,8 @@ def test_stage2_memory_estimate_counts_the_mla_heads_kv_up_projection(target, ar
         assert width == len(layers) * (up - 2 * c.num_key_value_heads * c.head_dim) > 0
     else:
         assert width == 0
-    stage = Stage2(parse_recipe({"teacher": "x", "target": target, "stage2": {"batch_size": 2, "seq_len": 16}}))
+    recipe = parse_recipe({"teacher": "x", "target": target, "stage2": {"batch_size": 2, "seq_len": 16}})
+    stage = Stage2(recipe.stage2, recipe.data, recipe.seed)
     with pytest.MonkeyPatch.context() as m:  # the same estimate without the extra width
         m.setattr(stage2, "attention_extra_width", lambda edited: [])
         base = stage.activation_bytes(c, edited, 2, False, torch.device("cuda"), 2)

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..data import DataConfig
 from ..distributed import Parallelism
-from ..recipe import Recipe, StageConfig
+from ..recipe import StageConfig
 from .speed import CompileGroup
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
@@ -24,10 +24,10 @@ LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 
 @dataclasses.dataclass
 class Conversion:
-    """What every stage of one conversion works on: the recipe, the frozen teacher, the edited student
-    (sharing the teacher's frozen modules), the tokenizer, the device, the run folder and the strategy."""
+    """What every stage of one conversion works on: the frozen teacher, the edited student (sharing the
+    teacher's frozen modules), the tokenizer, the device, the run folder and the strategy. The recipe's
+    settings reach the stages through their :class:`Stage` objects."""
 
-    recipe: Recipe
     teacher: nn.Module
     student: nn.Module
     tokenizer: object
@@ -78,7 +78,9 @@ def stage_data(data: DataConfig, seq_len: int) -> DataConfig:
 
 class Stage:
     """One stage of the conversion: its settings (``cfg``, the recipe's ``stage<N>`` section, possibly
-    fitted to the GPU: see :meth:`fitted`), sequence length and data, and what it does to the models.
+    fitted to the GPU: see :meth:`fitted`; ``asked``, as the recipe says it), sequence length and data
+    (the recipe's ``data`` section at that length, read with the recipe's ``seed``), and what it does to
+    the models.
 
     A subclass says what trains (:meth:`trainable`), the loss of one batch (:meth:`loss`), what runs
     compiled (:meth:`compile`), what it needs of the student's structure (:meth:`prepare`, also when a
@@ -89,16 +91,11 @@ class Stage:
     compiles: str = ""  # what the stage compiles, for the warning if compiling fails
     trains: str = "attention"  # which teacher modules the student trains copies of (the FSDP2 plan checks it)
 
-    def __init__(self, recipe: Recipe, cfg: StageConfig | None = None):
-        self.cfg = cfg if cfg is not None else self.settings(recipe)
-        self.seq_len = self.cfg.seq_len or recipe.data.seq_len
-        self.data = stage_data(recipe.data, self.seq_len)
-        self.seed = recipe.seed
-        self.recipe_cfg = self.settings(recipe)  # as the recipe says it (cfg may be fitted to the GPU)
-
-    @staticmethod
-    def settings(recipe: Recipe) -> StageConfig:
-        raise NotImplementedError
+    def __init__(self, cfg: StageConfig, data: DataConfig, seed: int):
+        self.cfg = self.asked = cfg
+        self.seq_len = cfg.seq_len or data.seq_len
+        self.data = stage_data(data, self.seq_len)
+        self.seed = seed
 
     @property
     def key(self) -> str:

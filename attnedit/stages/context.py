@@ -50,7 +50,7 @@ def edit(recipe: Recipe, device: torch.device, run_dir: Path, parallel: Parallel
     student = edit_model(teacher, recipe.target, target_args, calibration_ids=calib)
     for i in student.config.edit["edited_layers"]:
         student.attentions()[i].float()  # trained weights stay fp32 (AdamW master copies); autocast does the rest
-    return Conversion(recipe, teacher, student, tokenizer, device, Path(run_dir), parallel), measured
+    return Conversion(teacher, student, tokenizer, device, Path(run_dir), parallel), measured
 
 
 def training_blocks(recipe: Recipe, tokenizer, seq: int, n: int) -> torch.Tensor:

@@ -82,7 +82,7 @@ def train_and_save(recipe: Recipe, run_dir: Path, resume: bool, progress: str, p
             write_text(chosen, json.dumps(measured, indent=2) + "\n")
     parallel.barrier()
     try:
-        return _run(ctx, resume, progress)
+        return _run(recipe, ctx, resume, progress)
     except Exception as e:
         # a new run that fails before its first checkpoint leaves nothing behind: the same --out starts
         # again once the input is fixed (a failed checkpoint write says to resume: that folder stays)
@@ -93,22 +93,22 @@ def train_and_save(recipe: Recipe, run_dir: Path, resume: bool, progress: str, p
         raise
 
 
-def _run(ctx: Conversion, resume: bool, progress: str) -> dict:
+def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
     """Train the stages (from the last good checkpoint when resuming), evaluate, save the model."""
-    recipe, student, parallel = ctx.recipe, ctx.student, ctx.parallel
+    student, parallel = ctx.student, ctx.parallel
     memory = fit_stages(recipe, ctx.teacher.config, student.config, ctx.device, parallel)  # the stages as they run here
     state = parallel.load_latest(ctx.run_dir, owned=ctx.owned()) if resume else None
     summary = state["summary"] if state else {"teacher": recipe.teacher, "target": recipe.target, "edited_layers": ctx.edited_layers}
     full = [i for i, x in enumerate(student.config.layer_attention) if x.get("layer_type") == "full"]
     if full and "full_layers" not in summary:
         summary["full_layers"] = full
-    run = Run(ctx, summary, progress)
+    run = Run(ctx, recipe, summary, progress)
     restore(ctx, run, memory.stages, state, resume)
-    heldout = heldout_eval(ctx)
+    heldout = heldout_eval(recipe, ctx)
     if heldout is not None and "heldout_before" not in run.summary:
         run.summary["heldout_before"] = heldout()
     todo = [stage for stage in memory.stages if stage.runs and not stage.finished(state)]
-    baselines = teacher_baselines(ctx, todo, quiet=run.progress == "none")
+    baselines = teacher_baselines(ctx, todo, recipe.baseline_batches, quiet=run.progress == "none")
     with run.stop_on_signals():
         for stage in todo:  # stage 1: layer-wise teacher forcing; stage 2: model-level KD
             resume_state = state if state is not None and state["stage"] == stage.number else None
@@ -135,11 +135,10 @@ def restore(ctx: Conversion, run: Run, stages: list[Stage], state: dict | None, 
         run.metrics.truncate(0)  # no checkpoint was ever written: the run starts over, its lines too
 
 
-def heldout_eval(ctx: Conversion):
+def heldout_eval(recipe: Recipe, ctx: Conversion):
     """A function giving the held-out KL and CEs of the student now, or None when there is none."""
     from ..data import heldout_blocks
 
-    recipe = ctx.recipe
     blocks = heldout_blocks(recipe.data, ctx.tokenizer) if recipe.heldout_eval else None
     if blocks is None or not len(blocks):
         return None
@@ -147,15 +146,16 @@ def heldout_eval(ctx: Conversion):
     return lambda: heldout_losses(ctx.teacher, ctx.student, blocks, cfg.batch_size, cfg.kl_chunk, lambda: autocast(device, cfg.precision))
 
 
-def teacher_baselines(ctx: Conversion, todo: list[Stage], quiet: bool) -> dict[int, float]:
-    """Tokens/s of the teacher's plain forward at the batch shape of each stage still to run (this session's hardware)."""
+def teacher_baselines(ctx: Conversion, todo: list[Stage], batches: int, quiet: bool) -> dict[int, float]:
+    """Tokens/s of the teacher's plain forward at the batch shape of each stage still to run (this machine's hardware),
+    timed over ``batches`` batches (0: not measured)."""
     out: dict[int, float] = {}
-    if ctx.recipe.baseline_batches == 0:
+    if batches == 0:
         return out
     for stage in todo:
         cfg, seq = stage.cfg, stage.seq_len
         out[stage.number] = teacher_forward_tok_s(
-            ctx.teacher, cfg.batch_size, seq, ctx.device, lambda cfg=cfg: autocast(ctx.device, cfg.precision), ctx.recipe.baseline_batches
+            ctx.teacher, cfg.batch_size, seq, ctx.device, lambda cfg=cfg: autocast(ctx.device, cfg.precision), batches
         )
         if not quiet:
             print(f"attnedit: teacher plain forward at stage {stage.number}'s batch ({cfg.batch_size} x {seq}): {out[stage.number]:,.0f} tok/s", file=sys.stderr)
@@ -164,7 +164,7 @@ def teacher_baselines(ctx: Conversion, todo: list[Stage], quiet: bool) -> dict[i
 
 def train(ctx: Conversion, run: Run, stage: Stage, memory: MemoryPlan, baseline: float | None, state: dict | None) -> None:
     """One stage from its start (or from ``state``'s checkpoint); its figures go into the run's summary."""
-    cfg, device, recipe = stage.cfg, ctx.device, ctx.recipe
+    cfg, device = stage.cfg, ctx.device
     stage.prepare(ctx.student, ctx.teacher)
     group = CompileGroup(compile_wanted(cfg.compile, device), stage.compiles)
     job = stage.job(ctx, group)
@@ -192,7 +192,7 @@ def train(ctx: Conversion, run: Run, stage: Stage, memory: MemoryPlan, baseline:
         info["peak_memory_bytes"] = peak_memory(device)
         info["est_memory_bytes"] = int(memory.rows[stage.number]["peak"])
         info["compiled"] = group.enabled
-        if recipe.profile_steps and ctx.parallel.profiles:
+        if run.recipe.profile_steps and ctx.parallel.profiles:
             try:  # a measurement: if it fails (memory, the profiler), the trained stage stands and the run goes on
                 profile = profile_stage(run, job, opt)
             except Exception as e:  # noqa: BLE001
@@ -243,7 +243,7 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
     run_dir, student = run.dir, ctx.student
     student.to(wdtype)
     try:
-        save_edited(student, run_dir / "model", ctx.tokenizer, overwrite=True, recipe=ctx.recipe)
+        save_edited(student, run_dir / "model", ctx.tokenizer, overwrite=True, recipe=run.recipe)
     except write_errors() as e:  # a full disk, as OSError or torch's/safetensors' own error
         remove_temp_files(run_dir)
         raise AttnEditError(

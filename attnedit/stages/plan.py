@@ -34,7 +34,7 @@ DEFAULT_GPU_GIB = 80.0  # a dry run for N GPUs without --gpu-memory plans for 80
 
 def stages(recipe: Recipe) -> list[Stage]:
     """The conversion's stages, in order, as the recipe says them."""
-    return [Stage1(recipe), Stage2(recipe)]
+    return [Stage1(recipe.stage1, recipe.data, recipe.seed), Stage2(recipe.stage2, recipe.data, recipe.seed)]
 
 
 def weights_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
@@ -263,7 +263,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
         "kv_bytes_per_token": {"teacher": kv_t["kv_bytes_per_token"], "edited": kv_s["kv_bytes_per_token"]},
         "data_files": [str(f) for f in files],
         "seq_len": recipe.data.seq_len,
-        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps and spans_fit(Stage2(recipe).seq_len) else 0.0,
+        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps and spans_fit(stages(recipe)[1].seq_len) else 0.0,
         "device": str(device),
         "parallel": parallel.describe() + (f", frozen weights {'sharded' if memory.layout.shard_frozen else 'replicated'}" if world else ""),
         "gpu_bytes": gpu,
@@ -291,7 +291,7 @@ def fit_summary(stage: Stage, memory: MemoryPlan) -> dict | None:
     note = fit_note(stage, memory)
     if not note.get("adapted"):
         return None
-    cfg = stage.recipe_cfg
+    cfg = stage.asked
     out = {
         "batch_size": stage.cfg.batch_size,
         "grad_accum": stage.cfg.grad_accum,

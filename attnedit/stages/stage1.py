@@ -21,7 +21,6 @@ import torch.nn as nn
 from ..distributed.memory import score_bytes
 from ..families import family_for
 from ..families.hooks import watch
-from ..recipe import Recipe, StageConfig
 from ..targets import AttentionContext
 from .base import Conversion, Stage
 from .speed import CompileGroup, compile_forwards, layer_context
@@ -148,10 +147,6 @@ class Stage1(Stage):
 
     number = 1
     compiles = "the stage-1 attentions and the teacher's capture"
-
-    @staticmethod
-    def settings(recipe: Recipe) -> StageConfig:
-        return recipe.stage1
 
     def trainable(self, student):
         return trainable(student)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from ..distributed.memory import FP32, score_bytes
 from ..families import family_for
 from ..families.hooks import watch
-from ..recipe import Recipe, StageConfig
 from .base import Conversion, Stage
 from .speed import CompileGroup, compile_forwards, layer_context
 from .stage1 import trainable as attention_trainable
@@ -328,10 +327,6 @@ class Stage2(Stage):
 
     number = 2
     compiles = "the stage-2 decoder layers (student and teacher)"
-
-    @staticmethod
-    def settings(recipe: Recipe) -> StageConfig:
-        return recipe.stage2
 
     @property
     def trains(self) -> str:

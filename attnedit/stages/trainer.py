@@ -26,7 +26,7 @@ from ..devices import autocast
 from ..distributed.checkpoint import rng_state, set_rng_state
 from ..errors import AttnEditError
 from ..provenance import provenance
-from ..recipe import StageConfig
+from ..recipe import Recipe, StageConfig
 from .base import Conversion, StageJob
 
 DIVERGENCE_HISTORY = 5  # logged losses the divergence guard compares with (their median)
@@ -104,9 +104,10 @@ class _NoMetrics:
 class Run:
     """One run folder while it trains: metrics, checkpoints, the summary so far, and stop requests."""
 
-    def __init__(self, ctx: Conversion, summary: dict, progress: str = "auto"):
+    def __init__(self, ctx: Conversion, recipe: Recipe, summary: dict, progress: str = "auto"):
         self.dir = ctx.run_dir
-        self.recipe = ctx.recipe
+        self.recipe = recipe
+        self.made_by = provenance(recipe)  # attnedit's version and the resolved recipe, in every checkpoint
         self.device = ctx.device
         self.parallel = ctx.parallel
         self.summary = summary
@@ -141,7 +142,7 @@ class Run:
             "rng": rng_state(),
             "metrics_offset": self.metrics.offset(),
             "summary": self.summary,
-            "attnedit": provenance(self.recipe),  # version and resolved recipe that made this checkpoint
+            "attnedit": self.made_by,  # version and resolved recipe that made this checkpoint
             # the log window in progress and the guard's recent losses: a resume logs what the
             # uninterrupted run logs, even when it stopped between two log steps
             "window": window.state_dict() if window is not None else None,
