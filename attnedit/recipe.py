@@ -40,7 +40,7 @@ class StageConfig:
     """Settings every stage shares: how long, how much data per step, and the optimiser's schedule."""
 
     steps: int = _f(200, "optimizer steps; 0 skips the stage")
-    batch_size: int = _f(8, "sequences per micro-batch")
+    batch_size: int = _f(8, "sequences per micro-batch (on a GPU too small for it, convert runs the largest that fits, with grad_accum raised to keep the global batch)")
     grad_accum: int = _f(1, "micro-batches per optimizer step (effective batch = batch_size x grad_accum)")
     seq_len: int | None = _f(None, "tokens per sequence in this stage (default: data.seq_len)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
@@ -73,7 +73,7 @@ class Stage2Config(StageConfig):
     feature_weight: float = _f(0.0, "weight of sum over layers of (1 - cos(h_student, h_teacher)) on hidden states")
     trainable: str = _f("attention", "what trains: the edited attention, plus all norms, or every weight (a second copy)", TRAINABLE)
     kl_chunk: int = _f(1024, "tokens per chunk of the KL/CE loss: fp32 logits never exceed kl_chunk x vocab")
-    gradient_checkpointing: bool = _f(False, "recompute each layer in the backward pass (less memory, about 30% slower)")
+    gradient_checkpointing: bool = _f(False, "recompute each layer in the backward pass (less memory, about 30% slower); convert turns it on where no micro-batch fits the GPU without it")
     recall_fraction: float = _f(
         0.0,
         "fraction of stage-2 blocks in which a 32-256 token span of the block's text is copied further on, so the "
