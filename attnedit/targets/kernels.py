@@ -191,7 +191,7 @@ _DECODE_OP = _register_decode_op() if HAS_TRITON else None
 
 
 def decode_kernel_choice(q: torch.Tensor, k: torch.Tensor) -> str:
-    """Which decode implementation runs for these shapes. Measured on an H200 (tools/gpu/check_kernels.py,
+    """Which decode implementation runs for these shapes. Measured on an H200 on 2026-11-25 (benchmarks/check_kernels.py,
     one layer, batch 64, 8k keys): SDPA with a length mask reads a grouped-query cache at 1.23x the HBM
     bound, the split-K Triton kernel at 3.7x; for a latent wider than 256 SDPA has no fused kernel (560x)
     and the Triton kernel runs (13x). ``ATTNEDIT_DECODE=triton|sdpa`` overrides the choice."""

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Each stage's measured peak GPU memory next to the plan's (the one memory model, attnedit/distributed/memory.py):
+# a recipe at reduced steps, on one process or N under torchrun, then summary.json's peak_memory_bytes
+# (torch.cuda.max_memory_allocated) next to est_memory_bytes, and the --dry-run plan for the same GPUs.
+#   bash benchmarks/memory.sh RECIPE [NPROC]     env: S1 / S2 (30 / 20), EXTRA (more --set flags), RUNS, OUT, DATA
+# e.g. bash benchmarks/memory.sh recipes/smollm2-mla-2k.yaml 1   (docs/scaling.md's check: torchrun, one process)
+set -u
+source "$(dirname "$0")/common.sh"
+RECIPE=${1:?a recipe}; NPROC=${2:-}
+name=$(basename "$RECIPE" .yaml)-memory${NPROC:+-$NPROC}
+R=$RUNS/$name; rm -rf "$R"
+SETS="$DATA_SET --set stage1.steps=${S1:-30} --set stage2.steps=${S2:-20} --set stage1.warmup=5 --set stage2.warmup=5
+      --set checkpoint_every=15 --set heldout_eval=false $NO_EVAL ${EXTRA:-}"
+gib=$(python -c "import torch; print(torch.cuda.mem_get_info()[1] / 2**30)")
+python -m attnedit convert "$RECIPE" --out "$R" --dry-run --gpu-memory "$gib" ${NPROC:+--world-size $NPROC} $SETS > "$OUT/$name-plan.txt" 2>&1
+if [ -n "$NPROC" ]; then
+  torchrun --standalone --nproc_per_node "$NPROC" -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS > "$OUT/$name.log" 2>&1
+else
+  python -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS > "$OUT/$name.log" 2>&1
+fi
+echo "convert exit $?"; grep -iE "error|warning|fitted|micro-batch" "$OUT/$name.log" | head -n 5
+cp "$R/summary.json" "$OUT/$name-summary.json" 2>/dev/null
+python - "$R/summary.json" "$OUT/$name-plan.txt" <<'PY'
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit("no summary.json: see the run's log")
+for n in (1, 2):
+    i = s.get(f"stage{n}", {})
+    p, e = i.get("peak_memory_bytes"), i.get("est_memory_bytes")
+    if p and e:
+        print(f"stage {n}: measured peak {p / 2**30:.2f} GiB, planned {e / 2**30:.2f} GiB ({100 * (e / p - 1):+.1f}%), "
+              f"{i.get('tok_s')} tok/s (ratio to the teacher's forward {i.get('ratio')}), compiled {i.get('compiled')}"
+              + (f", fitted to the GPU: {i['fitted_to_gpu']}" if i.get("fitted_to_gpu") else ""))
+print("plan (--dry-run):")
+print("".join(line for line in open(sys.argv[2]) if "GiB" in line or line.startswith("stage")))
+PY
