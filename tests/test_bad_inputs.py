@@ -1,4 +1,4 @@
-"""Every bad input found in issue 7 gives a one-line error that says what to do, and a failed start
+"""Every bad input found so far gives a one-line error that says what to do, and a failed start
 leaves no run folder behind."""
 
 from __future__ import annotations

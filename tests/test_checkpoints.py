@@ -1,4 +1,4 @@
-"""Checkpoint integrity (issue 7): checksums with fallback to the newest good checkpoint, every
+"""Checkpoint integrity: checksums with fallback to the newest good checkpoint, every
 checkpoint bad, disk full raised by torch/safetensors, the divergence guard, exact summaries after
 a signal between two log steps."""
 

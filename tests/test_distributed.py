@@ -1,4 +1,4 @@
-"""Issue 13: the same recipe on 1 and 2 processes (torchrun, gloo, CPU), SIGKILL + resume under torchrun
+"""Distributed conversion: the same recipe on 1 and 2 processes (torchrun, gloo, CPU), SIGKILL + resume under torchrun
 (also on another world size), DCP -> Hugging Face export, a sharded frozen MoE teacher, the memory plan.
 The 2-process parity run is the README's `torchrun -m attnedit`; the SIGKILL, resume and MoE runs go through
 torchrun's own launcher with forked workers, all from one interpreter start-up (LAUNCHER).

@@ -1,4 +1,4 @@
-"""A converted folder loads entirely in the dtype asked for, whatever dtype it was saved in (issue 7).
+"""A converted folder loads entirely in the dtype asked for, whatever dtype it was saved in.
 
 The teacher's ``dtype`` travels inside ``base_config``; the backbone must not be built from it.
 """

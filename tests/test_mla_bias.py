@@ -1,4 +1,4 @@
-"""MLA keeps the teacher's q/k/v biases (Qwen2) where the math allows (issue 7), and ``convert``
+"""MLA keeps the teacher's q/k/v biases (Qwen2) where the math allows, and ``convert``
 calibrates the MLA factorisation on blocks of the run's own data."""
 
 from __future__ import annotations

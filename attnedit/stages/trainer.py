@@ -251,7 +251,7 @@ class _Window:
 
 
 class _Speed:
-    """This session's tokens/s over a stage, leaving out its first log window (warm-up, allocator growth)."""
+    """This run's tokens/s over a stage, leaving out its first log window (warm-up, allocator growth)."""
 
     def __init__(self):
         self.windows, self.tokens, self.seconds = 0, 0, 0.0
