@@ -66,7 +66,7 @@ def coerce(name: str, value, hint):
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     optional = union and type(None) in typing.get_args(hint)
     rest = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
-    base = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    base = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007 - a Union built from a list at run time
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 from test_stages import char_tokenizer, make_docs, make_teacher_dir, tiny_raw
 from tiny import tiny_teacher

@@ -8,9 +8,9 @@ from tiny import tiny_teacher
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
+from attnedit import profiling
 from attnedit.cli.main import main
 from attnedit.errors import AttnEditError
-from attnedit import profiling
 from attnedit.eval import bench
 from attnedit.eval.bench import BenchSettings, format_bench, largest_fit, run_bench
 from attnedit.eval.passkey import (

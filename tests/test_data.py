@@ -261,7 +261,9 @@ def test_bad_files_give_one_line_errors(tmp_path, tok, monkeypatch):
     (tmp_path / "bad.jsonl").write_text("{not json}\n")
     (tmp_path / "a.csv").write_text("a,b\n")
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
-    check = lambda *files, **kw: check_files(cfg_for(*files, **kw))
+    def check(*files, **kw):
+        return check_files(cfg_for(*files, **kw))
+
     one_line_error(lambda: check(tmp_path / "missing.jsonl"), "does not exist")
     one_line_error(lambda: check(str(tmp_path / "*.nothing")), "matches no file")
     one_line_error(lambda: check(tmp_path / "empty.txt"), "is empty")

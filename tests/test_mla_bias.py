@@ -96,10 +96,11 @@ def test_deepseek_export_refuses_a_biased_mla_model(tmp_path):
 
 
 def test_convert_calibrates_mla_on_the_runs_data(tmp_path, monkeypatch):
+    from test_stages import char_tokenizer, make_docs, make_teacher_dir, tiny_raw
+
     import attnedit.surgery as surgery
     from attnedit.recipe import parse_recipe
     from attnedit.stages import convert
-    from test_stages import char_tokenizer, make_docs, make_teacher_dir, tiny_raw
 
     seen = {}
     real = surgery.edit_model

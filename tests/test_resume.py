@@ -17,9 +17,9 @@ from test_stages import make_docs, make_teacher_dir, metrics, tiny_raw
 
 from attnedit import AttnEditError
 from attnedit.cli import main
-from attnedit.recipe import parse_recipe
 from attnedit.distributed import checkpoint
 from attnedit.distributed.checkpoint import list_checkpoints, load_latest
+from attnedit.recipe import parse_recipe
 from attnedit.stages import convert, stage1
 
 # A kill needs its own process. This script (one interpreter start-up) forks one child per run; each child runs

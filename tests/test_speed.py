@@ -400,9 +400,9 @@ def test_profile_steps_profiles_each_stage_next_to_the_teacher_and_leaves_the_re
 
 def test_a_failing_profile_warns_and_the_conversion_goes_on(tmp_path, monkeypatch, capsys):
     """Profiling is a measurement: if it fails (out of memory, the profiler), the stage's training stands."""
-    from test_stages import make_docs, make_teacher_dir, tiny_raw
-
     import importlib
+
+    from test_stages import make_docs, make_teacher_dir, tiny_raw
 
     from attnedit.stages import convert
 

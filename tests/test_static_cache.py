@@ -116,7 +116,6 @@ def test_decode_step_traces_into_one_graph_without_retracing(case, fused):
         torch._dynamo.reset()
         step = torch.compile(student, backend=counter, fullgraph=True)
         token = ids[:, -1:].clone(memory_format=torch.contiguous_format)  # strides as in generate()
-        eager = []
         for _ in range(5):
             out = step(input_ids=token, attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=cache, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1:].argmax(-1)

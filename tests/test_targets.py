@@ -111,8 +111,8 @@ def test_gateswa_teacher_init_starts_as_the_teacher(family):
 @torch.no_grad()
 def test_unedited_layers_keep_the_teachers_sliding_window():
     """A Mistral teacher with its own window: unedited layers must keep it (and share its weights)."""
-    from transformers import MistralConfig, MistralForCausalLM
     from tiny import COMMON
+    from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     teacher = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=5)).eval()

@@ -38,8 +38,8 @@ from .evaluate import evaluate_run, missing_parts
 from .format import fit_text
 from .plan import MemoryPlan, fit_note, fit_stages, fit_summary, validate_start, weights_dtype
 from .rundir import check_new_run_dir, prepare_run_dir
-from .stage2 import heldout_losses
 from .speed import CompileGroup, compile_wanted, peak_memory, reset_peak_memory, teacher_forward_tok_s, warm_up
+from .stage2 import heldout_losses
 from .trainer import Run, profile_stage, train_stage
 
 

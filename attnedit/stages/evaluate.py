@@ -92,7 +92,6 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
     from ..eval.passkey import passkey_json
     from ..eval.quality import evaluate_quality
     from ..report import build_report
-
     from ..teachers import load_config
 
     cfg = recipe.eval
