@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,20 +138,35 @@ def test_disk_full_in_the_final_save_is_one_line_and_resumable(root, tmp_path, m
     assert (run / "model" / "model.safetensors").is_file()
 
 
-def test_nonfinite_guard_skips_a_corrupt_newest_checkpoint(root, tmp_path, monkeypatch):
+def _stage1_only(root: Path, **over) -> dict:
     raw = yaml.safe_load((root / "recipe.yaml").read_text())
+    raw.update(over)
     raw["stage2"]["steps"] = 0
-    run, real, calls = tmp_path / "run", stage1.layer_losses, {"n": 0}
+    return raw
 
-    def corrupt_then_nan(*args):
+
+def _patch_layer_losses(monkeypatch, change) -> None:
+    """Stage 1's per-layer losses, with ``change(call, losses)`` applied to the losses of each call (1-based)."""
+    real, calls = stage1.layer_losses, {"n": 0}
+
+    def patched(*args):
         calls["n"] += 1
         losses, rel = real(*args)
-        if calls["n"] == 5:  # step 5: checkpoints of steps 2 and 4 exist; the newest went bad on disk
-            _flip(list_checkpoints(run)[-1])
-            losses[0] = losses[0] * float("inf")
+        change(calls["n"], losses)
         return losses, rel
 
-    monkeypatch.setattr(stage1, "layer_losses", corrupt_then_nan)
+    monkeypatch.setattr(stage1, "layer_losses", patched)
+
+
+def test_nonfinite_guard_skips_a_corrupt_newest_checkpoint(root, tmp_path, monkeypatch):
+    raw, run = _stage1_only(root), tmp_path / "run"
+
+    def corrupt_then_nan(call, losses):
+        if call == 5:  # step 5: checkpoints of steps 2 and 4 exist; the newest went bad on disk
+            _flip(list_checkpoints(run)[-1])
+            losses[0] = losses[0] * float("inf")
+
+    _patch_layer_losses(monkeypatch, corrupt_then_nan)
     convert(parse_recipe(raw), run, progress="none")
     events = [r for r in metrics(run) if r.get("event")]
     assert events == [{"stage": 1, "event": "nonfinite", "restored_step": 2, "lr_scale": 0.5}]
@@ -158,18 +174,13 @@ def test_nonfinite_guard_skips_a_corrupt_newest_checkpoint(root, tmp_path, monke
 
 
 def test_a_diverging_loss_restores_like_a_nonfinite_one(root, tmp_path, monkeypatch):
-    raw = yaml.safe_load((root / "recipe.yaml").read_text())
-    raw["stage2"]["steps"] = 0
-    run, real, calls = tmp_path / "run", stage1.layer_losses, {"n": 0}
+    raw, run = _stage1_only(root), tmp_path / "run"
 
-    def spike(*args):
-        calls["n"] += 1
-        losses, rel = real(*args)
-        if calls["n"] == 5:
+    def spike(call, losses):
+        if call == 5:
             losses[0] = losses[0] + 1e20  # finite, far above its recent level
-        return losses, rel
 
-    monkeypatch.setattr(stage1, "layer_losses", spike)
+    _patch_layer_losses(monkeypatch, spike)
     summary = convert(parse_recipe(raw), run, progress="none")
     events = [r for r in metrics(run) if r.get("event")]
     assert events == [{"stage": 1, "event": "diverged", "restored_step": 4, "lr_scale": 0.5}]
@@ -177,19 +188,13 @@ def test_a_diverging_loss_restores_like_a_nonfinite_one(root, tmp_path, monkeypa
 
 
 def test_a_loss_that_keeps_diverging_stops_with_a_clear_message(root, tmp_path, monkeypatch):
-    raw = yaml.safe_load((root / "recipe.yaml").read_text())
-    raw.update(max_nonfinite_restarts=1)
-    raw["stage2"]["steps"] = 0
-    real, calls = stage1.layer_losses, {"n": 0}
+    raw = _stage1_only(root, max_nonfinite_restarts=1)
 
-    def diverging(*args):
-        calls["n"] += 1
-        losses, rel = real(*args)
-        if calls["n"] >= 4:
+    def diverging(call, losses):
+        if call >= 4:
             losses[0] = losses[0] + 1e20
-        return losses, rel
 
-    monkeypatch.setattr(stage1, "layer_losses", diverging)
+    _patch_layer_losses(monkeypatch, diverging)
     with pytest.raises(AttnEditError, match="still diverging after 1 restarts"):
         convert(parse_recipe(raw), tmp_path / "run", progress="none")
 

@@ -98,26 +98,31 @@ def test_stage1_capture_is_the_teachers_attention_io():
             torch.testing.assert_close(student.attentions()[i](xs[i], ctx), ys[i], rtol=1e-5, atol=1e-5)
 
 
+def _train(student, params, loss_fn, steps: int) -> tuple[list[float], dict]:
+    """``steps`` AdamW steps of ``loss_fn`` on one tiny batch, training ``params`` alone; the losses and the last extras."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([p for _, p in params], lr=3e-3)
+    ids = tiny_ids(4, 32)
+    losses = []
+    for _ in range(steps):
+        loss, extras = loss_fn(ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, extras
+
+
 def test_stage1_lowers_its_loss_and_trains_only_new_attention():
     teacher = tiny_teacher("llama")
     frozen = {n: p.clone() for n, p in teacher.named_parameters()}
     student = edit_model(teacher, "mla")
     params = stage1.trainable(student)
     assert params and all(".self_attn." in n for n, _ in params)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for _, p in params:
-        p.requires_grad_(True)
-    loss_fn = stage1.make_loss(teacher, student)
-    opt = torch.optim.AdamW([p for _, p in params], lr=3e-3)
-    ids = tiny_ids(4, 32)
-    losses = []
-    for _ in range(40):
-        loss, extras = loss_fn(ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, extras = _train(student, params, stage1.make_loss(teacher, student), steps=40)
     assert len(extras["layer_loss"]) == len(extras["layer_rel_err"]) == 4
     assert losses[-1] < 0.3 * losses[0], losses[::10]
     for n, p in teacher.named_parameters():
@@ -153,20 +158,7 @@ def test_stage2_lowers_its_loss_with_features_and_ce():
     student = edit_model(teacher, "gateswa", {"window": 8, "full_layers": "none"})
     cfg = parse_recipe({"stage2": {"ce_weight": 0.1, "feature_weight": 0.5, "kl_chunk": 16}}).stage2
     params = stage2.trainable(student, "attention")
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for _, p in params:
-        p.requires_grad_(True)
-    loss_fn = stage2.make_loss(teacher, student, cfg)
-    opt = torch.optim.AdamW([p for _, p in params], lr=3e-3)
-    ids = tiny_ids(4, 32)
-    losses = []
-    for _ in range(30):
-        loss, extras = loss_fn(ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, extras = _train(student, params, stage2.make_loss(teacher, student, cfg), steps=30)
     assert {"kl", "ce", "teacher_ce", "feature"} <= set(extras)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_targets import TARGET_CASES, incremental_logits
+from test_targets import TARGET_CASES, check_cached_decoding, check_left_padded_decoding, incremental_logits
 from tiny import FAMILY_NAMES, tiny_ids, tiny_teacher
 
 from attnedit.eval.kv import kv_summary
@@ -23,28 +23,13 @@ def static_logits(model, ids, attention_mask=None, pieces=(7, 3)):
 @pytest.mark.parametrize("case", list(TARGET_CASES))
 @torch.no_grad()
 def test_static_cache_decoding_equals_full_forward(family, case):
-    target, args = TARGET_CASES[case]
-    student = edit_model(tiny_teacher(family), target, args)
-    ids = tiny_ids(length=21)  # longer than every window
-    full = student(ids).logits
-    inc, cache = static_logits(student, ids)
-    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
-    assert cache.get_seq_length() == ids.shape[1]
-    assert cache.is_compileable
+    assert check_cached_decoding(family, case, static_logits).is_compileable
 
 
 @pytest.mark.parametrize("case", list(TARGET_CASES))
 @torch.no_grad()
 def test_static_cache_with_left_padding(case):
-    target, args = TARGET_CASES[case]
-    student = edit_model(tiny_teacher("qwen2"), target, args)
-    ids = tiny_ids(length=19)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    full = student(ids, attention_mask=mask).logits
-    inc, _ = static_logits(student, ids, mask, pieces=(9,))
-    torch.testing.assert_close(inc[0, 4:], full[0, 4:], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(inc[1], full[1], atol=1e-5, rtol=1e-4)
+    check_left_padded_decoding("qwen2", case, static_logits)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])

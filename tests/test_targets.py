@@ -30,31 +30,46 @@ def incremental_logits(model, ids, attention_mask=None, pieces=(7, 3), cache=Non
     return torch.cat(outs, dim=1), cache
 
 
+def check_cached_decoding(family: str, case: str, logits=incremental_logits):
+    """Decoding through a cache (``logits``: the growing one by default) equals the full forward; returns the
+    cache. The prompt is longer than every window of TARGET_CASES."""
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher(family), target, args)
+    ids = tiny_ids(length=21)
+    full = student(ids).logits
+    inc, cache = logits(student, ids)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
+    assert cache.get_seq_length() == ids.shape[1]
+    return cache
+
+
+def check_left_padded_decoding(family: str, case: str, logits=incremental_logits):
+    """Left padding on the first row: its real tokens and the unpadded row decode as the full forward; returns
+    the student, its ids and full logits."""
+    target, args = TARGET_CASES[case]
+    student = edit_model(tiny_teacher(family), target, args)
+    ids = tiny_ids(length=19)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    full = student(ids, attention_mask=mask).logits
+    inc, _ = logits(student, ids, mask, pieces=(9,))
+    torch.testing.assert_close(inc[0, 4:], full[0, 4:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(inc[1], full[1], atol=1e-5, rtol=1e-4)
+    return student, ids, full
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("case", list(TARGET_CASES))
 @torch.no_grad()
 def test_cached_decoding_equals_full_forward(family, case):
-    target, args = TARGET_CASES[case]
-    student = edit_model(tiny_teacher(family), target, args)
-    ids = tiny_ids(length=21)  # longer than every window above
-    full = student(ids).logits
-    inc, cache = incremental_logits(student, ids)
-    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
-    assert cache.get_seq_length() == ids.shape[1]
+    check_cached_decoding(family, case)
 
 
 @pytest.mark.parametrize("case", list(TARGET_CASES))
 @torch.no_grad()
 def test_cached_decoding_with_left_padding(case):
-    target, args = TARGET_CASES[case]
-    student = edit_model(tiny_teacher("qwen3"), target, args)
-    ids = tiny_ids(length=19)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    full = student(ids, attention_mask=mask).logits
-    inc, _ = incremental_logits(student, ids, mask, pieces=(9,))
-    torch.testing.assert_close(inc[0, 4:], full[0, 4:], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(inc[1], full[1], atol=1e-5, rtol=1e-4)
+    args = TARGET_CASES[case][1]
+    student, ids, full = check_left_padded_decoding("qwen3", case)
     # the padded row equals the same row run alone without padding (sink tokens count from index 0,
     # so with sinks a left-padded row sees padding there instead: a documented limitation)
     if not args.get("sink"):
