@@ -61,15 +61,14 @@ for name, b, hq, hk, dk, dv, s, padded in cases:
     ref = decode_attention_sdpa(q.double(), k.double(), v.double(), nf, valid, scale)
     err = rel(out, ref)
     bad |= not err < 2e-2
-    # each lambda below is timed at once by do_bench, inside this iteration: its loop variables are this case's
-    t_kernel = do_bench(lambda: kernels._DECODE_OP(q, k, v, nf, valid, scale), warmup=25, rep=100, return_mode="median")  # noqa: B023
+    t_kernel = do_bench(lambda: kernels._DECODE_OP(q, k, v, nf, valid, scale), warmup=25, rep=100, return_mode="median")
     latent = dv != dk and hk == 1
     err_sdpa = rel(decode_attention_sdpa(q, k, None if latent else v, nf, valid, scale, dv), ref)
     bad |= not err_sdpa < 2e-2
-    t_mask = do_bench(lambda: decode_attention_sdpa(q, k, None if latent else v, nf, valid, scale, dv), warmup=25, rep=100, return_mode="median")  # noqa: B023
+    t_mask = do_bench(lambda: decode_attention_sdpa(q, k, None if latent else v, nf, valid, scale, dv), warmup=25, rep=100, return_mode="median")
     kk, vv = k[:, :, :n], v[:, :, :n]
     t_plain = do_bench(
-        lambda: F.scaled_dot_product_attention(q[:, :, None], kk, vv, scale=scale, enable_gqa=hk != hq),  # noqa: B023
+        lambda: F.scaled_dot_product_attention(q[:, :, None], kk, vv, scale=scale, enable_gqa=hk != hq),
         warmup=25, rep=100, return_mode="median",
     )
     nbytes = b * hk * n * (dk + (dv if (dv == dk or hk > 1) else 0)) * 2

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnEditError
-from .config import DataConfig
 from ..io import content_sha256
+from .config import DataConfig
 from .sources import Source, check_files, iter_pieces
 
 TOKENIZE_PIECES = 64  # pieces per tokenizer call (fast tokenizers encode a batch in parallel)

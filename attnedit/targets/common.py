@@ -323,7 +323,7 @@ class CacheLayer:
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-    def rows(self, start: int, end: int) -> "CacheLayer":
+    def rows(self, start: int, end: int) -> CacheLayer:
         """This static layer over batch rows ``start:end``: the same object's fields with every tensor a view of
         its rows (writes land in this layer's storage)."""
         import copy

@@ -89,7 +89,7 @@ class AttnEditCache(Cache):
         """Bytes of storage the K/V (or latent) tensors hold, summed over layers."""
         return sum(layer.allocated_bytes() for layer in self.layers)
 
-    def rows(self, start: int, end: int) -> "AttnEditCache":
+    def rows(self, start: int, end: int) -> AttnEditCache:
         """A static cache over rows ``start:end`` of this one: every tensor a view of this cache's (writes land
         here), with its own token count starting at this cache's (a prefill of one group of sequences)."""
         if not self.static:
@@ -345,7 +345,7 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         self._refuse()  # with assign=True the parameters are new tensors
         return out
 
-    def fuse_projections(self, fuse: bool = True) -> "AttnEditForCausalLM":
+    def fuse_projections(self, fuse: bool = True) -> AttnEditForCausalLM:
         """Run the projections that read the same input as one GEMM each, in calls without gradients (inference):
         q/k/v and GateSWA's gate (MLA: the query's first projection and ``kv_a_proj_with_mqa``), and a dense
         MLP's gate and up. A decode step then launches about half as many GEMMs (each ~3.7 us on an H100 at
@@ -363,7 +363,7 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
                     layer.mlp._attnedit_gate_up = FusedLinears([layer.mlp.gate_proj, layer.mlp.up_proj])
         return self
 
-    def compile_prefill(self, backend: str | None = "inductor") -> "AttnEditForCausalLM":
+    def compile_prefill(self, backend: str | None = "inductor") -> AttnEditForCausalLM:
         """Compile the element-wise work around every attention (the norms, the MLP's activation, the residual
         adds) for calls of more than one token without gradients - a prompt's prefill, in ``generate()`` too.
 
