@@ -1,5 +1,6 @@
 """One home per thing: provenance beside checkpoints, old configs still load, gradient checkpointing
-changes nothing but memory, the atomic-I/O and hook helpers, the content-keyed GGUF cache."""
+changes nothing but memory, the atomic-I/O and hook helpers, the content-keyed GGUF cache, and the package's
+layers importing downward only."""
 
 from __future__ import annotations
 
@@ -106,3 +107,45 @@ def test_the_gguf_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
     dirs = [_gguf_cache_dir(TeacherSource(n, str(tmp_path / n), "m.gguf")) for n in ("a", "b", "c")]
     assert dirs[0] == dirs[1] != dirs[2]
     assert content_sha256(tmp_path / "a" / "m.gguf")[:16] in dirs[0].name
+
+
+# the pipeline's layers, lowest first: a module imports its own layer or lower ones (function-level imports too)
+LAYERS = ["base", "targets", "families", "teachers", "surgery", "data", "eval", "export", "report", "recipe", "distributed", "stages", "cli"]
+ROOT_LAYERS = {"recipe": "recipe", "__main__": "cli"}  # attnedit/*.py not listed here are the base (errors, io, schema...)
+
+
+def _imports() -> dict[str, set[str]]:
+    """attnedit's modules (dotted, without the package) -> the attnedit modules each imports."""
+    import ast
+    from pathlib import Path
+
+    root = Path(attnedit.__file__).parent
+    names = {".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__").removesuffix("__init__"): f for f in root.rglob("*.py")}
+    out = {}
+    for name, path in names.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+                targets = [".".join(base + [a.name]) for a in node.names]
+                found |= {t if t in names else ".".join(base) for t in targets}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found |= {m.removeprefix("attnedit.") for m in mods if m.startswith("attnedit.")}
+        out[name] = {f for f in found if f in names and f != name}
+    return out
+
+
+def _layer(module: str) -> str:
+    top = module.split(".")[0]
+    return top if top in LAYERS else ROOT_LAYERS.get(top, "base")
+
+
+def test_the_package_layers_import_downward_only():
+    """No module imports a higher layer of the pipeline: e.g. the parallelism strategy (distributed/) never
+    imports the stages it runs, and the recipe schema never imports the stages or the CLI."""
+    upward = sorted(
+        f"{a} -> {b}" for a, deps in _imports().items() for b in deps if LAYERS.index(_layer(b)) > LAYERS.index(_layer(a))
+    )
+    assert not upward, upward
