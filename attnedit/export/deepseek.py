@@ -51,7 +51,9 @@ def deepseek_v3_config(model) -> dict:
     if cfg.family not in DENSE_MLP_FAMILIES:
         raise AttnEditError(f"deepseek_v3 export supports teachers with dense MLPs ({', '.join(DENSE_MLP_FAMILIES)}), not {cfg.family}")
     if any(x != layers[0] for x in layers):
-        raise AttnEditError("deepseek_v3 export needs the same MLA dimensions in every layer")
+        ranks = {x.get("kv_lora_rank") for x in layers}
+        hint = " (each layer has its own kv_lora_rank: convert with rank_allocation=uniform to export)" if len(ranks) > 1 else ""
+        raise AttnEditError("deepseek_v3 export needs the same MLA dimensions in every layer" + hint)
     base = cfg.base_config
     if base.get("hidden_act", "silu") != "silu" or base.get("mlp_bias", False):
         raise AttnEditError("deepseek_v3 export needs a SiLU-gated MLP without biases")

@@ -15,7 +15,8 @@ from ..errors import AttnEditError
 from ..families import family_for
 from ..families.hooks import watch
 from ..targets import AttnEditConfig, AttnEditForCausalLM, GateSWAAttention, MLAAttention
-from .init import gateswa_from_teacher, mla_from_teacher, random_init
+from .init import gateswa_from_teacher, random_init
+from .mla_init import collect_stats, plan_mla_init, write_mla
 from .settings import TargetSettings, parse_settings, plan_layers
 
 
@@ -103,15 +104,18 @@ def edit_model(
         )
     device = next(teacher.parameters()).device
     dtype = next(teacher.parameters()).dtype
+    family = family_for(teacher.config)
+    edited = config.edit["edited_layers"]
+    stats, factors = {}, {}
+    if settings.init == "teacher" and target == "mla":
+        ids = calibration_ids if calibration_ids is not None else default_calibration_ids(teacher, seed=settings.seed)
+        stats = collect_stats(teacher, edited, ids)
+        factors, ranks = plan_mla_init(teacher, stats, config.layer_attention, settings.rank_allocation, ids)
+        for i, r in ranks.items():
+            config.layer_attention[i]["kv_lora_rank"] = r
     with torch.device("meta"):
         student = AttnEditForCausalLM(config)
     _share_backbone(student, teacher)
-    family = family_for(teacher.config)
-    edited = config.edit["edited_layers"]
-    calib = {}
-    if settings.init == "teacher" and target == "mla":
-        ids = calibration_ids if calibration_ids is not None else default_calibration_ids(teacher, seed=settings.seed)
-        calib = capture_attention_inputs(teacher, edited, ids)
     torch.manual_seed(settings.seed)
     for i, layer in enumerate(family.layers(student)):
         attn = layer.self_attn.to_empty(device=device).to(dtype)
@@ -122,7 +126,7 @@ def edit_model(
                 if isinstance(attn, GateSWAAttention) and attn.g_proj is not None:
                     attn.g_proj.bias.data.fill_(config.layer_attention[i]["gate_bias"])
             elif isinstance(attn, MLAAttention):
-                mla_from_teacher(attn, t_attn, config.teacher_attention, calib[i].to(torch.float64))
+                write_mla(attn, t_attn, factors[i], stats[i], config.teacher_attention)
             else:
                 gateswa_from_teacher(attn, t_attn, config.layer_attention[i]["gate_bias"])
         else:  # unedited: share the teacher's projections

@@ -38,6 +38,12 @@ class MLASettings(TargetSettings):
     absorb: str = _help("decode with W_uk/W_uv absorbed: auto (when decoding), always, never", "auto")
     rope_theta: float | None = _help("RoPE base of the shared key (default: theta^(rope_dim/head_dim): the teacher's highest frequencies)")
     bias: str = _help("biases on q_proj, kv_a_proj_with_mqa and o_proj: auto (when the teacher has q/k/v biases, e.g. Qwen2), true, false; export --format deepseek_v3 needs false", "auto")
+    rank_allocation: str = _help(
+        "with init=teacher: 'uniform' (every layer kv_lora_rank) or 'auto' (the layers share kv_lora_rank x layers, "
+        "each getting the rank its measured factorisation error asks for; the cache bytes are the same; export "
+        "--format deepseek_v3 needs uniform)",
+        "uniform",
+    )
 
 
 @dataclass
@@ -145,6 +151,10 @@ def plan_mla(s: MLASettings, spec: dict, config) -> dict:
         raise AttnEditError(f"q_lora_rank={s.q_lora_rank}: must be between 1 and the hidden size {hidden}, or none")
     if s.absorb not in ("auto", "always", "never"):
         raise AttnEditError(f"absorb={s.absorb!r}: choose auto, always or never")
+    if s.rank_allocation not in ("uniform", "auto"):
+        raise AttnEditError(f"rank_allocation={s.rank_allocation!r}: choose uniform or auto")
+    if s.rank_allocation == "auto" and s.init != "teacher":
+        raise AttnEditError("rank_allocation=auto measures the teacher's factorisation: it needs init=teacher")
     bias = str(s.bias).lower()
     if bias not in ("auto", "true", "false"):
         raise AttnEditError(f"bias={s.bias!r}: choose auto (follow the teacher), true or false")
