@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io import write_json
 from ..schema import add_flags, from_args
 from .bench_cmd import add_pair_args, load_students
-from .common import add_save, log
+from .common import add_save, check_save, log, save_results
 
 
 def add_parser(sub) -> None:
@@ -34,9 +33,10 @@ def run(args) -> int:
     from ..eval.passkey import PasskeySettings, format_passkey, passkey_json
 
     settings = from_args(PasskeySettings, args)
+    check_save(args)  # before the models are loaded
     students, teacher, tokenizer, _ = load_students(args, [args.model], settings.contexts)
     result = passkey_json(args.model, args.teacher, students[args.model], teacher, tokenizer, settings, log=log)
-    if args.save:
-        write_json(args.save, result)
     print(json.dumps(result, indent=2) if args.json else format_passkey(result))
+    if args.save:  # printed first: a failed write loses nothing
+        save_results(args.save, result, printed_json=args.json)
     return 0
