@@ -142,7 +142,8 @@ def run_passkey(
     ``{"contexts": [...], "depths": [...], "trials": int, "filler": str, NAME: [[accuracy per depth] per context], ...}``."""
     if tokenizer is None:
         raise AttnEditError(
-            "the model folder has no tokenizer; passkey retrieval needs one (save it with the checkpoint)"
+            "the model folder has no tokenizer; passkey retrieval needs one: save the teacher's tokenizer into it "
+            "(tokenizer.save_pretrained), or edit again with attnedit edit ... --tokenizer PATH"
         )
     if trials < 1 or not contexts or not depths:
         raise AttnEditError("passkey needs at least one context, one depth and one trial")

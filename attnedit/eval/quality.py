@@ -109,7 +109,10 @@ def evaluate_model(name: str, settings: QualitySettings, device: str = "cpu", dt
         text = wikitext2_text(data_dir / WIKITEXT2_FILE)
         model, tokenizer = load_model(name, dtype=getattr(torch, dtype), device=device)
         if tokenizer is None:
-            raise AttnEditError(f"{name} has no tokenizer; save one with the model (attnedit edit does)")
+            raise AttnEditError(
+                f"{name} has no tokenizer (its teacher had none); perplexity needs one: save the teacher's tokenizer "
+                f"into it (tokenizer.save_pretrained), or edit again with attnedit edit ... --tokenizer PATH"
+            )
         ids = tokenize_text(tokenizer, text, settings.ppl_tokens)
         for task, window in settings.windows().items():
             out[task] = perplexity(model, ids, window, progress=f"{task} {name}").metrics()
