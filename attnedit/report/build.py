@@ -195,6 +195,38 @@ def kv_series(summary: dict | None, bench: dict | None) -> tuple[str, list[int],
     return None
 
 
+def bench_kv_check(bench: dict) -> str:
+    """What the bench says about the KV figures: its cache dtype, and whether the bytes its caches allocated
+    equal the analytic figure in every cell it measured."""
+    cells = [r[n] for r in bench.get("runs", []) for n in ("student", "teacher") if r.get(n)]
+    pairs = [(f.get("kv_bytes_measured"), f.get("kv_bytes_analytic")) for f in cells]
+    pairs = [(m, a) for m, a in pairs if m is not None and a is not None]
+    dtype = bench.get("dtype", "?")
+    if not pairs:
+        return f"The bench ran with a {dtype} cache and measured no cache bytes."
+    off = sum(m != a for m, a in pairs)
+    verdict = "equal the analytic figure in every cell" if not off else f"differ from the analytic figure in {off} of {len(pairs)} cells"
+    return f"The bench ran with a {dtype} cache; the bytes its caches allocated {verdict}."
+
+
+def resolved_settings(config: dict) -> dict:
+    """The target settings a model was edited with, each default (None or auto) replaced by the value the
+    edit chose, as the model's layer list records it; ``full_layers`` with the layers it gave; a setting
+    left empty (``q_lora_rank``: no query bottleneck) as ``none``, as settings are written."""
+    edit = config.get("edit") or {}
+    settings = dict(edit.get("settings") or {})
+    layers = config.get("layer_attention") or []
+    edited = [layers[i] for i in edit.get("edited_layers", []) if i < len(layers)]
+    if edited:
+        for key, value in settings.items():
+            if (value is None or value == "auto") and key in edited[0]:
+                settings[key] = edited[0][key]
+    if "full_layers" in settings:
+        full = [i for i, x in enumerate(layers) if x.get("layer_type") == "full"]
+        settings["full_layers"] = f"{settings['full_layers']} (layers {','.join(map(str, full)) or 'none'})"
+    return {k: ("none" if v is None else f"{v:g}" if isinstance(v, float) else v) for k, v in settings.items()}
+
+
 def passkey_protocol(passkey: dict) -> str:
     """How many keys a passkey cell holds and whether each brought its own filler ("5", "20, each with its own
     shuffled filler")."""
@@ -231,7 +263,7 @@ def build_report(run_dir: str | Path) -> Path:
     lines = [f"# attnedit report: {run.resolve().name}", ""]
     if config is not None:
         edit = config.get("edit") or {}
-        settings = ", ".join(f"{k}={v}" for k, v in (edit.get("settings") or {}).items())
+        settings = ", ".join(f"{k}={v}" for k, v in resolved_settings(config).items())
         layers = f"{len(edit.get('edited_layers', []))} of {len(config.get('layer_attention') or [])} layers"
         lines += [
             f"Model `{model}`: target **{edit.get('target', '?')}** on {layers} ({settings}); teacher `{teacher}`.",
@@ -306,7 +338,10 @@ def build_report(run_dir: str | Path) -> Path:
             for c, s, t in zip(contexts, student, teacher_kv)
         ]
         lines += [
-            "Analytic, from the configs (`attnedit inspect`); the bench's measured bytes match these.",
+            f"Analytic, from the configs, for a {dtype} cache "
+            + ("(the dtype the model is saved in, as `attnedit inspect` prints it)." if ((summary or {}).get("kv") or {}).get("student")
+               else "(the bench's).")
+            + (" " + bench_kv_check(bench) if bench else ""),
             "",
             "![KV bytes vs context](kv_vs_context.png)",
             "",
