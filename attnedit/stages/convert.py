@@ -98,6 +98,8 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
     student, parallel = ctx.student, ctx.parallel
     memory = fit_stages(recipe, ctx.teacher.config, student.config, ctx.device, parallel)  # the stages as they run here
     state = parallel.load_latest(ctx.run_dir, owned=ctx.owned()) if resume else None
+    if resume and parallel.main:
+        announce_resume(ctx.run_dir, memory.stages, state)
     summary = state["summary"] if state else {"teacher": recipe.teacher, "target": recipe.target, "edited_layers": ctx.edited_layers}
     full = [i for i, x in enumerate(student.config.layer_attention) if x.get("layer_type") == "full"]
     if full and "full_layers" not in summary:
@@ -123,6 +125,35 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the steps
+
+
+RESULT_FILES = ("eval.json", "passkey.json", "bench.json", "report.md")  # made from the saved model
+EARLIER = "earlier-model"  # where a resumed run that trains again puts the results of the model it replaces
+
+
+def announce_resume(run_dir: Path, stages: list[Stage], state: dict | None) -> None:
+    """Say what a resumed run rebuilds. The result files of a model it will not reproduce (it trains
+    again) are moved to ``earlier-model/`` and made again once the new model is saved; a model rebuilt from
+    the final checkpoint has the same weights, so its results stay."""
+    final = state is not None and all(stage.finished(state) for stage in stages if stage.runs)
+    results = [name for name in RESULT_FILES if (run_dir / name).is_file()]
+
+    def say(line: str) -> None:
+        print(f"attnedit: {line}", file=sys.stderr)
+
+    if state is None:
+        say(f"{run_dir} has no checkpoint to continue from ({run_dir / 'checkpoints'} is empty or missing): training from the start")
+    elif final:
+        kept = f"; {', '.join(results)} were made from these weights and are kept" if results else ""
+        say(f"{run_dir / 'model'} is missing: rebuilding it from the final checkpoint (stage {state['stage']}, step {state['step']}){kept}")
+    else:
+        say(f"continuing {run_dir} from its checkpoint at stage {state['stage']}, step {state['step']}")
+    if results and not final:
+        earlier = run_dir / EARLIER
+        earlier.mkdir(exist_ok=True)
+        for name in results:
+            os.replace(run_dir / name, earlier / name)
+        say(f"{', '.join(results)} came from a model this run replaces: moved to {earlier}; they are made again once the model is saved")
 
 
 def restore(ctx: Conversion, run: Run, stages: list[Stage], state: dict | None, resume: bool) -> None:
@@ -255,5 +286,5 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
             info.pop("wall_start", None)
     run.summary["wall_s"] = round(run.wall(), 1)
     run.summary["model"] = str(run_dir / "model")
-    run.summary["kv"] = kv_figures(student.config, ctx.teacher.config, "bfloat16")
+    run.summary["kv"] = kv_figures(student.config, ctx.teacher.config, str(wdtype).replace("torch.", ""))  # the dtype saved
     write_text(run_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
