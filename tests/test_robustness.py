@@ -321,3 +321,105 @@ def test_the_readme_loads_the_tokenizer_without_a_prompt():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     calls = [line for line in readme.splitlines() if "AutoTokenizer.from_pretrained(" in line]
     assert calls and all("trust_remote_code=True" in line for line in calls)
+
+
+# ---------------------------------------------------------------------------------------- the sweep
+
+# Every subcommand, each hostile path. A command reads an input (a model, a teacher, a recipe or a run
+# folder) and may write an output (a folder, or a file); the same six hostile paths go where each belongs:
+#   unwritable      the output goes where nothing can be written
+#   file-as-folder  the output's folder is a file (for a command that writes nothing: the input's)
+#   existing        the output exists and holds the user's work (no --overwrite)
+#   same-as-input   the output is the input, or one of its files (with --overwrite where the command has it)
+#   missing         the input does not exist
+#   corrupt         the input is damaged: weights cut short, config.json or recipe not parseable, a run's JSON garbage
+# A command that writes nothing (inspect, recipe) has no output to make hostile: those three do not apply.
+# Each case must end in one line on stderr and exit code 2, with every file under the assets unchanged.
+
+KINDS = ("unwritable", "file-as-folder", "existing", "same-as-input", "missing", "corrupt")
+PAIR = {
+    "eval": ["--tasks", "wikitext2", "--ppl-tokens", "200"],
+    "bench": ["--contexts", "32", "--batches", "1", "--decode-tokens", "2", "--repeats", "1", "--no-stock"],
+    "passkey": ["--contexts", "256", "--depths", "0.5", "--trials", "1"],
+}
+# name: (input key, corrupt input key, output: "folder" | "file" | None, argv(assets, input, output, overwrite))
+COMMANDS = {
+    "edit": ("teacher", "corrupt", "folder", lambda a, i, o, w: ["edit", i, "--target", "mla", "--out", o, *["--overwrite"] * w]),
+    "convert": ("recipe", "recipe-corrupt", "folder", lambda a, i, o, w: ["convert", i, "--out", o, "--progress", "none"]),
+    "export": ("model", "model-corrupt", "folder", lambda a, i, o, w: ["export", i, "--format", "hf", "--out", o, *["--overwrite"] * w]),
+    **{
+        name: ("model", "model-corrupt", "file",
+               lambda a, i, o, w, name=name: [name, i, "--teacher", a["teacher"], *PAIR[name], "--device", "cpu",
+                                              "--save", o, *["--overwrite"] * w])  # fmt: skip
+        for name in ("eval", "bench", "passkey")
+    },
+    "report": ("run", "run-corrupt", "file", lambda a, i, o, w: ["report", i, "--compare", "--out", o, *["--overwrite"] * w]),
+    "inspect": ("model", "model-bad-config", None, lambda a, i, o, w: ["inspect", i]),
+    "recipe": ("recipe", "recipe-garbage", None, lambda a, i, o, w: ["recipe", i]),
+}
+CASES = [(c, k) for c in COMMANDS for k in KINDS if COMMANDS[c][2] or k in ("file-as-folder", "missing", "corrupt")]
+
+
+@pytest.fixture(scope="module")
+def hostile(assets):
+    """Damaged copies of the inputs, the user's existing work, and the data the evaluation reads."""
+    root = assets["root"]
+    extra = {}
+    extra["model-corrupt"] = root / "model-corrupt"
+    shutil.copytree(assets["model"], extra["model-corrupt"])
+    weights = extra["model-corrupt"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    extra["model-bad-config"] = root / "model-bad-config"
+    shutil.copytree(assets["model"], extra["model-bad-config"])
+    (extra["model-bad-config"] / "config.json").write_text('{"model_type": "attnedit", ')
+    raw = yaml.safe_load(assets["recipe"].read_text())
+    extra["recipe-corrupt"] = root / "recipe-corrupt.yaml"
+    extra["recipe-corrupt"].write_text(yaml.safe_dump({**raw, "teacher": str(assets["corrupt"])}))
+    extra["recipe-garbage"] = root / "recipe-garbage.yaml"
+    extra["recipe-garbage"].write_text("teacher: [unclosed\n  target: mla\n")
+    extra["run-corrupt"] = root / "run-corrupt"
+    shutil.copytree(assets["run"], extra["run-corrupt"])
+    (extra["run-corrupt"] / "summary.json").write_text('{"teacher": ')
+    (root / "mine").mkdir()
+    (root / "mine" / "keep.txt").write_text("the user's work")
+    (root / "mine.json").write_text("the user's work")
+    data = root / "data" / "wikitext-2-raw"
+    data.mkdir(parents=True)
+    (data / "wiki.test.raw").write_text(assets["docs"].read_text()[:4000])
+    return {**assets, **extra, "data": root / "data"}
+
+
+def hostile_argv(a: dict, unwritable: Path, command: str, kind: str) -> list:
+    key, corrupt, output, argv = COMMANDS[command]
+    suffix = {"folder": "", "file": ".json" if command != "report" else ".md", None: ""}[output]
+    inp, out, overwrite = a[key], a["root"] / f"new-{command}{suffix}", False
+    if kind == "unwritable":
+        out = unwritable / f"x{suffix}"
+    elif kind == "file-as-folder" and output:
+        out = a["afile"] / f"sub{suffix}"
+    elif kind == "file-as-folder":
+        inp = a["afile"] / "sub"
+    elif kind == "existing":
+        out = a["root"] / ("mine" if output == "folder" else "mine.json")
+    elif kind == "same-as-input":
+        overwrite = True
+        if command == "convert":  # a run folder is always new: the teacher's folder is the input it could replace
+            out = a["teacher"]
+        elif output == "folder":
+            out = inp
+        else:  # a file of the input
+            out = inp / ("summary.json" if command == "report" else "config.json")
+    elif kind == "missing":
+        inp = a["root"] / ("absent.yaml" if key == "recipe" else "absent")
+    else:
+        inp = a[corrupt]
+    return argv(a, inp, out, overwrite)
+
+
+@pytest.mark.parametrize("command,kind", CASES, ids=[f"{c}-{k}" for c, k in CASES])
+def test_every_command_against_every_hostile_path(hostile, unwritable, capsys, monkeypatch, command, kind):
+    monkeypatch.setenv("ATTNEDIT_SHARED_DATA", str(hostile["data"]))
+    before = snapshot(hostile["root"])
+    line = one_line(capsys, *hostile_argv(hostile, unwritable, command, kind))
+    assert "Traceback" not in line
+    assert snapshot(hostile["root"]) == before, f"{command} {kind} changed files: {line}"
