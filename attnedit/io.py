@@ -28,6 +28,15 @@ from pathlib import Path
 from .errors import AttnEditError
 
 
+class WriteFailed(AttnEditError):
+    """A write the file system refused (a full disk, a read-only place): one line naming the path, the
+    cause (``reason``) and what to do. Callers that know more (a run that can be resumed) re-word it."""
+
+    def __init__(self, path, e: BaseException, note: str = ""):
+        self.path, self.reason, self.hint = Path(path), write_error_text(e), write_hint(e)
+        super().__init__(f"could not write {path}: {self.reason}; {self.hint}{note}")
+
+
 def write_errors() -> tuple[type[BaseException], ...]:
     """What a full disk raises while writing: OSError, or torch's/safetensors' own wrappers of it."""
     errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
@@ -40,9 +49,15 @@ def write_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+_OS_TEXT = ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system", "Operation not permitted")
+
+
 def write_error_text(e: BaseException) -> str:
-    """One line for a failed write, whatever raised it."""
+    """One line for a failed write, whatever raised it: the system's own words when a wrapper (safetensors,
+    torch) quotes them."""
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    if not isinstance(e, OSError):
+        text = next((t for t in _OS_TEXT if t.lower() in text.lower()), text)
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
@@ -162,7 +177,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         _remove_empty(made)
-        raise AttnEditError(f"could not write {path}: {write_error_text(e)}; {write_hint(e)}") from None
+        raise WriteFailed(path, e) from None
     return path
 
 
@@ -225,7 +240,7 @@ def atomic_dir(out: str | os.PathLike, keep_existing: bool = False) -> Iterator[
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
-        raise AttnEditError(f"could not write {out}: {write_error_text(e)}; {write_hint(e)} (nothing was written there)") from None
+        raise WriteFailed(out, e, " (nothing was written there)") from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

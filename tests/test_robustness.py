@@ -47,6 +47,15 @@ def one_line(capsys, *args) -> str:
     return lines[0]
 
 
+def error_line(capsys, *args) -> str:
+    """Run a command that fails after loading (its progress bars come first): exit code 2, no traceback, and
+    the error as stderr's last line."""
+    code, _, err = run_cli(capsys, *args)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err and lines[-1].startswith("attnedit: error: "), (code, err)
+    return lines[-1]
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` with the sha256 of its bytes, and every folder (as None)."""
     out = {}
@@ -423,3 +432,84 @@ def test_every_command_against_every_hostile_path(hostile, unwritable, capsys, m
     line = one_line(capsys, *hostile_argv(hostile, unwritable, command, kind))
     assert "Traceback" not in line
     assert snapshot(hostile["root"]) == before, f"{command} {kind} changed files: {line}"
+
+
+# ---------------------------------------------------------------------- a full disk, a large teacher
+
+
+def _full_disk(flavour: str):
+    """``save_pretrained``'s safetensors write, failing as a full disk does after writing part of the file."""
+    from safetensors import SafetensorError
+
+    def failing(tensors, filename, *a, **k):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        if flavour == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    return failing
+
+
+@pytest.mark.parametrize("flavour", ["oserror", "safetensors"])
+@pytest.mark.parametrize("command", ["edit", "export-hf", "export-deepseek_v3"])
+def test_a_full_disk_while_writing_a_model_is_one_line_and_leaves_no_folder(hostile, capsys, monkeypatch, command, flavour):
+    import transformers.modeling_utils as mu
+
+    monkeypatch.setattr(mu, "safe_save_file", _full_disk(flavour))
+    out = hostile["root"] / "new-parent" / "model"  # a folder the write would create, too
+    if command == "edit":
+        argv = ["edit", hostile["teacher"], "--target", "mla", "--out", out]
+    else:
+        argv = ["export", hostile["model"], "--format", command.split("-")[1], "--out", out, "--no-check"]
+    before = snapshot(hostile["root"])
+    line = error_line(capsys, *argv)
+    assert f"could not write {out}: No space left on device" in line and "free disk space and retry" in line
+    assert snapshot(hostile["root"]) == before  # no partial folder, no temporary one, no parent made for it
+
+
+def test_a_full_disk_while_convert_writes_its_model_is_one_line_and_resumable(assets, tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils as mu
+
+    monkeypatch.setattr(mu, "safe_save_file", _full_disk("oserror"))
+    raw = yaml.safe_load(assets["recipe"].read_text())
+    raw["eval"] = {}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    line = error_line(capsys, "convert", tmp_path / "r.yaml", "--out", run, "--progress", "none")
+    assert "No space left on device" in line and f"attnedit convert {run} --resume" in line
+    assert not (run / "model").exists() and not [p for p in run.iterdir() if ".tmp-" in p.name]
+
+
+def test_weights_stream_from_the_file_without_a_second_copy(assets, monkeypatch):
+    """On the CPU in the file's dtype, every parameter of a loaded teacher is the memory-mapped safetensors
+    file itself (no copy in the process's own memory); for a GPU the loader hands transformers the device
+    (``device_map``), so each tensor goes from the mapped file to the GPU and no full copy is made on the host."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from attnedit.teachers import load_model
+
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    model, _ = load_model(str(assets["teacher"]), dtype=torch.float32)
+    weights = str(assets["teacher"] / "model.safetensors")
+    mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in maps.read_text().splitlines() if line.endswith(weights)]
+    assert mapped, "the weights file is not memory-mapped"
+    params = list(model.parameters())
+    assert all(any(lo <= p.data_ptr() < hi for lo, hi in mapped) for p in params)
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    with pytest.raises(Stop):
+        load_model(str(assets["teacher"]), dtype=torch.bfloat16, device="cuda:0")
+    assert seen["device_map"] == torch.device("cuda:0")

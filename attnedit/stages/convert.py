@@ -30,7 +30,7 @@ from ..devices import autocast, resolve_device
 from ..distributed import Parallelism
 from ..distributed.strategy import load_weights
 from ..errors import AttnEditError
-from ..io import remove_temp_files, write_error_text, write_errors, write_json, write_text
+from ..io import WriteFailed, remove_temp_files, write_error_text, write_errors, write_json, write_text
 from ..recipe import Recipe
 from .base import Conversion, Stage
 from .context import FULL_LAYERS, edit
@@ -275,10 +275,10 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
     student.to(wdtype)
     try:
         save_edited(student, run_dir / "model", ctx.tokenizer, overwrite=True, recipe=run.recipe)
-    except write_errors() as e:  # a full disk, as OSError or torch's/safetensors' own error
+    except (WriteFailed, *write_errors()) as e:  # a full disk, as OSError or torch's/safetensors' own error
         remove_temp_files(run_dir)
         raise AttnEditError(
-            f"could not write the model to {run_dir / 'model'}: {write_error_text(e)}; the trained weights are in the "
+            f"could not write the model to {run_dir / 'model'}: {getattr(e, 'reason', None) or write_error_text(e)}; the trained weights are in the "
             f"last checkpoint; free disk space, then run: attnedit convert {run_dir} --resume"
         ) from None
     for info in run.summary.values():
