@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from ..errors import AttnEditError
-from ..io import write_json
 from ..schema import add_flags, from_args
 from .common import RUN_AUTO, add_device_args, add_json, add_model, add_save, add_teacher, check_save, device_of, dtype_of, log, save_results
 
@@ -47,6 +46,7 @@ def save_paths(save: str | None, models: list[str]) -> dict[str, Path | None]:
 
 def add_parser(sub) -> None:
     from ..eval.bench import BenchSettings
+    from ..results import Bench
 
     p = sub.add_parser(
         "bench",
@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_pair_args(p, many="several are timed in one run next to one timing of the teacher, and saved one JSON each")
-    add_save(p, "bench.json")
+    add_save(p, Bench.FILE)
     add_flags(p, BenchSettings)
     p.add_argument(
         "--passkey",
@@ -77,13 +77,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..eval.bench import BenchSettings, format_bench, run_bench_many
     from ..eval.passkey import PasskeySettings, format_passkey, passkey_json
+    from ..results import Bench, Passkey
 
     settings = from_args(BenchSettings, args)
     models = list(dict.fromkeys(args.model))
     if args.passkey and len(models) > 1:
         raise AttnEditError("--passkey takes one model; run attnedit passkey for each of the others")
     paths = save_paths(args.save, models)
-    passkey_path = paths[models[0]].with_name("passkey.json") if args.passkey and paths[models[0]] else None
+    passkey_path = paths[models[0]].with_name(Passkey.FILE) if args.passkey and paths[models[0]] else None
     check_save(args, *paths.values(), passkey_path)  # before the models are loaded
     students, teacher, tokenizer, dtype = load_students(args, models, settings.contexts)
 
@@ -96,7 +97,7 @@ def run(args) -> int:
         try:
             for m, path in paths.items():
                 if path:
-                    write_json(path, labelled(raw)[m])
+                    Bench.model_validate(labelled(raw)[m]).write(path)
         except AttnEditError as e:
             log(f"attnedit: warning: {e}")
 
@@ -116,7 +117,7 @@ def run(args) -> int:
     # printed first: a failed write loses nothing
     for m, path in paths.items():
         if path:
-            save_results(path, results[m], printed_json=args.json)
+            save_results(path, Bench.model_validate(results[m]), printed_json=args.json)
     if passkey_path:
-        save_results(passkey_path, passkey, printed_json=args.json)
+        save_results(passkey_path, Passkey.model_validate(passkey), printed_json=args.json)
     return 0

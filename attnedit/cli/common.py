@@ -69,18 +69,17 @@ def check_save(args, *paths, inputs: tuple = ()) -> None:
             check_output(path, "--save", folder=False, overwrite=args.overwrite, inputs=inputs or (*models, args.teacher))
 
 
-def save_results(path, data: dict, printed_json: bool) -> None:
-    """Write ``data`` to --save ``path`` once the results have been printed. When the write fails nothing
-    measured is lost: the JSON is printed too (unless it already was), then one line says what went wrong."""
+def save_results(path, record, printed_json: bool) -> None:
+    """Write ``record`` (an :mod:`attnedit.results` record) to --save ``path`` once the results have been
+    printed. When the write fails nothing measured is lost: the JSON is printed too (unless it already was),
+    then one line says what went wrong."""
     import json
 
-    from ..io import write_json
-
     try:
-        write_json(path, data)
+        record.write(path)
     except AttnEditError as e:
         if not printed_json:
-            print(json.dumps(data, indent=2))
+            print(json.dumps(record.to_dict(), indent=2))
         raise AttnEditError(f"{e}; the results are printed above as JSON") from None
 
 

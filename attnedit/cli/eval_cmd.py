@@ -11,6 +11,7 @@ from .common import RUN_AUTO, add_device_args, add_json, add_model, add_save, ad
 
 def add_parser(sub) -> None:
     from ..eval.quality import KNOWN_TASKS, QualitySettings
+    from ..results import Quality
 
     p = sub.add_parser(
         "eval",
@@ -32,13 +33,14 @@ def add_parser(sub) -> None:
     add_flags(p, QualitySettings)
     add_device_args(p, RUN_AUTO)
     add_json(p)
-    add_save(p, "eval.json")
+    add_save(p, Quality.FILE)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..errors import AttnEditError
     from ..eval.quality import KNOWN_TASKS, QualitySettings, evaluate_quality, quality_rows
+    from ..results import Quality
     from ..tables import text_table
 
     settings = from_args(QualitySettings, args)
@@ -52,7 +54,7 @@ def run(args) -> int:
     else:
         print(text_table(["task", "metric", "student", "teacher", "student/teacher"], quality_rows(result), right={2, 3, 4}))
     if args.save:  # printed first: a failed write loses nothing
-        save_results(args.save, result, printed_json=args.json)
+        save_results(args.save, Quality.model_validate(result), printed_json=args.json)
         if not args.json:
             print(f"\nsaved {args.save}")
     return 0

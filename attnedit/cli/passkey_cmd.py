@@ -12,6 +12,7 @@ from .common import add_save, check_save, log, save_results
 
 def add_parser(sub) -> None:
     from ..eval.passkey import PasskeySettings
+    from ..results import Passkey
 
     p = sub.add_parser(
         "passkey",
@@ -24,13 +25,14 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_pair_args(p)
-    add_save(p, "passkey.json")
+    add_save(p, Passkey.FILE)
     add_flags(p, PasskeySettings)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..eval.passkey import PasskeySettings, format_passkey, passkey_json
+    from ..results import Passkey
 
     settings = from_args(PasskeySettings, args)
     check_save(args)  # before the models are loaded
@@ -38,5 +40,5 @@ def run(args) -> int:
     result = passkey_json(args.model, args.teacher, students[args.model], teacher, tokenizer, settings, log=log)
     print(json.dumps(result, indent=2) if args.json else format_passkey(result))
     if args.save:  # printed first: a failed write loses nothing
-        save_results(args.save, result, printed_json=args.json)
+        save_results(args.save, Passkey.model_validate(result), printed_json=args.json)
     return 0

@@ -175,12 +175,15 @@ def run_passkey(
 
 
 def passkey_json(model: str, teacher: str, student, teacher_model, tokenizer, settings: PasskeySettings, log=print) -> dict:
-    """``passkey.json`` for a student and its teacher (both loaded): the grid of :func:`run_passkey` plus both names."""
+    """``passkey.json`` for a student and its teacher (both loaded): the grid of :func:`run_passkey` plus both
+    names (built as its record, :class:`attnedit.results.Passkey`)."""
+    from ..results import Passkey
+
     grid = run_passkey(
         {"student": student, "teacher": teacher_model}, tokenizer, settings.contexts, settings.depths, settings.trials,
         settings.seed, log=log, filler=settings.filler,
     )  # fmt: skip
-    return {"model": model, "teacher_model": teacher, **grid}
+    return Passkey(model=model, teacher_model=teacher, **grid).to_dict()
 
 
 def format_passkey(result: dict) -> str:

@@ -147,7 +147,9 @@ def ratios(student: dict, teacher: dict) -> dict:
 
 
 def evaluate_quality(model: str, teacher: str | None, settings: QualitySettings, device: str = "cpu", dtype: str = "float32") -> dict:
-    """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict."""
+    """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict (built as its
+    record, :class:`attnedit.results.Quality`)."""
+    from ..results import Quality
     from ..teachers import load_config
 
     if not settings.tasks:
@@ -168,20 +170,16 @@ def evaluate_quality(model: str, teacher: str | None, settings: QualitySettings,
         for task in settings.result_names()
     }
     windows = list(settings.windows().values())
-    return {
-        "model": model,
-        "teacher": teacher,
-        "tasks": tasks,
-        "limit": settings.limit,
-        "num_fewshot": settings.num_fewshot,
-        "perplexity": {
-            **asdict(windows[0]),
-            "contexts": [w.max_length for w in windows],
-            "strides": [w.stride for w in windows],
-        },
-        "device": str(device),
-        "dtype": dtype,
-    }
+    return Quality(
+        model=model,
+        teacher=teacher,
+        tasks=tasks,
+        limit=settings.limit,
+        num_fewshot=settings.num_fewshot,
+        perplexity={**asdict(windows[0]), "contexts": [w.max_length for w in windows], "strides": [w.stride for w in windows]},
+        device=str(device),
+        dtype=dtype,
+    ).to_dict()
 
 
 def quality_rows(result: dict) -> list[list]:

@@ -32,6 +32,8 @@ from ..distributed.strategy import load_weights
 from ..errors import AttnEditError
 from ..io import WriteFailed, remove_temp_files, write_error_text, write_errors, write_json, write_text
 from ..recipe import Recipe
+from ..results import RESULT_FILES as RESULTS
+from ..results import Summary
 from .base import Conversion, Stage
 from .context import FULL_LAYERS, edit
 from .evaluate import evaluate_run, missing_parts
@@ -49,12 +51,12 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     ``parallel``: the strategy (default: this process's, :func:`attnedit.distributed.current`)."""
     run_dir = Path(run_dir)
     parallel = parallel or distributed.current()
-    if resume and (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
+    if resume and Summary.path(run_dir).is_file() and (run_dir / "model").is_dir():
         prepare_run_dir(recipe, run_dir, resume)
         missing = missing_parts(recipe, run_dir)
         todo = f"; evaluating what is missing: {', '.join(missing)}" if missing else ""
         print(f"attnedit: {run_dir} has already finished; its model is in {run_dir / 'model'}{todo}", file=sys.stderr)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = Summary.read(run_dir).to_dict()
     else:
         summary = train_and_save(recipe, run_dir, resume, progress, parallel)
     if recipe.eval.parts() and parallel.main:  # the training models are freed by now
@@ -127,7 +129,7 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
 # ------------------------------------------------------------------------------------ the steps
 
 
-RESULT_FILES = ("eval.json", "passkey.json", "bench.json", "report.md")  # made from the saved model
+RESULT_FILES = (*(r.FILE for r in RESULTS), "report.md")  # made from the saved model
 EARLIER = "earlier-model"  # where a resumed run that trains again puts the results of the model it replaces
 
 
@@ -287,4 +289,4 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
     run.summary["wall_s"] = round(run.wall(), 1)
     run.summary["model"] = str(run_dir / "model")
     run.summary["kv"] = kv_figures(student.config, ctx.teacher.config, str(wdtype).replace("torch.", ""))  # the dtype saved
-    write_text(run_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
+    Summary.model_validate(run.summary).write(run_dir)
