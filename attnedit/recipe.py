@@ -22,6 +22,7 @@ from .errors import AttnEditError
 from .eval.bench import BenchSettings
 from .eval.passkey import PasskeySettings
 from .eval.quality import QualitySettings
+from .results import Bench, Passkey, Quality
 from .schema import build, section, setting
 from .surgery import SETTINGS, TARGETS, field_help, parse_settings
 
@@ -107,7 +108,7 @@ class EvalConfig(QualitySettings):
 
     def parts(self) -> list[str]:
         """The result files this section asks for, in the order they are made."""
-        wanted = [("eval.json", self.tasks), ("passkey.json", self.passkey.contexts), ("bench.json", self.bench.contexts)]
+        wanted = [(Quality.FILE, self.tasks), (Passkey.FILE, self.passkey.contexts), (Bench.FILE, self.bench.contexts)]
         return [name for name, values in wanted if values]
 
 

@@ -165,11 +165,18 @@ def coerce_value(path: str, value, hint, choices=None):
             raise AttnEditError(f"{path}: expected a mapping of settings, got {value!r}")
         return dict(value)
     else:
+        if base is str and isinstance(value, (list, tuple, dict)):  # (a target's layer list is a target setting)
+            raise AttnEditError(f"{path}: expected one value, got {value!r}; write it without brackets, e.g. {path.split('.')[-1]}: {_one(value)}")
         out = coerce(path, value, hint)
     for v in out if origin is list else [out]:
         if choices and v not in choices:
             raise AttnEditError(f"{path}={v!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
     return out
+
+
+def _one(value) -> str:
+    items = list(value.values() if isinstance(value, dict) else value)
+    return str(items[0]) if items else "..."
 
 
 # ------------------------------------------------------------------------------------ recipes and --set

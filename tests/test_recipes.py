@@ -198,10 +198,12 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
         assert plan["target_args"] == {**plan["target_args"], **recipe.target_args}
         kv = plan["kv_bytes_per_token"]
         kv_heads = 8 if "8B" in recipe.teacher else 4
-        assert kv["teacher"] == plan["num_layers"] * 2 * kv_heads * 128 * 2  # K and V, bf16
-        if recipe.target == "mla":  # kv_lora_rank + qk_rope_head_dim values per layer, bf16
+        assert plan["kv_dtype"] == plan["weights_dtype"]  # the cache of the model convert saves: bf16 on a GPU, fp32 on CPU
+        nbytes = {"bfloat16": 2, "float32": 4}[plan["kv_dtype"]]
+        assert kv["teacher"] == plan["num_layers"] * 2 * kv_heads * 128 * nbytes  # K and V
+        if recipe.target == "mla":  # kv_lora_rank + qk_rope_head_dim values per layer
             per_layer = recipe.target_args["kv_lora_rank"] + plan["target_args"]["qk_rope_head_dim"]
-            assert kv["edited"] == plan["num_layers"] * per_layer * 2
+            assert kv["edited"] == plan["num_layers"] * per_layer * nbytes
 
 
 def test_resolved_recipe_is_a_dataclass_tree():

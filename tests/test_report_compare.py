@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 from test_cli_edit import attnedit
@@ -13,7 +14,17 @@ from attnedit.eval.kv import kv_figures
 from attnedit.eval.quality import ratios
 from attnedit.export import save_edited
 from attnedit.recipe import parse_recipe
-from attnedit.report.compare import compare_runs, passkey_figures, passkey_grid_table, render_comparison, run_figures, varying, zero_shot_metric
+from attnedit.report.compare import (
+    Figures,
+    RunFigures,
+    compare_runs,
+    passkey_grid_table,
+    render_comparison,
+    run_figures,
+    varying,
+    zero_shot_metric,
+)
+from attnedit.results import Passkey
 from attnedit.stages.rundir import prepare_run_dir
 from attnedit.surgery import edit_model
 
@@ -175,31 +186,31 @@ def test_zero_shot_and_passkey_tables(runs):
 
 
 def test_only_differing_settings_and_teacher_notes():
-    base = {"run": "a", "path": "a", "target": "mla", "target_args.kv_lora_rank": 64, "stage2.trainable": "attention"}
-    other = {**base, "run": "b", "path": "b", "target_args.kv_lora_rank": 128, "target_args.init": "teacher"}
+    base = RunFigures("a", "a", settings={"target": "mla", "target_args.kv_lora_rank": 64, "stage2.trainable": "attention"})
+    other = replace(base, run="b", path="b", settings={**base.settings, "target_args.kv_lora_rank": 128, "target_args.init": "teacher"})
     assert varying([base, other], ["target", "target_args.kv_lora_rank", "target_args.init", "stage2.trainable"]) == [
         "target_args.kv_lora_rank", "target_args.init"
     ]  # fmt: skip
     assert zero_shot_metric({"acc": 0.5, "acc_norm": 0.4}) == "acc_norm" and zero_shot_metric({"acc": 0.5}) == "acc"
     # b's teacher was measured differently: its change is against its own teacher figure, with a note
-    a = {**base, "ppl@2048": 22.0, "teacher:ppl@2048": 20.0}
-    b = {**other, "ppl@2048": 22.0, "teacher:ppl@2048": 22.0}
+    a = replace(base, student=Figures(ppl={2048: 22.0}), teacher=Figures(ppl={2048: 20.0}))
+    b = replace(other, student=Figures(ppl={2048: 22.0}), teacher=Figures(ppl={2048: 22.0}))
     text = render_comparison([a, b])
     rows = {r["run"]: r for r in _table(text, "run")}
     assert rows["a"]["ppl @2048 (Δ%)"] == "22 (+10.0%)" and rows["b"]["ppl @2048 (Δ%)"] == "22 (+0.0%)"
     assert "- b: its own teacher figures differ from the teacher row's (ppl@2048" in text
     assert list(rows["a"])[:4] == ["run", "target", "kv_lora_rank", "init"]
     # two folders of one name are told apart by their paths
-    text = render_comparison([{**base, "path": "x/run", "run": "run"}, {**base, "path": "y/run", "run": "run"}])
+    text = render_comparison([replace(base, path="x/run", run="run"), replace(base, path="y/run", run="run")])
     assert [r["run"] for r in _table(text, "run")][:2] == ["x/run", "y/run"]
 
 
 def test_figures_come_from_the_files_alone(runs):
     _, dirs, _ = runs
     fig = run_figures(dirs["gs-s2only"])  # no model/, no eval.json, no passkey.json
-    assert fig["target"] == "gateswa" and fig["stage1.tokens"] == 0 and fig["stage2.seq_len"] == 128
-    assert not any(k.startswith(("ppl", "zs:", "passkey")) for k in fig)
-    assert fig["missing"] == ["eval.json", "passkey.json"]
+    assert fig.settings["target"] == "gateswa" and fig.tokens[1] == 0 and fig.settings["stage2.seq_len"] == 128
+    assert fig.student == Figures() and fig.teacher == Figures() and fig.passkey is None
+    assert fig.missing == ["eval.json", "passkey.json"]
 
 
 def test_cli_compare_and_json(runs, tmp_path, capsys):
@@ -276,7 +287,7 @@ def test_the_passkey_grid_says_how_each_run_drew_its_keys():
     """Runs measured with different protocols (5 keys on one filler, 20 each on its own) are told apart."""
     def run(name, trials, teacher, filler=None):  # as run_figures reads a passkey.json (older ones have no filler)
         pk = {"contexts": [64], "depths": [0.0], "trials": trials, "student": [[1.0]], "teacher": [[teacher]]}
-        return {"run": name, **passkey_figures({**pk, **({"filler": filler} if filler else {})})}
+        return RunFigures(name, name, passkey=Passkey.parse({**pk, **({"filler": filler} if filler else {})}, "passkey.json"))
 
     a, b, c = run("a", 5, 1.0), run("b", 20, 0.5, "varied"), run("c", 20, 0.0, "varied")
     rows = [line.split("|")[1:5] for line in passkey_grid_table([a, b, c]).splitlines()[2:]]

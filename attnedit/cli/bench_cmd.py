@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 from ..errors import AttnEditError
-from ..io import write_json
 from ..schema import add_flags, from_args
-from .common import RUN_AUTO, add_device_args, add_json, add_model, add_save, add_teacher, device_of, dtype_of, log
+from .common import RUN_AUTO, add_device_args, add_json, add_model, add_save, add_teacher, check_save, device_of, dtype_of, log, save_results
 
 
 def add_pair_args(p: argparse.ArgumentParser, many: str = "") -> None:
@@ -47,6 +46,7 @@ def save_paths(save: str | None, models: list[str]) -> dict[str, Path | None]:
 
 def add_parser(sub) -> None:
     from ..eval.bench import BenchSettings
+    from ..results import Bench
 
     p = sub.add_parser(
         "bench",
@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_pair_args(p, many="several are timed in one run next to one timing of the teacher, and saved one JSON each")
-    add_save(p, "bench.json")
+    add_save(p, Bench.FILE)
     add_flags(p, BenchSettings)
     p.add_argument(
         "--passkey",
@@ -77,31 +77,35 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..eval.bench import BenchSettings, format_bench, run_bench_many
     from ..eval.passkey import PasskeySettings, format_passkey, passkey_json
+    from ..results import Bench, Passkey
 
     settings = from_args(BenchSettings, args)
     models = list(dict.fromkeys(args.model))
     if args.passkey and len(models) > 1:
         raise AttnEditError("--passkey takes one model; run attnedit passkey for each of the others")
-    students, teacher, tokenizer, dtype = load_students(args, models, settings.contexts)
     paths = save_paths(args.save, models)
+    passkey_path = paths[models[0]].with_name(Passkey.FILE) if args.passkey and paths[models[0]] else None
+    check_save(args, *paths.values(), passkey_path)  # before the models are loaded
+    students, teacher, tokenizer, dtype = load_students(args, models, settings.contexts)
 
     def labelled(raw: dict) -> dict:
         return {m: {"model": m, "teacher": args.teacher, **raw[m]} for m in models}
 
-    def save(results: dict) -> None:
-        for m, path in paths.items():
-            if path:
-                write_json(path, results[m])
+    def save_partial(raw: dict) -> None:
+        """What was measured so far, saved after every engine so that a run cut short keeps it; a failed
+        write here only warns (the final write, after the tables, says what went wrong)."""
+        try:
+            for m, path in paths.items():
+                if path:
+                    Bench.model_validate(labelled(raw)[m]).write(path)
+        except AttnEditError as e:
+            log(f"attnedit: warning: {e}")
 
-    # saved after every engine too, so a run cut short keeps what it measured
-    results = labelled(run_bench_many(students, teacher, settings, dtype, log=log, partial=lambda raw: save(labelled(raw))))
-    save(results)
+    results = labelled(run_bench_many(students, teacher, settings, dtype, log=log, partial=save_partial))
     passkey = None
     if args.passkey:
         keys = PasskeySettings(contexts=settings.contexts)
         passkey = passkey_json(models[0], args.teacher, students[models[0]], teacher, tokenizer, keys, log=log)
-    if passkey and paths[models[0]]:
-        write_json(paths[models[0]].with_name("passkey.json"), passkey)
     if args.json:
         out = results[models[0]] if len(models) == 1 else results
         print(json.dumps({**out, "passkey": passkey} if passkey else out, indent=2))
@@ -110,4 +114,10 @@ def run(args) -> int:
             print((f"== {m}\n" if len(models) > 1 else "") + format_bench(results[m]))
         if passkey:
             print("\n" + format_passkey(passkey))
+    # printed first: a failed write loses nothing
+    for m, path in paths.items():
+        if path:
+            save_results(path, Bench.model_validate(results[m]), printed_json=args.json)
+    if passkey_path:
+        save_results(passkey_path, Passkey.model_validate(passkey), printed_json=args.json)
     return 0

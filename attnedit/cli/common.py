@@ -53,8 +53,34 @@ def add_json(p: argparse.ArgumentParser, what: str = "print the result as JSON i
 
 
 def add_save(p: argparse.ArgumentParser, name: str) -> None:
-    """--save FILE, for commands whose JSON ``attnedit report`` reads from a run folder as ``name``."""
+    """--save FILE (and --overwrite), for commands whose JSON ``attnedit report`` reads from a run folder as ``name``."""
     p.add_argument("--save", metavar="FILE", help=f"also write the JSON to FILE (e.g. RUN/{name}, read by attnedit report)")
+    p.add_argument("--overwrite", action="store_true", help="replace --save FILE if it exists")
+
+
+def check_save(args, *paths, inputs: tuple = ()) -> None:
+    """Refuse, before any model is loaded, --save paths that cannot be written, exist (without --overwrite),
+    or are one of ``inputs``' files (default: MODEL and --teacher)."""
+    from ..io import check_output
+
+    models = args.model if isinstance(args.model, list) else [args.model]
+    for path in paths or [args.save]:
+        if path:
+            check_output(path, "--save", folder=False, overwrite=args.overwrite, inputs=inputs or (*models, args.teacher))
+
+
+def save_results(path, record, printed_json: bool) -> None:
+    """Write ``record`` (an :mod:`attnedit.results` record) to --save ``path`` once the results have been
+    printed. When the write fails nothing measured is lost: the JSON is printed too (unless it already was),
+    then one line says what went wrong."""
+    import json
+
+    try:
+        record.write(path)
+    except AttnEditError as e:
+        if not printed_json:
+            print(json.dumps(record.to_dict(), indent=2))
+        raise AttnEditError(f"{e}; the results are printed above as JSON") from None
 
 
 def add_out(p: argparse.ArgumentParser, help: str, required: bool = True, metavar: str | None = None) -> None:

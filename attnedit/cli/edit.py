@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import AttnEditError
+from ..io import check_output
 from ..schema import add_flags, from_args
 from ..surgery import SETTINGS, field_help
-from .common import add_device_args, add_out, add_overwrite, add_set, device_of, load_dtype, parse_sets
+from .common import add_device_args, add_out, add_overwrite, add_set, device_of, load_dtype, log, parse_sets
 
 
 def _settings_epilog() -> str:
@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     add_set(p, "a target setting, e.g. kv_lora_rank=128 (listed below)")
     add_out(p, "folder for the edited checkpoint")
     add_overwrite(p)
+    p.add_argument(
+        "--tokenizer", metavar="PATH", help="tokenizer saved with the model (folder or Hugging Face id; default: the teacher's own)"
+    )
     add_flags(p, InspectSettings, skip=("dtype",))  # --context of the KV summary printed at the end
     add_device_args(p)
     p.set_defaults(func=run)
@@ -52,16 +55,28 @@ def run(args) -> int:
     from ..eval.inspect import InspectSettings, format_inspection, inspect_config
     from ..export import save_edited
     from ..surgery import edit_model, edited_config
-    from ..teachers import load_config, load_model
+    from ..teachers import load_config, load_model, load_tokenizer
 
     target_args = parse_sets(args.set)
     context = from_args(InspectSettings, args, dtype=None).context
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise AttnEditError(f"--out {args.out} is a file; give a folder for the edited checkpoint")
+    # the output is checked before anything is loaded: a path that cannot be written, or the teacher itself
+    check_output(args.out, overwrite=args.overwrite, inputs=(args.teacher, args.tokenizer))
     edited_config(load_config(args.teacher), args.target, target_args)  # validate before loading weights
-    teacher, tokenizer = load_model(args.teacher, dtype=load_dtype(args.dtype), device=device_of(args))
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    teacher, teacher_tokenizer = load_model(args.teacher, dtype=load_dtype(args.dtype), device=device_of(args))
+    tokenizer = tokenizer or teacher_tokenizer
+    if tokenizer is not None and len(tokenizer) > teacher.config.vocab_size:
+        raise AttnEditError(
+            f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens, more than the teacher's vocabulary "
+            f"({teacher.config.vocab_size}); give the teacher's own tokenizer"
+        )
     student = edit_model(teacher, args.target, target_args)
     out = save_edited(student, args.out, tokenizer, overwrite=args.overwrite)
     print(format_inspection(inspect_config(student.config, context)))
     print(f"\nsaved the edited (untrained) model to {out}")
+    if tokenizer is None:
+        log(
+            f"attnedit: warning: {args.teacher} has no tokenizer, so {out} has none: eval, passkey and generate() "
+            f"need one; run edit again with --tokenizer (a tokenizer folder or Hugging Face id)"
+        )
     return 0

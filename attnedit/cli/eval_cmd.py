@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io import write_json
 from ..schema import add_flags, from_args
-from .common import RUN_AUTO, add_device_args, add_json, add_model, add_save, add_teacher, device_of, dtype_of
+from .common import RUN_AUTO, add_device_args, add_json, add_model, add_save, add_teacher, check_save, device_of, dtype_of, save_results
 
 
 def add_parser(sub) -> None:
     from ..eval.quality import KNOWN_TASKS, QualitySettings
+    from ..results import Quality
 
     p = sub.add_parser(
         "eval",
@@ -33,26 +33,28 @@ def add_parser(sub) -> None:
     add_flags(p, QualitySettings)
     add_device_args(p, RUN_AUTO)
     add_json(p)
-    add_save(p, "eval.json")
+    add_save(p, Quality.FILE)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..errors import AttnEditError
     from ..eval.quality import KNOWN_TASKS, QualitySettings, evaluate_quality, quality_rows
+    from ..results import Quality
     from ..tables import text_table
 
     settings = from_args(QualitySettings, args)
     if not settings.tasks:
         raise AttnEditError(f"--tasks is empty; known tasks: {', '.join(KNOWN_TASKS)}")
+    check_save(args)  # before minutes of evaluation
     device = device_of(args)
     result = evaluate_quality(args.model, args.teacher, settings, str(device), dtype_of(args, device))
-    if args.save:
-        write_json(args.save, result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(text_table(["task", "metric", "student", "teacher", "student/teacher"], quality_rows(result), right={2, 3, 4}))
-        if args.save:
+    if args.save:  # printed first: a failed write loses nothing
+        save_results(args.save, Quality.model_validate(result), printed_json=args.json)
+        if not args.json:
             print(f"\nsaved {args.save}")
     return 0

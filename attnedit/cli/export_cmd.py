@@ -55,16 +55,14 @@ def export(model, tokenizer, fmt: str, out, overwrite: bool = False):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from ..errors import AttnEditError
     from ..export import ExportSettings
     from ..export.check import check_export
+    from ..io import check_output
     from ..teachers import load_model
 
     settings = from_args(ExportSettings, args)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise AttnEditError(f"--out {args.out} is a file; give a folder for the export")
+    check_output(args.out, overwrite=args.overwrite, inputs=(args.model,))  # before the model is loaded
     model, tokenizer = load_model(args.model, dtype="auto")
     if getattr(model.config, "model_type", None) != "attnedit":
         raise AttnEditError(f"{args.model} is not an attnedit model; export takes a converted checkpoint folder")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io import write_json
 from ..schema import add_flags, from_args
 from .bench_cmd import add_pair_args, load_students
-from .common import add_save, log
+from .common import add_save, check_save, log, save_results
 
 
 def add_parser(sub) -> None:
     from ..eval.passkey import PasskeySettings
+    from ..results import Passkey
 
     p = sub.add_parser(
         "passkey",
@@ -25,18 +25,20 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_pair_args(p)
-    add_save(p, "passkey.json")
+    add_save(p, Passkey.FILE)
     add_flags(p, PasskeySettings)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..eval.passkey import PasskeySettings, format_passkey, passkey_json
+    from ..results import Passkey
 
     settings = from_args(PasskeySettings, args)
+    check_save(args)  # before the models are loaded
     students, teacher, tokenizer, _ = load_students(args, [args.model], settings.contexts)
     result = passkey_json(args.model, args.teacher, students[args.model], teacher, tokenizer, settings, log=log)
-    if args.save:
-        write_json(args.save, result)
     print(json.dumps(result, indent=2) if args.json else format_passkey(result))
+    if args.save:  # printed first: a failed write loses nothing
+        save_results(args.save, Passkey.model_validate(result), printed_json=args.json)
     return 0

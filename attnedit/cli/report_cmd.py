@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..errors import AttnEditError
 from .common import add_json, add_out
@@ -41,16 +42,22 @@ def add_parser(sub) -> None:
     )
     add_out(p, "the comparison's Markdown file, e.g. runs/ablation.md (needed to compare; one RUN without "
             "--compare writes RUN/report.md)", required=False, metavar="FILE.md")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace the comparison's --out FILE.md if it exists")
     add_json(p, "print the written files as JSON")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..io import check_output
     from ..report import build_report, compare_runs
+    from ..report.build import INPUTS, check_run_dir
 
     if args.compare or len(args.run_dir) > 1:
         if not args.out:
             raise AttnEditError("comparing runs writes one Markdown file: give it with --out FILE.md")
+        if not Path(args.out).is_dir():  # (a folder is named by compare_runs)
+            inputs = tuple(Path(r) / name for r in args.run_dir for name in (*INPUTS, "recipe.yaml", "model"))
+            check_output(args.out, folder=False, overwrite=args.overwrite, inputs=inputs)
         report = compare_runs(args.run_dir, args.out)
         files = [str(report)]
     else:
@@ -58,7 +65,9 @@ def run(args) -> int:
             raise AttnEditError(
                 "--out is for comparisons (several RUNs or --compare); one run's report is RUN/report.md"
             )
-        report = build_report(args.run_dir[0])
+        run = check_run_dir(args.run_dir[0])
+        check_output(run / "report.md", "the report", folder=False, overwrite=True)  # rewritten each time: made from RUN's files
+        report = build_report(run)
         files = [str(report)] + sorted(str(p) for p in report.parent.glob("*.png"))
     print(json.dumps({"report": str(report), "files": files}) if args.json else "\n".join(["wrote:"] + files))
     return 0

@@ -39,6 +39,7 @@ import torch
 
 from ..errors import AttnEditError, is_out_of_memory
 from ..profiling import kernel_kind, profile_steps  # noqa: F401 - kernel_kind re-exported for callers of bench
+from ..results import Bench
 from ..schema import FieldError, require, setting
 from .kv import analytic_cache_bytes, kv_by_context, max_context
 
@@ -674,7 +675,7 @@ def _assemble(
                 result["runs"].append(run)
         if capacity:
             result["capacity"] = _capacity_rows(label, settings.contexts, capacity)
-        results[label] = result
+        results[label] = Bench.model_validate(result).to_dict()  # the bench.json layout, as its record types it
     return results
 
 

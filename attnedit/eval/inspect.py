@@ -8,7 +8,7 @@ import torch
 
 from ..schema import require, setting
 from ..tables import human_bytes, text_table
-from .kv import kv_summary
+from .kv import kv_summary, usable_context
 
 
 @dataclass
@@ -37,8 +37,12 @@ def count_parameters(config) -> int:
 
 
 def inspect_config(config, context: int, dtype: str | None = None) -> dict:
-    """Everything ``attnedit inspect`` shows, as a dict (the ``--json`` output)."""
+    """Everything ``attnedit inspect`` shows, as a dict (the ``--json`` output). A ``context`` longer than
+    the model's longest is taken at the model's longest (``context_asked`` says what was asked)."""
+    asked, context = context, usable_context(config, context)
     summary = kv_summary(config, context, dtype)
+    if asked != context:
+        summary["context_asked"] = asked
     summary["params"] = count_parameters(config)
     summary["model_type"] = config.model_type
     if config.model_type == "attnedit":
@@ -48,7 +52,22 @@ def inspect_config(config, context: int, dtype: str | None = None) -> dict:
         summary["teacher_kv_bytes_per_token"] = teacher["kv_bytes_per_token"]
         summary["kv_ratio_vs_teacher"] = summary["kv_bytes_per_token"] / teacher["kv_bytes_per_token"]
         summary["edit"] = config.edit
+        summary["notes"] = layout_notes(config)
     return summary
+
+
+def layout_notes(config) -> list[str]:
+    """What an edited config does that its settings may not make plain: a GateSWA ``full_layers=every:K``
+    that keeps no full layer (the model has fewer than K layers)."""
+    edit = getattr(config, "edit", None) or {}
+    full_layers = str((edit.get("settings") or {}).get("full_layers", ""))
+    layers = config.layer_attention
+    if edit.get("target") == "gateswa" and full_layers.startswith("every:") and not any(x.get("layer_type") == "full" for x in layers):
+        return [
+            f"full_layers={full_layers} keeps no full layer on this {len(layers)}-layer model (every:K makes layers K-1, "
+            f"2K-1, ... full): every edited layer slides; set full_layers (e.g. every:{max(1, len(layers) // 2)} or 1,3) to keep some"
+        ]
+    return []
 
 
 def format_inspection(info: dict) -> str:
@@ -62,7 +81,8 @@ def format_inspection(info: dict) -> str:
         "",
         f"model type            {info['model_type']}",
         f"parameters            {info['params']:,} (attention {info['attention_params']:,})",
-        f"context               {info['context']:,} tokens, cache dtype {info['dtype']}",
+        f"context               {info['context']:,} tokens, cache dtype {info['dtype']}"
+        + (f" (the model's longest; {info['context_asked']:,} asked)" if "context_asked" in info else ""),
         f"KV bytes per token    {human_bytes(info['kv_bytes_per_token'])} (all layers)",
         f"KV bytes at context   {human_bytes(info['kv_bytes_total'])} per sequence",
     ]
@@ -71,4 +91,5 @@ def format_inspection(info: dict) -> str:
             f"vs teacher            {info['kv_ratio_vs_teacher']:.1%} of the teacher's "
             f"{human_bytes(info['teacher_kv_bytes_per_token'])}/token ({1 - info['kv_ratio_vs_teacher']:.1%} smaller)"
         )
+    lines += [f"note                  {n}" for n in info.get("notes", [])]
     return "\n".join(lines)

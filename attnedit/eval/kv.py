@@ -2,9 +2,11 @@
 
 Analytic figures come from the model's config alone (teachers included); measured figures come from
 running a prefill with attnedit's real cache and summing the storage its tensors hold. A test checks
-that the two agree exactly. This module is the one source of KV sizes: ``inspect``, the ``--dry-run``
-plan, ``bench`` and the KV figures ``convert`` writes into ``summary.json`` (which ``report`` reads) all
-come from :func:`kv_layout`.
+that the two agree exactly. This module is the one source of KV sizes: ``inspect``, ``edit``, the
+``--dry-run`` plan, ``bench`` and the KV figures ``convert`` writes into ``summary.json`` (which
+``report`` reads) all come from :func:`cache_bytes`, which names the dtype it counts in: the model's
+own (its config's ``dtype``: what ``edit`` and ``convert`` saved it in) unless a command runs it in
+another (``bench --dtype``), and bf16 only for a config that names none.
 """
 
 from __future__ import annotations
@@ -27,12 +29,33 @@ class LayerKV:
 
 
 def dtype_bytes(config, default: str = "bfloat16", override: str | None = None) -> tuple[str, int]:
-    """Bytes per cached value: ``override``, else the config's dtype, else ``default`` (bf16)."""
+    """The cache's dtype and bytes per cached value: ``override``, else the config's dtype, else ``default`` (bf16)."""
     name = override or getattr(config, "dtype", None) or default
     name = str(name).replace("torch.", "")
     if name not in DTYPE_BYTES:
         name = default
     return name, DTYPE_BYTES[name]
+
+
+@dataclass(frozen=True)
+class CacheBytes:
+    """A model's KV-cache bytes per token at a context, and the dtype they are counted in."""
+
+    dtype: str
+    context: int
+    per_token: float
+
+    def __str__(self) -> str:
+        from ..tables import human_bytes
+
+        return f"{human_bytes(self.per_token)}/token ({self.dtype})"
+
+
+def cache_bytes(config, context: int, dtype: str | None = None) -> CacheBytes:
+    """Bytes per token the KV cache of ``config`` holds at ``context`` tokens, in ``dtype`` (default: the
+    model's own, see :func:`dtype_bytes`): the one figure every command prints, with its dtype."""
+    name, _ = dtype_bytes(config, override=dtype)
+    return CacheBytes(name, context, sum(x.bytes_per_token for x in kv_layout(config, context, name)))
 
 
 def _dense_values(kvh: int, d: int, window: int | None, sink: int, context: int) -> float:
@@ -103,14 +126,14 @@ def kv_layout(config, context: int, dtype: str | None = None) -> list[LayerKV]:
 
 
 def kv_summary(config, context: int, dtype: str | None = None) -> dict:
-    layers = kv_layout(config, context, dtype)
-    name, _ = dtype_bytes(config, override=dtype)
+    size = cache_bytes(config, context, dtype)
+    layers = kv_layout(config, context, size.dtype)
     return {
         "context": context,
-        "dtype": name,
+        "dtype": size.dtype,
         "layers": [asdict(x) for x in layers],
-        "kv_bytes_per_token": sum(x.bytes_per_token for x in layers),
-        "kv_bytes_total": sum(x.bytes_per_token for x in layers) * context,
+        "kv_bytes_per_token": size.per_token,
+        "kv_bytes_total": size.per_token * context,
         "attention_params": sum(x.params for x in layers),
     }
 
@@ -123,21 +146,29 @@ def max_context(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def usable_context(config, context: int) -> int:
+    """``context``, or the model's longest if that is shorter: KV figures at a context the model cannot run
+    would promise a saving it never gives."""
+    limit = max_context(config)
+    return min(context, limit) if limit else context
+
+
 def kv_by_context(config, contexts: list[int], dtype: str) -> dict:
     return {
         "contexts": list(contexts),
-        "bytes_per_token": [kv_summary(config, c, dtype)["kv_bytes_per_token"] for c in contexts],
+        "bytes_per_token": [cache_bytes(config, c, dtype).per_token for c in contexts],
     }
 
 
 def analytic_cache_bytes(config, context: int, batch: int, dtype: str) -> int:
     """What the cache of ``batch`` sequences of ``context`` tokens should hold, from the config alone."""
-    return round(kv_summary(config, context, dtype)["kv_bytes_per_token"] * context) * batch
+    return round(cache_bytes(config, context, dtype).per_token * context) * batch
 
 
-def kv_figures(config, teacher_config, dtype: str = "bfloat16") -> dict:
-    """KV bytes per token of an edited model and its teacher at powers of two from 128 up to the max
-    context, in the layout of ``bench.json``'s ``kv`` (what ``convert`` writes into ``summary.json``)."""
+def kv_figures(config, teacher_config, dtype: str) -> dict:
+    """KV bytes per token of an edited model and its teacher in ``dtype`` (the dtype the model is saved and
+    run in) at powers of two from 128 up to the max context, in the layout of ``bench.json``'s ``kv`` (what
+    ``convert`` writes into ``summary.json``)."""
     limit = max_context(config) or 32768
     contexts = [2**k for k in range(7, int(math.log2(limit)) + 1)] or [limit]
     out = {"dtype": dtype, "student": kv_by_context(config, contexts, dtype), "teacher": kv_by_context(teacher_config, contexts, dtype)}

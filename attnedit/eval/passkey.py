@@ -142,7 +142,8 @@ def run_passkey(
     ``{"contexts": [...], "depths": [...], "trials": int, "filler": str, NAME: [[accuracy per depth] per context], ...}``."""
     if tokenizer is None:
         raise AttnEditError(
-            "the model folder has no tokenizer; passkey retrieval needs one (save it with the checkpoint)"
+            "the model folder has no tokenizer; passkey retrieval needs one: save the teacher's tokenizer into it "
+            "(tokenizer.save_pretrained), or edit again with attnedit edit ... --tokenizer PATH"
         )
     if trials < 1 or not contexts or not depths:
         raise AttnEditError("passkey needs at least one context, one depth and one trial")
@@ -174,12 +175,15 @@ def run_passkey(
 
 
 def passkey_json(model: str, teacher: str, student, teacher_model, tokenizer, settings: PasskeySettings, log=print) -> dict:
-    """``passkey.json`` for a student and its teacher (both loaded): the grid of :func:`run_passkey` plus both names."""
+    """``passkey.json`` for a student and its teacher (both loaded): the grid of :func:`run_passkey` plus both
+    names (built as its record, :class:`attnedit.results.Passkey`)."""
+    from ..results import Passkey
+
     grid = run_passkey(
         {"student": student, "teacher": teacher_model}, tokenizer, settings.contexts, settings.depths, settings.trials,
         settings.seed, log=log, filler=settings.filler,
     )  # fmt: skip
-    return {"model": model, "teacher_model": teacher, **grid}
+    return Passkey(model=model, teacher_model=teacher, **grid).to_dict()
 
 
 def format_passkey(result: dict) -> str:

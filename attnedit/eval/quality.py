@@ -109,7 +109,10 @@ def evaluate_model(name: str, settings: QualitySettings, device: str = "cpu", dt
         text = wikitext2_text(data_dir / WIKITEXT2_FILE)
         model, tokenizer = load_model(name, dtype=getattr(torch, dtype), device=device)
         if tokenizer is None:
-            raise AttnEditError(f"{name} has no tokenizer; save one with the model (attnedit edit does)")
+            raise AttnEditError(
+                f"{name} has no tokenizer (its teacher had none); perplexity needs one: save the teacher's tokenizer "
+                f"into it (tokenizer.save_pretrained), or edit again with attnedit edit ... --tokenizer PATH"
+            )
         ids = tokenize_text(tokenizer, text, settings.ppl_tokens)
         for task, window in settings.windows().items():
             out[task] = perplexity(model, ids, window, progress=f"{task} {name}").metrics()
@@ -144,7 +147,9 @@ def ratios(student: dict, teacher: dict) -> dict:
 
 
 def evaluate_quality(model: str, teacher: str | None, settings: QualitySettings, device: str = "cpu", dtype: str = "float32") -> dict:
-    """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict."""
+    """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict (built as its
+    record, :class:`attnedit.results.Quality`)."""
+    from ..results import Quality
     from ..teachers import load_config
 
     if not settings.tasks:
@@ -165,20 +170,16 @@ def evaluate_quality(model: str, teacher: str | None, settings: QualitySettings,
         for task in settings.result_names()
     }
     windows = list(settings.windows().values())
-    return {
-        "model": model,
-        "teacher": teacher,
-        "tasks": tasks,
-        "limit": settings.limit,
-        "num_fewshot": settings.num_fewshot,
-        "perplexity": {
-            **asdict(windows[0]),
-            "contexts": [w.max_length for w in windows],
-            "strides": [w.stride for w in windows],
-        },
-        "device": str(device),
-        "dtype": dtype,
-    }
+    return Quality(
+        model=model,
+        teacher=teacher,
+        tasks=tasks,
+        limit=settings.limit,
+        num_fewshot=settings.num_fewshot,
+        perplexity={**asdict(windows[0]), "contexts": [w.max_length for w in windows], "strides": [w.stride for w in windows]},
+        device=str(device),
+        dtype=dtype,
+    ).to_dict()
 
 
 def quality_rows(result: dict) -> list[list]:

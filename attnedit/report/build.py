@@ -1,8 +1,8 @@
 """``report.md`` for a conversion run folder, from whichever of its inputs exist.
 
 Inputs (all optional, at least one needed): ``model/config.json`` (the edited checkpoint),
-``metrics.jsonl`` (training log), ``summary.json``, ``eval.json``, ``bench.json``, ``passkey.json``
-(layouts in the module docstrings of ``attnedit.eval``). A report reads these artefacts only: it
+``metrics.jsonl`` (training log), and the result files read as their records (:mod:`attnedit.results`):
+``summary.json``, ``eval.json``, ``bench.json``, ``passkey.json``. A report reads these artefacts only: it
 computes no figure from a model (the KV figures are the ones ``convert`` wrote into ``summary.json``,
 else ``bench``'s). Every section whose input is missing says which command makes it. The report and
 its PNGs are written into the run folder itself.
@@ -17,22 +17,19 @@ from pathlib import Path
 from ..errors import AttnEditError
 from ..eval.passkey import filler_note
 from ..io import write_text
+from ..results import Bench, Passkey, Quality, Summary
 from ..tables import human_bytes, markdown_table
 from . import plots
 
-INPUTS = ("model/config.json", "metrics.jsonl", "summary.json", "eval.json", "bench.json", "passkey.json")
-REQUIRED_KEYS = {
-    "eval.json": ("tasks",),
-    "bench.json": ("runs", "kv"),
-    "passkey.json": ("contexts", "depths", "trials"),
-}
+INPUTS = ("model/config.json", "metrics.jsonl", Summary.FILE, Quality.FILE, Bench.FILE, Passkey.FILE)
 
 
 # -------------------------------------------------------------------------------------------- inputs
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON object from ``path``, None if the file is absent; a one-line error if it is malformed."""
+    """A JSON object from ``path`` (a model's ``config.json`` or ``attnedit.json``), None if the file is
+    absent; a one-line error if it is malformed."""
     if not path.is_file():
         return None
     try:
@@ -41,9 +38,8 @@ def read_json(path: Path) -> dict | None:
         raise AttnEditError(
             f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-run the command that writes it"
         ) from None
-    missing = [k for k in REQUIRED_KEYS.get(path.name, ()) if not isinstance(data, dict) or k not in data]
-    if not isinstance(data, dict) or missing:
-        raise AttnEditError(f"{path} lacks {', '.join(missing) or 'a JSON object'}; re-run the command that writes it")
+    if not isinstance(data, dict):
+        raise AttnEditError(f"{path} lacks a JSON object; re-run the command that writes it")
     return data
 
 
@@ -57,13 +53,13 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return run
 
 
-def teacher_name(summary: dict | None, eval_json: dict | None, bench: dict | None, passkey: dict | None) -> str | None:
+def teacher_name(summary: Summary | None, quality: Quality | None, bench: Bench | None, passkey: Passkey | None) -> str | None:
     """The teacher's name as the run's files record it (eval.json, bench.json, passkey.json, summary.json), or None."""
     names = [
-        (eval_json or {}).get("teacher"),
-        (bench or {}).get("teacher"),
-        (passkey or {}).get("teacher_model"),
-        (summary or {}).get("teacher"),
+        quality and quality.teacher,
+        bench and bench.teacher,
+        passkey and passkey.teacher_model,
+        summary and summary.teacher,
     ]
     return next((n for n in names if isinstance(n, str)), None)
 
@@ -113,10 +109,10 @@ def _pm(value, err) -> str:
     return f"{value:.4g}" if not isinstance(err, (int, float)) else f"{value:.4g} ± {err:.2g}"
 
 
-def quality_table(eval_json: dict) -> str:
+def quality_table(quality: Quality) -> str:
     rows = []
-    for task, t in eval_json["tasks"].items():
-        student, teacher, ratio = t.get("student") or {}, t.get("teacher") or {}, t.get("ratio") or {}
+    for task, t in quality.tasks.items():
+        student, teacher, ratio = t.student or {}, t.teacher or {}, t.ratio or {}
         metrics = [m for m in student if not m.endswith("_stderr")] or [m for m in teacher if not m.endswith("_stderr")]
         for m in metrics:
             r = ratio.get(m)
@@ -132,22 +128,22 @@ def quality_table(eval_json: dict) -> str:
     return markdown_table(["task", "metric", "student", "teacher", "student / teacher"], rows)
 
 
-def efficiency_table(bench: dict) -> str:
+def efficiency_table(bench: Bench) -> str:
     def fig(run, name, key, fmt):
-        f = run.get(name)
-        v = None if f is None else f.get(key)
+        f = getattr(run, name)
+        v = None if f is None else getattr(f, key)
         return "-" if v is None else fmt(v)
 
     def ratio(run, key):
-        v = (run.get("ratio") or {}).get(key)
+        v = run.ratio.get(key)
         return "-" if v is None else f"{v:.2f}"
 
     rows = []
-    for r in bench["runs"]:
+    for r in bench.runs:
         rows.append(
             [
-                r["batch"],
-                r["context"],
+                r.batch,
+                r.context,
                 fig(r, "student", "ttft_ms", "{:,.1f}".format),
                 fig(r, "teacher", "ttft_ms", "{:,.1f}".format),
                 ratio(r, "ttft_ms"),
@@ -177,38 +173,75 @@ def efficiency_table(bench: dict) -> str:
         "peak mem (T)",
     ]
     notes = [
-        f"- {name}: batch {r['batch']} at context {r['context']} does not fit in memory; the largest batch that fits is {best}."
-        for r in bench["runs"]
-        for name, best in (r.get("largest_batch") or {}).items()
+        f"- {name}: batch {r.batch} at context {r.context} does not fit in memory; the largest batch that fits is {best}."
+        for r in bench.runs
+        for name, best in (r.largest_batch or {}).items()
     ]
     return "\n".join([markdown_table(headers, rows)] + ([""] + notes if notes else []))
 
 
-def kv_series(summary: dict | None, bench: dict | None) -> tuple[str, list[int], list[float], list[float]] | None:
+def kv_series(summary: Summary | None, bench: Bench | None) -> tuple[str, list[int], list[float], list[float]] | None:
     """(dtype, contexts, student and teacher KV bytes per token) from ``summary.json``, else ``bench.json``."""
     for source in (summary, bench):
-        kv = (source or {}).get("kv") or {}
-        if kv.get("student") and kv.get("teacher"):
-            dtype = kv.get("dtype") or (source or {}).get("dtype") or "bfloat16"
-            s, t = kv["student"], kv["teacher"]
-            return dtype, s["contexts"], s["bytes_per_token"], t["bytes_per_token"]
+        kv = source.kv if source is not None else None
+        if kv is not None and kv.student and kv.teacher:
+            dtype = kv.dtype or getattr(source, "dtype", None) or "bfloat16"
+            return dtype, kv.student.contexts, kv.student.bytes_per_token, kv.teacher.bytes_per_token
     return None
 
 
-def passkey_protocol(passkey: dict) -> str:
+def bench_kv_check(bench: Bench) -> str:
+    """What the bench says about the KV figures: its cache dtype, and whether the bytes its caches allocated
+    equal the analytic figure in every cell it measured."""
+    cells = [f for r in bench.runs for f in (r.student, r.teacher) if f is not None]
+    pairs = [(f.kv_bytes_measured, f.kv_bytes_analytic) for f in cells]
+    pairs = [(m, a) for m, a in pairs if m is not None and a is not None]
+    dtype = bench.dtype or "?"
+    if not pairs:
+        return f"The bench ran with a {dtype} cache and measured no cache bytes."
+    off = sum(m != a for m, a in pairs)
+    verdict = "equal the analytic figure in every cell" if not off else f"differ from the analytic figure in {off} of {len(pairs)} cells"
+    return f"The bench ran with a {dtype} cache; the bytes its caches allocated {verdict}."
+
+
+def resolved_settings(config: dict) -> dict:
+    """The target settings a model was edited with, each default (None or auto) replaced by the value the
+    edit chose, as the model's layer list records it; ``full_layers`` with the layers it gave; a setting
+    left empty (``q_lora_rank``: no query bottleneck) as ``none``, as settings are written."""
+    edit = config.get("edit") or {}
+    settings = dict(edit.get("settings") or {})
+    layers = config.get("layer_attention") or []
+    edited = [layers[i] for i in edit.get("edited_layers", []) if i < len(layers)]
+    if edited:
+        for key, value in settings.items():
+            if (value is None or value == "auto") and key in edited[0]:
+                settings[key] = edited[0][key]
+    if "full_layers" in settings:
+        full = [i for i, x in enumerate(layers) if x.get("layer_type") == "full"]
+        settings["full_layers"] = f"{settings['full_layers']} (layers {','.join(map(str, full)) or 'none'})"
+    return {k: ("none" if v is None else f"{v:g}" if isinstance(v, float) else v) for k, v in settings.items()}
+
+
+def passkey_protocol(passkey: Passkey) -> str:
     """How many keys a passkey cell holds and whether each brought its own filler ("5", "20, each with its own
     shuffled filler")."""
-    return f"{passkey['trials']}{filler_note(passkey.get('filler'))}"
+    return f"{passkey.trials}{filler_note(passkey.filler)}"
 
 
-def passkey_tables(passkey: dict) -> str:
+def passkey_tables(passkey: Passkey) -> str:
     out = []
     for name in ("student", "teacher"):
-        if passkey.get(name) is None:
+        grid = getattr(passkey, name)
+        if grid is None:
             continue
-        rows = [[c] + [f"{a:.2f}" for a in accs] for c, accs in zip(passkey["contexts"], passkey[name])]
-        out.append(f"**{name}**\n\n" + markdown_table(["context"] + [f"depth {d:g}" for d in passkey["depths"]], rows))
+        rows = [[c] + [f"{a:.2f}" for a in accs] for c, accs in zip(passkey.contexts, grid)]
+        out.append(f"**{name}**\n\n" + markdown_table(["context"] + [f"depth {d:g}" for d in passkey.depths], rows))
     return "\n\n".join(out)
+
+
+def _or(value, default):
+    """A header figure an older file may lack."""
+    return default if value is None else value
 
 
 def _missing(what: str, command: str) -> str:
@@ -223,22 +256,22 @@ def build_report(run_dir: str | Path) -> Path:
     run = check_run_dir(run_dir)
     config = read_model_config(run)
     metrics = read_metrics(run / "metrics.jsonl")
-    summary, eval_json = read_json(run / "summary.json"), read_json(run / "eval.json")
-    bench, passkey = read_json(run / "bench.json"), read_json(run / "passkey.json")
-    teacher = teacher_name(summary, eval_json, bench, passkey) or "TEACHER"
+    summary, quality = Summary.read(run), Quality.read(run)
+    bench, passkey = Bench.read(run), Passkey.read(run)
+    teacher = teacher_name(summary, quality, bench, passkey) or "TEACHER"
     model = f"{run}/model"
 
     lines = [f"# attnedit report: {run.resolve().name}", ""]
     if config is not None:
         edit = config.get("edit") or {}
-        settings = ", ".join(f"{k}={v}" for k, v in (edit.get("settings") or {}).items())
+        settings = ", ".join(f"{k}={v}" for k, v in resolved_settings(config).items())
         layers = f"{len(edit.get('edited_layers', []))} of {len(config.get('layer_attention') or [])} layers"
         lines += [
             f"Model `{model}`: target **{edit.get('target', '?')}** on {layers} ({settings}); teacher `{teacher}`.",
             "",
         ]
     if summary:
-        scalars = [[k, v] for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+        scalars = [[k, v] for k, v in summary.to_dict().items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
         if scalars:
             lines += ["## Summary", "", markdown_table(["key", "value"], scalars), ""]
 
@@ -261,11 +294,11 @@ def build_report(run_dir: str | Path) -> Path:
         lines += [_missing("training log (metrics.jsonl)", f"attnedit convert ...   # writes {run}/metrics.jsonl")]
 
     lines += ["", "## Quality", ""]
-    if eval_json:
+    if quality:
         lines += [
-            f"Student vs teacher on the same data (limit: {eval_json.get('limit')}).",
+            f"Student vs teacher on the same data (limit: {quality.limit}).",
             "",
-            quality_table(eval_json),
+            quality_table(quality),
         ]
     else:
         lines += [
@@ -274,13 +307,13 @@ def build_report(run_dir: str | Path) -> Path:
 
     lines += ["", "## Efficiency", ""]
     if bench:
-        measured = any(r.get(n) for r in bench["runs"] for n in ("student", "teacher"))
+        measured = any(r.student or r.teacher for r in bench.runs)
         if measured:
             plots.speed_vs_batch(bench, run / "speed_vs_batch.png")
         lines += [
             (
-                f"Device {bench.get('device')}, {bench.get('dtype')}, {bench.get('decode_tokens', '?')} decode tokens after the "
-                f"first, {bench.get('timing', 'timing')} over {bench.get('repeats', '?')} runs. KV = bytes the cache holds after "
+                f"Device {bench.device}, {bench.dtype}, {_or(bench.decode_tokens, '?')} decode tokens after the "
+                f"first, {_or(bench.timing, 'timing')} over {_or(bench.repeats, '?')} runs. KV = bytes the cache holds after "
                 "the prefill (whole batch); peak mem = the model's own weights plus the peak it allocates while generating "
                 "(null on CPU)."
             ),
@@ -306,7 +339,10 @@ def build_report(run_dir: str | Path) -> Path:
             for c, s, t in zip(contexts, student, teacher_kv)
         ]
         lines += [
-            "Analytic, from the configs (`attnedit inspect`); the bench's measured bytes match these.",
+            f"Analytic, from the configs, for a {dtype} cache "
+            + ("(the dtype the model is saved in, as `attnedit inspect` prints it)." if summary and summary.kv and summary.kv.student
+               else "(the bench's).")
+            + (" " + bench_kv_check(bench) if bench else ""),
             "",
             "![KV bytes vs context](kv_vs_context.png)",
             "",
@@ -329,7 +365,7 @@ def build_report(run_dir: str | Path) -> Path:
         plots.passkey_heatmaps(passkey, run / "passkey.png")
         windowed = ((config or {}).get("edit") or {}).get("target") == "gateswa"
         intro = (
-            f"Accuracy per (context, depth) over {passkey['trials']} keys{filler_note(passkey.get('filler'))}"
+            f"Accuracy per (context, depth) over {passkey.trials} keys{filler_note(passkey.filler)}"
             + "; depth 0 puts the key at the start of the filler, 1 right before the question."
             + (" Sliding layers only see their window, so this shows what the full layers (and sink tokens) keep." * windowed)
         )

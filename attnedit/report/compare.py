@@ -24,28 +24,33 @@ Rules, also written into the file:
   first run that has it; a run whose teacher figures differ from the row's gets a note.
 * ``-``: the run folder lacks that input (the notes under the table say which files are missing).
 
-Every figure comes from the run folders' files, read with the single-run report's readers
-(:mod:`attnedit.report.build`): ``summary.json`` (tokens, held-out KL, KV figures; ``bench.json``'s KV when
-the summary has none), ``eval.json``, ``passkey.json``, and the settings from ``recipe.yaml`` (else the
-recipe in ``model/attnedit.json``, else the edit settings in ``model/config.json``). No model is loaded.
+Every figure comes from the run folders' files, read as their records (:mod:`attnedit.results`):
+``summary.json`` (tokens, held-out KL, KV figures; ``bench.json``'s KV when the summary has none),
+``eval.json``, ``passkey.json``, and the settings from ``recipe.yaml`` (else the recipe in
+``model/attnedit.json``, else the edit settings in ``model/config.json``). Each run's figures are one
+:class:`RunFigures`: the student's and the teacher's :class:`Figures` (perplexity per window, zero-shot
+accuracy per task, passkey accuracy per context) side by side. No model is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..errors import AttnEditError
 from ..eval.quality import PPL_TASK
 from ..io import write_text
+from ..results import Bench, Passkey, Quality, Summary
 from ..tables import markdown_table
 from .build import check_run_dir, kv_series, passkey_protocol, read_json, read_model_config, teacher_name
 
-T = "teacher:"  # prefix of the teacher's figures as a run's own files record them
 STAGE_SETTINGS = (
     "stage1.steps",
     "stage2.steps",
@@ -60,10 +65,54 @@ ZERO_SHOT_RULE = (
     "acc_norm where the task reports it, else acc (lm-evaluation-harness reports both for arc_easy, arc_challenge, "
     "hellaswag and piqa, only acc for winogrande; report.md lists both)"
 )
-FILES = ("recipe.yaml", "summary.json", "eval.json", "passkey.json")
+FILES = ("recipe.yaml", Summary.FILE, Quality.FILE, Passkey.FILE)
 
 
 # -------------------------------------------------------------------------------------- one run's figures
+
+
+@dataclass
+class Accuracy:
+    """A few-shot task's accuracy (``metric``: acc_norm or acc) and its standard error."""
+
+    value: float
+    stderr: float | None
+    metric: str
+
+
+@dataclass
+class Figures:
+    """One model's quality figures as a run's files record them."""
+
+    ppl: dict[int | None, float] = field(default_factory=dict)  # window (None: not recorded) -> WikiText-2 perplexity
+    accuracy: dict[str, Accuracy] = field(default_factory=dict)  # few-shot task -> zero-shot accuracy
+    passkey: dict[int, float] = field(default_factory=dict)  # context -> passkey accuracy, mean over depths
+
+    def labelled(self) -> dict[str, float]:
+        """Every figure by a label for people (``ppl@2048``, ``zs:arc_easy``, ``passkey@4096``)."""
+        out = {("ppl" if w is None else f"ppl@{w}"): v for w, v in self.ppl.items()}
+        out.update({f"zs:{t}": a.value for t, a in self.accuracy.items()})
+        out.update({f"passkey@{c}": v for c, v in self.passkey.items()})
+        return out
+
+
+@dataclass
+class RunFigures:
+    """One run folder's figures: its settings, what it trained, its KV and held-out KL, and the student's and
+    the teacher's figures from its own files (the teacher's as this run measured it)."""
+
+    run: str
+    path: str
+    settings: dict[str, Any] = field(default_factory=dict)  # recipe fields by name: teacher, target, target_args.*, stageN.*
+    tokens: dict[int, int | None] = field(default_factory=dict)  # stage -> tokens trained (0: skipped)
+    kv_context: int | None = None
+    kv_percent: float | None = None
+    heldout_kl: float | None = None
+    student: Figures = field(default_factory=Figures)
+    teacher: Figures = field(default_factory=Figures)
+    passkey: Passkey | None = None
+    teacher_model: str | None = None
+    missing: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -97,13 +146,14 @@ def read_recipe(run: Path) -> dict | None:
     return recipe if isinstance(recipe, dict) else None
 
 
-def settings_of(recipe: dict | None, summary: dict | None, config: dict | None) -> dict:
-    """target, teacher, ``target_args.*``, the stages' steps and tokens and the stage-2 settings of a run."""
-    recipe, summary = recipe or {}, summary or {}
+def settings_of(recipe: dict | None, summary: Summary | None, config: dict | None) -> tuple[dict, dict[int, int | None]]:
+    """A run's settings (teacher, target, ``target_args.*``, the stages' steps and stage-2 settings) and the tokens
+    each stage trained."""
+    recipe = recipe or {}
     edit = (config or {}).get("edit") or {}
     out = {
-        "teacher": recipe.get("teacher") or summary.get("teacher"),
-        "target": recipe.get("target") or summary.get("target") or edit.get("target"),
+        "teacher": recipe.get("teacher") or (summary and summary.teacher),
+        "target": recipe.get("target") or (summary and summary.target) or edit.get("target"),
     }
     target_args = recipe.get("target_args") or edit.get("settings") or {}
     out.update({f"target_args.{k}": v for k, v in target_args.items()})
@@ -112,13 +162,14 @@ def settings_of(recipe: dict | None, summary: dict | None, config: dict | None) 
         out[name] = (recipe.get(section) or {}).get(key)
     if out["stage2.seq_len"] is None:  # the recipe's default: data.seq_len
         out["stage2.seq_len"] = (recipe.get("data") or {}).get("seq_len")
+    tokens = {}
     for stage in (1, 2):
-        info = summary.get(f"stage{stage}")
+        info = summary.stage(stage) if summary else None
         if info:
-            out[f"stage{stage}.steps"] = info.get("steps", out[f"stage{stage}.steps"])
+            out[f"stage{stage}.steps"] = info.steps
         # a stage of 0 steps is skipped and leaves no entry in summary.json: it trained on 0 tokens
-        out[f"stage{stage}.tokens"] = info.get("tokens") if info else (0 if out[f"stage{stage}.steps"] == 0 else None)
-    return out
+        tokens[stage] = info.tokens if info else (0 if out[f"stage{stage}.steps"] == 0 else None)
+    return out, tokens
 
 
 def zero_shot_metric(figures: dict | None) -> str | None:
@@ -131,107 +182,90 @@ def is_perplexity(task: str) -> bool:
     return task == PPL_TASK or task.startswith(f"{PPL_TASK}@")
 
 
-def eval_figures(eval_json: dict) -> dict:
-    """``ppl@N`` per perplexity window and ``zs:TASK`` (with ``:stderr``, ``:metric``) per few-shot task, the
-    teacher's as ``teacher:...``; ``wikitext2`` without ``@N`` is the window of ``perplexity.max_length``."""
-    out: dict = {}
-    window = (eval_json.get("perplexity") or {}).get("max_length")
-    for task, t in eval_json["tasks"].items():
-        student, teacher = t.get("student") or {}, t.get("teacher") or {}
+def quality_figures(quality: Quality) -> tuple[Figures, Figures]:
+    """The student's and the teacher's perplexity per window and zero-shot accuracy per few-shot task;
+    ``wikitext2`` without ``@N`` is the window of ``perplexity.max_length``."""
+    student, teacher = Figures(), Figures()
+    window = quality.perplexity.max_length if quality.perplexity else None
+    for task, t in quality.tasks.items():
+        s, te = t.student or {}, t.teacher or {}
         if is_perplexity(task):
             n = int(task.split("@", 1)[1]) if "@" in task else window
-            key = f"ppl@{int(n)}" if n else "ppl"
-            out[key], out[T + key] = student.get("ppl"), teacher.get("ppl")
+            for figures, values in ((student, s), (teacher, te)):
+                if values.get("ppl") is not None:
+                    figures.ppl[int(n) if n else None] = values["ppl"]
             continue
-        metric = zero_shot_metric(student) or zero_shot_metric(teacher)
+        metric = zero_shot_metric(s) or zero_shot_metric(te)
         if metric is None:
             continue
-        key = f"zs:{task}"
-        out[key], out[f"{key}:stderr"], out[f"{key}:metric"] = student.get(metric), student.get(f"{metric}_stderr"), metric
-        out[T + key], out[f"{T}{key}:stderr"] = teacher.get(metric), teacher.get(f"{metric}_stderr")
-    return out
+        for figures, values in ((student, s), (teacher, te)):
+            if values.get(metric) is not None:
+                figures.accuracy[task] = Accuracy(values[metric], values.get(f"{metric}_stderr"), metric)
+    return student, teacher
 
 
-def passkey_figures(passkey: dict) -> dict:
-    """``passkey@C`` (mean over depths) per context, the teacher's as ``teacher:passkey@C``, and the grids."""
-    contexts, depths = list(passkey["contexts"]), [float(d) for d in passkey["depths"]]
-    grids = {"contexts": contexts, "depths": depths, "trials": passkey["trials"], "filler": passkey.get("filler", "same")}
-    out: dict = {}
-    for name, prefix in (("student", ""), ("teacher", T)):
-        grid = passkey.get(name)
-        if grid is None:
-            continue
-        if len(grid) != len(contexts) or any(len(row) != len(depths) for row in grid):
-            raise ValueError(f"the {name} grid is not one row of {len(depths)} depths per context")
-        grids[name] = grid
-        for c, accs in zip(contexts, grid):
-            out[f"{prefix}passkey@{int(c)}"] = sum(accs) / len(accs)
-    out["passkey"] = grids
-    return out
+def passkey_means(passkey: Passkey, name: str) -> dict[int, float]:
+    """``name``'s passkey accuracy per context, the mean over depths."""
+    return {c: sum(row.values()) / len(row) for c, row in passkey.grid(name).items()}
 
 
-def run_figures(run_dir: str | Path) -> dict:
-    """One run folder's figures as a flat dict (absent figures are absent keys): ``run``, the settings
-    (:func:`settings_of`), ``kv.percent`` and ``kv.context``, ``heldout_kl``, :func:`eval_figures`,
-    :func:`passkey_figures`, ``teacher_model`` and ``missing`` (the files of :data:`FILES` it lacks)."""
+def run_figures(run_dir: str | Path) -> RunFigures:
+    """One run folder's figures (see :class:`RunFigures`); ``missing`` lists the files of :data:`FILES` it lacks."""
     run = check_run_dir(run_dir)
     config = read_model_config(run)
-    summary, eval_json = read_json(run / "summary.json"), read_json(run / "eval.json")
-    bench, passkey = read_json(run / "bench.json"), read_json(run / "passkey.json")
+    summary, quality = Summary.read(run), Quality.read(run)
+    bench, passkey = Bench.read(run), Passkey.read(run)
     recipe = read_recipe(run)
-    fig: dict = {"run": run.resolve().name, "path": str(run)}
+    fig = RunFigures(run=run.resolve().name, path=str(run))
     where = run / ("recipe.yaml" if (run / "recipe.yaml").is_file() else "model/attnedit.json")
-    with _layout(*([where] if recipe else []), run / "summary.json"):
-        fig.update(settings_of(recipe, summary, config))
-    with _layout(run / "summary.json"):
-        after = (summary or {}).get("heldout_after") or {}
-        fig["heldout_kl"] = after.get("kl")
-    source = "summary.json" if (((summary or {}).get("kv") or {}).get("student")) else "bench.json"
-    with _layout(run / source):
-        series = kv_series(summary, bench)
-        if series is not None:
-            _, contexts, student, teacher = series
+    with _layout(*([where] if recipe else []), Summary.path(run)):
+        fig.settings, fig.tokens = settings_of(recipe, summary, config)
+    fig.heldout_kl = summary.heldout_after.kl if summary and summary.heldout_after else None
+    series = kv_series(summary, bench)
+    if series is not None:
+        _, contexts, student, teacher = series
+        with _layout(Summary.path(run) if summary and summary.kv and summary.kv.student else Bench.path(run)):
             i = max(range(len(contexts)), key=lambda j: contexts[j])
-            fig["kv.context"], fig["kv.percent"] = contexts[i], 100 * student[i] / teacher[i]
-    if eval_json:
-        with _layout(run / "eval.json"):
-            fig.update(eval_figures(eval_json))
+            fig.kv_context, fig.kv_percent = contexts[i], 100 * student[i] / teacher[i]
+    if quality:
+        fig.student, fig.teacher = quality_figures(quality)
     if passkey:
-        with _layout(run / "passkey.json"):
-            fig.update(passkey_figures(passkey))
-    fig["teacher_model"] = teacher_name(summary, eval_json, bench, passkey) or fig.get("teacher")
-    fig["missing"] = [name for name in FILES if not (run / name).is_file() and not (name == "recipe.yaml" and recipe)]
-    return {k: v for k, v in fig.items() if v is not None}
+        fig.passkey = passkey
+        fig.student.passkey, fig.teacher.passkey = passkey_means(passkey, "student"), passkey_means(passkey, "teacher")
+    fig.teacher_model = teacher_name(summary, quality, bench, passkey) or fig.settings.get("teacher")
+    fig.missing = [name for name in FILES if not (run / name).is_file() and not (name == "recipe.yaml" and recipe)]
+    return fig
 
 
 # ------------------------------------------------------------------------------------ across the runs
 
 
-def teacher_row(runs: list[dict]) -> dict:
-    """The teacher's figures, each from the first run that has it; its KV is 100% and its KL 0."""
-    row: dict = {"run": "teacher"}
+def teacher_row(runs: list[RunFigures]) -> RunFigures:
+    """The teacher's figures, each from the first run that has it, in the row's ``student`` place; its KV is
+    100% and its KL 0."""
+    row = RunFigures(run="teacher", path="")
     for r in runs:
-        for k, v in r.items():
-            if k.startswith(T) and k[len(T) :] not in row:
-                row[k[len(T) :]] = v
-                row["teacher_model"] = row.get("teacher_model") or r.get("teacher_model")
-    if any("kv.percent" in r for r in runs):
-        row["kv.percent"] = 100.0
-    if any("heldout_kl" in r for r in runs):
-        row["heldout_kl"] = 0.0
-    row["teacher_model"] = row.get("teacher_model") or next((r["teacher_model"] for r in runs if "teacher_model" in r), None)
-    return {k: v for k, v in row.items() if v is not None}
+        for mine, theirs in ((row.student.ppl, r.teacher.ppl), (row.student.accuracy, r.teacher.accuracy), (row.student.passkey, r.teacher.passkey)):
+            for k, v in theirs.items():
+                if k not in mine:
+                    mine[k] = v
+                    row.teacher_model = row.teacher_model or r.teacher_model
+    row.kv_percent = 100.0 if any(r.kv_percent is not None for r in runs) else None
+    row.heldout_kl = 0.0 if any(r.heldout_kl is not None for r in runs) else None
+    row.teacher_model = row.teacher_model or next((r.teacher_model for r in runs if r.teacher_model), None)
+    return row
 
 
-def reference(run: dict, key: str, teacher: dict):
-    """The teacher's ``key`` for ``run``: from the run's own files, else from the teacher row."""
-    own = run.get(T + key)
-    return own if own is not None else teacher.get(key)
+def reference(run: RunFigures, kind: str, key, teacher: RunFigures):
+    """The teacher's figure ``key`` of ``kind`` (ppl, accuracy, passkey) for ``run``: from the run's own files,
+    else from the teacher row."""
+    own = getattr(run.teacher, kind).get(key)
+    return own if own is not None else getattr(teacher.student, kind).get(key)
 
 
-def setting_keys(runs: list[dict]) -> list[str]:
+def setting_keys(runs: list[RunFigures]) -> list[str]:
     """Every setting a run may differ in: the teacher, ``target_args.*`` (in order of appearance), the stages'."""
-    target_args = [k for r in runs for k in r if k.startswith("target_args.")]
+    target_args = [k for r in runs for k in r.settings if k.startswith("target_args.")]
     return ["teacher", *dict.fromkeys(target_args), *STAGE_SETTINGS]
 
 
@@ -239,40 +273,35 @@ def _same(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def varying(runs: list[dict], keys: list[str]) -> list[str]:
-    """The keys whose values (absent = None) are not the same in every run."""
-    return [k for k in keys if len({_same(r.get(k)) for r in runs}) > 1]
+def varying(runs: list[RunFigures], keys: list[str]) -> list[str]:
+    """The settings whose values (absent = None) are not the same in every run."""
+    return [k for k in keys if len({_same(r.settings.get(k)) for r in runs}) > 1]
 
 
-def _keys(runs: list[dict], prefix: str) -> list[str]:
-    """Keys starting with ``prefix`` in any run, in order of appearance, without ``:stderr``/``:metric`` ones."""
-    return list(dict.fromkeys(k for r in runs for k in r if k.startswith(prefix) and k.count(":") <= 1))
+def windows(runs: list[RunFigures]) -> list[int | None]:
+    """The perplexity windows of any run: an unrecorded one first, then by length."""
+    found = dict.fromkeys(w for r in runs for w in r.student.ppl)
+    return sorted(found, key=lambda w: -1 if w is None else w)
 
 
-def ppl_keys(runs: list[dict]) -> list[str]:
-    """``ppl`` (window unknown) then ``ppl@N`` by window."""
-    keys = _keys(runs, "ppl")
-    return sorted(keys, key=lambda k: int(k.split("@")[1]) if "@" in k else -1)
+def passkey_contexts(runs: list[RunFigures]) -> list[int]:
+    return sorted(dict.fromkeys(c for r in runs for c in r.student.passkey))
 
 
-def passkey_keys(runs: list[dict]) -> list[str]:
-    return sorted(_keys(runs, "passkey@"), key=lambda k: int(k.split("@")[1]))
+def tasks_of(runs: list[RunFigures]) -> list[str]:
+    """Every few-shot task any run (or the teacher) has, in order of appearance."""
+    return list(dict.fromkeys(t for r in runs for t in (*r.student.accuracy, *r.teacher.accuracy)))
 
 
-def task_keys(runs: list[dict]) -> list[str]:
-    """``zs:TASK`` of every few-shot task any run (or the teacher) has, in order of appearance."""
-    return _keys(runs, "zs:")
-
-
-def mean_accuracy(run: dict, teacher: dict, tasks: list[str]) -> tuple[float | None, float | None, int]:
+def mean_accuracy(run: RunFigures, teacher: RunFigures, tasks: list[str]) -> tuple[float | None, float | None, int]:
     """(mean accuracy over the run's tasks among ``tasks``, the teacher's mean over the same tasks or None
     where it lacks one, how many tasks)."""
-    mine = [k for k in tasks if run.get(k) is not None]
+    mine = [t for t in tasks if t in run.student.accuracy]
     if not mine:
         return None, None, 0
-    refs = [reference(run, k, teacher) for k in mine]
-    ref = None if any(v is None for v in refs) else sum(refs) / len(refs)
-    return sum(run[k] for k in mine) / len(mine), ref, len(mine)
+    refs = [reference(run, "accuracy", t, teacher) for t in mine]
+    ref = None if any(a is None for a in refs) else sum(a.value for a in refs) / len(refs)
+    return sum(run.student.accuracy[t].value for t in mine) / len(mine), ref, len(mine)
 
 
 # -------------------------------------------------------------------------------------------- cells
@@ -301,17 +330,17 @@ def setting_cell(v) -> str:
     return str(v)
 
 
-def ppl_cell(run: dict, key: str, teacher: dict) -> str:
-    v = run.get(key)
+def ppl_cell(run: RunFigures, window: int | None, teacher: RunFigures) -> str:
+    v = run.student.ppl.get(window)
     if v is None:
         return "-"
-    ref = reference(run, key, teacher)
+    ref = reference(run, "ppl", window, teacher)
     if ref is None or not ref or not math.isfinite(v):
         return num(v)
     return f"{num(v)} ({100 * (v / ref - 1):+.1f}%)"
 
 
-def zero_shot_cell(run: dict, teacher: dict, tasks: list[str]) -> str:
+def zero_shot_cell(run: RunFigures, teacher: RunFigures, tasks: list[str]) -> str:
     mean, ref, n = mean_accuracy(run, teacher, tasks)
     if mean is None:
         return "-"
@@ -319,11 +348,10 @@ def zero_shot_cell(run: dict, teacher: dict, tasks: list[str]) -> str:
     return text if n == len(tasks) else f"{text} [{n} of {len(tasks)} tasks]"
 
 
-def accuracy_cell(run: dict, key: str) -> str:
-    v, err = run.get(key), run.get(f"{key}:stderr")
-    if v is None:
+def accuracy_cell(a: Accuracy | None) -> str:
+    if a is None:
         return "-"
-    return f"{100 * v:.1f}" if err is None else f"{100 * v:.1f} ± {100 * err:.1f}"
+    return f"{100 * a.value:.1f}" if a.stderr is None else f"{100 * a.value:.1f} ± {100 * a.stderr:.1f}"
 
 
 def _label(key: str) -> str:
@@ -333,109 +361,111 @@ def _label(key: str) -> str:
 # ------------------------------------------------------------------------------------------- tables
 
 
-def runs_table(runs: list[dict], teacher: dict) -> str:
+def runs_table(runs: list[RunFigures], teacher: RunFigures) -> str:
     """Part 1: a row per run, then the teacher's (see the module docstring for the columns)."""
     settings = varying(runs, setting_keys(runs))
-    ppls, passkeys, tasks = ppl_keys(runs + [teacher]), passkey_keys(runs + [teacher]), task_keys(runs + [teacher])
-    kv_contexts = {r["kv.context"] for r in runs if "kv.context" in r}
+    ppls, contexts, tasks = windows(runs + [teacher]), passkey_contexts(runs + [teacher]), tasks_of(runs + [teacher])
+    kv_contexts = {r.kv_context for r in runs if r.kv_context is not None}
     one_context = len(kv_contexts) == 1
     kv_header = f"KV % of T @{next(iter(kv_contexts)):,}" if one_context else "KV % of T @context"
     headers = (
         ["run", "target", *(_label(k) for k in settings), "stage1 tokens", "stage2 tokens", kv_header, "held-out KL"]
-        + [f"ppl @{k.split('@')[1]} (Δ%)" if "@" in k else "ppl (Δ%)" for k in ppls]
+        + ["ppl (Δ%)" if w is None else f"ppl @{w} (Δ%)" for w in ppls]
         + ["zero-shot acc % (Δ pts)"]
-        + [f"passkey @{k.split('@')[1]}" for k in passkeys]
+        + [f"passkey @{c}" for c in contexts]
     )
 
     def kv_cell(r):
-        if "kv.percent" not in r:
+        if r.kv_percent is None:
             return "-"
-        return f"{r['kv.percent']:.1f}%" + ("" if one_context or "kv.context" not in r else f" @{r['kv.context']:,}")
+        return f"{r.kv_percent:.1f}%" + ("" if one_context or r.kv_context is None else f" @{r.kv_context:,}")
 
     def row(r, ref, is_teacher=False):
-        label = f"teacher ({r['teacher_model']})" if is_teacher and r.get("teacher_model") else r["run"]
+        label = f"teacher ({r.teacher_model})" if is_teacher and r.teacher_model else r.run
         return (
-            [label, "-" if is_teacher else setting_cell(r.get("target"))]
-            + ["-" if is_teacher else setting_cell(r.get(k)) for k in settings]
-            + ["-" if is_teacher else tokens_cell(r.get(f"stage{s}.tokens")) for s in (1, 2)]
-            + [kv_cell(r), "-" if r.get("heldout_kl") is None else f"{r['heldout_kl']:.4g}"]
-            + [ppl_cell(r, k, ref) for k in ppls]
+            [label, "-" if is_teacher else setting_cell(r.settings.get("target"))]
+            + ["-" if is_teacher else setting_cell(r.settings.get(k)) for k in settings]
+            + ["-" if is_teacher else tokens_cell(r.tokens.get(s)) for s in (1, 2)]
+            + [kv_cell(r), "-" if r.heldout_kl is None else f"{r.heldout_kl:.4g}"]
+            + [ppl_cell(r, w, ref) for w in ppls]
             + [zero_shot_cell(r, ref, tasks)]
-            + ["-" if r.get(k) is None else f"{r[k]:.2f}" for k in passkeys]
+            + ["-" if r.student.passkey.get(c) is None else f"{r.student.passkey[c]:.2f}" for c in contexts]
         )
 
-    rows = [row(r, teacher) for r in runs] + [row(teacher, {}, is_teacher=True)]
+    rows = [row(r, teacher) for r in runs] + [row(teacher, RunFigures(run="", path=""), is_teacher=True)]
     return markdown_table(headers, rows)
 
 
-def notes(runs: list[dict], teacher: dict) -> list[str]:
+def notes(runs: list[RunFigures], teacher: RunFigures) -> list[str]:
     """Missing files per run, and runs whose own teacher figures are not the teacher row's."""
-    out = [f"- {r['run']}: no {', '.join(r['missing'])}" for r in runs if r.get("missing")]
+    out = [f"- {r.run}: no {', '.join(r.missing)}" for r in runs if r.missing]
+    row = teacher.student.labelled()
     for r in runs:
         differ = [
-            k[len(T) :]
-            for k, v in r.items()
-            if k.startswith(T) and not k.endswith(":stderr") and isinstance(v, (int, float)) and isinstance(teacher.get(k[len(T) :]), (int, float))
-            and not math.isclose(v, teacher[k[len(T) :]], rel_tol=1e-6, abs_tol=1e-12)
+            k for k, v in r.teacher.labelled().items()
+            if isinstance(row.get(k), (int, float)) and not math.isclose(v, row[k], rel_tol=1e-6, abs_tol=1e-12)
         ]  # fmt: skip
         if differ:
             out.append(
-                f"- {r['run']}: its own teacher figures differ from the teacher row's ({', '.join(differ[:4])}"
+                f"- {r.run}: its own teacher figures differ from the teacher row's ({', '.join(differ[:4])}"
                 f"{', ...' if len(differ) > 4 else ''}: other eval settings?); its changes are against its own"
             )
     return out
 
 
-def zero_shot_table(runs: list[dict], teacher: dict) -> str | None:
+def zero_shot_table(runs: list[RunFigures], teacher: RunFigures) -> str | None:
     """Part 2: rows the few-shot tasks (and their mean), columns the teacher and each run; accuracy in %."""
-    tasks = task_keys(runs + [teacher])
+    tasks = tasks_of(runs + [teacher])
     if not tasks:
         return None
-    metric = {k: next((r[f"{k}:metric"] for r in runs if f"{k}:metric" in r), "-") for k in tasks}
-    rows = [[k.removeprefix("zs:"), metric[k], accuracy_cell(teacher, k)] + [accuracy_cell(r, k) for r in runs] for k in tasks]
+
+    def metric(task):
+        found = (a.metric for r in runs for a in (r.student.accuracy.get(task), r.teacher.accuracy.get(task)) if a)
+        return next(found, "-")
+
+    rows = [
+        [t, metric(t), accuracy_cell(teacher.student.accuracy.get(t))] + [accuracy_cell(r.student.accuracy.get(t)) for r in runs]
+        for t in tasks
+    ]
 
     def mean(r):
-        m, _, n = mean_accuracy(r, {}, tasks)
+        m, _, n = mean_accuracy(r, RunFigures(run="", path=""), tasks)
         return "-" if m is None else f"{100 * m:.1f}" + ("" if n == len(tasks) else f" [{n} of {len(tasks)}]")
 
     rows.append(["mean", "", mean(teacher)] + [mean(r) for r in runs])
-    return markdown_table(["task", "metric", "teacher"] + [r["run"] for r in runs], rows)
+    return markdown_table(["task", "metric", "teacher"] + [r.run for r in runs], rows)
 
 
-def teacher_grid(passkey: dict) -> dict:
-    """A run's passkey.json with the teacher's accuracies in the student's place (how its keys were drawn kept)."""
-    return {**{k: passkey[k] for k in ("contexts", "depths", "trials", "filler") if k in passkey}, "student": passkey["teacher"]}
+def teacher_grid(passkey: Passkey) -> Passkey:
+    """A run's passkey record with the teacher's accuracies in the student's place (how its keys were drawn kept)."""
+    return passkey.model_copy(update={"student": passkey.teacher, "teacher": None})
 
 
-def passkey_grid_table(runs: list[dict]) -> str | None:
+def passkey_grid_table(runs: list[RunFigures]) -> str | None:
     """Part 3: one table, a row per (model, context), a column per depth (the union of the runs' depths); a teacher
     row for each way the runs drew their keys (5 on one filler, 20 each with its own...), from the first run that did."""
-    grids: dict[str, dict] = {}
-    for pk in [r["passkey"] for r in runs if "teacher" in r.get("passkey", {})]:
+    grids: dict[str, Passkey] = {}
+    for pk in [r.passkey for r in runs if r.passkey is not None and r.passkey.teacher is not None]:
         grids.setdefault(passkey_protocol(pk), teacher_grid(pk))
-    models = [("teacher", {"passkey": g}) for g in grids.values()] + [(r["run"], r) for r in runs if "passkey" in r]
+    models = [("teacher", g) for g in grids.values()] + [(r.run, r.passkey) for r in runs if r.passkey is not None]
     if not models:
         return None
-    depths = sorted({d for _, r in models for d in r["passkey"]["depths"]})
+    depths = sorted({d for _, pk in models for d in pk.depths})
     rows = []
-    for name, r in models:
-        pk = r["passkey"]
-        if "student" not in pk:
-            continue
-        for c, accs in zip(pk["contexts"], pk["student"]):
-            by_depth = dict(zip(pk["depths"], accs))
+    for name, pk in models:
+        for c, by_depth in pk.grid("student").items():
             rows.append([name, c, passkey_protocol(pk)] + [f"{by_depth[d]:.2f}" if d in by_depth else "-" for d in depths])
     return markdown_table(["model", "context", "keys"] + [f"depth {d:g}" for d in depths], rows)
 
 
-def render_comparison(runs: list[dict]) -> str:
+def render_comparison(runs: list[RunFigures]) -> str:
     """The comparison document for runs' figures (:func:`run_figures`), teacher row included."""
-    names = [r["run"] for r in runs]
+    names = [r.run for r in runs]
     if len(set(names)) < len(names):  # two folders of one name: tell them apart by their paths
-        runs = [{**r, "run": r["path"]} for r in runs]
+        runs = [dataclasses.replace(r, run=r.path) for r in runs]
     teacher = teacher_row(runs)
     lines = [f"# attnedit comparison: {len(runs)} run{'s' * (len(runs) != 1)}", ""]
-    lines += ["Runs: " + ", ".join(f"`{r['run']}` ({r['path']})" for r in runs) + ".", ""]
+    lines += ["Runs: " + ", ".join(f"`{r.run}` ({r.path})" for r in runs) + ".", ""]
     lines += [
         "## Runs",
         "",
@@ -465,7 +495,7 @@ def render_comparison(runs: list[dict]) -> str:
     table = passkey_grid_table(runs)
     if table:
         lines += ["Accuracy per (context, depth); depth 0 puts the key at the start of the filler, 1 right before the question.", "", table]
-        absent = [r["run"] for r in runs if "passkey" not in r]
+        absent = [r.run for r in runs if r.passkey is None]
         if absent:
             lines += ["", f"No passkey.json: {', '.join(absent)}."]
     else:

@@ -1,7 +1,7 @@
 """The report's PNG plots, drawn with matplotlib's Agg backend (no display needed).
 
-Each function takes plain data (parsed ``metrics.jsonl`` / ``bench.json`` / ``passkey.json``, or KV
-series) and writes one PNG. Student is drawn in one colour and the teacher in grey throughout.
+Each function takes the run's data (parsed ``metrics.jsonl``, the ``bench.json`` / ``passkey.json``
+records of :mod:`attnedit.results`, or KV series) and writes one PNG. Student is drawn in one colour and the teacher in grey throughout.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, MultipleLocator
+
+from ..results import Bench, Passkey
 
 STUDENT, TEACHER = "#1f6fb4", "#7f7f7f"
 DPI = 120
@@ -140,22 +142,22 @@ def kv_vs_context(contexts: list[int], student: list[float], teacher: list[float
     return _save(fig, path)
 
 
-def speed_vs_batch(bench: dict, path: Path) -> Path:
+def speed_vs_batch(bench: Bench, path: Path) -> Path:
     """Decode tokens/s and time to first token against batch, one line per context; student solid, teacher dashed."""
-    contexts = sorted({r["context"] for r in bench["runs"]})
+    contexts = sorted({r.context for r in bench.runs})
     cmap = plt.get_cmap("viridis")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.0), layout="constrained")
     for i, context in enumerate(contexts):
         color = cmap(i / max(1, len(contexts) - 1) * 0.85)
-        runs = sorted((r for r in bench["runs"] if r["context"] == context), key=lambda r: r["batch"])
+        runs = sorted((r for r in bench.runs if r.context == context), key=lambda r: r.batch)
         for name, style in (("student", "-"), ("teacher", "--")):
-            pts = [(r["batch"], r[name]) for r in runs if r.get(name)]
+            pts = [(r.batch, getattr(r, name)) for r in runs if getattr(r, name)]
             if not pts:
                 continue
             label = f"{name}, {_context_label(context)}"
             left.plot(
                 [b for b, _ in pts],
-                [f["decode_tok_s"] for _, f in pts],
+                [f.decode_tok_s for _, f in pts],
                 style,
                 marker="o",
                 ms=3.5,
@@ -163,7 +165,7 @@ def speed_vs_batch(bench: dict, path: Path) -> Path:
                 label=label,
             )
             right.plot(
-                [b for b, _ in pts], [f["ttft_ms"] for _, f in pts], style, marker="o", ms=3.5, color=color, label=label
+                [b for b, _ in pts], [f.ttft_ms for _, f in pts], style, marker="o", ms=3.5, color=color, label=label
             )
     for ax, title, unit in ((left, "decode throughput", "tokens / s"), (right, "time to first token", "ms")):
         ax.set_xscale("log", base=2)
@@ -171,7 +173,7 @@ def speed_vs_batch(bench: dict, path: Path) -> Path:
         ax.xaxis.set_major_formatter(FuncFormatter(_count_label))
         ax.yaxis.set_major_formatter(FuncFormatter(_count_label))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
-        ax.set_title(f"{title} ({bench.get('device', '?')}, {bench.get('dtype', '?')})", fontsize=10)
+        ax.set_title(f"{title} ({bench.device or '?'}, {bench.dtype or '?'})", fontsize=10)
         ax.set_xlabel("batch")
         ax.set_ylabel(unit)
         ax.grid(True, which="both", alpha=0.3)
@@ -187,10 +189,10 @@ def speed_vs_batch(bench: dict, path: Path) -> Path:
     return path
 
 
-def passkey_heatmaps(passkey: dict, path: Path) -> Path:
+def passkey_heatmaps(passkey: Passkey, path: Path) -> Path:
     """Accuracy per (context, depth), student and teacher side by side, annotated."""
-    names = [n for n in ("student", "teacher") if passkey.get(n) is not None]
-    contexts, depths = passkey["contexts"], passkey["depths"]
+    names = [n for n in ("student", "teacher") if getattr(passkey, n) is not None]
+    contexts, depths = passkey.contexts, passkey.depths
     fig, axes = plt.subplots(
         1,
         len(names),
@@ -200,7 +202,7 @@ def passkey_heatmaps(passkey: dict, path: Path) -> Path:
     )
     image = None
     for k, (ax, name) in enumerate(zip(axes[0], names)):
-        grid = passkey[name]
+        grid = getattr(passkey, name)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for i, row in enumerate(grid):
             for j, acc in enumerate(row):
@@ -218,7 +220,7 @@ def passkey_heatmaps(passkey: dict, path: Path) -> Path:
         ax.set_xlabel("depth of the key (0 = start, 1 = end)")
         if k == 0:
             ax.set_ylabel("context (tokens)")
-        ax.set_title(f"{name}: passkey accuracy ({passkey['trials']} trials/cell)", fontsize=10)
+        ax.set_title(f"{name}: passkey accuracy ({passkey.trials} trials/cell)", fontsize=10)
     fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)

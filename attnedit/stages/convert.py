@@ -30,8 +30,10 @@ from ..devices import autocast, resolve_device
 from ..distributed import Parallelism
 from ..distributed.strategy import load_weights
 from ..errors import AttnEditError
-from ..io import remove_temp_files, write_error_text, write_errors, write_json, write_text
+from ..io import WriteFailed, remove_temp_files, write_error_text, write_errors, write_json, write_text
 from ..recipe import Recipe
+from ..results import RESULT_FILES as RESULTS
+from ..results import Summary
 from .base import Conversion, Stage
 from .context import FULL_LAYERS, edit
 from .evaluate import evaluate_run, missing_parts
@@ -49,12 +51,12 @@ def convert(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, pr
     ``parallel``: the strategy (default: this process's, :func:`attnedit.distributed.current`)."""
     run_dir = Path(run_dir)
     parallel = parallel or distributed.current()
-    if resume and (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
+    if resume and Summary.path(run_dir).is_file() and (run_dir / "model").is_dir():
         prepare_run_dir(recipe, run_dir, resume)
         missing = missing_parts(recipe, run_dir)
         todo = f"; evaluating what is missing: {', '.join(missing)}" if missing else ""
         print(f"attnedit: {run_dir} has already finished; its model is in {run_dir / 'model'}{todo}", file=sys.stderr)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = Summary.read(run_dir).to_dict()
     else:
         summary = train_and_save(recipe, run_dir, resume, progress, parallel)
     if recipe.eval.parts() and parallel.main:  # the training models are freed by now
@@ -98,6 +100,8 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
     student, parallel = ctx.student, ctx.parallel
     memory = fit_stages(recipe, ctx.teacher.config, student.config, ctx.device, parallel)  # the stages as they run here
     state = parallel.load_latest(ctx.run_dir, owned=ctx.owned()) if resume else None
+    if resume and parallel.main:
+        announce_resume(ctx.run_dir, memory.stages, state)
     summary = state["summary"] if state else {"teacher": recipe.teacher, "target": recipe.target, "edited_layers": ctx.edited_layers}
     full = [i for i, x in enumerate(student.config.layer_attention) if x.get("layer_type") == "full"]
     if full and "full_layers" not in summary:
@@ -123,6 +127,35 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the steps
+
+
+RESULT_FILES = (*(r.FILE for r in RESULTS), "report.md")  # made from the saved model
+EARLIER = "earlier-model"  # where a resumed run that trains again puts the results of the model it replaces
+
+
+def announce_resume(run_dir: Path, stages: list[Stage], state: dict | None) -> None:
+    """Say what a resumed run rebuilds. The result files of a model it will not reproduce (it trains
+    again) are moved to ``earlier-model/`` and made again once the new model is saved; a model rebuilt from
+    the final checkpoint has the same weights, so its results stay."""
+    final = state is not None and all(stage.finished(state) for stage in stages if stage.runs)
+    results = [name for name in RESULT_FILES if (run_dir / name).is_file()]
+
+    def say(line: str) -> None:
+        print(f"attnedit: {line}", file=sys.stderr)
+
+    if state is None:
+        say(f"{run_dir} has no checkpoint to continue from ({run_dir / 'checkpoints'} is empty or missing): training from the start")
+    elif final:
+        kept = f"; {', '.join(results)} were made from these weights and are kept" if results else ""
+        say(f"{run_dir / 'model'} is missing: rebuilding it from the final checkpoint (stage {state['stage']}, step {state['step']}){kept}")
+    else:
+        say(f"continuing {run_dir} from its checkpoint at stage {state['stage']}, step {state['step']}")
+    if results and not final:
+        earlier = run_dir / EARLIER
+        earlier.mkdir(exist_ok=True)
+        for name in results:
+            os.replace(run_dir / name, earlier / name)
+        say(f"{', '.join(results)} came from a model this run replaces: moved to {earlier}; they are made again once the model is saved")
 
 
 def restore(ctx: Conversion, run: Run, stages: list[Stage], state: dict | None, resume: bool) -> None:
@@ -244,10 +277,10 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
     student.to(wdtype)
     try:
         save_edited(student, run_dir / "model", ctx.tokenizer, overwrite=True, recipe=run.recipe)
-    except write_errors() as e:  # a full disk, as OSError or torch's/safetensors' own error
+    except (WriteFailed, *write_errors()) as e:  # a full disk, as OSError or torch's/safetensors' own error
         remove_temp_files(run_dir)
         raise AttnEditError(
-            f"could not write the model to {run_dir / 'model'}: {write_error_text(e)}; the trained weights are in the "
+            f"could not write the model to {run_dir / 'model'}: {getattr(e, 'reason', None) or write_error_text(e)}; the trained weights are in the "
             f"last checkpoint; free disk space, then run: attnedit convert {run_dir} --resume"
         ) from None
     for info in run.summary.values():
@@ -255,5 +288,5 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
             info.pop("wall_start", None)
     run.summary["wall_s"] = round(run.wall(), 1)
     run.summary["model"] = str(run_dir / "model")
-    run.summary["kv"] = kv_figures(student.config, ctx.teacher.config, "bfloat16")
-    write_text(run_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
+    run.summary["kv"] = kv_figures(student.config, ctx.teacher.config, str(wdtype).replace("torch.", ""))  # the dtype saved
+    Summary.model_validate(run.summary).write(run_dir)

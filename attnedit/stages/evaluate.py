@@ -21,10 +21,11 @@ from pathlib import Path
 from ..devices import resolve_device, run_dtype
 from ..errors import AttnEditError
 from ..eval.passkey import filler_note
-from ..io import remove_temp_files, write_json
+from ..io import remove_temp_files
 from ..recipe import EvalConfig, Recipe
+from ..results import Bench, Passkey, Quality, read_any
 
-PARTS = {"eval.json": "quality (attnedit eval)", "passkey.json": "passkey retrieval", "bench.json": "decode benchmark"}
+PARTS = {Quality.FILE: "quality (attnedit eval)", Passkey.FILE: "passkey retrieval", Bench.FILE: "decode benchmark"}
 
 
 def missing_parts(recipe: Recipe, run_dir: Path) -> list[str]:
@@ -108,20 +109,19 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
     if todo:
         log(f"attnedit: evaluating {model} next to {teacher}: {', '.join(PARTS[p] for p in todo)}")
     try:
-        if "eval.json" in todo:
-            write_json(run_dir / "eval.json", evaluate_quality(model, teacher, cfg, str(device), dtype))
-            log(f"attnedit: wrote {run_dir / 'eval.json'}")
-        pair = [p for p in ("passkey.json", "bench.json") if p in todo]
+        if Quality.FILE in todo:
+            written = Quality.model_validate(evaluate_quality(model, teacher, cfg, str(device), dtype)).write(run_dir)
+            log(f"attnedit: wrote {written}")
+        pair = [p for p in (Passkey.FILE, Bench.FILE) if p in todo]
         if pair:  # both compare the same two models: load them once
-            contexts = (cfg.passkey.contexts if "passkey.json" in pair else []) + (cfg.bench.contexts if "bench.json" in pair else [])
+            contexts = (cfg.passkey.contexts if Passkey.FILE in pair else []) + (cfg.bench.contexts if Bench.FILE in pair else [])
             students, reference, tokenizer = load_students([model], teacher, contexts, device, dtype)
-            if "passkey.json" in pair:
-                write_json(run_dir / "passkey.json", passkey_json(model, teacher, students[model], reference, tokenizer, cfg.passkey, log))
-                log(f"attnedit: wrote {run_dir / 'passkey.json'}")
-            if "bench.json" in pair:
+            if Passkey.FILE in pair:
+                result = passkey_json(model, teacher, students[model], reference, tokenizer, cfg.passkey, log)
+                log(f"attnedit: wrote {Passkey.model_validate(result).write(run_dir)}")
+            if Bench.FILE in pair:
                 result = {"model": model, "teacher": teacher, **run_bench(students[model], reference, cfg.bench, dtype, log)}
-                write_json(run_dir / "bench.json", result)
-                log(f"attnedit: wrote {run_dir / 'bench.json'}")
+                log(f"attnedit: wrote {Bench.model_validate(result).write(run_dir)}")
             del students, reference
             release_memory()
     except AttnEditError as e:
@@ -135,8 +135,6 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
 
 def format_evaluation(recipe: Recipe, run_dir: Path) -> str:
     """The teacher-vs-student tables of the run's result files (what ``convert`` prints at the end)."""
-    import json
-
     from ..eval.bench import format_bench
     from ..eval.passkey import format_passkey
     from ..eval.quality import quality_rows
@@ -144,14 +142,14 @@ def format_evaluation(recipe: Recipe, run_dir: Path) -> str:
 
     out = []
     for name in recipe.eval.parts():
-        path = run_dir / name
-        if not path.is_file():
+        record = read_any(run_dir / name)
+        if record is None:
             continue
-        result = json.loads(path.read_text())
-        if name == "eval.json":
+        result = record.to_dict()
+        if isinstance(record, Quality):
             rows = quality_rows(result)
             out.append(text_table(["task", "metric", "student", "teacher", "student/teacher"], rows, right={2, 3, 4}))
-        elif name == "passkey.json":
+        elif isinstance(record, Passkey):
             out.append(format_passkey(result))
         else:
             out.append(format_bench(result))

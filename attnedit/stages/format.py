@@ -31,7 +31,7 @@ def format_plan(plan: dict) -> str:
         f"new params       {plan['new_params']:,} (replacing {plan['replaced_params']:,} teacher attention params)",
         (
             f"KV cache         {human_bytes(kv['teacher'])}/token -> {human_bytes(kv['edited'])}/token "
-            f"({kv['edited'] / kv['teacher']:.1%} of the teacher's, bf16, context {plan['kv_context']:,})"
+            f"({kv['edited'] / kv['teacher']:.1%} of the teacher's, {plan.get('kv_dtype', 'bfloat16')}, context {plan['kv_context']:,})"
         ),
         f"data             {len(files)} file(s) in {shown}; blocks of {plan['seq_len']} tokens"
         + (f"; recall spans in {100 * plan['recall_fraction']:g}% of stage-2 blocks" if plan.get("recall_fraction") else ""),
@@ -39,6 +39,7 @@ def format_plan(plan: dict) -> str:
         + (f", GPU memory {human_bytes(plan['gpu_bytes'])}" if plan.get("gpu_bytes") else ""),
         f"checkpoints      every {plan['checkpoint_every']} steps and at each stage's end",
     ]
+    lines += [f"note             {n}" for n in plan.get("notes", [])]
     evaluation = plan.get("eval") or ["none (the recipe's eval: section asks for nothing)"]
     lines += [f"{'evaluation' if i == 0 else '':<17}{line}" for i, line in enumerate(evaluation)]
     if plan.get("eval"):

@@ -14,6 +14,7 @@ before training with one line saying what would fit.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -27,7 +28,7 @@ from .base import Stage
 from .stage1 import Stage1
 from .stage2 import Stage2
 
-KV_CONTEXT = 8192  # the plan's KV figures are at this context (or the run's seq_len, if longer)
+KV_CONTEXT = 8192  # the plan's KV figures are at this context (or the run's seq_len, if longer; the teacher's max, if shorter)
 WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the GPU counts the plan tries for "what would fit"
 DEFAULT_GPU_GIB = 80.0  # a dry run for N GPUs without --gpu-memory plans for 80 GiB cards
 
@@ -59,6 +60,7 @@ def validate_start(recipe: Recipe, parallel: Parallelism | None = None) -> None:
     eval section's data and contexts, a stage that fits the GPU at no micro-batch), checked before a new run
     folder is written."""
     from ..data import check_files
+    from ..eval.inspect import layout_notes
     from ..surgery import edited_config
     from ..teachers import load_config
     from .evaluate import check_eval
@@ -66,6 +68,8 @@ def validate_start(recipe: Recipe, parallel: Parallelism | None = None) -> None:
     config = load_config(recipe.teacher)
     check_seq_len(recipe, config)
     edited = edited_config(config, recipe.target, recipe.target_args)
+    for note in layout_notes(edited):
+        print(f"attnedit: note: {note}", file=sys.stderr)
     check_files(recipe.data)
     device = resolve_device(recipe.device)
     check_eval(recipe, config)
@@ -213,7 +217,8 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
     GPUs of that size (80 GiB unless said), which ``convert`` there would fit its stages to.
     """
     from ..data import check_files
-    from ..eval.kv import kv_summary
+    from ..eval.inspect import layout_notes
+    from ..eval.kv import kv_summary, usable_context
     from ..surgery import edited_config
     from ..teachers import load_config
     from .evaluate import describe
@@ -229,8 +234,9 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
     memory = plan_memory(recipe, config, edited, device, parallel, gpu)
     wdtype = weights_dtype(recipe, device)
     layers = edited.edit["edited_layers"]
-    context = max(recipe.data.seq_len, KV_CONTEXT)
-    kv_t, kv_s = kv_summary(config, context, "bfloat16"), kv_summary(edited, context, "bfloat16")
+    context = usable_context(config, max(recipe.data.seq_len, KV_CONTEXT))
+    kv_dtype = str(wdtype).replace("torch.", "")  # the dtype convert saves the model in, so its cache's
+    kv_t, kv_s = kv_summary(config, context, kv_dtype), kv_summary(edited, context, kv_dtype)
     rows = []
     for stage in memory.stages:
         cfg, seq = stage.cfg, stage.seq_len
@@ -260,6 +266,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
         "new_params": memory.sizes.new_attention,
         "replaced_params": sum(x["params"] for x in kv_t["layers"] if x["layer"] in layers),
         "kv_context": context,
+        "kv_dtype": kv_dtype,
         "kv_bytes_per_token": {"teacher": kv_t["kv_bytes_per_token"], "edited": kv_s["kv_bytes_per_token"]},
         "data_files": [str(f) for f in files],
         "seq_len": recipe.data.seq_len,
@@ -271,6 +278,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
         "stages": rows,
         "checkpoint_every": recipe.checkpoint_every,
         "eval": describe(recipe.eval),
+        "notes": layout_notes(edited),
     }
 
 

@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from ..errors import AttnEditError
-from ..io import write_text
+from ..io import check_output, write_text
 from ..recipe import Recipe, diff, load_recipe, to_yaml
 
 
@@ -17,6 +17,7 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise AttnEditError(f"{run_dir} is a file; give a folder for the run (--out)")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise AttnEditError(f"{run_dir} already exists; continue it with --resume, or choose another --out")
+    check_output(run_dir, overwrite=True)  # a folder that cannot be made or written fails now, before any loading
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
@@ -29,6 +30,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
             raise AttnEditError(f"{run_dir} is a file, not a run folder to resume")
         if not saved.is_file():
             raise AttnEditError(f"{run_dir} has no recipe.yaml, so it is not a run to resume; start it without --resume")
+        check_output(run_dir, "the run folder", overwrite=True)  # checkpoints and the model are written here
         if checksum.is_file() and checksum.read_text().split()[:1] != [hashlib.sha256(saved.read_bytes()).hexdigest()]:
             raise AttnEditError(
                 f"{saved} was edited after the run started (its sha256 differs from {checksum.name}); put it back as it was "

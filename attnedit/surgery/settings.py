@@ -142,8 +142,15 @@ def plan_mla(s: MLASettings, spec: dict, config) -> dict:
     rank = s.kv_lora_rank if s.kv_lora_rank is not None else _round_to(kvh * d / 2, 16)
     if rope < 2 or rope % 2:
         raise AttnEditError(f"qk_rope_head_dim={rope}: must be an even number >= 2")
-    if nope < 0 or v < 1:
-        raise AttnEditError(f"qk_nope_head_dim={nope}, v_head_dim={v}: must be >= 0 and >= 1")
+    if nope < 0 and s.qk_nope_head_dim is None:  # the default, head_dim - rope: name what the user set
+        raise AttnEditError(
+            f"qk_rope_head_dim={rope} is more than the teacher's head_dim {d}; use qk_rope_head_dim <= {d - d % 2} "
+            f"(or set qk_nope_head_dim too)"
+        )
+    if nope < 0:
+        raise AttnEditError(f"qk_nope_head_dim={nope}: must be >= 0")
+    if v < 1:
+        raise AttnEditError(f"v_head_dim={v}: must be >= 1")
     limit = min(hidden, heads * (nope + v))
     if not 1 <= rank <= limit:
         raise AttnEditError(f"kv_lora_rank={rank}: must be between 1 and {limit} (hidden size / per-head K+V width)")
@@ -191,6 +198,12 @@ def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: s
         raise AttnEditError(f"window={window}: must be >= 1 token")
     if s.sink < 0:
         raise AttnEditError(f"sink={s.sink}: must be >= 0")
+    context = getattr(config, "max_position_embeddings", None)
+    if context and window + s.sink >= context:  # a sliding layer would see every token: no cache saved
+        raise AttnEditError(
+            f"window={window} (+ sink {s.sink}) covers the teacher's whole context ({context} tokens), so sliding layers "
+            f"would attend to every token and the cache would not shrink; use a window below {context - s.sink}"
+        )
     if s.gate not in ("elementwise", "headwise", "none"):
         raise AttnEditError(f"gate={s.gate!r}: choose elementwise, headwise or none")
     if not 0.0 < s.gate_init < 1.0:

@@ -4,6 +4,12 @@ GGUF files are dequantised once (about 25 s on CPU for SmolLM2-135M) and cached 
 safetensors checkpoint under ``$ATTNEDIT_CACHE/gguf`` (default ``~/.cache/attnedit``), in a folder
 named by the file's sha256, so two installs (or two copies of the file) share one dequantised copy;
 later loads take about a second.
+
+Weights stream from their safetensors files to the device: transformers builds the model on the meta
+device and reads each tensor from the memory-mapped file straight to where it lives (``device_map`` for
+a GPU), so a teacher larger than host RAM loads onto a GPU that holds it, and on the CPU, in the file's
+own dtype, the parameters are the mapped file itself (no copy). A checkpoint whose weights cannot be
+read (truncated, a garbage header) is one line naming the file, as is a hub id that cannot be reached.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AttnEditError
+from ..errors import AttnEditError, is_out_of_memory
 from ..io import atomic_dir, content_sha256
 from ..paths import SMOLLM2_ENV, cache_root
 
@@ -68,7 +74,70 @@ def resolve(name: str) -> TeacherSource:
         return TeacherSource(name, str(p.parent), p.name)
     if p.exists() and not (p / "config.json").is_file():
         raise AttnEditError(f"{name} is not a model folder (no config.json); give a Hugging Face checkpoint folder")
+    if not p.exists() and _looks_like_path(name):
+        raise AttnEditError(f"{name} does not exist; give a model folder, a .gguf file, {SMOLLM2_ALIAS} or a Hugging Face id")
     return TeacherSource(name, str(p) if p.exists() else name)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a Hugging Face id (``org/name``): absolute, relative to ``.``/``~``, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _hub_unreachable(e: BaseException) -> bool:
+    """The hub could not be asked (offline, no network) and the files are not in the local cache."""
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        kinds: tuple = (LocalEntryNotFoundError, OfflineModeIsEnabled)
+    except ImportError:  # older huggingface_hub
+        kinds = ()
+    if kinds and any(isinstance(x, kinds) for x in (e, e.__cause__, e.__context__)):
+        return True
+    text = str(e).lower()
+    return "couldn't connect" in text or "offline mode" in text
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_kwargs(path: str) -> dict:
+    """For a hub id, ``local_files_only`` when the hub's host cannot be reached within 3 s: the cached copy
+    is used at once (or its absence reported), instead of after half a minute of retries."""
+    if Path(path).exists():
+        return {}
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return {"local_files_only": True}
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if host not in _HUB_REACHABLE:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return {} if _HUB_REACHABLE[host] else {"local_files_only": True}
+
+
+def _not_available(name: str) -> AttnEditError:
+    return AttnEditError(
+        f"{name!r} is not a local folder, and the Hugging Face hub cannot be reached to fetch it (offline, and not in "
+        f"the local cache); download it while online, or give a local folder, a .gguf file or {SMOLLM2_ALIAS}"
+    )
+
+
+def _weights_error(name: str, path: str, e: BaseException) -> AttnEditError:
+    """One line for weights that cannot be read: which file, what is wrong, what to do."""
+    files = sorted(p.name for p in Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    where = f" ({', '.join(files[:2])}{' ...' if len(files) > 2 else ''})" if files else ""
+    return AttnEditError(
+        f"cannot read the weights of {name}{where}: {_first_line(e)}; the file is damaged or incomplete "
+        "(e.g. a copy or download cut short): write or download it again"
+    )
 
 
 def _gguf_cache_dir(src: TeacherSource) -> Path:
@@ -145,28 +214,62 @@ def load_config(name: str):
         return gguf_config(src)
     path = local_path(name)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=_is_edited(path))
+        return AutoConfig.from_pretrained(path, trust_remote_code=_is_edited(path), **_hub_kwargs(path))
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # a malformed config.json, an unknown model_type
+        if not Path(path).exists() and _hub_unreachable(e):
+            raise _not_available(name) from None
         raise AttnEditError(f"cannot load a model config from {name!r}: {_first_line(e)}; is config.json valid?") from None
 
 
+def _weight_errors() -> tuple[type[BaseException], ...]:
+    """What reading damaged weights raises: safetensors' own error, or torch's/transformers' for .bin files."""
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, EOFError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:  # older safetensors
+        pass
+    return errors
+
+
 def load_model(name: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
-    """Load a causal LM (teacher or edited model) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM (teacher or edited model) and its tokenizer.
+
+    The weights stream from their files onto ``device`` (``device_map``): no full copy is made in host
+    memory on the way to a GPU, and none at all on the CPU when ``dtype`` is the file's."""
+    from transformers import AutoModelForCausalLM
 
     path = local_path(name)
     remote = _is_edited(path)
+    device = torch.device(device)
+    stream = {"device_map": device} if device.type != "cpu" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote, **stream, **_hub_kwargs(path))
     except (ValueError, KeyError, TypeError, StrictDataclassError) as e:  # a malformed or unsupported config.json
         raise AttnEditError(f"cannot load {name!r}: {_first_line(e)}; is its config.json valid?") from None
-    except OSError as e:
+    except _weight_errors() as e:
+        if is_out_of_memory(e):
+            raise
+        if Path(path).is_dir():  # a local checkpoint whose weights cannot be read
+            raise _weights_error(name, path, e) from None
+        if _hub_unreachable(e):
+            raise _not_available(name) from None
         raise AttnEditError(
             f"cannot load {name!r}: not a local folder, .gguf file, alias ({SMOLLM2_ALIAS}) or reachable "
-            f"Hugging Face id ({str(e).splitlines()[0]})"
+            f"Hugging Face id ({_first_line(e)})"
         ) from None
+    return model.to(device).eval(), load_tokenizer(path, remote, required=False)
+
+
+def load_tokenizer(name: str, remote: bool = False, required: bool = True):
+    """The tokenizer saved in a folder (or of a hub id); None when there is none and not ``required``."""
+    from transformers import AutoTokenizer
+
+    path = local_path(name) if name == SMOLLM2_ALIAS else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.to(device).eval(), tokenizer
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=remote, **_hub_kwargs(path))
+    except (OSError, ValueError, TypeError) as e:
+        if not required:
+            return None
+        raise AttnEditError(f"cannot load a tokenizer from {name!r} ({_first_line(e)}); give a folder that holds one, or a Hugging Face id") from None
