@@ -38,6 +38,7 @@ def main() -> int:
     p.add_argument("--batches", default="1")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--capacity", action="store_true", help="also the largest batch each serves, and its throughput")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="model.prefill_chunk of every model (default: the models' own)")
     p.add_argument("--stock-cells", default=None, help="time the stock transformers path at these BxC cells too")
     p.add_argument("--memory-gb", type=float, default=None, help="cap this process's GPU memory at this many GiB "
                    "(torch.cuda.set_per_process_memory_fraction), e.g. 79.6 for an 80 GB H100's usable memory on a larger card")
@@ -55,6 +56,10 @@ def main() -> int:
         recipe = load_recipe(path)
         settings = {**recipe.target_args, "init": "random"}  # the weights do not change speed or memory
         students[recipe.target] = edit_model(teacher, recipe.target, settings)
+    if args.prefill_chunk:
+        from attnedit.targets import AttnEditForCausalLM
+
+        AttnEditForCausalLM.prefill_chunk = args.prefill_chunk  # the teacher's engine is built by the bench itself
     print(f"built teacher and {len(students)} students in {time.time() - t0:.0f} s", flush=True)
     stock_cells = [tuple(int(x) for x in c.split("x")) for c in args.stock_cells.split(",")] if args.stock_cells else None
     settings = BenchSettings(

@@ -316,9 +316,10 @@ def mla_decode_plan(batch: int, heads: int, slots: int, rank: int, rope: int, sm
     tiles = -(-heads // block_h)
     block_n = 32 if r_pad >= 512 else 64
     partial_bytes = block_h * r_pad * 4
-    min_split = max(block_n, math.ceil(8 * partial_bytes / ((rank + rope) * 2) / block_n) * block_n)
+    unit = 64  # splits are whole multiples of every key block the GPU's tuning may pick
+    min_split = max(unit, math.ceil(8 * partial_bytes / ((rank + rope) * 2) / unit) * unit)
     want = max(1, math.ceil(2 * sms / (batch * tiles)))
-    split_len = max(min_split, math.ceil(math.ceil(slots / want) / block_n) * block_n)
+    split_len = max(min_split, math.ceil(math.ceil(slots / want) / unit) * unit)
     nsplit = max(1, math.ceil(slots / split_len))
     return {"r_pad": r_pad, "p_pad": p_pad, "block_h": block_h, "tiles": tiles, "block_n": block_n,
             "split_len": split_len, "nsplit": nsplit}  # fmt: skip
@@ -344,21 +345,34 @@ def mla_decode_triton(q, latent, n_filled, valid, scale: float, rank: int) -> to
     pl = torch.empty(shape, device=q.device, dtype=f32) if nsplit > 1 else out
     val = valid if valid is not None else q
     wide = r_pad >= 512
-    _mla_decode_partial[(bsz, tiles, nsplit)](
+    args = (
         q, latent, val, n_filled, out, po, pm, pl,
         q.stride(0), q.stride(1), latent.stride(0), latent.stride(1),
         valid.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
         scale, plan["split_len"], heads,
-        R=rank, R_PAD=r_pad, P=rope, P_PAD=plan["p_pad"], BLOCK_H=block_h, BLOCK_N=plan["block_n"],
-        NSPLIT=nsplit, HT=tiles, HAS_VALID=valid is not None, IEEE=latent.dtype == torch.float32,
-        num_warps=8 if wide else 4, num_stages=2,
     )  # fmt: skip
+    consts = dict(R=rank, R_PAD=r_pad, P=rope, P_PAD=plan["p_pad"], BLOCK_H=block_h, NSPLIT=nsplit, HT=tiles,
+                  HAS_VALID=valid is not None, IEEE=latent.dtype == torch.float32)  # fmt: skip
+    if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":  # split_len is a multiple of every tried BLOCK_N
+        _mla_decode_partial_tuned[(bsz, tiles, nsplit)](*args, **consts)
+    else:
+        _mla_decode_partial[(bsz, tiles, nsplit)](*args, **consts, BLOCK_N=plan["block_n"], num_warps=8 if wide else 4, num_stages=2)
     if nsplit > 1:
         _mla_decode_combine[(bsz, heads)](
             po, pm, pl, out, out.stride(0), out.stride(1), heads,
             R=rank, R_PAD=r_pad, BLOCK_H=block_h, NSPLIT=nsplit, NSPLIT_PAD=_pow2(nsplit, 2), HT=tiles, num_warps=4,
         )  # fmt: skip
     return out
+
+
+if HAS_TRITON:
+    # on a GPU the per-program tiling and pipelining are measured once per shape class (the interpreter keeps the
+    # plan's fixed choice): the best differ between wide latents (512 + 64) and small ones
+    _MLA_CONFIGS = [
+        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+        for n in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
+    ]  # fmt: skip
+    _mla_decode_partial_tuned = triton.autotune(_MLA_CONFIGS, key=["R_PAD", "P_PAD", "BLOCK_H", "NSPLIT", "HAS_VALID"])(_mla_decode_partial)
 
 
 _MLA_OP_NAME = "attnedit::mla_decode_v1"

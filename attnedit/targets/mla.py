@@ -199,5 +199,11 @@ class MLAAttention(FusableProjections, nn.Module):
             kv = self.kv_b_proj(c_kv).view(b, n, hds, nope + self.v_head_dim).transpose(1, 2)
             k_nope, v = kv.split([nope, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None].expand(b, hds, n, rope)], dim=-1)
-            out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale)
+            qk = nope + rope
+            if x.is_cuda and qk != self.v_head_dim and qk <= 256 and not mask_tensor(mask):
+                # flash attention needs one head size for q, k and v: zero columns of v cost less than its fallback
+                v = F.pad(v, (0, qk - self.v_head_dim))
+                out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale)[..., : self.v_head_dim]
+            else:
+                out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, hds * self.v_head_dim))
