@@ -40,7 +40,6 @@ import torch
 import torch.nn as nn
 
 F64 = torch.float64
-STEADY = True
 
 
 @dataclass
@@ -251,6 +250,24 @@ def factor_layer(teacher_attn: nn.Module, o_weight: torch.Tensor, spec: dict, st
     return LayerFactors(q_rows, kpe_rows, uu, ss, vt, left_inv, torch.linalg.inv(chol), nope, d, h, g, bias)
 
 
+def _aware_lowrank(m: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m ≈ a @ b`` with ``b`` of ``rank`` rows, minimising the error on inputs ``x`` [n, hidden].
+
+    With ``C = xᵀx/n = L Lᵀ`` the error is ``‖(m − ab) L‖``, so take the SVD of ``m L``:
+    ``a = U_r √S_r`` and ``b = √S_r V_rᵀ L⁻¹``. Falls back to a plain SVD if ``C`` is singular.
+    """
+    cov = x.T @ x / x.shape[0]
+    cov = cov + 1e-4 * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    try:
+        chol = torch.linalg.cholesky(cov)
+        u, s, vt = torch.linalg.svd(m @ chol, full_matrices=False)
+        b = (vt[:rank] * s[:rank, None].sqrt()) @ torch.linalg.inv(chol)
+    except RuntimeError:
+        u, s, vt = torch.linalg.svd(m, full_matrices=False)
+        b = vt[:rank] * s[:rank, None].sqrt()
+    return u[:, :rank] * s[:rank].sqrt(), b
+
+
 def allocate_ranks(spectra: list[torch.Tensor], energies: list[float], total: int, step: int = 8, least: int = 8) -> list[int]:
     """Latent ranks per layer summing to ``total`` (multiples of ``step``, at least ``least``, at most what each
     layer's spectrum has, rounded up to ``step``): each further block of ``step`` goes where it removes the most
@@ -284,13 +301,13 @@ def allocate_ranks(spectra: list[torch.Tensor], energies: list[float], total: in
 
 
 @torch.no_grad()
-def write_mla(student, teacher_attn: nn.Module, factors: LayerFactors, stats: LayerStats, spec: dict, steady: bool = STEADY) -> None:
+def write_mla(student, teacher_attn: nn.Module, factors: LayerFactors, stats: LayerStats, spec: dict) -> None:
     """Set one MLA layer's weights from its factors at the layer's own ``kv_lora_rank``."""
     r, h, d = student.kv_lora_rank, factors.heads, factors.d
     a, b = factors.latent(r)
     bias = factors.bias
     x = torch.cat(stats.sample).to(F64)
-    if steady and r > 1:  # r - 1 channels of latent, one steady channel that keeps the RMSNorm's divisor still
+    if r > 1:  # r - 1 channels of latent, one steady channel that keeps the RMSNorm's divisor still
         a, b = factors.latent(r - 1)
         xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=F64)], 1) if bias else x
         row = steady_row(stats, bias)
@@ -323,8 +340,6 @@ def write_mla(student, teacher_attn: nn.Module, factors: LayerFactors, stats: La
         if student.q_proj.bias is not None:
             student.q_proj.bias.copy_(q_b.to(student.q_proj.bias))
     else:
-        from .init import _aware_lowrank
-
         qa, qb = _aware_lowrank(q_w, x, student.q_lora_rank)
         student.q_a_proj.weight.copy_(qb.to(student.q_a_proj.weight))
         student.q_a_layernorm.weight.fill_(float((x @ qb.T).pow(2).mean(-1).sqrt().mean().clamp_min(1e-6)))
