@@ -17,6 +17,7 @@ from attnedit.stages import format_plan, make_plan
 from attnedit.teachers import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+QWEN25_GGUF = "~/.cache/attnedit/qwen2.5-coder-0.5b-instruct.gguf"  # benchmarks/qwen2.5_coder_teacher.sh writes it
 REQUIRED = {
     "smollm2-mla.yaml", "smollm2-gateswa.yaml", "smollm2-mla-cpu.yaml", "smollm2-gateswa-cpu.yaml",
     "qwen3-8b-mla.yaml", "qwen3-8b-gateswa.yaml", "qwen3-30b-a3b-mla.yaml", "qwen3-30b-a3b-gateswa.yaml",
@@ -97,7 +98,8 @@ def test_recipe_cli_errors_are_one_line(capsys):
 
 def test_the_shipped_recipes_are_what_their_names_say():
     assert REQUIRED <= {p.name for p in RECIPES}
-    teachers = {"smollm2": "smollm2-135m", "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B"}
+    teachers = {"smollm2": "smollm2-135m", "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+                "qwen2.5-0.5b": QWEN25_GGUF}  # fmt: skip
     for path in RECIPES:
         recipe = load_recipe(path)
         stem = path.stem
@@ -125,7 +127,8 @@ def test_the_shipped_gpu_recipes_are_the_ones_that_produced_the_published_result
 
 
 ASSETS = Path(__file__).parent / "assets"
-REAL_CONFIGS = {"Qwen/Qwen3-8B": ASSETS / "qwen3-8b", "Qwen/Qwen3-30B-A3B": ASSETS / "qwen3-30b-a3b"}
+REAL_CONFIGS = {"Qwen/Qwen3-8B": ASSETS / "qwen3-8b", "Qwen/Qwen3-30B-A3B": ASSETS / "qwen3-30b-a3b",
+                QWEN25_GGUF: ASSETS / "qwen2.5-coder-0.5b"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +197,13 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     assert f"new params       {plan['new_params']:,} " in text
     assert all(f" {row['tokens']:,} " in text for row in plan["stages"])
     if recipe.teacher in REAL_CONFIGS:  # the recipe's own settings on the real shapes, unchanged
-        assert plan["num_layers"] == {"Qwen/Qwen3-8B": 36, "Qwen/Qwen3-30B-A3B": 48}[recipe.teacher]
+        layers, kv_heads, head_dim = {"Qwen/Qwen3-8B": (36, 8, 128), "Qwen/Qwen3-30B-A3B": (48, 4, 128), QWEN25_GGUF: (24, 2, 64)}[recipe.teacher]
+        assert plan["num_layers"] == layers
         assert plan["target_args"] == {**plan["target_args"], **recipe.target_args}
         kv = plan["kv_bytes_per_token"]
-        kv_heads = 8 if "8B" in recipe.teacher else 4
         assert plan["kv_dtype"] == plan["weights_dtype"]  # the cache of the model convert saves: bf16 on a GPU, fp32 on CPU
         nbytes = {"bfloat16": 2, "float32": 4}[plan["kv_dtype"]]
-        assert kv["teacher"] == plan["num_layers"] * 2 * kv_heads * 128 * nbytes  # K and V
+        assert kv["teacher"] == plan["num_layers"] * 2 * kv_heads * head_dim * nbytes  # K and V
         if recipe.target == "mla":  # kv_lora_rank + qk_rope_head_dim values per layer
             per_layer = recipe.target_args["kv_lora_rank"] + plan["target_args"]["qk_rope_head_dim"]
             assert kv["edited"] == plan["num_layers"] * per_layer * nbytes
