@@ -9,26 +9,30 @@ from .common import AttentionContext, RMSNorm, Rotary
 from .configuration_attnedit import AttnEditConfig
 from .dense import DenseAttention, KVCacheLayer, StaticKVCacheLayer
 from .gateswa import GateSWAAttention, SlidingKVCacheLayer, StaticSlidingKVCacheLayer
+from .gqa import GQAAttention
 from .kernels import decode_attention, sliding_attention
 from .mla import LatentCacheLayer, MLAAttention, StaticLatentCacheLayer
-from .modeling_attnedit import AttnEditCache, AttnEditForCausalLM
+from .modeling_attnedit import ATTENTION_CLASSES, AttnEditCache, AttnEditForCausalLM
 
 REMOTE_CODE_FILES = (
     "common.py",
     "configuration_attnedit.py",
     "dense.py",
     "gateswa.py",
+    "gqa.py",
     "kernels.py",
     "mla.py",
     "modeling_attnedit.py",
 )
 
 __all__ = [
+    "ATTENTION_CLASSES",
     "AttentionContext",
     "AttnEditCache",
     "AttnEditConfig",
     "AttnEditForCausalLM",
     "DenseAttention",
+    "GQAAttention",
     "GateSWAAttention",
     "KVCacheLayer",
     "LatentCacheLayer",

@@ -14,21 +14,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from .kernels import sliding_attention, window_mask
+from .kernels import decode_attention, sliding_attention, window_mask
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 (as Llama, Qwen and DeepSeek do)."""
+    """Root-mean-square norm, computed in float32 (as Llama, Qwen and DeepSeek do).
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    ``offset=1.0`` is Gemma's form: the gain is ``1 + weight`` (weights start at 0), applied in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -265,10 +270,14 @@ def mask_tensor(mask) -> bool:
     return isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias)
 
 
-def attend(q, k, v, mask, scale: float) -> torch.Tensor:
+def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention; K/V may have fewer heads than Q (grouped-query, or one latent
     head for MLA). ``mask`` None means plain causal, or one query at the end of the keys; a
-    :func:`causal_lower_right` bias means causal aligned to the last key (a chunk after cached tokens)."""
+    :func:`causal_lower_right` bias means causal aligned to the last key (a chunk after cached tokens).
+    ``softcap``: scores become ``softcap * tanh(score / softcap)`` before the softmax (Gemma 2), computed eagerly."""
+    causal = mask is None and q.shape[2] > 1 and q.shape[2] == k.shape[2]
+    if softcap is not None:
+        return attend_softcapped(q, k, v, mask, scale, softcap, causal)
     gqa = k.shape[1] != q.shape[1]
     if gqa and q.is_cuda and mask_tensor(mask):
         # SDPA's memory-efficient kernel takes a mask but not grouped K/V, and its math fallback would hold
@@ -277,18 +286,54 @@ def attend(q, k, v, mask, scale: float) -> torch.Tensor:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         gqa = False
-    causal = mask is None and q.shape[2] > 1 and q.shape[2] == k.shape[2]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-def attend_new(q, k, v, ctx: AttentionContext, window: int | None, sink: int, scale: float) -> torch.Tensor:
+def attend_softcapped(q, k, v, mask, scale: float, softcap: float, causal: bool = False) -> torch.Tensor:
+    """Attention with soft-capped scores, as transformers' eager attention computes it: ``q`` [B, H, T, D],
+    ``k``/``v`` [B, Hk, S, D] (Hk divides H), ``mask`` boolean (True = may attend), broadcastable to
+    [B, H, T, S], a :func:`causal_lower_right` bias, or None (``causal``: the last T keys are the queries)."""
+    b, h, t, _ = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.reshape(b, hk, h // hk * t, -1), k.transpose(-1, -2)).view(b, h, t, s).float() * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if isinstance(mask, CausalBias):
+        mask, causal = None, True
+    if mask is None and causal:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(p.reshape(b, hk, h // hk * t, s), v).view(b, h, t, -1)
+
+
+def decode_softcapped(q, k, v, n_filled, valid, scale: float, softcap: float, v_dim: int | None = None) -> torch.Tensor:
+    """:func:`decode_attention`'s contract (one query per row over a static cache of which ``n_filled``
+    slots are written; ``v=None``: the values are the keys' first ``v_dim`` columns) with soft-capped scores."""
+    keep = torch.arange(k.shape[2], device=k.device) < n_filled
+    mask = keep[None, :] if valid is None else keep[None, :] & valid
+    values = k[..., :v_dim] if v is None else v
+    return attend_softcapped(q[:, :, None], k, values, mask[:, None, None, :], scale, softcap)[:, :, 0]
+
+
+def decode(q, k, v, n_filled, valid, scale: float, v_dim: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """One decode step over a static cache: :func:`decode_attention`, or its soft-capped form."""
+    if softcap is not None:
+        return decode_softcapped(q, k, v, n_filled, valid, scale, softcap, v_dim)
+    return decode_attention(q, k, v, n_filled, valid, scale, v_dim=v_dim)
+
+
+def attend_new(q, k, v, ctx: AttentionContext, window: int | None, sink: int, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention when the keys are exactly this call's tokens, starting at token 0 (training, or a
-    prefill into an empty cache): flash causal, or the sliding-window kernel; a mask only for padding."""
-    if ctx.key_padding is None:
+    prefill into an empty cache): flash causal, or the sliding-window kernel; a mask only for padding
+    (soft-capped scores: always a mask, eagerly)."""
+    if ctx.key_padding is None and softcap is None:
         if window is None:
             return attend(q, k, v, None, scale)
         return sliding_attention(q, k, v, window, sink, scale)
-    return attend(q, k, v, ctx.mask(torch.arange(k.shape[2], device=k.device), window, sink, force=True), scale)
+    if softcap is not None and ctx.key_padding is None and window is None:
+        return attend(q, k, v, None, scale, softcap)
+    return attend(q, k, v, ctx.mask(torch.arange(k.shape[2], device=k.device), window, sink, force=True), scale, softcap)
 
 
 class CacheLayer:

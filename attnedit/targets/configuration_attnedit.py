@@ -1,9 +1,14 @@
 """Configuration of an edited model: the teacher's config plus one attention description per layer.
 
 ``layer_attention[i]`` is a dict with ``kind`` in ``dense`` (the teacher's attention, unedited),
-``mla`` or ``gateswa`` and that kind's settings; ``teacher_attention`` describes the teacher's attention
-shapes (heads, head_dim, biases, QK-norm). The backbone (embeddings, MLP or MoE blocks, norms) is
-rebuilt from ``base_config`` by transformers itself.
+``mla``, ``gateswa``, ``gqa`` (or a kind an outside target adds, whose class ``attention_code`` names as
+``"file.Class"`` in the checkpoint's folder) and that kind's settings; ``teacher_attention`` describes the
+teacher's attention (heads, head_dim, biases, QK-norm, score scale and soft-capping, per-layer RoPE). The
+backbone (embeddings, MLP or MoE blocks, norms) is rebuilt from ``base_config`` by transformers itself;
+``backbone`` says how to run it: ``layer`` ``"prenorm"`` (attnedit's own loop over the Llama/Qwen layout,
+the default) or ``"teacher"`` (each of the teacher's decoder layers runs its own forward around the new
+attention: sandwich and post-norm layouts, residual multipliers), and the model-level multipliers
+``embedding_multiplier``, ``logits_scaling`` and ``final_logit_softcapping`` where the teacher has them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class AttnEditConfig(PretrainedConfig):
         layer_attention: list | None = None,
         family: str | None = None,
         edit: dict | None = None,
+        backbone: dict | None = None,
+        attention_code: dict | None = None,
         **kwargs,
     ):
         self.base_config = dict(base_config or {})
@@ -45,6 +52,8 @@ class AttnEditConfig(PretrainedConfig):
         self.layer_attention = [dict(x) for x in (layer_attention or [])]
         self.family = family
         self.edit = dict(edit or {})
+        self.backbone = dict(backbone or {})
+        self.attention_code = dict(attention_code or {})
         for key in _COPIED:
             if key in self.base_config and key not in kwargs:
                 kwargs[key] = self.base_config[key]

@@ -9,8 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, attend_new, head_scale, static_buffer
-from .kernels import decode_attention
+from .common import (
+    AttentionContext,
+    CacheLayer,
+    FusableProjections,
+    RMSNorm,
+    Rotary,
+    apply_rope,
+    attend,
+    attend_new,
+    decode,
+    head_scale,
+    static_buffer,
+)
 
 
 class KVCacheLayer(CacheLayer):
@@ -69,7 +80,10 @@ class StaticKVCacheLayer(CacheLayer):
 
 
 class DenseAttention(FusableProjections, nn.Module):
-    """Grouped-query attention exactly as Llama/Mistral/Qwen2/Qwen3 compute it."""
+    """Grouped-query attention exactly as the teacher computes it: Llama/Mistral/Qwen2/Qwen3, and what the
+    teacher spec adds (``teacher_attention`` in the config): ``scaling`` (softmax scale, default
+    ``head_dim ** -0.5``), ``softcap`` (Gemma 2's score soft-capping), ``qk_norm`` ``"head"`` (per head, Qwen3)
+    or ``"projection"`` (over the whole q / k projection, OLMo 2), ``norm_offset`` (Gemma's ``1 + weight``)."""
 
     kind = "dense"
 
@@ -87,11 +101,16 @@ class DenseAttention(FusableProjections, nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=spec["qkv_bias"])
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=spec["qkv_bias"])
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=spec["o_bias"])
-        if spec["qk_norm"]:
-            self.q_norm = RMSNorm(d, spec["rms_norm_eps"])
-            self.k_norm = RMSNorm(d, spec["rms_norm_eps"])
+        self.qk_norm = "head" if spec["qk_norm"] is True else (spec["qk_norm"] or None)
+        if self.qk_norm:
+            whole = self.qk_norm == "projection"
+            eps, offset = spec["rms_norm_eps"], spec.get("norm_offset", 0.0)
+            self.q_norm = RMSNorm(self.num_heads * d if whole else d, eps, offset)
+            self.k_norm = RMSNorm(self.num_kv_heads * d if whole else d, eps, offset)
         else:
             self.q_norm = self.k_norm = None
+        self.scale = spec.get("scaling") or head_scale(d)
+        self.softcap = spec.get("softcap")
         self.rotary = Rotary(d, base_config)
 
     def new_cache(self, static: bool = False, batch: int = 1, max_length: int = 0, dtype=None, device=None) -> CacheLayer:
@@ -117,10 +136,13 @@ class DenseAttention(FusableProjections, nn.Module):
     def project(self, x: torch.Tensor, ctx: AttentionContext, outs: list[torch.Tensor] | None = None):
         b, t, _ = x.shape
         outs = outs if outs is not None else self.projections(x)
-        q = outs[0].view(b, t, self.num_heads, self.head_dim)
-        k = outs[1].view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = outs[0], outs[1]
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = outs[2].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.rope(self.rotary, x.dtype)
         q = apply_rope(q.transpose(1, 2), cos[:, None], sin[:, None])
@@ -134,18 +156,18 @@ class DenseAttention(FusableProjections, nn.Module):
 
     def attention(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
         """``q`` [B, H, T, D], ``k``/``v`` [B, Hkv, T, D] of this call's tokens -> [B, H, T, D]."""
-        scale = head_scale(self.head_dim)
+        scale, softcap = self.scale, self.softcap
         if ctx.cache is None:
-            return attend_new(q, k, v, ctx, self.window, self.sink, scale)
+            return attend_new(q, k, v, ctx, self.window, self.sink, scale, softcap)
         layer = ctx.cache.layers[self.layer_idx]
         if ctx.decoding:
             keys, values, n_filled, valid = layer.decode_update(k, v, ctx)
-            return decode_attention(q[:, :, 0], keys, values, n_filled, valid, scale)[:, :, None]
+            return decode(q[:, :, 0], keys, values, n_filled, valid, scale, softcap=softcap)[:, :, None]
         keys, values, key_index = layer.update(k, v, ctx)
         if key_index is None:
-            return attend_new(q, keys, values, ctx, self.window, self.sink, scale)
+            return attend_new(q, keys, values, ctx, self.window, self.sink, scale, softcap)
         mask = None if ctx.all_keys_visible else ctx.mask(key_index, self.window, self.sink)
-        return attend(q, keys, values, mask, scale)
+        return attend(q, keys, values, mask, scale, softcap)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape

@@ -20,7 +20,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, head_scale, mask_tensor, static_buffer
+from .common import (
+    AttentionContext,
+    CacheLayer,
+    FusableProjections,
+    RMSNorm,
+    Rotary,
+    apply_rope,
+    attend,
+    attend_softcapped,
+    decode_softcapped,
+    head_scale,
+    mask_tensor,
+    static_buffer,
+)
+from .gateswa import SlidingKVCacheLayer, StaticSlidingKVCacheLayer
 from .kernels import mla_decode_attention
 
 
@@ -77,6 +91,40 @@ class StaticLatentCacheLayer(CacheLayer):
         return self.latent, ctx.n_filled, ctx.key_valid
 
 
+class SlidingLatentCacheLayer(SlidingKVCacheLayer):
+    """Growing ring buffer of latents for an MLA layer with a window: at most ``window + sink`` tokens of
+    ``[c_kv, rotated k_pe]``, kept as GateSWA's ring keeps keys (one latent "head", no separate values)."""
+
+    def update(self, latent, ctx: AttentionContext):
+        b, t, _ = latent.shape
+        keys, _, key_index = super().update(latent[:, None], latent.new_empty(b, 1, t, 0), ctx)
+        return keys[:, 0], key_index
+
+    def tensors(self):
+        return [] if self.k is None else [self.k]
+
+
+class StaticSlidingLatentCacheLayer(StaticSlidingKVCacheLayer):
+    """Static ring buffer of latents ``[batch, 1, window + sink, kv_lora_rank + rope_dim]``, written in place."""
+
+    def __init__(self, window: int, sink: int, batch: int, width: int, dtype, device):
+        self.window, self.sink = window, sink
+        self.k = static_buffer((batch, 1, window + sink, width), dtype, device)
+        self.v = static_buffer((batch, 1, window + sink, 0), dtype, device)  # the values are the latent itself
+
+    def tensors(self):
+        return [self.k]
+
+    def update(self, latent, ctx: AttentionContext):
+        b, t, _ = latent.shape
+        keys, _, key_index = super().update(latent[:, None], latent.new_empty(b, 1, t, 0), ctx)
+        return keys[:, 0], key_index
+
+    def decode_update(self, latent, ctx: AttentionContext):
+        keys, _, n_filled, valid = super().decode_update(latent[:, None], latent.new_empty(latent.shape[0], 1, 1, 0), ctx)
+        return keys[:, 0], n_filled, valid
+
+
 class MLAAttention(FusableProjections, nn.Module):
     kind = "mla"
 
@@ -93,6 +141,9 @@ class MLAAttention(FusableProjections, nn.Module):
         absorb: str = "auto",
         rope_theta: float | None = None,
         bias: bool = False,
+        window: int | None = None,
+        sink: int = 0,
+        softcap: float | None = None,
     ):
         super().__init__()
         if absorb not in ("auto", "always", "never"):
@@ -122,10 +173,17 @@ class MLAAttention(FusableProjections, nn.Module):
         self.o_proj = nn.Linear(self.num_heads * v_head_dim, h, bias=bias)
         self.rope_theta = rope_theta
         self.rotary = Rotary(qk_rope_head_dim, with_rope_theta(base_config, rope_theta))
+        # a teacher layer that slides (Gemma, Mistral) stays windowed: a ring buffer of latents; softcap: Gemma 2's scores
+        self.window, self.sink, self.softcap = window, sink, softcap
 
     def new_cache(self, static: bool = False, batch: int = 1, max_length: int = 0, dtype=None, device=None) -> CacheLayer:
+        width = self.kv_lora_rank + self.qk_rope_head_dim
+        if self.window is not None:
+            if static:
+                return StaticSlidingLatentCacheLayer(self.window, self.sink, batch, width, dtype, device)
+            return SlidingLatentCacheLayer(self.window, self.sink)
         if static:
-            return StaticLatentCacheLayer(batch, max_length, self.kv_lora_rank + self.qk_rope_head_dim, dtype, device)
+            return StaticLatentCacheLayer(batch, max_length, width, dtype, device)
         return LatentCacheLayer()
 
     def input_linears(self) -> list[nn.Linear]:
@@ -167,7 +225,10 @@ class MLAAttention(FusableProjections, nn.Module):
             w_uk, w_uv = self.absorbed_weights()
             q_lat = torch.einsum("bhn,hnr->bhr", q_nope[:, :, 0], w_uk)
             queries = torch.cat([q_lat, q_pe[:, :, 0]], dim=-1)
-            out = mla_decode_attention(queries, buf, n_filled, valid, scale, r)
+            if self.softcap is not None:
+                out = decode_softcapped(queries, buf[:, None], None, n_filled, valid, scale, self.softcap, v_dim=r)
+            else:
+                out = mla_decode_attention(queries, buf, n_filled, valid, scale, r)
             out = torch.einsum("bhr,hvr->bhv", out, w_uv)
             return self.o_proj(out.reshape(b, 1, hds * self.v_head_dim))
         if ctx.cache is not None:
@@ -176,9 +237,10 @@ class MLAAttention(FusableProjections, nn.Module):
             key_index = None
         c_kv, k_pe = latent[..., :r], latent[..., r:]
         if key_index is None:  # the keys are this call's tokens
-            mask = None if ctx.key_padding is None else ctx.mask(torch.arange(t, device=x.device), force=True)
+            windowed = ctx.key_padding is not None or self.window is not None
+            mask = ctx.mask(torch.arange(t, device=x.device), self.window, self.sink, force=True) if windowed else None
         else:
-            mask = None if ctx.all_keys_visible else ctx.mask(key_index)
+            mask = None if ctx.all_keys_visible else ctx.mask(key_index, self.window, self.sink)
         n = c_kv.shape[1]
         if self.use_absorbed(ctx):
             w_uk, w_uv = self.absorbed_weights()
@@ -191,9 +253,12 @@ class MLAAttention(FusableProjections, nn.Module):
             if mask is not None:
                 mask = mask.expand(-1, -1, t, -1).repeat(1, 1, hds, 1)
             # heads x tokens are one query axis here, so never let SDPA read it as causal
-            out = F.scaled_dot_product_attention(
-                queries, latent[:, None], c_kv[:, None], attn_mask=mask, scale=scale, enable_gqa=True
-            ).view(b, hds, t, r)
+            if self.softcap is not None:
+                out = attend_softcapped(queries, latent[:, None], c_kv[:, None], mask, scale, self.softcap).view(b, hds, t, r)
+            else:
+                out = F.scaled_dot_product_attention(
+                    queries, latent[:, None], c_kv[:, None], attn_mask=mask, scale=scale, enable_gqa=True
+                ).view(b, hds, t, r)
             out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
         else:
             kv = self.kv_b_proj(c_kv).view(b, n, hds, nope + self.v_head_dim).transpose(1, 2)
@@ -203,7 +268,7 @@ class MLAAttention(FusableProjections, nn.Module):
             if x.is_cuda and qk != self.v_head_dim and qk <= 256 and not mask_tensor(mask):
                 # flash attention needs one head size for q, k and v: zero columns of v cost less than its fallback
                 v = F.pad(v, (0, qk - self.v_head_dim))
-                out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale)[..., : self.v_head_dim]
+                out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale, self.softcap)[..., : self.v_head_dim]
             else:
-                out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale)
+                out = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, scale, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, hds * self.v_head_dim))

@@ -2,9 +2,14 @@
 
 The backbone (embeddings, decoder layers' norms and MLP/MoE blocks, final norm) is the teacher's own
 transformers class, rebuilt from ``config.base_config``; each layer's ``self_attn`` is replaced by a
-:class:`DenseAttention` (unedited), :class:`MLAAttention` or :class:`GateSWAAttention`. The forward
-loop is written here, so the caches are attnedit's own: MLA caches only its latent, sliding layers
-keep a ring buffer, and the bytes they hold are what ``AttnEditCache.allocated_bytes`` reports.
+:class:`DenseAttention` (unedited), :class:`MLAAttention`, :class:`GateSWAAttention`, :class:`GQAAttention`
+or an outside target's attention (``ATTENTION_CLASSES``; ``config.attention_code`` names the file of a kind
+this code does not know). The forward loop is written here, so the caches are attnedit's own: MLA caches
+only its latent, sliding layers keep a ring buffer, and the bytes they hold are what
+``AttnEditCache.allocated_bytes`` reports. For the Llama/Qwen pre-norm layout the loop runs each layer's
+norms, residuals and MLP itself (``backbone.layer = "prenorm"``); for any other layout
+(``"teacher"``: Gemma's sandwich norms, OLMo 2's post-norm, Granite's residual multiplier) it calls the
+teacher's own decoder layer, whose ``self_attn`` is the new attention (:class:`TeacherLayerCall`).
 
 Weight names match the teacher's (``model.layers.N.mlp...``), so frozen weights load unchanged.
 """
@@ -24,19 +29,68 @@ from .common import AttentionContext, FusedLinears, RMSNorm, fused_call, static_
 from .configuration_attnedit import AttnEditConfig
 from .dense import DenseAttention
 from .gateswa import GateSWAAttention
+from .gqa import GQAAttention
 from .mla import MLAAttention
 
+# the attention class of every layer kind; an outside target adds its own (attnedit.surgery.api.register_target)
+ATTENTION_CLASSES: dict[str, type] = {c.kind: c for c in (DenseAttention, MLAAttention, GateSWAAttention, GQAAttention)}
 
-def build_attention(layer: dict, spec: dict, base_config: dict, layer_idx: int) -> nn.Module:
+
+def attention_class(kind: str, config=None) -> type:
+    """The class of layer kind ``kind``: a registered one, else the one ``config.attention_code`` names
+    (``"file.Class"``, a file of the checkpoint's folder, loaded as transformers loads remote code)."""
+    if kind in ATTENTION_CLASSES:
+        return ATTENTION_CLASSES[kind]
+    code = (getattr(config, "attention_code", None) or {}).get(kind)
+    if code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(code, config.name_or_path)
+    raise ValueError(f"unknown attention kind {kind!r}; known: {', '.join(ATTENTION_CLASSES)}")
+
+
+def layer_base_config(base_config: dict, spec: dict, layer_idx: int) -> dict:
+    """The config an attention reads its RoPE from. A teacher whose RoPE differs per layer (Gemma 3: a local base
+    for sliding layers, a global one for full layers) lists each layer's parameters in ``spec["layer_rope"]``;
+    the layer then gets them as a plain (Llama-typed) config of its own."""
+    rope = spec.get("layer_rope")
+    if not rope:
+        return base_config
+    params = dict(rope[layer_idx])
+    keep = ("hidden_size", "num_attention_heads", "max_position_embeddings", "original_max_position_embeddings")
+    out = {k: base_config[k] for k in keep if k in base_config}
+    return {**out, "model_type": "llama", "head_dim": spec["head_dim"], "rope_parameters": params, "rope_theta": params.get("rope_theta")}
+
+
+def build_attention(layer: dict, spec: dict, base_config: dict, layer_idx: int, cls: type | None = None) -> nn.Module:
     args = {k: v for k, v in layer.items() if k != "kind"}
-    kind = layer["kind"]
-    if kind == "dense":
-        return DenseAttention(spec, base_config, layer_idx, window=args.get("window"), sink=args.get("sink", 0))
-    if kind == "mla":
-        return MLAAttention(spec, base_config, layer_idx, **args)
-    if kind == "gateswa":
-        return GateSWAAttention(spec, base_config, layer_idx, **args)
-    raise ValueError(f"unknown attention kind {kind!r} in layer {layer_idx}")
+    cls = cls or attention_class(layer["kind"])
+    base = layer_base_config(base_config, spec, layer_idx)
+    if issubclass(cls, DenseAttention) and layer["kind"] == "dense":
+        return cls(spec, base, layer_idx, window=args.get("window"), sink=args.get("sink", 0))
+    return cls(spec, base, layer_idx, **args)
+
+
+class TeacherLayerCall:
+    """Mixed into an attention class so that the teacher's own decoder layer can call it: the layer calls
+    ``self_attn(hidden_states=x, position_embeddings=..., attention_mask=..., ..., attnedit_context=ctx)``
+    and unpacks ``(output, weights)``; attnedit ignores the teacher's masks and RoPE tables (the attention
+    computes its own from ``ctx``). Called as ``attn(x, ctx)`` (stage 1, tests) it returns the output alone."""
+
+    def forward(self, hidden_states=None, ctx=None, attnedit_context=None, **kwargs):
+        if attnedit_context is None:
+            return super().forward(hidden_states, ctx)
+        return super().forward(hidden_states, attnedit_context), None
+
+
+_TEACHER_CALLED: dict[type, type] = {}
+
+
+def teacher_called(cls: type) -> type:
+    """``cls`` with :class:`TeacherLayerCall` mixed in (one subclass per class, same name, same weights)."""
+    if cls not in _TEACHER_CALLED:
+        _TEACHER_CALLED[cls] = type(cls.__name__, (TeacherLayerCall, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _TEACHER_CALLED[cls]
 
 
 def base_config_object(base_config: dict):
@@ -270,7 +324,9 @@ class AttnEditPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(0.0, std)
-        elif isinstance(module, RMSNorm) or "RMSNorm" in type(module).__name__:
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0 - module.offset)
+        elif "RMSNorm" in type(module).__name__:
             module.weight.fill_(1.0)
         if isinstance(module, GateSWAAttention) and module.g_proj is not None:
             module.g_proj.weight.zero_()
@@ -287,8 +343,11 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
     def __init__(self, config: AttnEditConfig):
         super().__init__(config)
         self.model = AutoModel.from_config(base_config_object(config.base_config))
+        teacher_layers = (getattr(config, "backbone", None) or {}).get("layer") == "teacher"
         for i, layer in enumerate(config.layer_attention):
-            self.model.layers[i].self_attn = build_attention(layer, config.teacher_attention, config.base_config, i)
+            cls = attention_class(layer["kind"], config)
+            cls = teacher_called(cls) if teacher_layers else cls
+            self.model.layers[i].self_attn = build_attention(layer, config.teacher_attention, config.base_config, i, cls)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.post_init()
@@ -322,7 +381,23 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _layer(layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if isinstance(layer.self_attn, TeacherLayerCall):  # the teacher's own layer around the new attention
+            out = layer(h, position_ids=ctx.position_ids, attnedit_context=ctx)
+            return out[0] if isinstance(out, tuple) else out
         return _post_attention(layer, h, layer.self_attn(_pre_attention(layer, h), ctx))
+
+    def _backbone(self, name: str, default=None):
+        return (getattr(self.config, "backbone", None) or {}).get(name, default)
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The teacher's logit post-processing: division by ``logits_scaling`` (Granite), then
+        ``final_logit_softcapping`` (Gemma 2/3: ``cap * tanh(logits / cap)``). Identity for most families."""
+        divisor, cap = self._backbone("logits_scaling", 1.0), self._backbone("final_logit_softcapping")
+        if divisor != 1.0:
+            logits = logits / divisor
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _fused_groups(self) -> list:
         """(owner, attribute) of every :class:`FusedLinears` in place."""
@@ -359,7 +434,7 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
             for attn in self.attentions():
                 attn.fuse()
             for layer in self.model.layers:
-                if _gated_mlp(layer.mlp):
+                if _gated_mlp(layer.mlp) and not isinstance(layer.self_attn, TeacherLayerCall):
                     layer.mlp._attnedit_gate_up = FusedLinears([layer.mlp.gate_proj, layer.mlp.up_proj])
         return self
 
@@ -438,13 +513,15 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         """One pass over the given tokens; ``logits_to_keep=None`` computes no logits (a prefill chunk whose
         positions nobody reads)."""
         h = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
+        if self._backbone("embedding_multiplier", 1.0) != 1.0:  # Granite
+            h = h * self._backbone("embedding_multiplier")
         b, t = h.shape[:2]
         if cache is not None:
             ctx = cache.begin(b, t, attention_mask, position_ids, h.device)
         else:
             ctx = _context_without_cache(b, t, attention_mask, position_ids, h.device)
         hidden_states = [] if output_hidden_states else None
-        compiled_prefill = self.prefill_backend is not None and t > 1 and not torch.is_grad_enabled()
+        compiled_prefill = self.prefill_backend is not None and t > 1 and not torch.is_grad_enabled() and self._backbone("layer") != "teacher"
         for layer in self.model.layers:
             if hidden_states is not None:
                 hidden_states.append(h)
@@ -463,7 +540,7 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         if hidden_states is not None:
             hidden_states.append(h)
             h = h[:, keep]
-        logits = self.lm_head(h)
+        logits = self.scale_logits(self.lm_head(h))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
