@@ -9,7 +9,7 @@ from .common import add_json, add_model, add_out, add_overwrite
 
 
 def add_parser(sub) -> None:
-    from ..export import FORMATS, ExportSettings
+    from ..export import ExportSettings, all_formats
 
     p = sub.add_parser(
         "export",
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
         "The parity check (--check, on by default) reloads the export in float32 on the CPU and requires "
         "logits within 1e-4 of the attnedit model's, an identical 32-token greedy generation, and a stock "
         "cache holding exactly the designed bytes (latent for MLA, window tokens for sliding layers).",
-        epilog="formats:\n" + "\n".join(f"  {k:<12} {v}" for k, v in FORMATS.items()),
+        epilog="formats:\n" + "\n".join(f"  {k:<12} {v}" for k, v in all_formats().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model(p, "converted checkpoint folder (a run's model/ folder)")
@@ -31,27 +31,30 @@ def add_parser(sub) -> None:
 
 
 def resolve_format(model, fmt: str) -> str:
-    from ..export.stock import DEFAULT_SWA_FORMAT, model_target
+    """``stock`` -> the stock format of the model's target (its :meth:`Target.stock_format`), or ``hf``."""
+    from ..export.stock import model_target
+    from ..surgery.api import TARGETS, get_target
 
     if fmt != "stock":
         return fmt
     target = model_target(model)
-    if target == "mla":
-        return "deepseek_v3"
-    return DEFAULT_SWA_FORMAT.get(model.config.family, "hf")
+    return (get_target(target).stock_format(model) if target in TARGETS else None) or "hf"
 
 
 def export(model, tokenizer, fmt: str, out, overwrite: bool = False):
-    """Write ``model`` in ``fmt``; returns the folder and whether loading it needs remote code."""
+    """Write ``model`` in ``fmt``; returns the folder and whether loading it needs remote code. A stock format
+    is written by the target that offers it (``Target.export``), which says in one line when the model is not
+    one it can write."""
+    from ..errors import AttnEditError
     from ..export import save_edited
-    from ..export.deepseek import export_deepseek_v3
-    from ..export.stock import export_stock_swa
+    from ..surgery.api import TARGETS, get_target
 
     if fmt == "hf":
         return save_edited(model, out, tokenizer, overwrite=overwrite), True
-    if fmt == "deepseek_v3":
-        return export_deepseek_v3(model, out, tokenizer, overwrite=overwrite), False
-    return export_stock_swa(model, out, fmt, tokenizer, overwrite=overwrite), False
+    owner = next((get_target(t) for t in TARGETS if fmt in get_target(t).exports), None)
+    if owner is None:
+        raise AttnEditError(f"unknown export format {fmt!r}")
+    return owner.export(model, fmt, out, tokenizer, overwrite=overwrite), False
 
 
 def run(args) -> int:

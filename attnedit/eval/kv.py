@@ -1,12 +1,13 @@
 """KV-cache accounting: what each layer caches per token, analytically and as actually allocated.
 
-Analytic figures come from the model's config alone (teachers included); measured figures come from
-running a prefill with attnedit's real cache and summing the storage its tensors hold. A test checks
-that the two agree exactly. This module is the one source of KV sizes: ``inspect``, ``edit``, the
-``--dry-run`` plan, ``bench`` and the KV figures ``convert`` writes into ``summary.json`` (which
-``report`` reads) all come from :func:`cache_bytes`, which names the dtype it counts in: the model's
-own (its config's ``dtype``: what ``edit`` and ``convert`` saved it in) unless a command runs it in
-another (``bench --dtype``), and bf16 only for a config that names none.
+Analytic figures come from the model's config alone (teachers included) and, for edited layers, from their
+target's :meth:`~attnedit.surgery.api.Target.cache_values`; measured figures come from running a prefill with
+attnedit's real cache and summing the storage its tensors hold. A test checks that the two agree exactly. This
+module is the one source of KV sizes: ``inspect``, ``edit``, the ``--dry-run`` plan, ``bench``, the model card
+and the KV figures ``convert`` writes into ``summary.json`` (which ``report`` reads) all come from
+:func:`cache_bytes`, which names the dtype it counts in: the model's own (its config's ``dtype``: what ``edit``
+and ``convert`` saved it in) unless a command runs it in another (``bench --dtype``), and bf16 only for a config
+that names none.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 @dataclass
 class LayerKV:
     layer: int
-    kind: str  # dense | dense-sliding | mla | gateswa-sliding | gateswa-full
+    kind: str  # dense | dense-sliding, or the target's label: mla | mla-sliding | gateswa-sliding | gateswa-full | gqa ...
     params: int  # attention parameters of this layer
     values_per_token: float  # cached values per token at the given context (K and V, or latent + rope key)
     bytes_per_token: float
@@ -59,8 +60,9 @@ def cache_bytes(config, context: int, dtype: str | None = None) -> CacheBytes:
 
 
 def _dense_values(kvh: int, d: int, window: int | None, sink: int, context: int) -> float:
-    full = 2 * kvh * d
-    return float(full) if window is None else full * min(window + sink, context) / context
+    from ..surgery.builtin import dense_values
+
+    return dense_values(kvh, d, window, sink, context)
 
 
 def _teacher_layers(config) -> list[dict]:
@@ -75,24 +77,12 @@ def _teacher_layers(config) -> list[dict]:
 
 
 def _attention_params(spec: dict, layer: dict) -> int:
-    h, heads, kvh, d = spec["hidden_size"], spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
-    kind = layer["kind"]
-    if kind == "mla":
-        qk = layer["qk_nope_head_dim"] + layer["qk_rope_head_dim"]
-        r, rope, v = layer["kv_lora_rank"], layer["qk_rope_head_dim"], layer["v_head_dim"]
-        q = h * heads * qk if layer.get("q_lora_rank") is None else layer["q_lora_rank"] * (h + 1 + heads * qk)
-        return q + h * (r + rope) + r + r * heads * (layer["qk_nope_head_dim"] + v) + heads * v * h
-    n = h * heads * d + 2 * h * kvh * d + heads * d * h
-    if spec["qkv_bias"]:
-        n += heads * d + 2 * kvh * d
-    if spec["o_bias"]:
-        n += h
-    if spec["qk_norm"]:
-        n += 2 * d
-    if kind == "gateswa" and layer.get("gate") != "none":
-        width = heads * d if layer["gate"] == "elementwise" else heads
-        n += h * width + width
-    return n
+    from ..surgery.api import target_of_kind
+    from ..surgery.builtin import dense_parameters
+
+    if layer["kind"] == "dense":
+        return dense_parameters(spec)
+    return target_of_kind(layer["kind"]).parameters(layer, spec)
 
 
 def kv_layout(config, context: int, dtype: str | None = None) -> list[LayerKV]:
@@ -106,21 +96,17 @@ def kv_layout(config, context: int, dtype: str | None = None) -> list[LayerKV]:
     else:
         layers = _teacher_layers(config)
         spec = layers[0]["spec"]
+    from ..surgery.api import target_of_kind
+
     out = []
     for i, layer in enumerate(layers):
-        kind = layer["kind"]
-        kvh, d = spec["num_kv_heads"], spec["head_dim"]
-        if kind == "mla":
-            values = float(layer["kv_lora_rank"] + layer["qk_rope_head_dim"])
-            label = "mla"
-        elif kind == "gateswa":
-            window = layer["window"] if layer["layer_type"] == "sliding" else None
-            values = _dense_values(kvh, d, window, layer.get("sink", 0), context)
-            label = f"gateswa-{layer['layer_type']}"
-        else:
+        if layer["kind"] == "dense":  # the teacher's own attention
             window = layer.get("window")
-            values = _dense_values(kvh, d, window, layer.get("sink", 0), context)
+            values = _dense_values(spec["num_kv_heads"], spec["head_dim"], window, layer.get("sink", 0), context)
             label = "dense" if window is None else "dense-sliding"
+        else:
+            target = target_of_kind(layer["kind"])
+            values, label = float(target.cache_values(layer, spec, context)), target.cache_label(layer)
         out.append(LayerKV(i, label, _attention_params(spec, layer), values, values * nbytes))
     return out
 

@@ -1,11 +1,41 @@
 """Writing checkpoints others can load: Hugging Face folders with remote code, and stock formats that
 transformers, vLLM and SGLang load natively (DeepSeek-V3 for MLA; Ministral/Qwen2/Qwen3/Qwen3-MoE with
-per-layer sliding windows for GateSWA without gate or sinks), each with a parity check (``check.py``)."""
+per-layer sliding windows for GateSWA without gate or sinks; an outside target's own), each with a parity
+check (``check.py``)."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..schema import REQUIRED, require, setting
 from .hf import AUTO_MAP, save_edited
+
+
+class _FormatNames(Sequence):
+    """The format names: attnedit's own and those of registered outside targets (read when used)."""
+
+    def _names(self) -> list[str]:
+        return list(all_formats())
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
+def all_formats() -> dict[str, str]:
+    """Every export format with its one-line description (built-in ones, then outside targets')."""
+    from ..surgery.api import TARGETS, get_target
+
+    out = dict(FORMATS)
+    for name in TARGETS:
+        for fmt, text in get_target(name).exports.items():
+            out.setdefault(fmt, text)
+    return out
+
 
 FORMATS = {
     "stock": "the model's stock format: deepseek_v3 for MLA, the family's sliding-window format for GateSWA",
@@ -22,7 +52,7 @@ FORMATS = {
 class ExportSettings:
     """What ``attnedit export`` writes and how it checks it (its flags)."""
 
-    format: str = setting(REQUIRED, "target format (see below)", tuple(FORMATS))
+    format: str = setting(REQUIRED, "target format (see below)", _FormatNames())
     check: bool = setting(
         True, "reload the export and compare with the model (default: on; float32 on the CPU, so a few seconds for "
         "135M parameters and minutes and 4 bytes/parameter of RAM for billions)",
@@ -33,4 +63,4 @@ class ExportSettings:
         require(self, [(self.check_context is None or self.check_context >= 2, "check_context", "must be at least 2 tokens")])
 
 
-__all__ = ["AUTO_MAP", "FORMATS", "ExportSettings", "save_edited"]
+__all__ = ["AUTO_MAP", "FORMATS", "ExportSettings", "all_formats", "save_edited"]

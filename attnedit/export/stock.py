@@ -71,7 +71,11 @@ _DROPPED = ("architectures", "model_type", "transformers_version", "auto_map", "
 
 
 def model_target(model) -> str:
-    """``mla``, ``gateswa`` or ``dense`` (nothing edited): what the model's layers were converted to."""
+    """``mla``, ``gateswa``, ``gqa`` (an outside target's name) or ``dense`` (nothing edited): what the model's
+    layers were converted to."""
+    target = (getattr(model.config, "edit", None) or {}).get("target")
+    if target and target != "none":
+        return target
     kinds = {x["kind"] for x in model.config.layer_attention}
     return "mla" if "mla" in kinds else "gateswa" if "gateswa" in kinds else "dense"
 

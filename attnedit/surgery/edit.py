@@ -14,9 +14,8 @@ import torch.nn as nn
 from ..errors import AttnEditError
 from ..families import family_for
 from ..families.hooks import watch
-from ..targets import AttnEditConfig, AttnEditForCausalLM, GateSWAAttention, MLAAttention
-from .init import gateswa_from_teacher, random_init
-from .mla_init import collect_stats, plan_mla_init, write_mla
+from ..targets import AttnEditConfig, AttnEditForCausalLM
+from .api import attention_code, get_target
 from .settings import TargetSettings, parse_settings, plan_layers
 
 
@@ -33,6 +32,10 @@ def _config(teacher_config, layer_attention: list[dict], edit: dict, drop: tuple
     base = teacher_config.to_dict()
     for key in ("auto_map", "quantization_config", "_name_or_path", *drop):
         base.pop(key, None)
+    target = edit.get("target")
+    extra = {}
+    if target not in (None, "none") and attention_code(get_target(target)):
+        extra["attention_code"] = attention_code(get_target(target))
     return AttnEditConfig(
         base_config=base,
         teacher_attention=family.attention_spec(teacher_config),
@@ -40,6 +43,7 @@ def _config(teacher_config, layer_attention: list[dict], edit: dict, drop: tuple
         family=family.name,
         edit=edit,
         architectures=["AttnEditForCausalLM"],
+        **extra,
     )
 
 
@@ -105,32 +109,27 @@ def edit_model(
     device = next(teacher.parameters()).device
     dtype = next(teacher.parameters()).dtype
     family = family_for(teacher.config)
+    chosen = get_target(target)
     edited = config.edit["edited_layers"]
-    stats, factors = {}, {}
-    if settings.init == "teacher" and target == "mla":
+    prepared = {}
+    if settings.init == "teacher" and chosen.calibrated:  # before the student exists: it may set per-layer shapes
         ids = calibration_ids if calibration_ids is not None else default_calibration_ids(teacher, seed=settings.seed)
-        stats = collect_stats(teacher, edited, ids)
-        factors, ranks = plan_mla_init(teacher, stats, config.layer_attention, settings.rank_allocation, ids)
-        for i, r in ranks.items():
-            config.layer_attention[i]["kv_lora_rank"] = r
+        prepared = chosen.calibrate(teacher, edited, ids, config, settings)
     with torch.device("meta"):
         student = AttnEditForCausalLM(config)
     _share_backbone(student, teacher)
     torch.manual_seed(settings.seed)
+    std = config.base_config.get("initializer_range", 0.02)
     for i, layer in enumerate(family.layers(student)):
         attn = layer.self_attn.to_empty(device=device).to(dtype)
         t_attn = family.attention(teacher, i)
-        if isinstance(attn, (MLAAttention, GateSWAAttention)):
-            if settings.init == "random":
-                random_init(attn, config.base_config.get("initializer_range", 0.02))
-                if isinstance(attn, GateSWAAttention) and attn.g_proj is not None:
-                    attn.g_proj.bias.data.fill_(config.layer_attention[i]["gate_bias"])
-            elif isinstance(attn, MLAAttention):
-                write_mla(attn, t_attn, factors[i], stats[i], config.teacher_attention)
-            else:
-                gateswa_from_teacher(attn, t_attn, config.layer_attention[i]["gate_bias"])
-        else:  # unedited: share the teacher's projections
+        plan = config.layer_attention[i]
+        if i not in edited:  # unedited: share the teacher's projections
             _share_projections(attn, t_attn)
+        elif settings.init == "random":
+            chosen.init_random(attn, plan, std)
+        else:
+            chosen.init_from_teacher(attn, t_attn, plan, config.teacher_attention, prepared.get(i), settings)
     _check_initialised(student)
     student.generation_config = teacher.generation_config
     return student.eval()

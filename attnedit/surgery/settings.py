@@ -1,7 +1,8 @@
 """Typed settings of each target, their defaults from the teacher's shapes, and their validation.
 
 ``attnedit edit --set key=value`` and a recipe's ``target_args`` fill the same dataclasses. Every
-field has a one-line help (``metadata['help']``) that ``--help``/``--explain`` print.
+field has a one-line help (``metadata['help']``) that ``--help``/``--explain`` print. Which targets exist
+and how each plans its layers is the target registry's (``api.py``): ``TARGETS`` and ``SETTINGS`` read it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import AttnEditError
 from ..schema import coerce
-
-TARGETS = ("mla", "gateswa")
+from .api import SETTINGS, TARGETS, LayerPlan, get_target  # noqa: F401 - SETTINGS, TARGETS: the registry's, re-exported
 
 
 def _help(text: str, default=None):
@@ -63,9 +63,6 @@ class GateSWASettings(TargetSettings):
     gate_init: float = _help("initial gate value sigmoid(bias), in (0, 1): near 1 = open", 0.98)
 
 
-SETTINGS = {"mla": MLASettings, "gateswa": GateSWASettings}
-
-
 def field_help(cls) -> list[tuple[str, str, object]]:
     return [(f.name, f.metadata.get("help", ""), f.default) for f in dataclasses.fields(cls)]
 
@@ -77,9 +74,7 @@ def field_types(cls) -> dict:
 
 def parse_settings(target: str, args: dict | None) -> TargetSettings:
     """Build the settings of ``target`` from a dict of overrides; unknown keys are an error."""
-    if target not in SETTINGS:
-        raise AttnEditError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
-    cls = SETTINGS[target]
+    cls = get_target(target).settings
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in (args or {}).items():
@@ -128,13 +123,15 @@ def _round_to(x: float, m: int) -> int:
     return max(m, int(round(x / m)) * m)
 
 
-def teacher_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
+def teacher_theta(config, rope: dict | None = None) -> float:
+    """The RoPE base of the teacher (``rope``: one layer's parameters, where they differ per layer)."""
+    params = rope if rope is not None else (getattr(config, "rope_parameters", None) or {})
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def plan_mla(s: MLASettings, spec: dict, config) -> dict:
-    """Fill MLA defaults from the teacher's shapes and reject impossible ones."""
+def plan_mla(s: MLASettings, spec: dict, config, layer_rope: dict | None = None) -> dict:
+    """Fill MLA defaults from the teacher's shapes and reject impossible ones (``layer_rope``: the layer's RoPE
+    parameters, for teachers whose RoPE base differs per layer)."""
     d, kvh, heads, hidden = spec["head_dim"], spec["num_kv_heads"], spec["num_heads"], spec["hidden_size"]
     rope = s.qk_rope_head_dim if s.qk_rope_head_dim is not None else max(2, d // 2 - (d // 2) % 2)
     nope = s.qk_nope_head_dim if s.qk_nope_head_dim is not None else d - rope
@@ -170,7 +167,7 @@ def plan_mla(s: MLASettings, spec: dict, config) -> dict:
             f"init=teacher for MLA needs qk_nope_head_dim + qk_rope_head_dim = head_dim ({d}) and "
             f"v_head_dim = {d}; got {nope}+{rope} and {v}; use these dims or init=random"
         )
-    theta = s.rope_theta if s.rope_theta is not None else teacher_theta(config) ** (rope / d)
+    theta = s.rope_theta if s.rope_theta is not None else teacher_theta(config, layer_rope) ** (rope / d)
     if not math.isfinite(theta) or theta <= 1.0:
         raise AttnEditError(f"rope_theta={theta}: must be a finite number > 1")
     if rank + rope > 2 * kvh * d:
@@ -245,7 +242,9 @@ def full_layer_indices(full_layers, n_layers: int) -> list[int]:
 
 
 def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[list[dict], list[int]]:
-    """Per-layer attention descriptions for an edited model, and the indices of the edited layers."""
+    """Per-layer attention descriptions for an edited model, and the indices of the edited layers: the
+    target's :meth:`~attnedit.surgery.api.Target.plan_layer` for edited layers, the teacher's attention
+    (with its own window) for the others."""
     if settings.init not in ("random", "teacher"):
         raise AttnEditError(f"init={settings.init!r}: choose random or teacher")
     n = config.num_hidden_layers
@@ -253,13 +252,13 @@ def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[
     edited = parse_layer_list(settings.layers, n, "layers")
     if not edited:
         raise AttnEditError("layers selects no layer; use 'all' or indices like '0-11'")
-    full = set(full_layer_indices(settings.full_layers, n)) if target == "gateswa" else set()
+    chosen = get_target(target)
+    chosen.check(settings, spec, config)
     plan = []
     for i in range(n):
+        window = family.window(config, i)
         if i not in edited:
-            plan.append({"kind": "dense", "window": family.window(config, i)})
-        elif target == "mla":
-            plan.append(plan_mla(settings, spec, config))
+            plan.append({"kind": "dense", "window": window})
         else:
-            plan.append(plan_gateswa(settings, spec, config, i, full))
+            plan.append(chosen.plan_layer(settings, LayerPlan(i, n, spec, config, window, dict(getattr(config, "rope_parameters", None) or {}))))
     return plan, edited

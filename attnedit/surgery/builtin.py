@@ -1,0 +1,164 @@
+"""The built-in targets as :class:`~attnedit.surgery.api.Target` s: MLA and GateSWA (their settings, plans and
+initialisations live in ``settings.py`` and ``init.py``, their exports in ``attnedit/export``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..export import FORMATS
+from ..targets import GateSWAAttention, MLAAttention
+from ..targets.common import head_scale
+from .api import LayerPlan, Target, register_target
+from .init import gateswa_from_teacher, random_init, set_gate
+from .mla_init import collect_stats, plan_mla_init, write_mla
+from .settings import (
+    GateSWASettings,
+    MLASettings,
+    full_layer_indices,
+    plan_gateswa,
+    plan_mla,
+)
+
+
+def dense_values(kv_heads: int, head_dim: int, window: int | None, sink: int, context: int) -> float:
+    """Cached values per token of a K/V cache at ``context`` tokens: every token, or a window (+ sinks)'s worth."""
+    full = 2 * kv_heads * head_dim
+    return float(full) if window is None else full * min(window + sink, context) / context
+
+
+def dense_parameters(spec: dict, kv_heads: int | None = None) -> int:
+    """Parameters of a teacher-shaped attention (q/k/v/o, biases, QK-norm) with ``kv_heads`` KV heads."""
+    h, heads, d = spec["hidden_size"], spec["num_heads"], spec["head_dim"]
+    kvh = spec["num_kv_heads"] if kv_heads is None else kv_heads
+    n = h * heads * d + 2 * h * kvh * d + heads * d * h
+    if spec["qkv_bias"]:
+        n += heads * d + 2 * kvh * d
+    if spec["o_bias"]:
+        n += h
+    if spec["qk_norm"] == "projection":
+        n += heads * d + kvh * d
+    elif spec["qk_norm"]:
+        n += 2 * d
+    return n
+
+
+class MLATarget(Target):
+    name = "mla"
+    settings = MLASettings
+    attention = MLAAttention
+    calibrated = True  # the teacher's activations shape the factorisation (mla_init.py)
+    help = "multi-head latent attention (DeepSeek-V2/V3): caches one low-rank latent and a shared RoPE key per token"
+    exports: ClassVar[dict] = {"deepseek_v3": FORMATS["deepseek_v3"]}
+
+    def plan_layer(self, settings: MLASettings, layer: LayerPlan) -> dict:
+        out = plan_mla(settings, layer.spec, layer.config, layer.rope)
+        if layer.window is not None:  # the teacher's sliding layer stays windowed: a ring of latents
+            out.update(window=layer.window, sink=0)
+        return out
+
+    def cache_values(self, layer: dict, spec: dict, context: int) -> float:
+        values = layer["kv_lora_rank"] + layer["qk_rope_head_dim"]
+        window = layer.get("window")
+        return float(values) if window is None else values * min(window + layer.get("sink", 0), context) / context
+
+    def cache_label(self, layer: dict) -> str:
+        return "mla" if layer.get("window") is None else "mla-sliding"
+
+    def parameters(self, layer: dict, spec: dict) -> int:
+        h, heads = spec["hidden_size"], spec["num_heads"]
+        qk = layer["qk_nope_head_dim"] + layer["qk_rope_head_dim"]
+        r, rope, v = layer["kv_lora_rank"], layer["qk_rope_head_dim"], layer["v_head_dim"]
+        q = h * heads * qk if layer.get("q_lora_rank") is None else layer["q_lora_rank"] * (h + 1 + heads * qk)
+        return q + h * (r + rope) + r + r * heads * (layer["qk_nope_head_dim"] + v) + heads * v * h
+
+    def calibrate(self, teacher, layers: list[int], ids, config, settings) -> dict:
+        """Second moments of each layer's inputs, the factorisation they give, and (``rank_allocation: auto``) each
+        layer's share of the total latent width, written into ``config.layer_attention``."""
+        stats = collect_stats(teacher, layers, ids)
+        factors, ranks = plan_mla_init(teacher, stats, config.layer_attention, settings.rank_allocation, ids)
+        for i, r in ranks.items():
+            config.layer_attention[i]["kv_lora_rank"] = r
+        return {i: (factors[i], stats[i]) for i in layers}
+
+    def init_from_teacher(self, attn, teacher, layer: dict, spec: dict, inputs, settings) -> None:
+        factors, stats = inputs
+        write_mla(attn, teacher, factors, stats, spec)
+        fold_query_scale(attn, spec)
+
+    def stock_format(self, model) -> str:
+        return "deepseek_v3"
+
+    def export(self, model, fmt: str, out, tokenizer=None, overwrite: bool = False):
+        from ..export.deepseek import export_deepseek_v3
+
+        return export_deepseek_v3(model, out, tokenizer, overwrite=overwrite)
+
+
+@torch.no_grad()
+def fold_query_scale(attn: MLAAttention, spec: dict) -> None:
+    """A teacher whose softmax scale is not ``head_dim ** -0.5`` (Gemma's ``query_pre_attn_scalar``, Granite's
+    ``attention_multiplier``): MLA keeps DeepSeek's ``1 / sqrt(qk_head_dim)`` (stock exports stay exact) and the
+    ratio goes into the query's last projection, which scales every score alike."""
+    if spec.get("scaling") is None:
+        return
+    ratio = spec["scaling"] / head_scale(attn.qk_head_dim)
+    last = attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj
+    last.weight.mul_(ratio)
+    if last.bias is not None:
+        last.bias.mul_(ratio)
+
+
+class GateSWATarget(Target):
+    name = "gateswa"
+    settings = GateSWASettings
+    attention = GateSWAAttention
+    help = "gated hybrid sliding-window attention: most layers keep a window of recent tokens, a few stay full"
+    exports: ClassVar[dict] = {k: FORMATS[k] for k in ("ministral", "qwen2", "qwen3", "qwen3_moe")}
+
+    def plan_layer(self, settings: GateSWASettings, layer: LayerPlan) -> dict:
+        full = set(full_layer_indices(settings.full_layers, layer.n_layers))
+        out = plan_gateswa(settings, layer.spec, layer.config, layer.index, full)
+        if layer.window is not None and (out["layer_type"] == "full" or layer.window <= out["window"]):
+            # the teacher slides here already: its own window, never widened, without sinks (it had none)
+            out.update(layer_type="sliding", window=layer.window, sink=0)
+        return out
+
+    def cache_values(self, layer: dict, spec: dict, context: int) -> float:
+        window = layer["window"] if layer["layer_type"] == "sliding" else None
+        return dense_values(spec["num_kv_heads"], spec["head_dim"], window, layer.get("sink", 0), context)
+
+    def cache_label(self, layer: dict) -> str:
+        return f"gateswa-{layer['layer_type']}"
+
+    def parameters(self, layer: dict, spec: dict) -> int:
+        n = dense_parameters(spec)
+        if layer.get("gate") != "none":
+            width = spec["num_heads"] * spec["head_dim"] if layer["gate"] == "elementwise" else spec["num_heads"]
+            n += spec["hidden_size"] * width + width
+        return n
+
+    def init_random(self, attn, layer: dict, std: float) -> None:
+        random_init(attn, std)
+        set_gate(attn, layer["gate_bias"])
+
+    def init_from_teacher(self, attn, teacher, layer: dict, spec: dict, inputs, settings) -> None:
+        gateswa_from_teacher(attn, teacher, layer["gate_bias"])
+
+    def stock_format(self, model) -> str | None:
+        from ..export.stock import DEFAULT_SWA_FORMAT
+
+        return DEFAULT_SWA_FORMAT.get(model.config.family)
+
+    def export(self, model, fmt: str, out, tokenizer=None, overwrite: bool = False):
+        from ..export.stock import export_stock_swa
+
+        return export_stock_swa(model, out, fmt, tokenizer, overwrite=overwrite)
+
+
+register_target(MLATarget())
+register_target(GateSWATarget())
+
+
+__all__ = ["GateSWATarget", "MLATarget", "dense_parameters", "dense_values", "fold_query_scale"]
