@@ -59,10 +59,26 @@ def cache_bytes(config, context: int, dtype: str | None = None) -> CacheBytes:
     return CacheBytes(name, context, sum(x.bytes_per_token for x in kv_layout(config, context, name)))
 
 
-def _dense_values(kvh: int, d: int, window: int | None, sink: int, context: int) -> float:
-    from ..surgery.builtin import dense_values
+def dense_values(kv_heads: int, head_dim: int, window: int | None, sink: int, context: int) -> float:
+    """Cached values per token of a K/V cache at ``context`` tokens: every token, or a window (+ sinks)'s worth."""
+    full = 2 * kv_heads * head_dim
+    return float(full) if window is None else full * min(window + sink, context) / context
 
-    return dense_values(kvh, d, window, sink, context)
+
+def dense_parameters(spec: dict, kv_heads: int | None = None) -> int:
+    """Parameters of a teacher-shaped attention (q/k/v/o, biases, QK-norm) with ``kv_heads`` KV heads."""
+    h, heads, d = spec["hidden_size"], spec["num_heads"], spec["head_dim"]
+    kvh = spec["num_kv_heads"] if kv_heads is None else kv_heads
+    n = h * heads * d + 2 * h * kvh * d + heads * d * h
+    if spec["qkv_bias"]:
+        n += heads * d + 2 * kvh * d
+    if spec["o_bias"]:
+        n += h
+    if spec["qk_norm"] == "projection":
+        n += heads * d + kvh * d
+    elif spec["qk_norm"]:
+        n += 2 * d
+    return n
 
 
 def _teacher_layers(config) -> list[dict]:
@@ -78,7 +94,6 @@ def _teacher_layers(config) -> list[dict]:
 
 def _attention_params(spec: dict, layer: dict) -> int:
     from ..surgery.api import target_of_kind
-    from ..surgery.builtin import dense_parameters
 
     if layer["kind"] == "dense":
         return dense_parameters(spec)
@@ -102,7 +117,7 @@ def kv_layout(config, context: int, dtype: str | None = None) -> list[LayerKV]:
     for i, layer in enumerate(layers):
         if layer["kind"] == "dense":  # the teacher's own attention
             window = layer.get("window")
-            values = _dense_values(spec["num_kv_heads"], spec["head_dim"], window, layer.get("sink", 0), context)
+            values = dense_values(spec["num_kv_heads"], spec["head_dim"], window, layer.get("sink", 0), context)
             label = "dense" if window is None else "dense-sliding"
         else:
             target = target_of_kind(layer["kind"])

@@ -123,18 +123,18 @@ def _layer_tensors(layer) -> list[torch.Tensor]:
 
 
 def designed_layer(config, i: int, tokens: int, batch: int, nbytes: int) -> tuple[str, int, int, int]:
-    """(kind, tokens kept, designed bytes, teacher bytes) for layer ``i`` of an attnedit config."""
+    """(kind, tokens kept, designed bytes, teacher bytes) for layer ``i`` of an attnedit config; the bytes are
+    ``eval/kv.py``'s figures (the layer's target's analytic size) at ``tokens`` tokens."""
+    from ..eval.kv import kv_layout
+
     spec = config.teacher_attention
     layer = config.layer_attention[i]
-    gqa = 2 * spec["num_kv_heads"] * spec["head_dim"]
-    teacher = tokens * gqa * batch * nbytes
-    if layer["kind"] == "mla":
-        return "mla", tokens, tokens * (layer["kv_lora_rank"] + layer["qk_rope_head_dim"]) * batch * nbytes, teacher
-    sliding = layer["kind"] == "dense" and layer.get("window") is not None or layer.get("layer_type") == "sliding"
-    if not sliding:
-        return "full", tokens, teacher, teacher
-    kept = min(tokens, int(layer["window"]) + int(layer.get("sink", 0) or 0))
-    return "sliding", kept, kept * gqa * batch * nbytes, teacher
+    teacher = tokens * 2 * spec["num_kv_heads"] * spec["head_dim"] * batch * nbytes
+    designed = round(kv_layout(config, tokens)[i].values_per_token * tokens) * batch * nbytes
+    sliding = layer.get("window") is not None and layer.get("layer_type", "sliding") == "sliding"
+    kept = min(tokens, int(layer["window"]) + int(layer.get("sink", 0) or 0)) if sliding else tokens
+    kind = "mla" if layer["kind"] == "mla" else "sliding" if sliding else "full"
+    return kind, kept, designed, teacher
 
 
 def default_context(model) -> int:

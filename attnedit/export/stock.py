@@ -24,6 +24,9 @@ qwen3_moe     qwen3_moe               one ``sliding_window`` for *every* layer (
 
 ``layer_types`` is always written explicitly (never derived from Qwen's ``max_window_layers``, which
 counts the layers that do *not* slide).
+
+GQA models (fewer KV heads) are the teacher's own architecture: :func:`export_teacher_format` writes the
+teacher's config with the smaller ``num_key_value_heads`` (format ``teacher``), for any family.
 """
 
 from __future__ import annotations
@@ -178,3 +181,63 @@ def export_stock_swa(model, out_dir: str | os.PathLike, fmt: str | None = None, 
     config_cls, model_cls = (getattr(transformers, n) for n in STOCK_CLASSES[fmt])
     state = stock_swa_state_dict(model, fmt, config)
     return write_stock(model, model_cls, config_cls(**config), state, out_dir, tokenizer, overwrite)
+
+
+def teacher_format_config(model) -> dict:
+    """The teacher's own config (a dict for its config class) with the GQA model's ``num_key_value_heads``,
+    or a one-line error saying what prevents a stock checkpoint."""
+    cfg = model.config
+    heads = {x.get("num_kv_heads") if x["kind"] == "gqa" else cfg.teacher_attention["num_kv_heads"] for x in cfg.layer_attention}
+    other = sorted({x["kind"] for x in cfg.layer_attention} - {"gqa", "dense"})
+    if other:
+        raise AttnEditError(f"format teacher writes GQA models (fewer KV heads); this model has {other[0]} layers: export --format hf")
+    if len(heads) > 1:
+        raise AttnEditError(
+            f"a stock checkpoint has one num_key_value_heads for every layer; this model's layers have {sorted(heads)} "
+            "(convert every layer: layers=all), or export --format hf"
+        )
+    windows = [x.get("window") for x in cfg.layer_attention]
+    family = _family(cfg)
+    if windows != [family.window(_teacher_config(cfg), i) for i in range(len(windows))]:
+        raise AttnEditError("this model's sliding windows are not the teacher's: export --format hf")
+    out = {k: v for k, v in cfg.base_config.items() if k not in ("architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")}
+    out["num_key_value_heads"] = heads.pop()
+    out["tie_word_embeddings"] = bool(cfg.tie_word_embeddings)
+    return out
+
+
+def _family(cfg):
+    from ..families import FAMILIES
+
+    return FAMILIES[cfg.family]
+
+
+def _teacher_config(cfg):
+    from ..targets.modeling_attnedit import base_config_object
+
+    return base_config_object(cfg.base_config)
+
+
+def export_teacher_format(model, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a GQA model as a stock checkpoint of its teacher's model type with fewer KV heads (no remote code).
+    A fused q/k/v teacher (Phi-3) gets its ``qkv_proj`` back."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = teacher_format_config(model)
+    stock_config = AutoConfig.for_model(**config)
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(stock_config)]
+    state = {}
+    for name, t in model.state_dict().items():
+        if config["tie_word_embeddings"] and name == "lm_head.weight":
+            continue
+        state[name] = t.detach().cpu().contiguous()
+    fused = getattr(_family(model.config), "fused_qkv", None)
+    if fused:
+        for i in range(model.config.num_hidden_layers):
+            prefix = f"model.layers.{i}.self_attn."
+            for kind in ("weight", "bias"):
+                parts = [state.pop(f"{prefix}{p}.{kind}", None) for p in ("q_proj", "k_proj", "v_proj")]
+                if parts[0] is not None:
+                    state[f"{prefix}{fused}.{kind}"] = torch.cat(parts)
+    return write_stock(model, model_cls, stock_config, state, out_dir, tokenizer, overwrite)

@@ -28,7 +28,7 @@ def edit(recipe: Recipe, device: torch.device, run_dir: Path, parallel: Parallel
     and that measurement (None without ``auto:K``).
     """
     from ..data import resolve_tokenizer
-    from ..surgery import edit_model
+    from ..surgery import edit_model, get_target
     from ..surgery.sensitivity import resolve_auto_full_layers
     from ..teachers import load_model
 
@@ -37,7 +37,7 @@ def edit(recipe: Recipe, device: torch.device, run_dir: Path, parallel: Parallel
     tokenizer = resolve_tokenizer(recipe.data, teacher_tok, teacher.config.vocab_size)
     teacher.requires_grad_(False)
     calib = None
-    if recipe.target == "mla" and recipe.target_args.get("init") == "teacher":
+    if get_target(recipe.target).calibrated and recipe.target_args.get("init") == "teacher":  # e.g. MLA's factorisation
         calib = calibration_ids(recipe, tokenizer, teacher.config.hidden_size)
     target_args = recipe.target_args
     if recipe.target == "gateswa":

@@ -171,7 +171,7 @@ def _load() -> None:
     _LOADED = True
     from importlib.metadata import entry_points
 
-    from . import builtin  # noqa: F401 - registers mla, gateswa
+    from . import builtin  # noqa: F401 - registers mla, gateswa, gqa
 
     for ep in entry_points(group="attnedit.targets"):
         try:

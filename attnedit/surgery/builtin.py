@@ -1,5 +1,6 @@
 """The built-in targets as :class:`~attnedit.surgery.api.Target` s: MLA and GateSWA (their settings, plans and
-initialisations live in ``settings.py`` and ``init.py``, their exports in ``attnedit/export``)."""
+initialisations live in ``settings.py`` and ``init.py``, their exports in ``attnedit/export``), and GQA head
+reduction (``gqa.py``, a target written in one module through the API)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import ClassVar
 
 import torch
 
+from ..eval.kv import dense_parameters, dense_values
 from ..export import FORMATS
 from ..targets import GateSWAAttention, MLAAttention
 from ..targets.common import head_scale
 from .api import LayerPlan, Target, register_target
+from .gqa import GQATarget
 from .init import gateswa_from_teacher, random_init, set_gate
 from .mla_init import collect_stats, plan_mla_init, write_mla
 from .settings import (
@@ -20,28 +23,6 @@ from .settings import (
     plan_gateswa,
     plan_mla,
 )
-
-
-def dense_values(kv_heads: int, head_dim: int, window: int | None, sink: int, context: int) -> float:
-    """Cached values per token of a K/V cache at ``context`` tokens: every token, or a window (+ sinks)'s worth."""
-    full = 2 * kv_heads * head_dim
-    return float(full) if window is None else full * min(window + sink, context) / context
-
-
-def dense_parameters(spec: dict, kv_heads: int | None = None) -> int:
-    """Parameters of a teacher-shaped attention (q/k/v/o, biases, QK-norm) with ``kv_heads`` KV heads."""
-    h, heads, d = spec["hidden_size"], spec["num_heads"], spec["head_dim"]
-    kvh = spec["num_kv_heads"] if kv_heads is None else kv_heads
-    n = h * heads * d + 2 * h * kvh * d + heads * d * h
-    if spec["qkv_bias"]:
-        n += heads * d + 2 * kvh * d
-    if spec["o_bias"]:
-        n += h
-    if spec["qk_norm"] == "projection":
-        n += heads * d + kvh * d
-    elif spec["qk_norm"]:
-        n += 2 * d
-    return n
 
 
 class MLATarget(Target):
@@ -159,6 +140,6 @@ class GateSWATarget(Target):
 
 register_target(MLATarget())
 register_target(GateSWATarget())
+register_target(GQATarget())
 
-
-__all__ = ["GateSWATarget", "MLATarget", "dense_parameters", "dense_values", "fold_query_scale"]
+__all__ = ["GateSWATarget", "MLATarget", "fold_query_scale"]
