@@ -72,6 +72,35 @@ def test_fused_kd_loss_matches_the_reference_values_and_gradients_in_float64(tem
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("transform", [(1.7, None), (1.0, 2.5), (0.8, 1.5)])
+def test_fused_kd_loss_follows_the_families_logit_transform(transform):
+    """Granite divides its logits, Gemma soft-caps them: the fused loss's values and gradients must be those of
+    the transformed logits (the reference applies the transform inside autograd)."""
+    divisor, cap = transform
+    head_s, head_t = _heads(bias=True)
+    head_t.requires_grad_(False)
+
+    def capped(head):
+        def call(h):
+            z = head(h) / divisor
+            return torch.tanh(z / cap) * cap if cap else z
+
+        return call
+
+    h_s = torch.randn(3, 11, 12, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(3, 11, 12, dtype=torch.float64)
+    ids = torch.randint(0, 37, (3, 11))
+    results = []
+    for fn, kw in ((stage2.kd_terms, {"transform": transform}), (reference_kd_terms, {})):
+        h_s.grad = None
+        heads = (head_s, head_t) if kw else (capped(head_s), capped(head_t))
+        kl, ce, ce_t = fn(h_s, h_t, ids, *heads, 1.5, 5, **kw)
+        (0.6 * kl + 0.4 * ce).backward()
+        results.append((kl.detach(), ce.detach(), ce_t.detach(), h_s.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_kd_loss_passes_gradcheck():
     head_s, head_t = _heads(vocab=9, dim=4, bias=True)
     head_t.requires_grad_(False)

@@ -1,4 +1,8 @@
-"""Tiny random teachers of every supported family, for fast CPU tests."""
+"""Tiny random teachers of every supported family, for fast CPU tests.
+
+``FAMILY_BUILDERS``: the pre-norm families every target test runs on; ``MORE_FAMILIES``: the families whose own
+decoder layer runs around the new attention (``tests/test_families.py`` holds their contract), each with the
+features that make it differ (sliding layers, soft-capping, score scales, per-layer RoPE, multipliers)."""
 
 from __future__ import annotations
 
@@ -41,11 +45,45 @@ FAMILY_BUILDERS = {
 }
 FAMILY_NAMES = list(FAMILY_BUILDERS)
 
+_ALTERNATE = ["sliding_attention", "full_attention"] * 2  # 4 layers: two slide over 6 tokens
+
+
+def _build(config_cls: str, model_cls: str, **kwargs):
+    import transformers
+
+    args = {**COMMON, **kwargs}
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**args))
+
+
+MORE_FAMILIES = {
+    "gemma2": lambda: _build(
+        "Gemma2Config", "Gemma2ForCausalLM", head_dim=16, query_pre_attn_scalar=24, sliding_window=6, layer_types=_ALTERNATE,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+    ),
+    "gemma3": lambda: _build(
+        "Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, query_pre_attn_scalar=24, sliding_window=6, layer_types=_ALTERNATE,
+        final_logit_softcapping=3.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+    ),
+    "phi3": lambda: _build("Phi3Config", "Phi3ForCausalLM", sliding_window=None),
+    "olmo2": lambda: _build("Olmo2Config", "Olmo2ForCausalLM"),
+    "olmo3": lambda: _build("Olmo3Config", "Olmo3ForCausalLM", sliding_window=6, layer_types=_ALTERNATE),
+    "granite": lambda: _build(
+        "GraniteConfig", "GraniteForCausalLM", embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.7
+    ),
+    "ministral": lambda: _build("MinistralConfig", "MinistralForCausalLM", head_dim=16, sliding_window=6, layer_types=_ALTERNATE),
+    "arcee": lambda: _build("ArceeConfig", "ArceeForCausalLM"),
+    "seed_oss": lambda: _build("SeedOssConfig", "SeedOssForCausalLM", head_dim=16, attention_bias=True, attention_out_bias=True),
+    "apertus": lambda: _build("ApertusConfig", "ApertusForCausalLM", rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}  # fmt: skip
+MORE_FAMILY_NAMES = list(MORE_FAMILIES)
+
 
 def tiny_teacher(family: str = "llama", seed: int = 0):
     """A randomly initialised teacher; biases (qwen2) and norms get non-trivial values."""
     torch.manual_seed(seed)
-    model = FAMILY_BUILDERS[family]().eval()
+    model = {**FAMILY_BUILDERS, **MORE_FAMILIES}[family]().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -1,6 +1,6 @@
 """Writing checkpoints others can load: Hugging Face folders with remote code, and stock formats that
-transformers, vLLM and SGLang load natively (DeepSeek-V3 for MLA; Ministral/Qwen2/Qwen3/Qwen3-MoE with
-per-layer sliding windows for GateSWA without gate or sinks; the teacher's own architecture with fewer KV
+transformers, vLLM and SGLang load natively (DeepSeek-V3 for MLA; Ministral/Qwen2/Qwen3/Qwen3-MoE/Gemma/OLMo 3
+with per-layer sliding windows for GateSWA without gate or sinks; the teacher's own architecture with fewer KV
 heads for GQA), each with a parity check (``check.py``)."""
 
 from collections.abc import Sequence
@@ -44,6 +44,9 @@ FORMATS = {
     "qwen2": "GateSWA with gate=none, sink=0, Qwen2 (or Llama/Mistral, zero q/k/v biases): stock Qwen2 with layer_types",
     "qwen3": "GateSWA with gate=none, sink=0, Qwen3 teachers: stock Qwen3 with layer_types (transformers only)",
     "qwen3_moe": "GateSWA with gate=none, sink=0, full_layers=none, Qwen3-MoE teachers: stock Qwen3-MoE",
+    "gemma2": "GateSWA with gate=none, sink=0, one window, Gemma 2 teachers: stock Gemma 2 with layer_types",
+    "gemma3_text": "GateSWA with gate=none, sink=0, one window, Gemma 3 teachers: stock Gemma 3 (text) with layer_types",
+    "olmo3": "GateSWA with gate=none, sink=0, one window, OLMo 3 teachers: stock OLMo 3 with layer_types",
     "teacher": "GQA models: the teacher's own stock architecture with fewer KV heads (no remote code)",
     "hf": "any model: Hugging Face folder with attnedit's remote code (what convert writes)",
 }

@@ -20,13 +20,16 @@ qwen2         qwen2, llama, mistral   q/k/v biases always present (zeros for Lla
 qwen3         qwen3                   QK-norm; transformers reads ``layer_types``, vLLM/SGLang do not
 qwen3_moe     qwen3_moe               one ``sliding_window`` for *every* layer (no ``layer_types``):
                                       all-sliding (``full_layers=none``) or all-full models only
+gemma2,       gemma2, gemma3, olmo3   the teacher's own config with ``layer_types``; one window for
+gemma3_text,                          every sliding layer (the teacher's, which GateSWA keeps on
+olmo3                                 the layers that slid already)
 ============  ======================  ==========================================================
-
-``layer_types`` is always written explicitly (never derived from Qwen's ``max_window_layers``, which
-counts the layers that do *not* slide).
 
 GQA models (fewer KV heads) are the teacher's own architecture: :func:`export_teacher_format` writes the
 teacher's config with the smaller ``num_key_value_heads`` (format ``teacher``), for any family.
+
+``layer_types`` is always written explicitly (never derived from Qwen's ``max_window_layers``, which
+counts the layers that do *not* slide).
 """
 
 from __future__ import annotations
@@ -40,17 +43,33 @@ from ..errors import AttnEditError
 from .write import write_stock
 
 SWA_FORMATS: dict[str, tuple[str, ...]] = {
-    "ministral": ("llama", "mistral"),
+    "ministral": ("llama", "mistral", "ministral"),
     "qwen2": ("qwen2", "llama", "mistral"),
     "qwen3": ("qwen3",),
     "qwen3_moe": ("qwen3_moe",),
+    "gemma2": ("gemma2",),
+    "gemma3_text": ("gemma3",),
+    "olmo3": ("olmo3",),
 }
-DEFAULT_SWA_FORMAT = {"llama": "ministral", "mistral": "ministral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
+DEFAULT_SWA_FORMAT = {
+    "llama": "ministral",
+    "mistral": "ministral",
+    "ministral": "ministral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "olmo3": "olmo3",
+}
 STOCK_CLASSES = {
     "ministral": ("MinistralConfig", "MinistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
 }
 # fields a cross-family export carries over from the teacher's config (same-family exports keep them all)
 _CARRIED = (
@@ -130,7 +149,7 @@ def stock_swa_config(model, fmt: str | None = None) -> tuple[str, dict]:
         raise AttnEditError(f"stock {fmt} has no {'MLP' if base.get('mlp_bias') else 'o_proj'} bias; this {family} teacher has one")
     if fmt == "ministral" and spec["qkv_bias"]:
         raise AttnEditError("stock ministral has no q/k/v biases; this teacher has them: export --format qwen2")
-    if family == fmt:  # same family: the teacher's own config, every field exact (QK-norm, MoE, RoPE)
+    if fmt == base.get("model_type"):  # same family: the teacher's own config, every field exact (QK-norm, MoE, RoPE)
         out = {k: v for k, v in base.items() if k not in _DROPPED}
     else:
         out = {k: base[k] for k in _CARRIED if k in base}

@@ -57,16 +57,38 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def logit_transform(model) -> tuple[float, float | None]:
+    """The teacher family's logit post-processing, as the edited model applies it (``scale_logits``): a divisor
+    (Granite's ``logits_scaling``) and a soft cap (Gemma's ``final_logit_softcapping``); (1.0, None) for most."""
+    backbone = getattr(model.config, "backbone", None) or {}
+    return float(backbone.get("logits_scaling", 1.0)), backbone.get("final_logit_softcapping")
+
+
+def _transformed(z: torch.Tensor, transform) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits after :func:`logit_transform`'s ``(divisor, cap)`` and the derivative of the result w.r.t. ``z``."""
+    divisor, cap = transform
+    z = z / divisor if divisor != 1.0 else z
+    if not cap:
+        return z, None if divisor == 1.0 else torch.full((), 1.0 / divisor, dtype=z.dtype, device=z.device)
+    t = torch.tanh(z / cap)
+    return t * cap, (1 - t * t) / divisor
+
+
 def kd_chunk(hs, ht, weight, bias, weight_t, bias_t, labels, valid, n_labels, temperature: float, n: int,
-             acc: torch.dtype, out_dtype: torch.dtype, want_ce: bool, want_kl: bool):
+             acc: torch.dtype, out_dtype: torch.dtype, want_ce: bool, want_kl: bool, transform=(1.0, None)):
     """One chunk of the KD loss from its hidden states: the student and teacher logits over the LM heads, the
     KL, student-CE and teacher-CE sums (``acc`` dtype) and the gradients of the mean KL (``T (p_s - p_t) / n``)
     and mean CE w.r.t. the student logits (``out_dtype``; None when not wanted). Besides the two LM-head
     matmuls, element-wise work over ``chunk x vocab``: ``torch.compile`` fuses it into a few kernels (on the
-    GPU, stage 2's ``compile`` setting), where eager PyTorch makes a dozen passes over the logits."""
+    GPU, stage 2's ``compile`` setting), where eager PyTorch makes a dozen passes over the logits.
+    ``transform``: :func:`logit_transform`'s post-processing of both models' logits (the gradients go through it)."""
     T = temperature
     z_s = F.linear(hs, weight, bias).to(acc)  # the compute-dtype logits are dropped here: one fp32 copy each
     z_t = F.linear(ht, weight_t, bias_t).to(acc)
+    deriv = None
+    if transform[0] != 1.0 or transform[1]:
+        z_s, deriv = _transformed(z_s, transform)
+        z_t, _ = _transformed(z_t, transform)
     rows = labels.clamp_min(0)[:, None]
     lse_s = torch.logsumexp(z_s, -1)
     ce = ((lse_s - z_s.gather(1, rows)[:, 0]) * valid).sum()
@@ -79,10 +101,12 @@ def kd_chunk(hs, ht, weight, bias, weight_t, bias_t, labels, valid, n_labels, te
     if want_ce:
         g = (z_s - lse_s[:, None]).exp_()  # softmax(z_s), in place as the eager path's memory plan assumes
         g.scatter_add_(1, rows, torch.full_like(rows, -1, dtype=g.dtype))
-        dz_ce = g.mul_((valid.to(acc) / n_labels)[:, None]).to(out_dtype)
+        g.mul_((valid.to(acc) / n_labels)[:, None])
+        dz_ce = (g.mul_(deriv) if deriv is not None else g).to(out_dtype)
     del z_s
     if want_kl:
-        dz_kl = logp_s.exp_().sub_(logp_t.exp_()).mul_(T / n).to(out_dtype)
+        dz_kl = logp_s.exp_().sub_(logp_t.exp_()).mul_(T / n)
+        dz_kl = (dz_kl.mul_(deriv) if deriv is not None else dz_kl).to(out_dtype)
     return kl, ce, ce_t, dz_ce, dz_kl
 
 
@@ -98,7 +122,7 @@ class _ChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, weight, bias, h_t, weight_t, bias_t, labels, temperature, chunk, grad_kl, grad_ce, chunk_math):
+    def forward(ctx, h_s, weight, bias, h_t, weight_t, bias_t, labels, temperature, chunk, grad_kl, grad_ce, chunk_math, transform=(1.0, None)):
         n, T = h_s.shape[0], float(temperature)
         valid = labels != -100
         n_labels = valid.sum().clamp_min(1)
@@ -116,7 +140,7 @@ class _ChunkedKD(torch.autograd.Function):
             hs, ht = h_s[s : s + chunk], h_t[s : s + chunk]
             kl_c, ce_c, ce_t_c, dz_ce, dz_kl = chunk_math(
                 hs, ht, weight, bias, weight_t, bias_t, labels[s : s + chunk], valid[s : s + chunk], n_labels, T, n,
-                acc, cdt, "ce" in g_h or "ce" in g_w or "ce" in g_b, "kl" in g_h or "kl" in g_w or "kl" in g_b,
+                acc, cdt, "ce" in g_h or "ce" in g_w or "ce" in g_b, "kl" in g_h or "kl" in g_w or "kl" in g_b, transform,
             )  # fmt: skip
             kl, ce, ce_t = kl + kl_c, ce + ce_c, ce_t + ce_t_c
             for k, g in (("ce", dz_ce), ("kl", dz_kl)):
@@ -145,11 +169,12 @@ class _ChunkedKD(torch.autograd.Function):
             out[name] = term if out[name] is None else out[name] + term
         dt_h, dt_w, dt_b = ctx.dtypes
         cast = lambda t, dt: None if t is None else t.to(dt)  # noqa: E731
-        return cast(out["h"], dt_h), cast(out["w"], dt_w), cast(out["b"], dt_b), *([None] * 9)
+        return cast(out["h"], dt_h), cast(out["w"], dt_w), cast(out["b"], dt_b), *([None] * 10)
 
 
 def kd_terms(
-    h_s, h_t, ids, head_s, head_t, temperature: float, chunk: int, grads: tuple[bool, bool] = (True, True), chunk_math=kd_chunk
+    h_s, h_t, ids, head_s, head_t, temperature: float, chunk: int, grads: tuple[bool, bool] = (True, True), chunk_math=kd_chunk,
+    transform=(1.0, None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean ``T^2 KL`` per token, mean student CE and mean teacher CE over the next tokens, chunk by chunk.
 
@@ -162,7 +187,7 @@ def kd_terms(
     grad_kl, grad_ce = (g and torch.is_grad_enabled() for g in grads)
     return _ChunkedKD.apply(
         hs, head_s.weight, head_s.bias, ht.detach(), head_t.weight.detach(),
-        None if head_t.bias is None else head_t.bias.detach(), labels, temperature, chunk, grad_kl, grad_ce, chunk_math,
+        None if head_t.bias is None else head_t.bias.detach(), labels, temperature, chunk, grad_kl, grad_ce, chunk_math, transform,
     )  # fmt: skip
 
 
@@ -178,11 +203,13 @@ def make_loss(teacher, student, cfg, compile_group: CompileGroup | None = None):
     head_t, features = teacher.get_output_embeddings(), cfg.feature_weight > 0
     grads = (cfg.kl_weight > 0, cfg.ce_weight > 0)
     chunk_math = compile_group.wrap(kd_chunk) if compile_group is not None else kd_chunk
+    transform = logit_transform(student)
 
     def loss_fn(ids: torch.Tensor):
         t_hidden = teacher_hidden(teacher, ids, features)
         s_hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[1:]
-        kl, ce, ce_t = kd_terms(s_hidden[-1], t_hidden[-1], ids, student.lm_head, head_t, cfg.temperature, cfg.kl_chunk, grads, chunk_math)
+        kl, ce, ce_t = kd_terms(s_hidden[-1], t_hidden[-1], ids, student.lm_head, head_t, cfg.temperature, cfg.kl_chunk, grads, chunk_math,
+                                transform)  # fmt: skip
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce
         extras = {"kl": kl.detach(), "ce": ce.detach(), "teacher_ce": ce_t}
         if features:
@@ -205,7 +232,7 @@ def heldout_losses(teacher, student, blocks: torch.Tensor, batch_size: int, chun
         with autocast_ctx():
             t_h = teacher_hidden(teacher, ids, False)[-1]
             s_h = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            kl, ce, ce_t = kd_terms(s_h, t_h, ids, student.lm_head, head_t, 1.0, chunk)
+            kl, ce, ce_t = kd_terms(s_h, t_h, ids, student.lm_head, head_t, 1.0, chunk, transform=logit_transform(student))
         w = ids.shape[0]
         sums["kl"] += kl * w
         sums["student_ce"] += ce * w

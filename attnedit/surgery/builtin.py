@@ -96,7 +96,7 @@ class GateSWATarget(Target):
     settings = GateSWASettings
     attention = GateSWAAttention
     help = "gated hybrid sliding-window attention: most layers keep a window of recent tokens, a few stay full"
-    exports: ClassVar[dict] = {k: FORMATS[k] for k in ("ministral", "qwen2", "qwen3", "qwen3_moe")}
+    exports: ClassVar[dict] = {k: FORMATS[k] for k in ("ministral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "olmo3")}
 
     def plan_layer(self, settings: GateSWASettings, layer: LayerPlan) -> dict:
         full = set(full_layer_indices(settings.full_layers, layer.n_layers))

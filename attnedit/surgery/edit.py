@@ -34,6 +34,8 @@ def _config(teacher_config, layer_attention: list[dict], edit: dict, drop: tuple
         base.pop(key, None)
     target = edit.get("target")
     extra = {}
+    if family.backbone(teacher_config):
+        extra["backbone"] = family.backbone(teacher_config)
     if target not in (None, "none") and attention_code(get_target(target)):
         extra["attention_code"] = attention_code(get_target(target))
     return AttnEditConfig(
@@ -80,7 +82,8 @@ def _share_backbone(student: AttnEditForCausalLM, teacher) -> None:
 
 
 def _share_projections(attn: nn.Module, t_attn: nn.Module) -> None:
-    """An unedited layer's attention uses the teacher's own projection (and QK-norm) modules."""
+    """An unedited layer's attention uses the teacher's own projection (and QK-norm) modules (a fused q/k/v:
+    views of its weight, ``Family.projections``)."""
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
         if getattr(t_attn, name, None) is not None:
             setattr(attn, name, getattr(t_attn, name))
@@ -122,7 +125,7 @@ def edit_model(
     std = config.base_config.get("initializer_range", 0.02)
     for i, layer in enumerate(family.layers(student)):
         attn = layer.self_attn.to_empty(device=device).to(dtype)
-        t_attn = family.attention(teacher, i)
+        t_attn = family.projections(teacher, i)
         plan = config.layer_attention[i]
         if i not in edited:  # unedited: share the teacher's projections
             _share_projections(attn, t_attn)
@@ -146,7 +149,7 @@ def teacher_on_attnedit(teacher) -> AttnEditForCausalLM:
         model = AttnEditForCausalLM(config)
     _share_backbone(model, teacher)
     for i, layer in enumerate(family.layers(model)):
-        _share_projections(layer.self_attn, family.attention(teacher, i))
+        _share_projections(layer.self_attn, family.projections(teacher, i))
     _check_initialised(model)
     model.generation_config = teacher.generation_config
     return model.eval()

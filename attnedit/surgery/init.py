@@ -26,7 +26,7 @@ def random_init(module: nn.Module, std: float = 0.02) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm):
-            nn.init.ones_(m.weight)
+            nn.init.constant_(m.weight, 1.0 - m.offset)  # a unit gain (Gemma's norms store gain - 1)
     if isinstance(module, GateSWAAttention) and module.g_proj is not None:
         module.g_proj.weight.zero_()
 

@@ -260,5 +260,5 @@ def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[
         if i not in edited:
             plan.append({"kind": "dense", "window": window})
         else:
-            plan.append(chosen.plan_layer(settings, LayerPlan(i, n, spec, config, window, dict(getattr(config, "rope_parameters", None) or {}))))
+            plan.append(chosen.plan_layer(settings, LayerPlan(i, n, spec, config, window, family.rope(config, i))))
     return plan, edited
