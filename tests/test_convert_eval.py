@@ -104,6 +104,26 @@ def test_convert_writes_the_eval_files_the_report_and_prints_the_table(finished,
     assert json.loads(capsys.readouterr().out)["tasks"] == quality["tasks"]
 
 
+def test_the_model_card_shows_the_conversion_and_the_evaluation_next_to_the_teacher(finished, tmp_path, capsys):
+    from attnedit.eval.quality import quality_rows
+
+    _, run, _ = finished
+    card = (run / "model" / "README.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert card.startswith("---\nlibrary_name: transformers\n") and "attention-mla" in card
+    assert "## Conversion" in card and "- Stage 1, layer-wise teacher forcing (each new attention on the teacher's own inputs): 2 steps" in card
+    assert "### Held-out text" in card and f"| {summary['heldout_after']['kl']:,.4g} |" in card
+    for row in quality_rows(json.loads((run / "eval.json").read_text())):  # every figure of eval.json, teacher beside
+        assert "| " + " | ".join(row) + " |" in card
+    assert "### Passkey retrieval" in card and "| teacher | 240 |" in card
+    # attnedit export carries it, saying what the export is
+    assert main(["export", str(run / "model"), "--format", "stock", "--no-check", "--out", str(tmp_path / "ds")]) == 0
+    capsys.readouterr()
+    exported = (tmp_path / "ds" / "README.md").read_text()
+    assert "## This export" in exported and "- format-deepseek_v3" in exported
+    assert exported.split("## This export")[1].split("## Conversion")[1] == card.split("## Conversion")[1]
+
+
 def test_resume_after_the_model_is_saved_makes_only_the_missing_parts(finished, tmp_path, monkeypatch, capsys):
     from attnedit.eval import bench, passkey, quality
 

@@ -71,7 +71,7 @@ def run(args) -> int:
             f"({teacher.config.vocab_size}); give the teacher's own tokenizer"
         )
     student = edit_model(teacher, args.target, target_args)
-    out = save_edited(student, args.out, tokenizer, overwrite=args.overwrite)
+    out = save_edited(student, args.out, tokenizer, overwrite=args.overwrite, teacher=args.teacher)
     print(format_inspection(inspect_config(student.config, context)))
     print(f"\nsaved the edited (untrained) model to {out}")
     if tokenizer is None:

@@ -13,12 +13,13 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "export",
-        help="write a converted model in a serving format (deepseek_v3 for MLA, ministral/qwen2/qwen3 for GateSWA)",
+        help="write a converted model in a serving format (deepseek_v3 for MLA, ministral/qwen2/qwen3 for GateSWA, the teacher's for GQA)",
         description="Write a converted model in a format other tools load. Stock formats load with "
         "AutoModelForCausalLM without trust_remote_code and serve in vLLM/SGLang (docs/serving.md). "
         "The parity check (--check, on by default) reloads the export in float32 on the CPU and requires "
         "logits within 1e-4 of the attnedit model's, an identical 32-token greedy generation, and a stock "
-        "cache holding exactly the designed bytes (latent for MLA, window tokens for sliding layers).",
+        "cache holding exactly the designed bytes (latent for MLA, window tokens for sliding layers). The folder's model "
+        "card (README.md) comes along, with a line saying what the export is.",
         epilog="formats:\n" + "\n".join(f"  {k:<12} {v}" for k, v in all_formats().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -44,17 +45,22 @@ def resolve_format(model, fmt: str) -> str:
 def export(model, tokenizer, fmt: str, out, overwrite: bool = False):
     """Write ``model`` in ``fmt``; returns the folder and whether loading it needs remote code. A stock format
     is written by the target that offers it (``Target.export``), which says in one line when the model is not
-    one it can write."""
+    one it can write; the model card comes along (``export.card``)."""
     from ..errors import AttnEditError
     from ..export import save_edited
+    from ..export.card import carry_card
     from ..surgery.api import TARGETS, get_target
 
     if fmt == "hf":
-        return save_edited(model, out, tokenizer, overwrite=overwrite), True
+        folder = save_edited(model, out, tokenizer, overwrite=overwrite)
+        carry_card(model, folder, fmt)
+        return folder, True
     owner = next((get_target(t) for t in TARGETS if fmt in get_target(t).exports), None)
     if owner is None:
         raise AttnEditError(f"unknown export format {fmt!r}")
-    return owner.export(model, fmt, out, tokenizer, overwrite=overwrite), False
+    folder = owner.export(model, fmt, out, tokenizer, overwrite=overwrite)
+    carry_card(model, folder, fmt)
+    return folder, False
 
 
 def run(args) -> int:

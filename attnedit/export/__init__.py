@@ -1,7 +1,7 @@
 """Writing checkpoints others can load: Hugging Face folders with remote code, and stock formats that
 transformers, vLLM and SGLang load natively (DeepSeek-V3 for MLA; Ministral/Qwen2/Qwen3/Qwen3-MoE/Gemma/OLMo 3
 with per-layer sliding windows for GateSWA without gate or sinks; the teacher's own architecture with fewer KV
-heads for GQA), each with a parity check (``check.py``)."""
+heads for GQA), each with a parity check (``check.py``); a model card (``card.py``) in every folder."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass

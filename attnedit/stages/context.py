@@ -115,4 +115,4 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, checkp
             p.copy_(weights[n])
     student.to(wdtype)
     tokenizer = resolve_tokenizer(recipe.data, tok, teacher.config.vocab_size)
-    return save_edited(student.eval(), out, tokenizer, overwrite=True)
+    return save_edited(student.eval(), out, tokenizer, overwrite=True, recipe=recipe)

@@ -272,6 +272,7 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
     """``model/`` (with ``attnedit.json``) and ``summary.json`` (with the KV figures ``report`` reads)."""
     from ..eval.kv import kv_figures
     from ..export import save_edited
+    from ..export.card import write_card
 
     run_dir, student = run.dir, ctx.student
     student.to(wdtype)
@@ -290,3 +291,4 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
     run.summary["model"] = str(run_dir / "model")
     run.summary["kv"] = kv_figures(student.config, ctx.teacher.config, str(wdtype).replace("torch.", ""))  # the dtype saved
     Summary.model_validate(run.summary).write(run_dir)
+    write_card(run_dir / "model", student.config, recipe=run.recipe, run_dir=run_dir)  # with the held-out figures

@@ -130,7 +130,18 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
             "makes only the missing result files)"
         ) from None
     build_report(run_dir)
+    _card_with_evaluation(recipe, run_dir)
     return todo
+
+
+def _card_with_evaluation(recipe: Recipe, run_dir: Path) -> None:
+    """The model's card again, now with the evaluation next to the teacher (``export/card.py``)."""
+    from ..export.card import write_card
+    from ..teachers import load_config
+
+    model_dir = run_dir / "model"
+    if (model_dir / "config.json").is_file():
+        write_card(model_dir, load_config(str(model_dir)), recipe=recipe, run_dir=run_dir)
 
 
 def format_evaluation(recipe: Recipe, run_dir: Path) -> str:
