@@ -169,11 +169,13 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from importlib.metadata import entry_points
+    from importlib import metadata
 
-    from . import builtin  # noqa: F401 - registers mla, gateswa, gqa
+    from .builtin import BUILTIN
 
-    for ep in entry_points(group="attnedit.targets"):
+    for target in BUILTIN:
+        register_target(target)
+    for ep in metadata.entry_points(group="attnedit.targets"):
         try:
             ep.load()
         except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback

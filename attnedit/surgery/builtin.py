@@ -12,7 +12,7 @@ from ..eval.kv import dense_parameters, dense_values
 from ..export import FORMATS
 from ..targets import GateSWAAttention, MLAAttention
 from ..targets.common import head_scale
-from .api import LayerPlan, Target, register_target
+from .api import LayerPlan, Target
 from .gqa import GQATarget
 from .init import gateswa_from_teacher, random_init, set_gate
 from .mla_init import collect_stats, plan_mla_init, write_mla
@@ -138,8 +138,6 @@ class GateSWATarget(Target):
         return export_stock_swa(model, out, fmt, tokenizer, overwrite=overwrite)
 
 
-register_target(MLATarget())
-register_target(GateSWATarget())
-register_target(GQATarget())
+BUILTIN = (MLATarget(), GateSWATarget(), GQATarget())  # registered by api.py before any target is looked up
 
-__all__ = ["GateSWATarget", "MLATarget", "fold_query_scale"]
+__all__ = ["BUILTIN", "GateSWATarget", "MLATarget", "fold_query_scale"]
