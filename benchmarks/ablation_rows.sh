@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The ablation rows of docs/results.md, all at equal tokens (14.7 M each: stage 1 300 x 16 x 1024 + stage 2
-# 300 x 16 x 2048, or the same tokens in one stage), both targets, side by side on one GPU through ablation.sh;
+# 300 x 16 x 2048, or the same tokens in one stage), every target, side by side on one GPU through ablation.sh;
 # plus the runs that test what would close the headline's misses at the same budget (stage 2 at 8k, every
 # weight training in stage 2, recall spans in stage 2's data).
 # usage: bash benchmarks/ablation_rows.sh        (19 runs of 6-9 GiB each; run it again to resume)
 #        ROWS="gs-base gs-recall" bash benchmarks/ablation_rows.sh   (a subset, by name)
-# then: cd $RUNS && attnedit report gs-* --out gateswa.md && attnedit report mla-* --out mla.md
+# then: cd $RUNS && attnedit report gs-* --out gateswa.md && attnedit report mla-* --out mla.md && attnedit report gqa-base
 # Each target's rows start from the settings its rows were first measured with, so that a later change of a
 # shipped recipe does not move them (smollm2-mla.yaml now trains every weight in stage 2, on 8k sequences without
 # feature matching; both shipped recipes measure passkey with 20 keys a cell, each with its own filler).
@@ -33,10 +33,12 @@ declare -A SPEC=(
   [mla-nofeat]="$M+stage2.feature_weight=0"
   [mla-s2long]="$M+stage2.seq_len=8192+stage2.batch_size=1"
   [mla-all]="$M+stage2.trainable=all"
+  [gqa-base]="recipes/smollm2-gqa.yaml$ROWS_PASSKEY"                # GQA 3 -> 1 KV head: the recipe is at this budget
 )
 ORDER="gs-base gs-s2only gs-s1only gs-random gs-nofeat gs-s2long gs-s2long-pinned gs-all gs-recall
        gs-base-20 gs-full-5-7-8-18-23 gs-full-3-5-7-8-18
-       mla-base mla-s2only mla-s1only mla-random mla-nofeat mla-s2long mla-all"
+       mla-base mla-s2only mla-s1only mla-random mla-nofeat mla-s2long mla-all
+       gqa-base"
 args=()
 for name in ${ROWS:-$ORDER}; do
   [ -n "${SPEC[$name]:-}" ] || { echo "ablation_rows.sh: no row named $name; choose from: $ORDER" >&2; exit 2; }

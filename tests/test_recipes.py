@@ -20,7 +20,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 QWEN25_GGUF = "~/.cache/attnedit/qwen2.5-coder-0.5b-instruct.gguf"  # benchmarks/qwen2.5_coder_teacher.sh writes it
 REQUIRED = {
     "smollm2-mla.yaml", "smollm2-gateswa.yaml", "smollm2-mla-cpu.yaml", "smollm2-gateswa-cpu.yaml",
-    "qwen3-8b-mla.yaml", "qwen3-8b-gateswa.yaml", "qwen3-30b-a3b-mla.yaml", "qwen3-30b-a3b-gateswa.yaml",
+    "qwen3-8b-mla.yaml", "qwen3-8b-gateswa.yaml", "qwen3-30b-a3b-mla.yaml", "qwen3-30b-a3b-gateswa.yaml", "smollm2-gqa.yaml",
 }  # fmt: skip
 
 
@@ -104,7 +104,7 @@ def test_the_shipped_recipes_are_what_their_names_say():
         recipe = load_recipe(path)
         stem = path.stem
         assert recipe.teacher == next(t for prefix, t in teachers.items() if stem.startswith(prefix + "-")), stem
-        assert recipe.target == ("mla" if "-mla" in stem else "gateswa"), stem  # -gateswa and -swa-stock
+        assert recipe.target == ("mla" if "-mla" in stem else "gqa" if "-gqa" in stem else "gateswa"), stem  # -gateswa, -swa-stock
         assert (recipe.device == "cpu") == stem.endswith("-cpu"), stem
         if "stock" in stem:  # the stock-exportable GateSWA: no gate and no sinks (README, attnedit export)
             assert (recipe.target_args["gate"], recipe.target_args["sink"]) == ("none", 0)
@@ -162,9 +162,11 @@ def attention_params(config, target: str, args: dict) -> int:
         q += bias * heads * (nope + rope)
         kv = h * (rank + rope) + bias * (rank + rope) + rank + rank * heads * (nope + v)  # kv_a (+bias), its norm, kv_b
         return q + kv + heads * v * h + bias * h
+    if target == "gqa":  # the teacher's attention with num_key_value_heads KV heads
+        kv_heads = args["num_key_value_heads"] or max(k for k in range(1, max(1, kv_heads // 3) + 1) if kv_heads % k == 0)
     qkvo = 2 * h * heads * d + 2 * h * kv_heads * d + qkv_bias * (heads + 2 * kv_heads) * d + o_bias * h
     qk_norm = 2 * d if config.model_type in ("qwen3", "qwen3_moe") else 0
-    width = {"elementwise": heads * d, "headwise": heads, "none": 0}[args["gate"]]
+    width = {"elementwise": heads * d, "headwise": heads, "none": 0}[args.get("gate", "none")]
     return qkvo + qk_norm + (h * width + width if width else 0)
 
 

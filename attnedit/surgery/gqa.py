@@ -43,7 +43,7 @@ from .settings import TargetSettings, _help
 class GQASettings(TargetSettings):
     num_key_value_heads: int | None = _help(
         "key/value heads per edited layer; must divide the teacher's (default: the largest divisor of the teacher's "
-        "count that is at most a third of it; SmolLM2: 9 -> 3)"
+        "count that is at most a third of it; SmolLM2-135M: 3 -> 1, Qwen3-8B: 8 -> 2)"
     )
     align: bool = _help(
         "init=teacher: align the heads of each group before averaging them (orthogonal maps of values, RoPE-preserving "
