@@ -38,9 +38,9 @@ def all_formats() -> dict[str, str]:
 
 
 FORMATS = {
-    "stock": "the model's stock format: deepseek_v3 for MLA, the family's sliding-window format for GateSWA",
+    "stock": "the model's stock format: deepseek_v3 for MLA, the family's sliding-window format for GateSWA, teacher for GQA",
     "deepseek_v3": "all-MLA models: stock DeepSeek-V3 (transformers without remote code, vLLM, SGLang)",
-    "ministral": "GateSWA with gate=none, sink=0, Llama/Mistral teachers: stock Ministral with layer_types",
+    "ministral": "GateSWA with gate=none, sink=0, Llama/Mistral/Ministral teachers: stock Ministral with layer_types",
     "qwen2": "GateSWA with gate=none, sink=0, Qwen2 (or Llama/Mistral, zero q/k/v biases): stock Qwen2 with layer_types",
     "qwen3": "GateSWA with gate=none, sink=0, Qwen3 teachers: stock Qwen3 with layer_types (transformers only)",
     "qwen3_moe": "GateSWA with gate=none, sink=0, full_layers=none, Qwen3-MoE teachers: stock Qwen3-MoE",

@@ -261,11 +261,13 @@ def carry_card(model, folder: str | os.PathLike, fmt: str) -> Path:
     front["tags"] = [*front["tags"], f"format-{fmt}"]
     import yaml
 
+    base_type = (getattr(model.config, "base_config", None) or {}).get("model_type", "?")
+    what = f"a stock checkpoint of the teacher's own architecture (`{base_type}`)" if fmt == "teacher" else f"a stock `{fmt}` checkpoint"
     note = [
         "## This export",
         "",
         (
-            f"Written by `attnedit export --format {fmt}`: a stock `{fmt}` checkpoint that transformers loads without "
+            f"Written by `attnedit export --format {fmt}`: {what} that transformers loads without "
             "remote code (`trust_remote_code` is not needed), checked against the converted model (float32 logits, a "
             "greedy generation, the cache's bytes). What follows describes the converted model it was written from."
         ),
