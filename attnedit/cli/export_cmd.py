@@ -43,22 +43,16 @@ def resolve_format(model, fmt: str) -> str:
 
 
 def export(model, tokenizer, fmt: str, out, overwrite: bool = False):
-    """Write ``model`` in ``fmt``; returns the folder and whether loading it needs remote code. A stock format
-    is written by the target that offers it (``Target.export``), which says in one line when the model is not
-    one it can write; the model card comes along (``export.card``)."""
-    from ..errors import AttnEditError
-    from ..export import save_edited
+    """Write ``model`` in ``fmt``; returns the folder and whether loading it needs remote code. The model card
+    comes along (``export.card``)."""
+    from ..export import save_edited, write_export
     from ..export.card import carry_card
-    from ..surgery.api import TARGETS, get_target
 
     if fmt == "hf":
         folder = save_edited(model, out, tokenizer, overwrite=overwrite)
         carry_card(model, folder, fmt)
         return folder, True
-    owner = next((get_target(t) for t in TARGETS if fmt in get_target(t).exports), None)
-    if owner is None:
-        raise AttnEditError(f"unknown export format {fmt!r}")
-    folder = owner.export(model, fmt, out, tokenizer, overwrite=overwrite)
+    folder = write_export(model, fmt, out, tokenizer, overwrite=overwrite)
     carry_card(model, folder, fmt)
     return folder, False
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..surgery.api import dense_parameters, dense_values
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -57,28 +59,6 @@ def cache_bytes(config, context: int, dtype: str | None = None) -> CacheBytes:
     model's own, see :func:`dtype_bytes`): the one figure every command prints, with its dtype."""
     name, _ = dtype_bytes(config, override=dtype)
     return CacheBytes(name, context, sum(x.bytes_per_token for x in kv_layout(config, context, name)))
-
-
-def dense_values(kv_heads: int, head_dim: int, window: int | None, sink: int, context: int) -> float:
-    """Cached values per token of a K/V cache at ``context`` tokens: every token, or a window (+ sinks)'s worth."""
-    full = 2 * kv_heads * head_dim
-    return float(full) if window is None else full * min(window + sink, context) / context
-
-
-def dense_parameters(spec: dict, kv_heads: int | None = None) -> int:
-    """Parameters of a teacher-shaped attention (q/k/v/o, biases, QK-norm) with ``kv_heads`` KV heads."""
-    h, heads, d = spec["hidden_size"], spec["num_heads"], spec["head_dim"]
-    kvh = spec["num_kv_heads"] if kv_heads is None else kv_heads
-    n = h * heads * d + 2 * h * kvh * d + heads * d * h
-    if spec["qkv_bias"]:
-        n += heads * d + 2 * kvh * d
-    if spec["o_bias"]:
-        n += h
-    if spec["qk_norm"] == "projection":
-        n += heads * d + kvh * d
-    elif spec["qk_norm"]:
-        n += 2 * d
-    return n
 
 
 def _teacher_layers(config) -> list[dict]:

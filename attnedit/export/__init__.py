@@ -26,30 +26,43 @@ class _FormatNames(Sequence):
         return name in self._names()
 
 
+FORMATS = {
+    "stock": "the model's stock format: deepseek_v3 for MLA, the family's sliding-window format for GateSWA, teacher for GQA",
+    "hf": "any model: Hugging Face folder with attnedit's remote code (what convert writes)",
+}
+
+
 def all_formats() -> dict[str, str]:
-    """Every export format with its one-line description (built-in ones, then outside targets')."""
+    """Every export format with its one-line description: ``stock``, each target's (``Target.exports``), ``hf``."""
     from ..surgery.api import TARGETS, get_target
 
-    out = dict(FORMATS)
+    out = {"stock": FORMATS["stock"]}
     for name in TARGETS:
         for fmt, text in get_target(name).exports.items():
             out.setdefault(fmt, text)
+    out["hf"] = FORMATS["hf"]
     return out
 
 
-FORMATS = {
-    "stock": "the model's stock format: deepseek_v3 for MLA, the family's sliding-window format for GateSWA, teacher for GQA",
-    "deepseek_v3": "all-MLA models: stock DeepSeek-V3 (transformers without remote code, vLLM, SGLang)",
-    "ministral": "GateSWA with gate=none, sink=0, Llama/Mistral/Ministral teachers: stock Ministral with layer_types",
-    "qwen2": "GateSWA with gate=none, sink=0, Qwen2 (or Llama/Mistral, zero q/k/v biases): stock Qwen2 with layer_types",
-    "qwen3": "GateSWA with gate=none, sink=0, Qwen3 teachers: stock Qwen3 with layer_types (transformers only)",
-    "qwen3_moe": "GateSWA with gate=none, sink=0, full_layers=none, Qwen3-MoE teachers: stock Qwen3-MoE",
-    "gemma2": "GateSWA with gate=none, sink=0, one window, Gemma 2 teachers: stock Gemma 2 with layer_types",
-    "gemma3_text": "GateSWA with gate=none, sink=0, one window, Gemma 3 teachers: stock Gemma 3 (text) with layer_types",
-    "olmo3": "GateSWA with gate=none, sink=0, one window, OLMo 3 teachers: stock OLMo 3 with layer_types",
-    "teacher": "GQA models: the teacher's own stock architecture with fewer KV heads (no remote code)",
-    "hf": "any model: Hugging Face folder with attnedit's remote code (what convert writes)",
-}
+def write_export(model, fmt: str, out, tokenizer=None, overwrite: bool = False):
+    """Write ``model`` in stock format ``fmt``: the built-in targets' formats here (DeepSeek-V3, the sliding-window
+    formats, the teacher's architecture), an outside target's through its ``Target.export``. Each writer says in
+    one line when the model is not one it can write."""
+    from ..errors import AttnEditError
+    from ..surgery.api import TARGETS, get_target
+    from .deepseek import export_deepseek_v3
+    from .stock import SWA_FORMATS, export_stock_swa, export_teacher_format
+
+    if fmt == "deepseek_v3":
+        return export_deepseek_v3(model, out, tokenizer, overwrite=overwrite)
+    if fmt in SWA_FORMATS:
+        return export_stock_swa(model, out, fmt, tokenizer, overwrite=overwrite)
+    if fmt == "teacher":
+        return export_teacher_format(model, out, tokenizer, overwrite=overwrite)
+    owner = next((get_target(t) for t in TARGETS if fmt in get_target(t).exports), None)
+    if owner is None:
+        raise AttnEditError(f"unknown export format {fmt!r}; choose one of: {', '.join(all_formats())}")
+    return owner.export(model, fmt, out, tokenizer, overwrite=overwrite)
 
 
 @dataclass
@@ -67,4 +80,4 @@ class ExportSettings:
         require(self, [(self.check_context is None or self.check_context >= 2, "check_context", "must be at least 2 tokens")])
 
 
-__all__ = ["AUTO_MAP", "FORMATS", "ExportSettings", "all_formats", "save_edited"]
+__all__ = ["AUTO_MAP", "FORMATS", "ExportSettings", "all_formats", "save_edited", "write_export"]

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnEditError
+from ..surgery.builtin import DEFAULT_SWA_FORMAT
 from .write import write_stock
 
 SWA_FORMATS: dict[str, tuple[str, ...]] = {
@@ -50,17 +51,6 @@ SWA_FORMATS: dict[str, tuple[str, ...]] = {
     "gemma2": ("gemma2",),
     "gemma3_text": ("gemma3",),
     "olmo3": ("olmo3",),
-}
-DEFAULT_SWA_FORMAT = {
-    "llama": "ministral",
-    "mistral": "ministral",
-    "ministral": "ministral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "qwen3_moe": "qwen3_moe",
-    "gemma2": "gemma2",
-    "gemma3": "gemma3_text",
-    "olmo3": "olmo3",
 }
 STOCK_CLASSES = {
     "ministral": ("MinistralConfig", "MinistralForCausalLM"),

@@ -127,8 +127,32 @@ class Target:
         return None
 
     def export(self, model, fmt: str, out, tokenizer=None, overwrite: bool = False) -> Path:
-        """Write ``model`` in stock format ``fmt`` (one of :attr:`exports`); returns the folder."""
+        """Write ``model`` in stock format ``fmt`` (one of :attr:`exports`); returns the folder. (The built-in
+        targets' formats are written by ``attnedit/export``, which this layer does not import.)"""
         raise AttnEditError(f"target {self.name} has no stock format; export --format hf")
+
+
+def dense_values(kv_heads: int, head_dim: int, window: int | None, sink: int, context: int) -> float:
+    """Cached values per token of a K/V cache at ``context`` tokens: every token, or a window (+ sinks)'s worth
+    (the teacher's attention, GateSWA's and GQA's layers; ``eval/kv.py`` reads every layer's through here)."""
+    full = 2 * kv_heads * head_dim
+    return float(full) if window is None else full * min(window + sink, context) / context
+
+
+def dense_parameters(spec: dict, kv_heads: int | None = None) -> int:
+    """Parameters of a teacher-shaped attention (q/k/v/o, biases, QK-norm) with ``kv_heads`` KV heads."""
+    h, heads, d = spec["hidden_size"], spec["num_heads"], spec["head_dim"]
+    kvh = spec["num_kv_heads"] if kv_heads is None else kv_heads
+    n = h * heads * d + 2 * h * kvh * d + heads * d * h
+    if spec["qkv_bias"]:
+        n += heads * d + 2 * kvh * d
+    if spec["o_bias"]:
+        n += h
+    if spec["qk_norm"] == "projection":
+        n += heads * d + kvh * d
+    elif spec["qk_norm"]:
+        n += 2 * d
+    return n
 
 
 _REGISTRY: dict[str, Target] = {}
@@ -266,6 +290,8 @@ __all__ = [
     "Target",
     "attention_code",
     "code_files",
+    "dense_parameters",
+    "dense_values",
     "get_target",
     "register_target",
     "target_of_kind",

@@ -1,6 +1,6 @@
 """The built-in targets as :class:`~attnedit.surgery.api.Target` s: MLA and GateSWA (their settings, plans and
-initialisations live in ``settings.py`` and ``init.py``, their exports in ``attnedit/export``), and GQA head
-reduction (``gqa.py``, a target written in one module through the API)."""
+initialisations live in ``settings.py`` and ``init.py``), and GQA head reduction (``gqa.py``, a target written
+in one module through the API). Their stock formats are named here and written by ``attnedit/export``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from typing import ClassVar
 
 import torch
 
-from ..eval.kv import dense_parameters, dense_values
-from ..export import FORMATS
 from ..targets import GateSWAAttention, MLAAttention
 from ..targets.common import head_scale
-from .api import LayerPlan, Target
+from .api import LayerPlan, Target, dense_parameters, dense_values
 from .gqa import GQATarget
 from .init import gateswa_from_teacher, random_init, set_gate
 from .mla_init import collect_stats, plan_mla_init, write_mla
@@ -31,7 +29,7 @@ class MLATarget(Target):
     attention = MLAAttention
     calibrated = True  # the teacher's activations shape the factorisation (mla_init.py)
     help = "multi-head latent attention (DeepSeek-V2/V3): caches one low-rank latent and a shared RoPE key per token"
-    exports: ClassVar[dict] = {"deepseek_v3": FORMATS["deepseek_v3"]}
+    exports: ClassVar[dict] = {"deepseek_v3": "all-MLA models: stock DeepSeek-V3 (transformers without remote code, vLLM, SGLang)"}
 
     def plan_layer(self, settings: MLASettings, layer: LayerPlan) -> dict:
         out = plan_mla(settings, layer.spec, layer.config, layer.rope)
@@ -71,11 +69,6 @@ class MLATarget(Target):
     def stock_format(self, model) -> str:
         return "deepseek_v3"
 
-    def export(self, model, fmt: str, out, tokenizer=None, overwrite: bool = False):
-        from ..export.deepseek import export_deepseek_v3
-
-        return export_deepseek_v3(model, out, tokenizer, overwrite=overwrite)
-
 
 @torch.no_grad()
 def fold_query_scale(attn: MLAAttention, spec: dict) -> None:
@@ -91,12 +84,34 @@ def fold_query_scale(attn: MLAAttention, spec: dict) -> None:
         last.bias.mul_(ratio)
 
 
+# the stock sliding-window format a gate-less GateSWA model of each family is written in by default
+DEFAULT_SWA_FORMAT = {
+    "llama": "ministral",
+    "mistral": "ministral",
+    "ministral": "ministral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "olmo3": "olmo3",
+}
+
+
 class GateSWATarget(Target):
     name = "gateswa"
     settings = GateSWASettings
     attention = GateSWAAttention
     help = "gated hybrid sliding-window attention: most layers keep a window of recent tokens, a few stay full"
-    exports: ClassVar[dict] = {k: FORMATS[k] for k in ("ministral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "olmo3")}
+    exports: ClassVar[dict] = {
+        "ministral": "GateSWA with gate=none, sink=0, Llama/Mistral/Ministral teachers: stock Ministral with layer_types",
+        "qwen2": "GateSWA with gate=none, sink=0, Qwen2 (or Llama/Mistral, zero q/k/v biases): stock Qwen2 with layer_types",
+        "qwen3": "GateSWA with gate=none, sink=0, Qwen3 teachers: stock Qwen3 with layer_types (transformers only)",
+        "qwen3_moe": "GateSWA with gate=none, sink=0, full_layers=none, Qwen3-MoE teachers: stock Qwen3-MoE",
+        "gemma2": "GateSWA with gate=none, sink=0, one window, Gemma 2 teachers: stock Gemma 2 with layer_types",
+        "gemma3_text": "GateSWA with gate=none, sink=0, one window, Gemma 3 teachers: stock Gemma 3 (text) with layer_types",
+        "olmo3": "GateSWA with gate=none, sink=0, one window, OLMo 3 teachers: stock OLMo 3 with layer_types",
+    }
 
     def plan_layer(self, settings: GateSWASettings, layer: LayerPlan) -> dict:
         full = set(full_layer_indices(settings.full_layers, layer.n_layers))
@@ -128,16 +143,9 @@ class GateSWATarget(Target):
         gateswa_from_teacher(attn, teacher, layer["gate_bias"])
 
     def stock_format(self, model) -> str | None:
-        from ..export.stock import DEFAULT_SWA_FORMAT
-
         return DEFAULT_SWA_FORMAT.get(model.config.family)
-
-    def export(self, model, fmt: str, out, tokenizer=None, overwrite: bool = False):
-        from ..export.stock import export_stock_swa
-
-        return export_stock_swa(model, out, fmt, tokenizer, overwrite=overwrite)
 
 
 BUILTIN = (MLATarget(), GateSWATarget(), GQATarget())  # registered by api.py before any target is looked up
 
-__all__ = ["BUILTIN", "GateSWATarget", "MLATarget", "fold_query_scale"]
+__all__ = ["BUILTIN", "DEFAULT_SWA_FORMAT", "GateSWATarget", "MLATarget", "fold_query_scale"]

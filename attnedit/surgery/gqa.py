@@ -32,10 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import AttnEditError
-from ..eval.kv import dense_parameters, dense_values
-from ..export import FORMATS
 from ..targets import GQAAttention
-from .api import LayerPlan, Target
+from .api import LayerPlan, Target, dense_parameters, dense_values
 from .settings import TargetSettings, _help
 
 
@@ -64,7 +62,7 @@ class GQATarget(Target):
     attention = GQAAttention
     calibrated = True  # alignment reads each layer's keys and values on calibration text
     help = "GQA head reduction: the teacher's attention with its KV heads merged into fewer (a stock architecture)"
-    exports: ClassVar[dict] = {"teacher": FORMATS["teacher"]}
+    exports: ClassVar[dict] = {"teacher": "GQA models: the teacher's own stock architecture with fewer KV heads (no remote code)"}
 
     def kv_heads(self, settings: GQASettings, spec: dict) -> int:
         return settings.num_key_value_heads or default_kv_heads(spec["num_kv_heads"])
@@ -96,12 +94,7 @@ class GQATarget(Target):
         gqa_from_teacher(attn, teacher, spec, inputs, align=settings.align)
 
     def stock_format(self, model) -> str:
-        return "teacher"
-
-    def export(self, model, fmt: str, out, tokenizer=None, overwrite: bool = False):
-        from ..export.stock import export_teacher_format
-
-        return export_teacher_format(model, out, tokenizer, overwrite=overwrite)
+        return "teacher"  # written by attnedit/export/stock.py's export_teacher_format
 
 
 def _cpu64(t: torch.Tensor | None) -> torch.Tensor | None:
