@@ -59,7 +59,11 @@ def test_unedited_attnedit_model_is_the_teacher(teachers, family):
 @pytest.mark.parametrize("target", list(TARGETS))
 @torch.no_grad()
 def test_edited_decoding_equals_the_full_forward_and_caches_hold_their_bytes(teachers, family, target):
-    student = edit_model(teacher_of(teachers, family), target, TARGETS[target], calibration_ids=CALIB)
+    # MLA from a random start: its start from a tiny random teacher can have large weights (OLMo 2's least-squares
+    # fit of a projection-wide QK-norm reaches |w| ~ 400), whose float32 rounding differs between the absorbed
+    # decode and the expanded prefill by more than this test's 1e-5; the start itself is tested below
+    args = {**TARGETS[target], "init": "random"} if target == "mla" else TARGETS[target]
+    student = edit_model(teacher_of(teachers, family), target, args, calibration_ids=CALIB)
     ids = tiny_ids(length=21)
     full = student(ids).logits
     inc, _ = incremental_logits(student, ids)
@@ -196,7 +200,7 @@ def test_mla_starts_with_the_teachers_softmax_scale(monkeypatch):
     the scale to shape the softmax)."""
     from tiny import _ALTERNATE, _build
 
-    from attnedit.surgery import builtin
+    from attnedit.surgery import mla_init
 
     torch.manual_seed(0)
     teacher = _build("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, num_key_value_heads=1, query_pre_attn_scalar=400,
@@ -212,7 +216,7 @@ def test_mla_starts_with_the_teachers_softmax_scale(monkeypatch):
         return ((student(ids).logits - want).norm() / want.norm()).item()
 
     folded = error()
-    monkeypatch.setattr(builtin, "fold_query_scale", lambda attn, spec: None)
+    monkeypatch.setattr(mla_init, "fold_query_scale", lambda attn, spec: None)
     assert folded < 0.75 * error()  # measured: 0.51 against 0.89
 
 

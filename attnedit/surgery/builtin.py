@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
 from ..targets import GateSWAAttention, MLAAttention
-from ..targets.common import head_scale
 from .api import LayerPlan, Target, dense_parameters, dense_values
 from .gqa import GQATarget
 from .init import gateswa_from_teacher, random_init, set_gate
@@ -63,25 +60,10 @@ class MLATarget(Target):
 
     def init_from_teacher(self, attn, teacher, layer: dict, spec: dict, inputs, settings) -> None:
         factors, stats = inputs
-        write_mla(attn, teacher, factors, stats, spec)
-        fold_query_scale(attn, spec)
+        write_mla(attn, teacher, factors, stats, spec)  # folds a teacher's own softmax scale into the query
 
     def stock_format(self, model) -> str:
         return "deepseek_v3"
-
-
-@torch.no_grad()
-def fold_query_scale(attn: MLAAttention, spec: dict) -> None:
-    """A teacher whose softmax scale is not ``head_dim ** -0.5`` (Gemma's ``query_pre_attn_scalar``, Granite's
-    ``attention_multiplier``): MLA keeps DeepSeek's ``1 / sqrt(qk_head_dim)`` (stock exports stay exact) and the
-    ratio goes into the query's last projection, which scales every score alike."""
-    if spec.get("scaling") is None:
-        return
-    ratio = spec["scaling"] / head_scale(attn.qk_head_dim)
-    last = attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj
-    last.weight.mul_(ratio)
-    if last.bias is not None:
-        last.bias.mul_(ratio)
 
 
 # the stock sliding-window format a gate-less GateSWA model of each family is written in by default
@@ -148,4 +130,4 @@ class GateSWATarget(Target):
 
 BUILTIN = (MLATarget(), GateSWATarget(), GQATarget())  # registered by api.py before any target is looked up
 
-__all__ = ["BUILTIN", "DEFAULT_SWA_FORMAT", "GateSWATarget", "MLATarget", "fold_query_scale"]
+__all__ = ["BUILTIN", "DEFAULT_SWA_FORMAT", "GateSWATarget", "MLATarget"]

@@ -93,15 +93,18 @@ def _b(linear: nn.Module, rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def normalised_qk(attn: nn.Module, x: torch.Tensor, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's queries and keys after its QK-norm, before RoPE, ``[tokens, heads * head_dim]`` each."""
+    """The teacher's queries and keys after its QK-norm, before RoPE, ``[tokens, heads * head_dim]`` each. The norm
+    is per head (Qwen3) or over the whole projection (``qk_norm: projection``, OLMo 2); Gemma's gain is
+    ``norm_offset + weight``."""
     d = spec["head_dim"]
     out = []
     for proj, norm, heads in ((attn.q_proj, attn.q_norm, spec["num_heads"]), (attn.k_proj, attn.k_norm, spec["num_kv_heads"])):
         y = x @ _w(proj).to(x.device).T + _b(proj, heads * d).to(x.device)
-        y = y.view(-1, heads, d)
+        y = y.view(-1, 1, heads * d) if spec.get("qk_norm") == "projection" else y.view(-1, heads, d)
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", spec.get("rms_norm_eps", 1e-6)))
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-        out.append((y * norm.weight.detach().to(F64).to(x.device)).reshape(y.shape[0], heads * d))
+        gain = norm.weight.detach().to(F64).to(x.device) + spec.get("norm_offset", 0.0)
+        out.append((y * gain).reshape(y.shape[0], heads * d))
     return out[0], out[1]
 
 
@@ -352,6 +355,21 @@ def write_mla(student, teacher_attn: nn.Module, factors: LayerFactors, stats: La
         v_all = bv[torch.arange(h) // group].reshape(-1)
         bo = _b(teacher_attn.o_proj, student.hidden_size).cpu()
         student.o_proj.bias.copy_((teacher_attn.o_proj.weight.detach().to(F64).cpu() @ v_all + bo).to(student.o_proj.bias))
+    fold_query_scale(student, spec)
+
+
+@torch.no_grad()
+def fold_query_scale(student, spec: dict) -> None:
+    """A teacher whose softmax scale is not ``head_dim ** -0.5`` (Gemma's ``query_pre_attn_scalar``, Granite's
+    ``attention_multiplier``; ``spec["scaling"]``): MLA keeps DeepSeek's ``1 / sqrt(qk_head_dim)`` (stock exports
+    stay exact) and the ratio goes into the query's last projection, which scales every score alike."""
+    if spec.get("scaling") is None:
+        return
+    ratio = spec["scaling"] * math.sqrt(student.qk_head_dim)
+    last = student.q_proj if student.q_lora_rank is None else student.q_b_proj
+    last.weight.mul_(ratio)
+    if last.bias is not None:
+        last.bias.mul_(ratio)
 
 
 @torch.no_grad()
@@ -364,10 +382,11 @@ def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4)
     spec = family.attention_spec(teacher.config)
     stats = {i: LayerStats() for i in layers}
     attns = {i: family.attention(teacher, i) for i in layers}
+    projections = {i: family.projections(teacher, i) for i in layers}  # q/k/v apart, whatever the family fuses
     blocks = {i: family.layers(teacher)[i] for i in layers}
 
     def on_attention(i, x):
-        stats[i].add(x.detach(), attns[i], spec)
+        stats[i].add(x.detach(), projections[i], spec)
 
     def on_layer(i, h):
         stats[i].residual += float(h.detach().float().pow(2).sum())
@@ -393,7 +412,7 @@ def plan_mla_init(teacher, stats: dict[int, LayerStats], layer_attention: list[d
     factors, ranks = {}, {}
     for i, st in stats.items():
         layer = layer_attention[i]
-        attn = family.attention(teacher, i)
+        attn = family.projections(teacher, i)
         factors[i] = factor_layer(attn, attn.o_proj.weight, spec, st, layer["qk_rope_head_dim"], bool(layer.get("bias")), key_weight)
         ranks[i] = layer["kv_lora_rank"]
     if allocation == "auto":
@@ -416,7 +435,7 @@ def layer_sensitivity(teacher, stats: dict[int, LayerStats], factors: dict, laye
     import torch.nn.functional as F
 
     from ..families import family_for
-    from ..targets.modeling_attnedit import build_attention
+    from ..targets.modeling_attnedit import TeacherLayerCall, attention_class, build_attention, teacher_called
     from .edit import teacher_on_attnedit
 
     family = family_for(teacher.config)
@@ -428,8 +447,10 @@ def layer_sensitivity(teacher, stats: dict[int, LayerStats], factors: dict, laye
     out = {}
     for i in sorted(stats):
         original = engine.model.layers[i].self_attn
-        mla = build_attention(layer_attention[i], engine.config.teacher_attention, engine.config.base_config, i).to(device, dtype)
-        write_mla(mla, family.attention(teacher, i), factors[i], stats[i], spec)
+        cls = attention_class("mla")
+        cls = teacher_called(cls) if isinstance(original, TeacherLayerCall) else cls  # called by the teacher's own layer
+        mla = build_attention(layer_attention[i], engine.config.teacher_attention, engine.config.base_config, i, cls).to(device, dtype)
+        write_mla(mla, family.projections(teacher, i), factors[i], stats[i], spec)
         engine.model.layers[i].self_attn = mla
         try:
             logp = F.log_softmax(engine(input_ids=ids).logits.float(), -1)
