@@ -11,8 +11,9 @@ import yaml
 from test_stages import make_teacher_dir
 
 from attnedit.cli import main
-from attnedit.eval.kv import kv_summary
+from attnedit.eval.kv import cache_bytes
 from attnedit.export.card import SMOLLM2_HUB_ID, model_card, teacher_metadata
+from attnedit.tables import human_bytes
 from attnedit.targets.modeling_attnedit import base_config_object
 
 
@@ -34,10 +35,10 @@ def test_edit_writes_a_card_with_the_teachers_license_and_the_cache_next_to_the_
     from attnedit.teachers import load_config
 
     config = load_config(str(tmp_path / "m"))
-    s = kv_summary(config, 512, "bfloat16")["kv_bytes_per_token"]
-    t = kv_summary(base_config_object(config.base_config), 512, "bfloat16")["kv_bytes_per_token"]
-    assert f"| 512 | {s:,.0f} B | {t:,.0f} B | {100 * s / t:.1f}% |" in card  # 1 of 2 KV heads: 50.0%
-    assert "50.0%" in card and "## Evaluation" not in card
+    mine = cache_bytes(config, 512)  # in the model's own dtype, as every command counts
+    t = cache_bytes(base_config_object(config.base_config), 512, mine.dtype).per_token
+    assert f"| 512 | {human_bytes(mine.per_token)} | {human_bytes(t)} | {100 * mine.per_token / t:.1f}% |" in card  # 1 of 2 KV heads
+    assert "50.0%" in card and f"({mine.dtype}, all layers)" in card and "## Evaluation" not in card
 
 
 def test_hub_ids_and_the_default_teacher_name_their_base_model():

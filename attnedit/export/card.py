@@ -11,7 +11,6 @@ with a note on the format.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -79,19 +78,22 @@ def teacher_metadata(teacher: str | None) -> dict:
     return out
 
 
-def _kv_table(config) -> str:
-    from ..eval.kv import kv_summary, max_context
+def _kv_table(config) -> tuple[str, str]:
+    """The KV table (bytes per token at a few contexts, next to the teacher's) and the dtype it counts in: the
+    model's own, as every command counts it (``eval.kv.cache_bytes``)."""
+    from ..eval.kv import cache_bytes, max_context
     from ..targets.modeling_attnedit import base_config_object
 
     limit = max_context(config) or max(KV_CONTEXTS)
     contexts = [c for c in KV_CONTEXTS if c < limit] + [limit]
     teacher = base_config_object(config.base_config)
-    rows = []
+    rows, dtype = [], None
     for c in contexts:
-        s, t = kv_summary(config, c, "bfloat16")["kv_bytes_per_token"], kv_summary(teacher, c, "bfloat16")["kv_bytes_per_token"]
+        mine = cache_bytes(config, c)
+        dtype, s, t = mine.dtype, mine.per_token, cache_bytes(teacher, c, mine.dtype).per_token
         rows.append([f"{c:,}", human_bytes(s), human_bytes(t), f"{100 * s / t:.1f}%", human_bytes(s * c), human_bytes(t * c)])
     headers = ["context (tokens)", "KV bytes/token", "teacher's", "% of teacher", "KV per sequence", "teacher's"]
-    return markdown_table(headers, rows)
+    return markdown_table(headers, rows), dtype
 
 
 def _settings_text(settings: dict) -> str:
@@ -118,36 +120,35 @@ def _recipe_lines(recipe) -> list[str]:
 
 
 def _results_sections(run_dir: Path | None) -> list[str]:
-    """The evaluation next to the teacher, from the run folder's result files (none: no section)."""
+    """The evaluation next to the teacher, from the run folder's result records (none: no section)."""
+    from ..results import Passkey, Quality, Summary
+
     if run_dir is None:
         return []
     out = []
-    summary = _read_json(run_dir / "summary.json")
-    if summary and summary.get("heldout_after"):
-        before, after = summary.get("heldout_before") or {}, summary["heldout_after"]
-        rows = [["KL(teacher ‖ model)", before.get("kl", "-"), after["kl"]], ["cross-entropy (model)", before.get("student_ce", "-"), after["student_ce"]],
-                ["cross-entropy (teacher)", before.get("teacher_ce", "-"), after["teacher_ce"]]]  # fmt: skip
+    summary = Summary.read(run_dir)
+    if summary is not None and summary.heldout_after is not None:
+        before, after = summary.heldout_before, summary.heldout_after
+
+        def pair(name):
+            earlier = getattr(before, name) if before is not None else None
+            return ["-" if earlier is None else earlier, getattr(after, name)]
+
+        rows = [["KL(teacher ‖ model)", *pair("kl")], ["cross-entropy (model)", *pair("student_ce")], ["cross-entropy (teacher)", *pair("teacher_ce")]]
         out += ["### Held-out text (the run's own held-out blocks)", "", markdown_table(["", "before training", "after"], rows), ""]
-    result = _read_json(run_dir / "eval.json")
-    if result and result.get("tasks"):
+    quality = Quality.read(run_dir)
+    if quality is not None and quality.tasks:
         from ..eval.quality import quality_rows
 
-        out += ["### Quality next to the teacher (`eval.json`)", "", markdown_table(["task", "metric", "model", "teacher", "model/teacher"], quality_rows(result)), ""]
-    passkey = _read_json(run_dir / "passkey.json")
-    if passkey and passkey.get("student"):
-        names = [n for n in ("student", "teacher") if n in passkey]
-        rows = [["this model" if n == "student" else "teacher", c] + [f"{a:.2f}" for a in accs]
-                for n in names for c, accs in zip(passkey["contexts"], passkey[n])]  # fmt: skip
-        headers = ["model", "context"] + [f"depth {d:g}" for d in passkey["depths"]]
+        rows = quality_rows(quality.to_dict())
+        out += ["### Quality next to the teacher (`eval.json`)", "", markdown_table(["task", "metric", "model", "teacher", "model/teacher"], rows), ""]
+    passkey = Passkey.read(run_dir)
+    if passkey is not None and passkey.student:
+        rows = [["this model" if name == "student" else "teacher", c] + [f"{a:.2f}" for a in passkey.grid(name)[c].values()]
+                for name in ("student", "teacher") if getattr(passkey, name) for c in passkey.contexts]  # fmt: skip
+        headers = ["model", "context"] + [f"depth {d:g}" for d in passkey.depths]
         out += ["### Passkey retrieval, accuracy per cell (`passkey.json`)", "", markdown_table(headers, rows), ""]
     return (["## Evaluation", ""] + out) if out else []
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
 
 
 def model_card(config, teacher: str | None = None, recipe=None, run_dir: Path | None = None) -> str:
@@ -175,7 +176,7 @@ def model_card(config, teacher: str | None = None, recipe=None, run_dir: Path | 
     what = get_target(target).help if target in TARGETS else target
     layers = edit.get("edited_layers", [])
     n = len(getattr(config, "layer_attention", []))
-    kv_table = _kv_table(config)
+    kv_table, kv_dtype = _kv_table(config)
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -200,7 +201,7 @@ def model_card(config, teacher: str | None = None, recipe=None, run_dir: Path | 
         "",
         "## KV cache",
         "",
-        "Bytes the cache holds per token of context (bfloat16, all layers), next to the teacher's:",
+        f"Bytes the cache holds per token of context ({kv_dtype}, all layers), next to the teacher's:",
         "",
         kv_table,
         "",
