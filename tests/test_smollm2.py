@@ -50,8 +50,9 @@ def test_smollm2_edits_decode_consistently(smollm2):
 @torch.no_grad()
 def test_smollm2_mla_teacher_init_decodes_consistently_and_starts_near_the_teacher(smollm2):
     """MLA on the real shapes (9 heads, rank 96 + rope 32): the absorbed one-token decode through the latent
-    cache gives the expanded full forward's logits, and the teacher initialisation (RoPE pairs kept,
-    activation-aware SVD) starts far closer to the teacher than a random one (measured KL 1.6 vs 6.1).
+    cache gives the expanded full forward's logits, and the teacher initialisation (calibrated on random token ids
+    here, as attnedit edit does without data) starts far closer to the teacher than a random one (measured
+    2026-12-06: KL 0.20 vs 6.08; 1.6 with the earlier weight-space factorisation).
     Ten edited layers keep the SVDs cheap; the other twenty stay the teacher's."""
     teacher, tokenizer = smollm2
     ids = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
@@ -61,4 +62,5 @@ def test_smollm2_mla_teacher_init_decodes_consistently_and_starts_near_the_teach
     torch.testing.assert_close(_decode(mla, ids), full, atol=2e-4, rtol=1e-3)
     rand = edit_model(teacher, "mla", {"layers": "0-9"})
     kl_teacher, kl_random = _kl(ref, full), _kl(ref, rand(ids).logits)
+    print(f"KL to the teacher: teacher init {kl_teacher:.3f}, random {kl_random:.3f}")
     assert kl_teacher < 0.5 * kl_random, (kl_teacher, kl_random)

@@ -67,10 +67,12 @@ def sensitivity_ids(recipe: Recipe, tokenizer, n: int = 8) -> torch.Tensor:
 
 
 def calibration_ids(recipe: Recipe, tokenizer, hidden_size: int) -> torch.Tensor:
-    """Blocks for the teacher initialisation of MLA, instead of random token ids: about twice the hidden
-    size in tokens."""
+    """Blocks of the run's own training data for the teacher initialisation of MLA, instead of random token ids
+    (``surgery.edit.calibration_blocks``: about eight tokens per hidden dimension)."""
+    from ..surgery.edit import calibration_blocks
+
     seq = min(recipe.data.seq_len, 256)
-    return training_blocks(recipe, tokenizer, seq, max(4, min(16, -(-2 * hidden_size // seq))))
+    return training_blocks(recipe, tokenizer, seq, calibration_blocks(hidden_size, seq))
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:

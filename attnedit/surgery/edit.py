@@ -63,8 +63,17 @@ def capture_attention_inputs(teacher, layers: list[int], input_ids: torch.Tensor
     return found
 
 
-def default_calibration_ids(teacher, n_seqs: int = 4, seq_len: int = 128, seed: int = 0) -> torch.Tensor:
-    """Random token ids: a data-free stand-in for real text when initialising from the teacher."""
+def calibration_blocks(hidden_size: int, seq_len: int = 256) -> int:
+    """How many blocks of ``seq_len`` tokens calibrate a teacher initialisation: about eight tokens per hidden
+    dimension (the input covariance it whitens by has ``hidden_size`` of them; with fewer tokens than dimensions
+    the factorisation fits noise), 4 to 128 blocks."""
+    return max(4, min(128, -(-8 * hidden_size // seq_len)))
+
+
+def default_calibration_ids(teacher, n_seqs: int | None = None, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
+    """Random token ids: a data-free stand-in for real text when initialising from the teacher (``convert``
+    calibrates on the run's own data instead)."""
+    n_seqs = n_seqs if n_seqs is not None else calibration_blocks(teacher.config.hidden_size, seq_len)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, teacher.config.vocab_size, (n_seqs, seq_len), generator=g)
 

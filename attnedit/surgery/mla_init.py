@@ -118,6 +118,12 @@ def _moments(stats: LayerStats, bias: bool) -> torch.Tensor:
     return torch.cat([top, torch.cat([m, torch.ones(1, dtype=F64)])[None]], 0)
 
 
+def _shrinkage(n: int, dims: int) -> float:
+    """Ridge of the input covariance, relative to its mean eigenvalue: negligible with many calibration tokens per
+    dimension, strong with few (with fewer tokens than dimensions the whitening would invert noise)."""
+    return max(1e-5, 0.1 * (dims / max(n, 1)) ** 2)
+
+
 def _ridge(c: torch.Tensor, rel: float = 1e-5) -> torch.Tensor:
     return c + rel * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
 
@@ -248,7 +254,7 @@ def factor_layer(teacher_attn: nn.Module, o_weight: torch.Tensor, spec: dict, st
     roots = [_psd_sqrt(kw) for kw, _ in blocks if nope] + [_psd_sqrt(vw) for _, vw in blocks]
     left = torch.block_diag(*[s for s, _ in roots])
     left_inv = torch.block_diag(*[i for _, i in roots])
-    chol = torch.linalg.cholesky(_ridge(c))
+    chol = torch.linalg.cholesky(_ridge(c, _shrinkage(stats.n, c.shape[0])))
     uu, ss, vt = torch.linalg.svd(left @ m @ chol, full_matrices=False)
     return LayerFactors(q_rows, kpe_rows, uu, ss, vt, left_inv, torch.linalg.inv(chol), nope, d, h, g, bias)
 
