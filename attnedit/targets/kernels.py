@@ -219,9 +219,9 @@ if HAS_TRITON:
     def _mla_decode_partial(
         Q, LAT, VALID, NF, OUT, PO, PM, PL,
         sq_b, sq_h, sl_b, sl_n, sval_b, so_b, so_h,
-        scale, split_len, H,
+        scale, split_len, H, nsplit,
         R: tl.constexpr, R_PAD: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, HT: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, HT: tl.constexpr,
         HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, tile of heads, split of the cache): scores over the latent ``[c_kv | k_pe]`` read
@@ -267,41 +267,40 @@ if HAS_TRITON:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
             m = m_new
-        if NSPLIT == 1:  # the whole cache in one program: write the output itself
+        if DIRECT:  # the whole cache in one program: write the output itself
             out = acc / tl.maximum(l, 1e-30)[:, None]
             ptr = OUT + b * so_b + offs_h[:, None] * so_h + offs_r[None, :]
             tl.store(ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None] & (offs_r[None, :] < R))
         else:
-            row = (b * HT + ht) * NSPLIT + sp
+            row = (b * HT + ht) * nsplit + sp
             tl.store(PO + row * BLOCK_H * R_PAD + tl.arange(0, BLOCK_H)[:, None] * R_PAD + offs_r[None, :], acc)
             tl.store(PM + row * BLOCK_H + tl.arange(0, BLOCK_H), m)
             tl.store(PL + row * BLOCK_H + tl.arange(0, BLOCK_H), l)
 
     @triton.jit
     def _mla_decode_combine(
-        PO, PM, PL, OUT, so_b, so_h, H,
-        R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_PAD: tl.constexpr, HT: tl.constexpr,
+        PO, PM, PL, OUT, so_b, so_h, H, nsplit,
+        R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, HT: tl.constexpr,
     ):  # fmt: skip
-        """Merge the splits' partial softmax states of one (sequence, head) in one pass."""
+        """Merge the splits' partial softmax states of one (sequence, head): the largest running max first, then
+        the rescaled sums (two passes over a few floats per split, one over the partial outputs)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         ht = h // BLOCK_H
         hh = h % BLOCK_H
-        base = (b * HT + ht) * NSPLIT
-        offs_s = tl.arange(0, NSPLIT_PAD)
-        smask = offs_s < NSPLIT
-        ms = tl.load(PM + (base + offs_s) * BLOCK_H + hh, mask=smask, other=float("-inf"))
-        ls = tl.load(PL + (base + offs_s) * BLOCK_H + hh, mask=smask, other=0.0)
-        m = tl.max(ms, 0)
+        base = (b * HT + ht) * nsplit
+        m = float("-inf")
+        for s in range(nsplit):
+            m = tl.maximum(m, tl.load(PM + (base + s) * BLOCK_H + hh))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.where(smask, tl.exp(ms - m_safe), 0.0)
-        denom = tl.maximum(tl.sum(w * ls, 0), 1e-30)
         offs_r = tl.arange(0, R_PAD)
         acc = tl.zeros([R_PAD], tl.float32)
-        for s in range(NSPLIT):
+        denom = 0.0
+        for s in range(nsplit):
             ws = tl.exp(tl.load(PM + (base + s) * BLOCK_H + hh) - m_safe)  # 0 for a split that saw no key
+            denom += ws * tl.load(PL + (base + s) * BLOCK_H + hh)
             acc += ws * tl.load(PO + ((base + s) * BLOCK_H + hh) * R_PAD + offs_r)
-        tl.store(OUT + b * so_b + h * so_h + offs_r, (acc / denom).to(OUT.dtype.element_ty), mask=offs_r < R)
+        tl.store(OUT + b * so_b + h * so_h + offs_r, (acc / tl.maximum(denom, 1e-30)).to(OUT.dtype.element_ty), mask=offs_r < R)
 
 
 def mla_decode_plan(batch: int, heads: int, slots: int, rank: int, rope: int, sms: int = 132) -> dict:
@@ -349,9 +348,9 @@ def mla_decode_triton(q, latent, n_filled, valid, scale: float, rank: int) -> to
         q, latent, val, n_filled, out, po, pm, pl,
         q.stride(0), q.stride(1), latent.stride(0), latent.stride(1),
         valid.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
-        scale, plan["split_len"], heads,
+        scale, plan["split_len"], heads, nsplit,
     )  # fmt: skip
-    consts = dict(R=rank, R_PAD=r_pad, P=rope, P_PAD=plan["p_pad"], BLOCK_H=block_h, NSPLIT=nsplit, HT=tiles,
+    consts = dict(R=rank, R_PAD=r_pad, P=rope, P_PAD=plan["p_pad"], BLOCK_H=block_h, DIRECT=nsplit == 1, HT=tiles,
                   HAS_VALID=valid is not None, IEEE=latent.dtype == torch.float32)  # fmt: skip
     if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":  # split_len is a multiple of every tried BLOCK_N
         _mla_decode_partial_tuned[(bsz, tiles, nsplit)](*args, **consts)
@@ -359,20 +358,20 @@ def mla_decode_triton(q, latent, n_filled, valid, scale: float, rank: int) -> to
         _mla_decode_partial[(bsz, tiles, nsplit)](*args, **consts, BLOCK_N=plan["block_n"], num_warps=8 if wide else 4, num_stages=2)
     if nsplit > 1:
         _mla_decode_combine[(bsz, heads)](
-            po, pm, pl, out, out.stride(0), out.stride(1), heads,
-            R=rank, R_PAD=r_pad, BLOCK_H=block_h, NSPLIT=nsplit, NSPLIT_PAD=_pow2(nsplit, 2), HT=tiles, num_warps=4,
-        )  # fmt: skip
+            po, pm, pl, out, out.stride(0), out.stride(1), heads, nsplit, R=rank, R_PAD=r_pad, BLOCK_H=block_h, HT=tiles, num_warps=4
+        )
     return out
 
 
 if HAS_TRITON:
-    # on a GPU the per-program tiling and pipelining are measured once per shape class (the interpreter keeps the
-    # plan's fixed choice): the best differ between wide latents (512 + 64) and small ones
+    # on a GPU the per-program tiling and pipelining are measured once per shape class: latent width, heads per
+    # tile, split or not, padding or not; not per batch or length, so a new batch size costs no new tuning (the
+    # interpreter keeps the plan's fixed choice)
     _MLA_CONFIGS = [
         triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
         for n in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
     ]  # fmt: skip
-    _mla_decode_partial_tuned = triton.autotune(_MLA_CONFIGS, key=["R_PAD", "P_PAD", "BLOCK_H", "NSPLIT", "HAS_VALID"])(_mla_decode_partial)
+    _mla_decode_partial_tuned = triton.autotune(_MLA_CONFIGS, key=["R_PAD", "P_PAD", "BLOCK_H", "DIRECT", "HAS_VALID"])(_mla_decode_partial)
 
 
 _MLA_OP_NAME = "attnedit::mla_decode_v1"
