@@ -80,6 +80,11 @@ class Stage2Config(StageConfig):
         "fraction of stage-2 blocks in which a 32-256 token span of the block's text is copied further on, so the "
         "student learns to fetch it from far back as the teacher does (long-range retrieval; attnedit.data.recall); 0 = off",
     )
+    recall_min_distance: int = _f(
+        0,
+        "tokens at least from a recall span's start to its copy's (e.g. window + 1 for GateSWA: no token of the copy can "
+        "see its source through a sliding layer); 0 = any distance past the span",
+    )
 
 
 @dataclass
@@ -194,6 +199,7 @@ def validate(r: Recipe) -> Recipe:
         (s2.kl_weight + s2.ce_weight + s2.feature_weight > 0, "kl_weight/ce_weight/feature_weight", "not all 0"),
         (s2.kl_chunk >= 1, "kl_chunk", ">= 1"),
         (0 <= s2.recall_fraction <= 1, "recall_fraction", "between 0 and 1 (0 = off)"),
+        (s2.recall_min_distance >= 0, "recall_min_distance", ">= 0 tokens (0 = any distance)"),
     ]:
         if not ok:
             raise AttnEditError(f"stage2.{fname}: must be {rule}")

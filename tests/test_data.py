@@ -331,6 +331,29 @@ def test_recall_spans_copy_a_span_of_the_block_further_on():
     assert torch.equal(with_recall_spans(ids[:, :40], 1.0), ids[:, :40])  # too short for two spans: left alone
 
 
+def test_recall_spans_keep_their_distance_and_mark_the_long_range_targets():
+    from attnedit.data.recall import recall_plan, recall_spans, recall_targets
+
+    ids = torch.arange(1, 1 + 4 * 300).view(4, 300)  # distinct tokens: a repeated one is a copy
+    for distance in (0, 100):
+        for row in ids:
+            source, destination, length = recall_plan(row, 1.0, seed=5, min_distance=distance)
+            assert destination - source >= max(length, distance) and destination + length <= 300
+    assert recall_plan(ids[0], 1.0, seed=5) == recall_plan(ids[0], 1.0, seed=5, min_distance=0)
+    assert recall_plan(ids[0, :120], 1.0, min_distance=100) is None  # no room for a span and a copy 100 tokens on
+    out, plans = recall_spans(ids, 1.0, seed=3, min_distance=20)  # copies 114-163 tokens after their sources
+    marks = recall_targets(plans, 300, window=120, sink=3)
+    found = []
+    for row in range(4):
+        first = [{int(t): p for p, t in reversed(list(enumerate(out[row].tolist())))}[int(t)] for t in out[row]]
+        # position p is a target when its token repeats an earlier one, the next token repeats the one after that
+        # (so the next token can be read off the first occurrence), 120+ tokens back and not among the 3 sinks
+        expected = [p for p in range(299) if first[p] < p and first[p + 1] == first[p] + 1 and p - first[p + 1] >= 120 and first[p + 1] >= 3]
+        assert marks[row].nonzero().flatten().tolist() == expected
+        found.append(len(expected))
+    assert min(found) == 0 and max(found) > 0, found  # a copy within the window has no target
+
+
 def test_recall_spans_reach_stage_2_batches_and_resume_exactly(tmp_path, tok):
     from functools import partial
 

@@ -24,9 +24,10 @@ from ..errors import AttnEditError
 SPAN = (32, 256)  # copied span length in tokens, inclusive range
 
 
-def spans_fit(seq_len: int) -> bool:
-    """Whether a block of ``seq_len`` tokens can hold a span and its copy (two of the shortest length)."""
-    return seq_len >= 2 * SPAN[0]
+def spans_fit(seq_len: int, min_distance: int = 0) -> bool:
+    """Whether a block of ``seq_len`` tokens can hold a span and its copy (two of the shortest length), the copy
+    starting ``min_distance`` tokens or more after the span."""
+    return seq_len >= SPAN[0] + max(SPAN[0], min_distance)
 
 
 def _generator(block: torch.Tensor, seed: int) -> torch.Generator:
@@ -39,32 +40,62 @@ def _draw(g: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=g))
 
 
-def recall_plan(block: torch.Tensor, fraction: float, seed: int = 0) -> tuple[int, int, int] | None:
+def recall_plan(block: torch.Tensor, fraction: float, seed: int = 0, min_distance: int = 0) -> tuple[int, int, int] | None:
     """``(source, destination, length)`` of the span copied in ``block`` (1-D token ids), or None when the
-    block is left as it is (by chance, or because it is too short for two spans of the shortest length)."""
+    block is left as it is (by chance, or because it is too short for two spans of the shortest length, or for
+    a copy ``min_distance`` tokens or more after its source). ``min_distance`` (0: the copy only follows the
+    span) puts the copy's start at least that far after the source's, e.g. ``window + 1`` so that a sliding
+    layer cannot see any token of the source from its copy; with 0 the draws are those of earlier versions."""
     if not 0.0 <= fraction <= 1.0:
         raise AttnEditError(f"recall_fraction={fraction!r}: must be between 0 and 1 (e.g. 0.5; 0 = off)")
+    if min_distance < 0:
+        raise AttnEditError(f"recall_min_distance={min_distance!r}: must be >= 0 tokens (0 = any distance)")
     t = block.numel()
-    if fraction == 0.0 or not spans_fit(t):
+    if fraction == 0.0 or not spans_fit(t, min_distance):
         return None
     g = _generator(block, seed)
     if float(torch.rand((), generator=g)) >= fraction:
         return None
     length = _draw(g, SPAN[0], min(SPAN[1], t // 2))
-    source = _draw(g, 0, t - 2 * length)
-    destination = _draw(g, source + length, t - length)
+    gap = max(length, min_distance)  # from the source's start to the copy's
+    if t - length - gap < 0:
+        return None
+    source = _draw(g, 0, t - length - gap)
+    destination = _draw(g, source + gap, t - length)
     return source, destination, length
 
 
-def with_recall_spans(ids: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
-    """``ids`` ([batch, seq] token ids, on the CPU) with a recall span copied into a ``fraction`` of its rows
-    (a new tensor; rows left alone are unchanged)."""
-    if fraction == 0.0:
-        return ids
-    out = ids.clone()
+def recall_spans(ids: torch.Tensor, fraction: float, seed: int = 0, min_distance: int = 0) -> tuple[torch.Tensor, list]:
+    """``ids`` ([batch, seq] token ids, on the CPU) with a recall span copied into a ``fraction`` of its rows (a
+    new tensor; rows left alone are unchanged), and each row's ``(source, destination, length)`` or None."""
+    out, plans = ids.clone(), []
     for row in out:
-        plan = recall_plan(row, fraction, seed)
+        plan = recall_plan(row, fraction, seed, min_distance) if fraction else None
         if plan is not None:
             source, destination, length = plan
             row[destination : destination + length] = row[source : source + length].clone()
-    return out
+        plans.append(plan)
+    return out, plans
+
+
+def with_recall_spans(ids: torch.Tensor, fraction: float, seed: int = 0, min_distance: int = 0) -> torch.Tensor:
+    """:func:`recall_spans`' token ids alone; ``fraction`` 0 returns ``ids`` itself."""
+    if fraction == 0.0:
+        return ids
+    return recall_spans(ids, fraction, seed, min_distance)[0]
+
+
+def recall_targets(plans: list, seq_len: int, window: int, sink: int = 0) -> torch.Tensor:
+    """[rows, seq_len] bool: the positions whose next token a copy predicts from a source that a sliding layer of
+    ``window`` tokens (+ ``sink`` first ones) cannot see - the long-range targets of a batch from
+    :func:`recall_spans`. Position ``p`` of a copy predicts token ``p + 1``, whose first occurrence is token
+    ``source + (p - destination) + 1``: a target when that token is ``window`` or more tokens back and not a sink."""
+    mask = torch.zeros(len(plans), seq_len, dtype=torch.bool)
+    for row, plan in enumerate(plans):
+        if plan is None:
+            continue
+        source, destination, length = plan
+        p = torch.arange(destination, destination + length - 1)
+        first = source + (p - destination) + 1
+        mask[row, p[(p - first >= window) & (first >= sink)]] = True
+    return mask

@@ -155,7 +155,8 @@ class Stage:
         from ..data.recall import with_recall_spans
 
         recall = getattr(self.cfg, "recall_fraction", 0.0)  # stage 2's long-range retrieval mix (attnedit.data.recall)
-        transform = partial(with_recall_spans, fraction=recall, seed=self.seed) if recall else None
+        distance = getattr(self.cfg, "recall_min_distance", 0)
+        transform = partial(with_recall_spans, fraction=recall, seed=self.seed, min_distance=distance) if recall else None
         blocks = BlockStream(self.data, ctx.tokenizer, seed=self.seed + self.number - 1)
         return DeviceBatches(blocks, ctx.device, transform=transform)
 

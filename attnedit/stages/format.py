@@ -34,7 +34,8 @@ def format_plan(plan: dict) -> str:
             f"({kv['edited'] / kv['teacher']:.1%} of the teacher's, {plan.get('kv_dtype', 'bfloat16')}, context {plan['kv_context']:,})"
         ),
         f"data             {len(files)} file(s) in {shown}; blocks of {plan['seq_len']} tokens"
-        + (f"; recall spans in {100 * plan['recall_fraction']:g}% of stage-2 blocks" if plan.get("recall_fraction") else ""),
+        + (f"; recall spans in {100 * plan['recall_fraction']:g}% of stage-2 blocks" if plan.get("recall_fraction") else "")
+        + (f", each copied {plan['recall_min_distance']}+ tokens after its source" if plan.get("recall_fraction") and plan.get("recall_min_distance") else ""),
         f"device           {plan['device']} ({plan['parallel']}), frozen weights in {plan['weights_dtype']}"
         + (f", GPU memory {human_bytes(plan['gpu_bytes'])}" if plan.get("gpu_bytes") else ""),
         f"checkpoints      every {plan['checkpoint_every']} steps and at each stage's end",

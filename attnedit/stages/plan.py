@@ -270,7 +270,12 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
         "kv_bytes_per_token": {"teacher": kv_t["kv_bytes_per_token"], "edited": kv_s["kv_bytes_per_token"]},
         "data_files": [str(f) for f in files],
         "seq_len": recipe.data.seq_len,
-        "recall_fraction": recipe.stage2.recall_fraction if recipe.stage2.steps and spans_fit(stages(recipe)[1].seq_len) else 0.0,
+        "recall_fraction": (
+            recipe.stage2.recall_fraction
+            if recipe.stage2.steps and spans_fit(stages(recipe)[1].seq_len, recipe.stage2.recall_min_distance)
+            else 0.0
+        ),
+        "recall_min_distance": recipe.stage2.recall_min_distance,
         "device": str(device),
         "parallel": parallel.describe() + (f", frozen weights {'sharded' if memory.layout.shard_frozen else 'replicated'}" if world else ""),
         "gpu_bytes": gpu,
