@@ -99,3 +99,16 @@ def recall_targets(plans: list, seq_len: int, window: int, sink: int = 0) -> tor
         first = source + (p - destination) + 1
         mask[row, p[(p - first >= window) & (first >= sink)]] = True
     return mask
+
+
+def long_range_blocks(ids: torch.Tensor, window: int, sink: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` [rows, seq] with a recall span in every row copied ``window + 1`` or more tokens after its source, and
+    their long-range targets (:func:`recall_targets`): what GateSWA's ``auto_score: recall`` measures windowing on."""
+    out, plans = recall_spans(ids, 1.0, seed=seed, min_distance=window + 1)
+    targets = recall_targets(plans, ids.shape[1], window, sink)
+    if not bool(targets.any()):
+        raise AttnEditError(
+            f"auto_score=recall: calibration blocks of {ids.shape[1]} tokens cannot hold a span copied more than the "
+            f"window ({window}) after itself; use longer blocks (auto_seq_len, e.g. 4 x the window) or auto_score=kl"
+        )
+    return out, targets

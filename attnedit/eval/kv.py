@@ -25,7 +25,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 @dataclass
 class LayerKV:
     layer: int
-    kind: str  # dense | dense-sliding, or the target's label: mla | mla-sliding | gateswa-sliding | gateswa-full | gqa ...
+    kind: str  # dense | dense-sliding, or the target's label: mla | mla-sliding | gateswa-sliding | gateswa-full | gateswa-heads | gqa ...
     params: int  # attention parameters of this layer
     values_per_token: float  # cached values per token at the given context (K and V, or latent + rope key)
     bytes_per_token: float

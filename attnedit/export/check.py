@@ -30,7 +30,7 @@ LOGIT_TOLERANCE = 1e-4
 @dataclass
 class LayerCache:
     layer: int
-    kind: str  # mla, full, sliding
+    kind: str  # mla, full, sliding, heads (a sliding layer with some KV heads full)
     tokens: int  # tokens the design keeps for this layer
     visible: int  # tokens the stock cache tensors show
     stock_bytes: int
@@ -133,7 +133,7 @@ def designed_layer(config, i: int, tokens: int, batch: int, nbytes: int) -> tupl
     designed = round(kv_layout(config, tokens)[i].values_per_token * tokens) * batch * nbytes
     sliding = layer.get("window") is not None and layer.get("layer_type", "sliding") == "sliding"
     kept = min(tokens, int(layer["window"]) + int(layer.get("sink", 0) or 0)) if sliding else tokens
-    kind = "mla" if layer["kind"] == "mla" else "sliding" if sliding else "full"
+    kind = "mla" if layer["kind"] == "mla" else "full" if not sliding else "heads" if layer.get("full_kv_heads") else "sliding"
     return kind, kept, designed, teacher
 
 

@@ -25,6 +25,9 @@ gemma3_text,                          every sliding layer (the teacher's, which 
 olmo3                                 the layers that slid already)
 ============  ======================  ==========================================================
 
+A model that keeps some KV heads full inside sliding layers (``full_kv_heads``) has no stock format: every
+format above has one window per layer, so such a model exports with remote code (``--format hf``) only.
+
 GQA models (fewer KV heads) are the teacher's own architecture: :func:`export_teacher_format` writes the
 teacher's config with the smaller ``num_key_value_heads`` (format ``teacher``), for any family.
 
@@ -95,6 +98,12 @@ def model_target(model) -> str:
 def swa_layout(model, fmt: str) -> tuple[list[str], int | None]:
     """Per-layer ``layer_types`` and the one ``sliding_window``, or a one-line error saying what prevents it."""
     cfg = model.config
+    split = [i for i, x in enumerate(cfg.layer_attention) if x.get("layer_type") == "sliding" and x.get("full_kv_heads")]
+    if split:
+        raise AttnEditError(
+            f"this GateSWA model keeps some KV heads full inside sliding layers ({', '.join(map(str, split))}) and no stock "
+            f"format, {fmt} included, has a window per head: export --format hf (remote code)"
+        )
     gates = sorted({x.get("gate") for x in cfg.layer_attention if x["kind"] == "gateswa" and x.get("gate") != "none"})
     sinks = sorted({x.get("sink", 0) for x in cfg.layer_attention if x.get("sink", 0)})
     if gates or sinks:

@@ -77,6 +77,11 @@ class Target:
         JSON-serialisable; it is stored in the checkpoint's config and passed to the attention's constructor."""
         raise NotImplementedError
 
+    def unmeasured(self, settings) -> str | None:
+        """Why a model cannot be built from ``settings`` without the run's own data (a setting ``convert`` measures on
+        it first, such as GateSWA's ``full_layers: auto:K``), as a one-line message ``edit`` raises; None when it can."""
+        return None
+
     def cache_values(self, layer: dict, spec: dict, context: int) -> float:
         """Cached values per token of one layer at ``context`` tokens, from its description alone (the KV
         figures everywhere; a test checks the cache allocates exactly this many)."""

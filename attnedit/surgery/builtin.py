@@ -6,15 +6,18 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from ..families import family_for
 from ..targets import GateSWAAttention, MLAAttention
+from ..targets.split_heads import cached_values
 from .api import LayerPlan, Target, dense_parameters, dense_values
 from .gqa import GQATarget
 from .init import gateswa_from_teacher, random_init, set_gate
 from .mla_init import collect_stats, plan_mla_init, write_mla
+from .selection import gateswa_layout, parse_choice
 from .settings import (
     GateSWASettings,
     MLASettings,
-    full_layer_indices,
+    parse_layer_list,
     plan_gateswa,
     plan_mla,
 )
@@ -84,7 +87,7 @@ class GateSWATarget(Target):
     name = "gateswa"
     settings = GateSWASettings
     attention = GateSWAAttention
-    help = "gated hybrid sliding-window attention: most layers keep a window of recent tokens, a few stay full"
+    help = "gated hybrid sliding-window attention: most layers keep a window of recent tokens, a few layers (or KV heads) stay full"
     exports: ClassVar[dict] = {
         "ministral": "GateSWA with gate=none, sink=0, Llama/Mistral/Ministral teachers: stock Ministral with layer_types",
         "qwen2": "GateSWA with gate=none, sink=0, Qwen2 (or Llama/Mistral, zero q/k/v biases): stock Qwen2 with layer_types",
@@ -96,19 +99,29 @@ class GateSWATarget(Target):
     }
 
     def plan_layer(self, settings: GateSWASettings, layer: LayerPlan) -> dict:
-        full = set(full_layer_indices(settings.full_layers, layer.n_layers))
-        out = plan_gateswa(settings, layer.spec, layer.config, layer.index, full)
-        if layer.window is not None and (out["layer_type"] == "full" or layer.window <= out["window"]):
-            # the teacher slides here already: its own window, never widened, without sinks (it had none)
-            out.update(layer_type="sliding", window=layer.window, sink=0)
-        return out
+        # the full layers and KV heads (selection.py: an unmeasured auto choice spread evenly, under its KV budget)
+        edited = parse_layer_list(settings.layers, layer.n_layers, "layers")
+        full, heads = gateswa_layout(settings, layer.config, family_for(layer.config), edited)
+        return plan_gateswa(settings, layer.spec, layer.config, layer.index, full, heads, teacher_window=layer.window)
 
     def cache_values(self, layer: dict, spec: dict, context: int) -> float:
         window = layer["window"] if layer["layer_type"] == "sliding" else None
+        if window is not None and layer.get("full_kv_heads"):  # some KV heads full: 2 d (f + (n - f) min(window + sink, L) / L)
+            full = len(layer["full_kv_heads"])
+            return cached_values(spec["num_kv_heads"], spec["head_dim"], window, layer.get("sink", 0), context, full)
         return dense_values(spec["num_kv_heads"], spec["head_dim"], window, layer.get("sink", 0), context)
 
     def cache_label(self, layer: dict) -> str:
-        return f"gateswa-{layer['layer_type']}"
+        return "gateswa-heads" if layer["layer_type"] == "sliding" and layer.get("full_kv_heads") else f"gateswa-{layer['layer_type']}"
+
+    def unmeasured(self, settings: GateSWASettings) -> str | None:
+        for key in ("full_layers", "full_heads"):
+            if parse_choice(getattr(settings, key), key) is not None:
+                return (
+                    f"{key}={getattr(settings, key)} is measured on training data: run attnedit convert with it (it "
+                    "measures on the recipe's data and records the choice in full_layers.json), or give explicit ones"
+                )
+        return None
 
     def parameters(self, layer: dict, spec: dict) -> int:
         n = dense_parameters(spec)

@@ -113,15 +113,13 @@ def edit_model(
     """Return the edited (untrained) student. Frozen weights are shared with ``teacher``."""
     config = edited_config(teacher.config, target, target_args)
     settings = parse_settings(target, config.edit["settings"])
-    if target == "gateswa" and str(settings.full_layers).strip().lower().startswith("auto:"):
-        raise AttnEditError(
-            f"full_layers={settings.full_layers} is measured on training data: run attnedit convert with it (it measures "
-            "on the recipe's data and records the choice in full_layers.json), or give explicit layer indices"
-        )
+    chosen = get_target(target)
+    unmeasured = chosen.unmeasured(settings)
+    if unmeasured:
+        raise AttnEditError(unmeasured)
     device = next(teacher.parameters()).device
     dtype = next(teacher.parameters()).dtype
     family = family_for(teacher.config)
-    chosen = get_target(target)
     edited = config.edit["edited_layers"]
     prepared = {}
     if settings.init == "teacher" and chosen.calibrated:  # before the student exists: it may set per-layer shapes

@@ -51,9 +51,27 @@ class GateSWASettings(TargetSettings):
     window: int | None = _help("tokens a sliding layer sees, itself included (default: 1024, at most a quarter of the max context)")
     sink: int = _help("first tokens every sliding layer always sees (attention sinks; 0 doubles perplexity)", 4)
     full_layers: str = _help(
-        "full-attention layers: 'every:K' (layers K-1, 2K-1, ...), indices '3,9', 'none', or 'auto:K' (the K layers "
-        "whose windowing costs the teacher most, measured by convert on the run's data)",
+        "full-attention layers: 'every:K' (layers K-1, 2K-1, ...), indices '3,9', 'none', 'auto:K' (the K layers "
+        "whose windowing costs the teacher most, measured by convert on the run's data; see auto_score) or 'auto@F:L' "
+        "(as many such layers as fit a KV cache of F times the teacher's at context L, e.g. auto@0.22:8192)",
         "every:6",
+    )
+    full_heads: str = _help(
+        "KV heads kept full inside sliding layers (with their query heads; the layer's other KV heads slide): 'none', "
+        "LAYER.HEAD pairs '3.0,7.1', 'auto:N' (the N KV heads whose windowing costs the teacher most, measured by "
+        "convert) or 'auto@F:L' (as many as fit a KV cache of F times the teacher's at context L, e.g. "
+        "auto@0.12:8192); exports with remote code only (no stock format has a window per head)",
+        "none",
+    )
+    auto_score: str = _help(
+        "what an 'auto' choice of full layers or heads ranks by, measured on the teacher with each unit alone windowed: "
+        "'kl' (mean KL over every position past the window) or 'recall' (that plus the mean KL where a span copied "
+        "from further back than the window is predicted: the long-range targets of the run's own text)",
+        "kl",
+    )
+    auto_seq_len: int | None = _help(
+        "tokens per calibration block of an 'auto' choice (8 blocks of the run's data; default: the run's longest "
+        "stage sequence length)"
     )
     gate: str = _help(
         "output gate: 'elementwise' (one per channel), 'headwise' (one per head) or 'none' (no gate: with sink=0 "
@@ -188,9 +206,19 @@ def plan_mla(s: MLASettings, spec: dict, config, layer_rope: dict | None = None)
     }
 
 
-def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: set[int]) -> dict:
+def gateswa_window(s: GateSWASettings, config) -> int:
+    """The sliding window: the setting, else 1024 tokens, at most a quarter of the max context."""
     max_pos = getattr(config, "max_position_embeddings", None) or 4096
-    window = s.window if s.window is not None else min(1024, max(1, max_pos // 4))
+    return s.window if s.window is not None else min(1024, max(1, max_pos // 4))
+
+
+def plan_gateswa(
+    s: GateSWASettings, spec: dict, config, layer_idx: int, full: set[int], heads: dict | None = None, teacher_window: int | None = None
+) -> dict:
+    """One GateSWA layer: full when ``layer_idx`` is in ``full``, else sliding, with the KV heads ``heads[layer_idx]``
+    kept full (``targets/split_heads.py``). Where the teacher slides already (``teacher_window``) the layer keeps the
+    teacher's own window, never widened, without sinks (it had none)."""
+    window = gateswa_window(s, config)
     if window < 1:
         raise AttnEditError(f"window={window}: must be >= 1 token")
     if s.sink < 0:
@@ -205,7 +233,11 @@ def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: s
         raise AttnEditError(f"gate={s.gate!r}: choose elementwise, headwise or none")
     if not 0.0 < s.gate_init < 1.0:
         raise AttnEditError(f"gate_init={s.gate_init}: must be strictly between 0 and 1")
-    return {
+    if s.auto_score not in ("kl", "recall"):
+        raise AttnEditError(f"auto_score={s.auto_score!r}: choose kl or recall")
+    if s.auto_seq_len is not None and s.auto_seq_len < 2:
+        raise AttnEditError(f"auto_seq_len={s.auto_seq_len}: needs at least 2 tokens; use e.g. 8192")
+    layer = {
         "kind": "gateswa",
         "layer_type": "full" if layer_idx in full else "sliding",
         "window": window,
@@ -213,6 +245,11 @@ def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: s
         "gate": s.gate,
         "gate_bias": math.log(s.gate_init / (1.0 - s.gate_init)),
     }
+    if teacher_window is not None and (layer["layer_type"] == "full" or teacher_window <= window):
+        layer.update(layer_type="sliding", window=teacher_window, sink=0)
+    elif heads and heads.get(layer_idx) and layer_idx not in full:  # some KV heads full
+        layer["full_kv_heads"] = list(heads[layer_idx])
+    return layer
 
 
 def parse_auto(full_layers: str) -> int | None:
@@ -227,18 +264,6 @@ def parse_auto(full_layers: str) -> int | None:
     if k < 0:
         raise AttnEditError(f"full_layers='{full_layers}': 'auto:K' needs an integer K >= 0")
     return k
-
-
-def full_layer_indices(full_layers, n_layers: int) -> list[int]:
-    """The full layers of a GateSWA plan. ``auto:K`` has not been measured yet when a plan is made from
-    configs alone (``--dry-run``, ``inspect``): K layers spread evenly stand in for it, which gives the
-    same KV figures; ``convert`` measures the real choice before it edits (surgery/sensitivity.py)."""
-    k = parse_auto(full_layers)
-    if k is None:
-        return parse_layer_list(full_layers, n_layers, "full_layers")
-    if k > n_layers:
-        raise AttnEditError(f"full_layers=auto:{k}: the model has only {n_layers} layers")
-    return sorted({round((j + 1) * n_layers / k) - 1 for j in range(k)}) if k else []
 
 
 def plan_layers(target: str, settings: TargetSettings, config, family) -> tuple[list[dict], list[int]]:

@@ -23,6 +23,7 @@ REMOTE_CODE_FILES = (
     "kernels.py",
     "mla.py",
     "modeling_attnedit.py",
+    "split_heads.py",
 )
 
 __all__ = [

@@ -22,6 +22,7 @@ from .common import (
     head_scale,
     static_buffer,
 )
+from .split_heads import split_attention, split_cache
 
 
 class KVCacheLayer(CacheLayer):
@@ -86,6 +87,7 @@ class DenseAttention(FusableProjections, nn.Module):
     or ``"projection"`` (over the whole q / k projection, OLMo 2), ``norm_offset`` (Gemma's ``1 + weight``)."""
 
     kind = "dense"
+    head_split = None  # a split_heads.HeadSplit: with a window, these KV heads stay full (set_full_kv_heads)
 
     def __init__(self, spec: dict, base_config: dict, layer_idx: int, window: int | None = None, sink: int = 0):
         super().__init__()
@@ -114,6 +116,8 @@ class DenseAttention(FusableProjections, nn.Module):
         self.rotary = Rotary(d, base_config)
 
     def new_cache(self, static: bool = False, batch: int = 1, max_length: int = 0, dtype=None, device=None) -> CacheLayer:
+        if self.window is not None and self.head_split is not None:
+            return split_cache(self, static, batch, max_length, dtype, device)
         if self.window is not None:
             from .gateswa import SlidingKVCacheLayer, StaticSlidingKVCacheLayer
 
@@ -157,6 +161,8 @@ class DenseAttention(FusableProjections, nn.Module):
     def attention(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
         """``q`` [B, H, T, D], ``k``/``v`` [B, Hkv, T, D] of this call's tokens -> [B, H, T, D]."""
         scale, softcap = self.scale, self.softcap
+        if self.window is not None and self.head_split is not None:
+            return split_attention(self, q, k, v, ctx, scale, softcap)
         if ctx.cache is None:
             return attend_new(q, k, v, ctx, self.window, self.sink, scale, softcap)
         layer = ctx.cache.layers[self.layer_idx]

@@ -9,6 +9,8 @@ weights can start from the teacher's.
 A sliding layer's cache holds at most ``window + sink`` tokens whatever the sequence length.
 Sink tokens are the first ``sink`` token *indices*: in a left-padded batch, a padded row's sink slots
 hold padding (masked), so that row runs without sinks. Serving engines do not pad. The default is sink=4.
+
+A sliding layer may keep some of its KV heads full (``full_kv_heads``): see ``split_heads.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn as nn
 
 from .common import AttentionContext, CacheLayer, static_buffer
 from .dense import DenseAttention
+from .split_heads import set_full_kv_heads
 
 
 def ring_slot(p, sink: int, window: int):
@@ -180,11 +183,14 @@ class GateSWAAttention(DenseAttention):
         sink: int = 0,
         gate: str = "elementwise",
         gate_bias: float = 4.0,
+        full_kv_heads: list[int] | None = None,
     ):
         if layer_type not in ("sliding", "full"):
             raise ValueError(f"layer_type must be 'sliding' or 'full', got {layer_type!r}")
         super().__init__(spec, base_config, layer_idx, window if layer_type == "sliding" else None, sink)
         self.layer_type = layer_type
+        if layer_type == "sliding":  # KV heads kept full inside a sliding layer (split_heads.py)
+            set_full_kv_heads(self, full_kv_heads)
         self.gate_kind = gate
         if gate == "none":  # no gate parameters at all: the layer's weights are the stock architecture's
             self.g_proj = None
