@@ -188,6 +188,7 @@ class Summary(FileRecord):
     target: str | None = None
     edited_layers: list[int] = []
     full_layers: list[int] | None = None
+    full_heads: list[list[int]] | None = None  # [layer, KV head] kept full inside sliding layers (GateSWA)
     heldout_before: Losses | None = None
     stage1: StageSummary | None = None
     stage2: StageSummary | None = None

@@ -17,19 +17,20 @@ from ..recipe import Recipe
 from .base import Conversion, owned_parameters
 from .plan import check_seq_len, stages, weights_dtype
 
-FULL_LAYERS = "full_layers.json"  # GateSWA full_layers=auto:K: the layers chosen and each layer's measured cost
+FULL_LAYERS = "full_layers.json"  # a target's measured choice (Target.choose), e.g. GateSWA's full layers or KV heads
 
 
 def edit(recipe: Recipe, device: torch.device, run_dir: Path, parallel: Parallelism, measured: dict | None = None) -> tuple[Conversion, dict | None]:
     """Load the teacher (frozen) and replace its attention; the new attention trains in fp32.
 
-    With GateSWA ``full_layers: auto:K`` the K full layers are measured first on the run's own data by the
-    main process (``measured``, from an earlier start of the run, is reused as it is). Returns the context
-    and that measurement (None without ``auto:K``).
+    What the target measures on the run's own data before it edits (:meth:`~attnedit.surgery.api.Target.choose`:
+    GateSWA's ``full_layers``/``full_heads: auto...``, ``surgery/selection.py``) is measured first by the main
+    process (``measured``, from an earlier start of the run, is reused as it is). Returns the context and that
+    measurement (None when nothing was measured).
     """
     from ..data import resolve_tokenizer
+    from ..data.recall import long_range_blocks
     from ..surgery import edit_model, get_target
-    from ..surgery.sensitivity import resolve_auto_full_layers
     from ..teachers import load_model
 
     teacher, teacher_tok = load_model(recipe.teacher, dtype=weights_dtype(recipe, device), device=device)
@@ -37,14 +38,14 @@ def edit(recipe: Recipe, device: torch.device, run_dir: Path, parallel: Parallel
     tokenizer = resolve_tokenizer(recipe.data, teacher_tok, teacher.config.vocab_size)
     teacher.requires_grad_(False)
     calib = None
-    if get_target(recipe.target).calibrated and recipe.target_args.get("init") == "teacher":  # e.g. MLA's factorisation
+    target = get_target(recipe.target)
+    if target.calibrated and recipe.target_args.get("init") == "teacher":  # e.g. MLA's factorisation
         calib = calibration_ids(recipe, tokenizer, teacher.config.hidden_size)
     target_args = recipe.target_args
-    if recipe.target == "gateswa":
-        calibration = lambda: sensitivity_ids(recipe, tokenizer)  # noqa: E731
-        if measured is None:  # the main process measures; every process builds its choice
-            measured = parallel.from_main(lambda: resolve_auto_full_layers(teacher, target_args, calibration)[1])
-        target_args, measured = resolve_auto_full_layers(teacher, target_args, calibration, measured)
+    blocks = lambda seq_len=None: sensitivity_ids(recipe, tokenizer, seq_len)  # noqa: E731
+    if measured is None:  # the main process measures; every process builds its choice
+        measured = parallel.from_main(lambda: target.choose(teacher, target_args, blocks, long_range=long_range_blocks)[1])
+    target_args, measured = target.choose(teacher, target_args, blocks, measured)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     student = edit_model(teacher, recipe.target, target_args, calibration_ids=calib)
@@ -61,9 +62,10 @@ def training_blocks(recipe: Recipe, tokenizer, seq: int, n: int) -> torch.Tensor
     return BlockStream(stage_data(recipe.data, seq), tokenizer, seed=recipe.seed, prefetch=False).next_batch(n)
 
 
-def sensitivity_ids(recipe: Recipe, tokenizer, n: int = 8) -> torch.Tensor:
-    """Blocks at the run's longest sequence length, for choosing full layers (``full_layers: auto:K``)."""
-    return training_blocks(recipe, tokenizer, max(s.seq_len for s in stages(recipe)), n)
+def sensitivity_ids(recipe: Recipe, tokenizer, seq_len: int | None = None, n: int = 8) -> torch.Tensor:
+    """Blocks for a target's measured choice (GateSWA ``full_layers``/``full_heads: auto...``: ``auto_seq_len``
+    tokens each): ``seq_len`` tokens each, by default the run's longest sequence length."""
+    return training_blocks(recipe, tokenizer, seq_len or max(s.seq_len for s in stages(recipe)), n)
 
 
 def calibration_ids(recipe: Recipe, tokenizer, hidden_size: int) -> torch.Tensor:
@@ -84,7 +86,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, checkp
     from ..distributed import dcp
     from ..export import save_edited
     from ..recipe import load_recipe
-    from ..surgery import edit_model
+    from ..surgery import edit_model, get_target
     from ..teachers import load_model
 
     run_dir = Path(run_dir)
@@ -100,9 +102,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, checkp
     measured = run_dir / FULL_LAYERS
     args = {**recipe.target_args, "init": "random"}  # every trained weight comes from the checkpoint
     if measured.is_file():
-        from ..surgery.sensitivity import resolve_auto_full_layers
-
-        args, _ = resolve_auto_full_layers(teacher, args, None, json.loads(measured.read_text()))
+        args, _ = get_target(recipe.target).choose(teacher, args, None, json.loads(measured.read_text()))
     student = edit_model(teacher, recipe.target, args)
     for i in student.config.edit["edited_layers"]:
         student.attentions()[i].float()

@@ -80,7 +80,7 @@ def train_and_save(recipe: Recipe, run_dir: Path, resume: bool, progress: str, p
     existed = run_dir.exists()
     if not resume and parallel.main:  # the main process alone writes the run folder
         prepare_run_dir(recipe, run_dir, resume)
-        if measured is not None:  # full_layers=auto:K: the measured choice, reused on resume
+        if measured is not None:  # an auto choice of full layers or heads: the measured choice, reused on resume
             write_text(chosen, json.dumps(measured, indent=2) + "\n")
     parallel.barrier()
     try:
@@ -106,6 +106,9 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
     full = [i for i, x in enumerate(student.config.layer_attention) if x.get("layer_type") == "full"]
     if full and "full_layers" not in summary:
         summary["full_layers"] = full
+    heads = [[i, h] for i, x in enumerate(student.config.layer_attention) for h in x.get("full_kv_heads") or []]
+    if heads and "full_heads" not in summary:
+        summary["full_heads"] = heads
     run = Run(ctx, recipe, summary, progress)
     restore(ctx, run, memory.stages, state, resume)
     heldout = heldout_eval(recipe, ctx)

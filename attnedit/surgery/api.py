@@ -82,6 +82,16 @@ class Target:
         it first, such as GateSWA's ``full_layers: auto:K``), as a one-line message ``edit`` raises; None when it can."""
         return None
 
+    def choose(self, teacher, target_args: dict, blocks, measured: dict | None = None, long_range=None) -> tuple[dict, dict | None]:
+        """What ``convert`` measures on the run's own text before it edits (GateSWA's ``full_layers``/``full_heads:
+        auto...``): ``target_args`` with the choice written in, and a JSON record of it, which ``convert`` keeps in the
+        run folder (``full_layers.json``) and passes back as ``measured`` on resume and export (nothing is measured
+        then). ``blocks(seq_len=None)`` gives token ids [n, seq_len] of the run's training text (None: its longest
+        stage's length; ``blocks`` is None where there is no data to measure on); ``long_range(ids, window, sink)``,
+        those blocks with a span copied further back than ``window`` and their long-range targets
+        (``attnedit.data.recall.long_range_blocks``). By default nothing is measured: ``(target_args, None)``."""
+        return target_args, None
+
     def cache_values(self, layer: dict, spec: dict, context: int) -> float:
         """Cached values per token of one layer at ``context`` tokens, from its description alone (the KV
         figures everywhere; a test checks the cache allocates exactly this many)."""

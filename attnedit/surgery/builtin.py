@@ -13,11 +13,12 @@ from .api import LayerPlan, Target, dense_parameters, dense_values
 from .gqa import GQATarget
 from .init import gateswa_from_teacher, random_init, set_gate
 from .mla_init import collect_stats, plan_mla_init, write_mla
-from .selection import gateswa_layout, parse_choice
+from .selection import gateswa_layout, parse_choice, resolve_auto
 from .settings import (
     GateSWASettings,
     MLASettings,
     parse_layer_list,
+    parse_settings,
     plan_gateswa,
     plan_mla,
 )
@@ -113,6 +114,12 @@ class GateSWATarget(Target):
 
     def cache_label(self, layer: dict) -> str:
         return "gateswa-heads" if layer["layer_type"] == "sliding" and layer.get("full_kv_heads") else f"gateswa-{layer['layer_type']}"
+
+    def choose(self, teacher, target_args: dict, blocks, measured: dict | None = None, long_range=None) -> tuple[dict, dict | None]:
+        """An ``auto`` choice of full layers or KV heads, measured on ``auto_seq_len``-token blocks (selection.py)."""
+        seq_len = parse_settings(self.name, target_args).auto_seq_len
+        calibration = None if blocks is None else lambda: blocks(seq_len)
+        return resolve_auto(teacher, target_args, calibration, measured, long_range)
 
     def unmeasured(self, settings: GateSWASettings) -> str | None:
         for key in ("full_layers", "full_heads"):
