@@ -92,6 +92,46 @@ def test_cached_decoding_with_left_padding(static):
     torch.testing.assert_close(full[0, 4:], student(ids[:1, 4:]).logits[0], atol=1e-5, rtol=1e-4)  # padding changes nothing
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static", "growing"])
+@torch.no_grad()
+def test_chunked_prefill_equals_one_piece(static):
+    """A prefill in chunks of the cache's rows (static: each group's caches are row views) and of the sequence."""
+    from test_prefill_chunks import _prefill_then_decode
+
+    student = split_student("mistral")
+    ids = tiny_ids(batch=3, length=23)
+    whole, _ = _prefill_then_decode(student, ids, None, static, chunk=None)
+    chunked, cache = _prefill_then_decode(student, ids, None, static, chunk=10)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert cache.get_seq_length() == 26
+
+
+def test_decode_step_traces_into_one_graph_without_retracing():
+    """fullgraph=True fails on any graph break; the frame counter catches a re-trace per step."""
+    from torch._dynamo.testing import CompileCounter
+
+    student = split_student("qwen3")
+    ids = tiny_ids(length=9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :2] = 0  # padding on, so the padded decode path is traced too
+    outs = {}
+    with torch.no_grad():
+        for compiled in (False, True):
+            cache = student.new_cache(static=True, batch_size=2, max_length=20)
+            student(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            counter = CompileCounter()
+            torch._dynamo.reset()
+            step = torch.compile(student, backend=counter, fullgraph=True) if compiled else student
+            token, outs[compiled] = ids[:, -1:].clone(memory_format=torch.contiguous_format), []
+            for _ in range(5):
+                out = step(input_ids=token, attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                token = out.logits[:, -1:].argmax(-1)
+                outs[compiled].append(out.logits)
+    assert counter.frame_count == 1 and cache.get_seq_length() == 14
+    torch.testing.assert_close(torch.cat(outs[True]), torch.cat(outs[False]))
+
+
 @torch.no_grad()
 def test_generate_static_equals_dynamic_and_beam_search_runs():
     student = split_student("llama")

@@ -108,6 +108,10 @@ class SplitHeadsCacheLayer(CacheLayer):
         for part in self.parts:
             part.reset()
 
+    def rows(self, start: int, end: int) -> "SplitHeadsCacheLayer":
+        """This static layer over batch rows ``start:end`` (views: writes land in this layer's storage)."""
+        return SplitHeadsCacheLayer(self.parts[0].rows(start, end), self.parts[1].rows(start, end))
+
 
 def split_cache(attn, static: bool, batch: int, max_length: int, dtype, device) -> SplitHeadsCacheLayer:
     """The two caches of a split layer, each sized for its own heads."""
