@@ -52,7 +52,9 @@ def main() -> None:
         config = edited_config(teacher.config, "gateswa", args)
         context = record.get("budget", {}).get("context", 8192)
         kv = kv_summary(config, context, "bfloat16")["kv_bytes_per_token"] / kv_summary(teacher.config, context, "bfloat16")["kv_bytes_per_token"]
-        print(f"\n{score}: full_layers={args['full_layers']} full_heads={args['full_heads']} ({kv:.1%} of the teacher's KV at {context}; {time.time() - t0:.0f} s)")
+        print(
+            f"\n{score}: full_layers={args['full_layers']} full_heads={args['full_heads']} ({kv:.1%} of the teacher's KV at {context}; {time.time() - t0:.0f} s)"
+        )
         if "scores_kl" in record:
             cost = record["scores_kl"] if score == "kl" else [x + y for x, y in zip(record["scores_kl"], record["scores_recall"])]
             order = sorted(range(len(cost)), key=lambda i: -cost[i])[: a.top]

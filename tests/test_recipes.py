@@ -12,8 +12,8 @@ from test_stages import make_docs, make_teacher_dir
 
 from attnedit import AttnEditError
 from attnedit.cli import main
-from attnedit.recipe import Recipe, diff, explain, load_recipe, parse_recipe, to_yaml
 from attnedit.eval.kv import kv_summary
+from attnedit.recipe import Recipe, diff, explain, load_recipe, parse_recipe, to_yaml
 from attnedit.stages import format_plan, make_plan
 from attnedit.surgery import edited_config
 from attnedit.teachers import load_config

@@ -47,7 +47,7 @@ class HeadSplit:
     group: int  # query heads per KV head
 
     @classmethod
-    def make(cls, full_kv_heads, num_heads: int, num_kv_heads: int) -> "HeadSplit":
+    def make(cls, full_kv_heads, num_heads: int, num_kv_heads: int) -> HeadSplit:
         full = tuple(sorted({int(h) for h in full_kv_heads}))
         if not full or full[0] < 0 or full[-1] >= num_kv_heads or len(full) == num_kv_heads:
             raise ValueError(
@@ -108,7 +108,7 @@ class SplitHeadsCacheLayer(CacheLayer):
         for part in self.parts:
             part.reset()
 
-    def rows(self, start: int, end: int) -> "SplitHeadsCacheLayer":
+    def rows(self, start: int, end: int) -> SplitHeadsCacheLayer:
         """This static layer over batch rows ``start:end`` (views: writes land in this layer's storage)."""
         return SplitHeadsCacheLayer(self.parts[0].rows(start, end), self.parts[1].rows(start, end))
 
