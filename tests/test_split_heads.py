@@ -203,6 +203,14 @@ def test_layers_where_the_teacher_slides_keep_no_full_heads():
     assert fraction == pytest.approx(0.4375 * 3 / 2.1875) and fraction <= 0.613
 
 
+def test_the_model_card_says_which_layers_keep_heads_full():
+    from attnedit.export.card import model_card
+
+    card = model_card(edit_model(tiny_teacher("llama"), "gateswa", {"window": 5, "full_layers": "3", "full_heads": "1.0"}).config)
+    assert "per layer (layer_type, full_kv_heads vary: `layer_attention` in config.json)" in card
+    assert "`full_heads=1.0`" in card
+
+
 def test_kv_figures_follow_the_per_head_formula():
     """2 KV heads x head_dim 16: a layer with one head full caches 2 x 16 x (1 + 1 x min(window + sink, L) / L)."""
     student = edit_model(tiny_teacher("llama"), "gateswa", {"window": 10, "sink": 2, "full_layers": "3", "full_heads": "0.1"})

@@ -229,7 +229,7 @@ def _layer_text(config, layers: list[int]) -> str:
         return "none"
     if all(p == plans[0] for p in plans):
         return f"each: {_settings_text(plans[0])}"
-    keys = [k for k in plans[0] if any(p.get(k) != plans[0].get(k) for p in plans)]
+    keys = [k for k in dict.fromkeys(k for p in plans for k in p) if any(p.get(k) != plans[0].get(k) for p in plans)]
     return f"per layer ({', '.join(keys)} vary: `layer_attention` in config.json), first: {_settings_text(plans[0])}"
 
 
