@@ -60,7 +60,8 @@ class GateSWASettings(TargetSettings):
         "KV heads kept full inside sliding layers (with their query heads; the layer's other KV heads slide): 'none', "
         "LAYER.HEAD pairs '3.0,7.1', 'auto:N' (the N KV heads whose windowing costs the teacher most, measured by "
         "convert) or 'auto@F:L' (as many as fit a KV cache of F times the teacher's at context L, e.g. "
-        "auto@0.12:8192); exports with remote code only (no stock format has a window per head)",
+        "auto@0.12:8192); not in layers where the teacher slides already; exports with remote code only (no stock "
+        "format has a window per head)",
         "none",
     )
     auto_score: str = _help(
