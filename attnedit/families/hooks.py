@@ -15,6 +15,11 @@ import torch.nn as nn
 Callback = Callable[[int, torch.Tensor], None]
 
 
+class StopForward(Exception):
+    """Raised by a callback once it has what it needs: the model's remaining layers and head are not run (the
+    caller suppresses it around the forward call)."""
+
+
 def module_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden states a module was called with, passed by keyword or as the first argument."""
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

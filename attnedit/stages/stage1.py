@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..distributed.memory import score_bytes
 from ..families import family_for
-from ..families.hooks import watch
+from ..families.hooks import StopForward, watch
 from ..targets import AttentionContext
 from .base import Conversion, Stage
 from .speed import CompileGroup, compile_forwards, layer_context
@@ -29,10 +29,6 @@ from .speed import CompileGroup, compile_forwards, layer_context
 # peaks on an H100: SmolLM2 -> MLA at 16 x 1024 peaked at 5.4 GiB (6.4 under torchrun), estimate 6.5.
 CAPTURED = 2  # the teacher's x_i and y_i, kept for the whole step
 SAVED = 9  # what one edited attention saves for backward (q, k, v, rotations, output)
-
-
-class _Stop(Exception):
-    """Raised by the last hook: the teacher's remaining layers and LM head are not needed."""
 
 
 @contextlib.contextmanager
@@ -48,7 +44,7 @@ def teacher_taps(teacher, layers: list[int]):
     def on_output(i, y):
         found["y"][i] = y
         if i == last:
-            raise _Stop
+            raise StopForward  # the teacher's remaining layers and LM head are not needed
 
     with watch({i: family.attention(teacher, i) for i in layers}, on_input, on_output):
         yield found
@@ -57,7 +53,7 @@ def teacher_taps(teacher, layers: list[int]):
 @torch.no_grad()
 def capture(teacher, layers: list[int], ids: torch.Tensor) -> tuple[dict, dict]:
     """Each listed layer's attention input and output for one batch, from a single teacher forward."""
-    with teacher_taps(teacher, layers) as found, contextlib.suppress(_Stop):
+    with teacher_taps(teacher, layers) as found, contextlib.suppress(StopForward):
         teacher.model(input_ids=ids, use_cache=False)
     return found["x"], found["y"]
 

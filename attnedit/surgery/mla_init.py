@@ -18,9 +18,9 @@ layer, the second moments of the attention's input (:class:`LayerStats`). From t
   where it matters: keys weighted by the queries that read them (and the spread of the values the scores mix),
   values by ``o_proj`` (what each query head makes of them), inputs by their covariance. One SVD of the
   doubly weighted matrix gives the optimum of that objective.
-* **Rank per layer** (``rank_allocation: auto``): the same objective's spectra, relative to each layer's
-  residual-stream energy, share the total latent width (``kv_lora_rank`` x layers, the cached bytes unchanged)
-  so that layers that need rank get it.
+* **Rank per layer** (``rank_allocation: auto``): the layers share the total latent width (``kv_lora_rank`` x
+  layers, the cached bytes unchanged) by the same objective's spectra, each weighted by what its error costs the
+  model (the KL when that layer alone is converted), so that layers that need rank get it.
 * **The latent RMSNorm** (``kv_a_layernorm``, DeepSeek's) is not linear: its weight is set per channel to the
   scale that best undoes the normalisation on the calibration inputs.
 * **Biases** (Qwen2) survive exactly where the math allows: the query's on ``q_proj``; the RoPE part of the key's
@@ -33,6 +33,7 @@ It is a starting point for the distillation, not a lossless conversion; its one-
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -57,7 +58,6 @@ class LayerStats:
     sk: torch.Tensor | None = None
     sample: list = field(default_factory=list)
     sampled: int = 0
-    residual: float = 0.0  # sum of squared norms of the layer's residual-stream input
 
     def add(self, x: torch.Tensor, teacher_attn: nn.Module, spec: dict, keep: int = 4096) -> None:
         x = x.reshape(-1, x.shape[-1]).to(F64)
@@ -280,7 +280,8 @@ def _aware_lowrank(m: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.T
 def allocate_ranks(spectra: list[torch.Tensor], energies: list[float], total: int, step: int = 8, least: int = 8) -> list[int]:
     """Latent ranks per layer summing to ``total`` (multiples of ``step``, at least ``least``, at most what each
     layer's spectrum has, rounded up to ``step``): each further block of ``step`` goes where it removes the most
-    error relative to that layer's residual-stream energy (greedy, optimal for decreasing spectra)."""
+    error divided by that layer's ``energies`` entry (its error per unit of cost; greedy, optimal for decreasing
+    spectra)."""
     n = len(spectra)
     caps = [max(least, math.ceil(s.numel() / step) * step) for s in spectra]
     ranks = [min(least, c) for c in caps]
@@ -382,25 +383,25 @@ def fold_query_scale(student, spec: dict) -> None:
 def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4) -> dict[int, LayerStats]:
     """One pass of the teacher over ``ids`` (in batches), accumulating :class:`LayerStats` for each listed layer."""
     from ..families import family_for
-    from ..families.hooks import watch
+    from ..families.hooks import StopForward, watch
 
     family = family_for(teacher.config)
     spec = family.attention_spec(teacher.config)
     stats = {i: LayerStats() for i in layers}
     attns = {i: family.attention(teacher, i) for i in layers}
     projections = {i: family.projections(teacher, i) for i in layers}  # q/k/v apart, whatever the family fuses
-    blocks = {i: family.layers(teacher)[i] for i in layers}
+    last = max(layers)
 
     def on_attention(i, x):
         stats[i].add(x.detach(), projections[i], spec)
-
-    def on_layer(i, h):
-        stats[i].residual += float(h.detach().float().pow(2).sum())
+        if i == last:
+            raise StopForward  # the layers above the last edited one are not needed
 
     device = next(teacher.parameters()).device
-    with watch(attns, on_input=on_attention), watch(blocks, on_input=on_layer):
+    with watch(attns, on_input=on_attention):
         for s in range(0, ids.shape[0], batch):
-            teacher(input_ids=ids[s : s + batch].to(device))
+            with contextlib.suppress(StopForward):
+                teacher(input_ids=ids[s : s + batch].to(device))
     return stats
 
 
