@@ -187,7 +187,7 @@ def test_generate_compiles_the_decode_step_once(case):
 def test_kept_tokens_are_the_sinks_and_the_last_window_of_any_chunk(sink):
     """The ring keeps, of tokens start..end-1, those below ``sink`` and the last ``window`` ones; computed in
     O(window) (a long prefill does not loop over every token on the host), on the host and on the device alike."""
-    from attnedit.targets.gateswa import kept_index, kept_tokens
+    from attnedit.targets.caches import kept_index, kept_tokens
 
     window = 5
     for start in range(0, 12):

@@ -5,16 +5,18 @@ each saved checkpoint, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remo
 without attnedit installed.
 """
 
+from .caches import KVCacheLayer, SlidingKVCacheLayer, StaticKVCacheLayer, StaticSlidingKVCacheLayer
 from .common import AttentionContext, RMSNorm, Rotary
 from .configuration_attnedit import AttnEditConfig
-from .dense import DenseAttention, KVCacheLayer, StaticKVCacheLayer
-from .gateswa import GateSWAAttention, SlidingKVCacheLayer, StaticSlidingKVCacheLayer
+from .dense import DenseAttention
+from .gateswa import GateSWAAttention
 from .gqa import GQAAttention
 from .kernels import decode_attention, sliding_attention
 from .mla import LatentCacheLayer, MLAAttention, StaticLatentCacheLayer
 from .modeling_attnedit import ATTENTION_CLASSES, AttnEditCache, AttnEditForCausalLM
 
 REMOTE_CODE_FILES = (
+    "caches.py",
     "common.py",
     "configuration_attnedit.py",
     "dense.py",

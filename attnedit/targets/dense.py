@@ -1,7 +1,8 @@
-"""The teacher's own attention (grouped-query, optional QK-norm and biases) and its full K/V cache.
+"""The teacher's own attention (grouped-query, optional QK-norm and biases).
 
 Layers a conversion leaves unedited run this module with the teacher's weights, so an edited model is
-one self-contained class whatever mix of layers it has. GateSWA builds on it (``gateswa.py``).
+one self-contained class whatever mix of layers it has. GateSWA builds on it (``gateswa.py``). Its caches (full
+K/V, or the ring buffer of a layer the teacher runs with a window) are those of ``caches.py``.
 """
 
 from __future__ import annotations
@@ -9,75 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import (
-    AttentionContext,
-    CacheLayer,
-    FusableProjections,
-    RMSNorm,
-    Rotary,
-    apply_rope,
-    attend,
-    attend_new,
-    decode,
-    head_scale,
-    static_buffer,
-)
+from .caches import KVCacheLayer, SlidingKVCacheLayer, StaticKVCacheLayer, StaticSlidingKVCacheLayer
+from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, attend_new, decode, head_scale
 from .split_heads import split_attention, split_cache
-
-
-class KVCacheLayer(CacheLayer):
-    """Growing full cache: K and V of every token, ``[batch, kv_heads, tokens, head_dim]`` each."""
-
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.n_cached = 0
-
-    def tensors(self):
-        return [t for t in (self.k, self.v) if t is not None]
-
-    def update(self, k, v, ctx: AttentionContext):
-        """Append; returns (keys, values, key_index), key_index None when the keys are just the new tokens."""
-        first = self.k is None
-        if first:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-        self.n_cached += k.shape[2]
-        if first:
-            return self.k, self.v, None
-        return self.k, self.v, torch.arange(self.n_cached, device=k.device)
-
-
-class StaticKVCacheLayer(CacheLayer):
-    """Static full cache: ``[batch, kv_heads, max_length, head_dim]`` K and V allocated once; token ``p``
-    is written in place at column ``p``."""
-
-    static = True
-    is_compileable = True
-
-    def __init__(self, batch: int, kv_heads: int, max_length: int, head_dim: int, v_dim: int, dtype, device):
-        self.k = static_buffer((batch, kv_heads, max_length, head_dim), dtype, device)
-        self.v = static_buffer((batch, kv_heads, max_length, v_dim), dtype, device)
-
-    def tensors(self):
-        return [self.k, self.v]
-
-    def update(self, k, v, ctx: AttentionContext):
-        """Eager write of a chunk at its columns; returns what a chunk's attention reads."""
-        n_cached, t = ctx.n_cached, k.shape[2]
-        self.k[:, :, n_cached : n_cached + t] = k
-        self.v[:, :, n_cached : n_cached + t] = v
-        if n_cached == 0:
-            return k, v, None
-        return self.k[:, :, : n_cached + t], self.v[:, :, : n_cached + t], torch.arange(n_cached + t, device=k.device)
-
-    def decode_update(self, k, v, ctx: AttentionContext):
-        """Write one token at column ``n_written`` (a device tensor); returns the decode kernel's inputs."""
-        self.k.index_copy_(2, ctx.n_written.view(1), k)
-        self.v.index_copy_(2, ctx.n_written.view(1), v)
-        return self.k, self.v, ctx.n_filled, ctx.key_valid
 
 
 class DenseAttention(FusableProjections, nn.Module):
@@ -119,8 +54,6 @@ class DenseAttention(FusableProjections, nn.Module):
         if self.window is not None and self.head_split is not None:
             return split_cache(self, static, batch, max_length, dtype, device)
         if self.window is not None:
-            from .gateswa import SlidingKVCacheLayer, StaticSlidingKVCacheLayer
-
             if static:
                 return StaticSlidingKVCacheLayer(self.window, self.sink, batch, self.num_kv_heads, self.head_dim, dtype, device)
             return SlidingKVCacheLayer(self.window, self.sink)

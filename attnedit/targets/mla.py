@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .caches import SlidingKVCacheLayer, StaticSlidingKVCacheLayer
 from .common import (
     AttentionContext,
     CacheLayer,
@@ -34,7 +35,6 @@ from .common import (
     mask_tensor,
     static_buffer,
 )
-from .gateswa import SlidingKVCacheLayer, StaticSlidingKVCacheLayer
 from .kernels import mla_decode_attention
 
 
@@ -93,7 +93,7 @@ class StaticLatentCacheLayer(CacheLayer):
 
 class SlidingLatentCacheLayer(SlidingKVCacheLayer):
     """Growing ring buffer of latents for an MLA layer with a window: at most ``window + sink`` tokens of
-    ``[c_kv, rotated k_pe]``, kept as GateSWA's ring keeps keys (one latent "head", no separate values)."""
+    ``[c_kv, rotated k_pe]``, kept as a sliding layer's ring keeps keys (one latent "head", no separate values)."""
 
     def update(self, latent, ctx: AttentionContext):
         b, t, _ = latent.shape

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .caches import KVCacheLayer, SlidingKVCacheLayer, StaticKVCacheLayer, StaticSlidingKVCacheLayer
 from .common import AttentionContext, CacheLayer, attend, attend_new, decode
 
 
@@ -115,9 +116,6 @@ class SplitHeadsCacheLayer(CacheLayer):
 
 def split_cache(attn, static: bool, batch: int, max_length: int, dtype, device) -> SplitHeadsCacheLayer:
     """The two caches of a split layer, each sized for its own heads."""
-    from .dense import KVCacheLayer, StaticKVCacheLayer
-    from .gateswa import SlidingKVCacheLayer, StaticSlidingKVCacheLayer
-
     split, d = attn.head_split, attn.head_dim
     if static:
         full = StaticKVCacheLayer(batch, len(split.full), max_length, d, d, dtype, device)
