@@ -13,7 +13,8 @@ from .gateswa import GateSWAAttention
 from .gqa import GQAAttention
 from .kernels import decode_attention, sliding_attention
 from .mla import LatentCacheLayer, MLAAttention, StaticLatentCacheLayer
-from .modeling_attnedit import ATTENTION_CLASSES, AttnEditCache, AttnEditForCausalLM
+from .model_cache import AttnEditCache
+from .modeling_attnedit import ATTENTION_CLASSES, AttnEditForCausalLM
 
 REMOTE_CODE_FILES = (
     "caches.py",
@@ -24,6 +25,7 @@ REMOTE_CODE_FILES = (
     "gqa.py",
     "kernels.py",
     "mla.py",
+    "model_cache.py",
     "modeling_attnedit.py",
     "split_heads.py",
 )
