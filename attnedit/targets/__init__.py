@@ -21,6 +21,7 @@ REMOTE_CODE_FILES = (
     "common.py",
     "configuration_attnedit.py",
     "dense.py",
+    "engine_options.py",
     "gateswa.py",
     "gqa.py",
     "kernels.py",

@@ -11,7 +11,9 @@ norms, residuals and MLP itself (``backbone.layer = "prenorm"``); for any other 
 (``"teacher"``: Gemma's sandwich norms, OLMo 2's post-norm, Granite's residual multiplier) it calls the
 teacher's own decoder layer, whose ``self_attn`` is the new attention (:class:`TeacherLayerCall`).
 
-Weight names match the teacher's (``model.layers.N.mlp...``), so frozen weights load unchanged.
+Weight names match the teacher's (``model.layers.N.mlp...``), so frozen weights load unchanged. The cache and
+the bookkeeping of each call over it are ``model_cache.py``'s; the inference options (fused projections, compiled
+prefill) ``engine_options.py``'s.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .common import AttentionContext, FusedLinears, RMSNorm, fused_call
+from .common import AttentionContext, RMSNorm
 from .configuration_attnedit import AttnEditConfig
 from .dense import DenseAttention
+from .engine_options import EngineOptions, post_attention, pre_attention
 from .gateswa import GateSWAAttention
 from .gqa import GQAAttention
 from .mla import MLAAttention
@@ -100,30 +103,6 @@ def base_config_object(base_config: dict):
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
-def _pre_attention(layer, h: torch.Tensor) -> torch.Tensor:
-    return layer.input_layernorm(h)
-
-
-def _gated_mlp(mlp) -> bool:
-    """A dense gated MLP (``down(act(gate(x)) * up(x))``, Llama/Mistral/Qwen), whose gate and up can be fused."""
-    return all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and hasattr(mlp, "act_fn")
-
-
-def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    fused = fused_call(mlp, "_attnedit_gate_up", [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)], mlp)
-    if fused is None:
-        m = mlp(x)
-        return m[0] if isinstance(m, tuple) else m  # some MoE blocks also return router logits
-    gate, up = fused(x)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
-
-
-def _post_attention(layer, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The rest of a decoder layer once its attention output ``a`` is known: residual, norm, MLP, residual."""
-    h = h + a
-    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
-
-
 # transformers renamed `past_key_values` to `cache` in 5.2x; name the output field as this version does
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
@@ -151,13 +130,11 @@ class AttnEditPreTrainedModel(PreTrainedModel):
             module.g_proj.weight.zero_()
 
 
-class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
+class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    prefill_backend: str | None = None  # set by compile_prefill(); None: every call runs eagerly
     # the most tokens (summed over the batch) a prefill into a cache processes at once; longer prompts (and
     # larger batches) run in chunks of the cache's rows and of the sequence, which bounds prefill memory; None: all at once
     prefill_chunk: int | None = 8192
-    _prefill_fns: tuple | None = None
 
     def __init__(self, config: AttnEditConfig):
         super().__init__(config)
@@ -203,7 +180,7 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         if isinstance(layer.self_attn, TeacherLayerCall):  # the teacher's own layer around the new attention
             out = layer(h, position_ids=ctx.position_ids, attnedit_context=ctx)
             return out[0] if isinstance(out, tuple) else out
-        return _post_attention(layer, h, layer.self_attn(_pre_attention(layer, h), ctx))
+        return post_attention(layer, h, layer.self_attn(pre_attention(layer, h), ctx))
 
     def _backbone(self, name: str, default=None):
         return (getattr(self.config, "backbone", None) or {}).get(name, default)
@@ -217,88 +194,6 @@ class AttnEditForCausalLM(AttnEditPreTrainedModel, GenerationMixin):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-    def _fused_groups(self) -> list:
-        """(owner, attribute) of every :class:`FusedLinears` in place."""
-        owners = [(attn, "_fused") for attn in self.attentions()] + [(layer.mlp, "_attnedit_gate_up") for layer in self.model.layers]
-        return [(o, n) for o, n in owners if getattr(o, n, None) is not None]
-
-    def _refuse(self) -> None:
-        """Fuse again from the current parameters (after ``.to()``/``load_state_dict`` replaced them): the old
-        fused tensors are dropped and the views restored."""
-        for owner, name in self._fused_groups():
-            setattr(owner, name, FusedLinears(getattr(owner, name).linears))
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._refuse()
-        return out
-
-    def load_state_dict(self, *args, **kwargs):
-        out = super().load_state_dict(*args, **kwargs)
-        self._refuse()  # with assign=True the parameters are new tensors
-        return out
-
-    def fuse_projections(self, fuse: bool = True) -> AttnEditForCausalLM:
-        """Run the projections that read the same input as one GEMM each, in calls without gradients (inference):
-        q/k/v and GateSWA's gate (MLA: the query's first projection and ``kv_a_proj_with_mqa``), and a dense
-        MLP's gate and up. A decode step then launches about half as many GEMMs (each ~3.7 us on an H100 at
-        batch 64 for SmolLM2's sizes, whatever its width). The fused weights are views of the same memory as
-        the parameters: no extra memory, checkpoints and ``state_dict`` unchanged, training unaffected.
-        ``fuse=False`` gives every layer its own storage again."""
-        for owner, name in self._fused_groups():
-            getattr(owner, name).release()
-            setattr(owner, name, None)
-        if fuse:
-            for attn in self.attentions():
-                attn.fuse()
-            for layer in self.model.layers:
-                if _gated_mlp(layer.mlp) and not isinstance(layer.self_attn, TeacherLayerCall):
-                    layer.mlp._attnedit_gate_up = FusedLinears([layer.mlp.gate_proj, layer.mlp.up_proj])
-        return self
-
-    def compile_prefill(self, backend: str | None = "inductor") -> AttnEditForCausalLM:
-        """Compile the element-wise work around every attention (the norms, the MLP's activation, the residual
-        adds) for calls of more than one token without gradients - a prompt's prefill, in ``generate()`` too.
-
-        Eagerly, that work is about half of a long prefill on a GPU (SmolLM2 at 64 x 8k: 587 of 1,066 ms of
-        device time, as many full passes over the activations). ``torch.compile(dynamic=True)``: one compilation
-        serves every prompt length and batch. The attention runs as before; decode steps and training are not
-        affected. ``backend=None`` turns it off. If compiling fails, a warning is printed and prefill runs eagerly.
-        """
-        self.prefill_backend, self._prefill_fns = backend, None
-        return self
-
-    def _prefill_blocks(self):
-        if self._prefill_fns is None:
-            compile_ = lambda fn: torch.compile(fn, backend=self.prefill_backend, dynamic=True)  # noqa: E731
-            self._prefill_fns = (compile_(_pre_attention), compile_(_post_attention))
-        return self._prefill_fns
-
-    def _prefill_failed(self, error: BaseException) -> None:
-        import sys
-
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        print(f"attnedit: warning: compiling the prefill failed ({type(error).__name__}: {first}); running it eagerly", file=sys.stderr)
-        self.prefill_backend, self._prefill_fns = None, None
-
-    def _layer_prefill(self, layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """:meth:`_layer` with the parts around the attention compiled; the attention (which writes the cache)
-        runs exactly once whatever happens to the compiled parts."""
-        pre, post = self._prefill_blocks()
-        try:
-            x = pre(layer, h)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: eager from here on
-            self._prefill_failed(e)
-            x = _pre_attention(layer, h)
-        a = layer.self_attn(x, ctx)
-        if self.prefill_backend is None:
-            return _post_attention(layer, h, a)
-        try:
-            return post(layer, h, a)
-        except Exception as e:  # noqa: BLE001
-            self._prefill_failed(e)
-            return _post_attention(layer, h, a)
 
     def forward(
         self,
