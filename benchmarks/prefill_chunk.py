@@ -12,7 +12,8 @@ import argparse
 import torch
 from serving_at_scale import random_teacher
 
-from attnedit.eval.bench import Clock, next_token
+from attnedit.eval.bench import Clock
+from attnedit.eval.generation import next_token
 from attnedit.recipe import load_recipe
 from attnedit.surgery import edit_model, teacher_on_attnedit
 

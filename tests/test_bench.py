@@ -12,7 +12,7 @@ from attnedit import profiling
 from attnedit.cli.main import main
 from attnedit.errors import AttnEditError
 from attnedit.eval import bench
-from attnedit.eval.bench import BenchSettings, format_bench, largest_fit, run_bench
+from attnedit.eval.bench import BenchSettings, engines, format_bench, largest_fit, run_bench, runner
 from attnedit.eval.passkey import (
     INSTRUCTION,
     NEEDLE,
@@ -83,14 +83,14 @@ def test_largest_fit_searches_downward():
 
 def test_batch_that_does_not_fit_reports_largest(pair, monkeypatch):
     student, teacher = pair
-    real = bench.run_once
+    real = runner.run_once
 
     def limited(engine, batch, *args, **kwargs):
         if batch > (3 if engine.model is student else 5):
             raise torch.OutOfMemoryError("simulated")
         return real(engine, batch, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "run_once", limited)
+    monkeypatch.setattr(runner, "run_once", limited)
     lines = []
     result = run_bench(student, teacher, BenchSettings([8], [2, 8, 16], 2, 1, 0), "float32", log=lines.append)
     fit, big, bigger = result["runs"]
@@ -107,17 +107,17 @@ CPU_OOM = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't 
 
 def test_a_cpu_out_of_memory_counts_as_not_fitting(pair, monkeypatch):
     student, teacher = pair
-    real = bench.run_once
+    real = runner.run_once
 
     def limited(model, batch, *args, **kwargs):
         if batch > 2:
             raise RuntimeError(CPU_OOM)  # what torch's CPU allocator raises (before: a traceback)
         return real(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "run_once", limited)
+    monkeypatch.setattr(runner, "run_once", limited)
     result = run_bench(student, teacher, BenchSettings([8], [4], 2, 1, 0), "float32", log=lambda _: None)
     assert result["runs"][0]["largest_batch"] == {"student": 2, "teacher": 2, "teacher_stock": 2}
-    monkeypatch.setattr(bench, "run_once", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("some other bug")))
+    monkeypatch.setattr(runner, "run_once", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("some other bug")))
     with pytest.raises(RuntimeError, match="some other bug"):  # only out-of-memory is swallowed
         run_bench(student, teacher, BenchSettings([8], [4], 2, 1, 0), "float32", log=lambda _: None)
 
@@ -256,8 +256,8 @@ def test_several_students_share_one_timing_of_the_teacher(tmp_path, capsys, monk
         save_edited(edit_model(teacher, target, args), tmp_path / name / "model", char_tokenizer())
     teacher.save_pretrained(tmp_path / "teacher")
     calls = []
-    real = bench.run_once
-    monkeypatch.setattr(bench, "run_once", lambda engine, *a: calls.append(engine) or real(engine, *a))
+    real = runner.run_once
+    monkeypatch.setattr(runner, "run_once", lambda engine, *a: calls.append(engine) or real(engine, *a))
     models = [str(tmp_path / "gs" / "model"), str(tmp_path / "mla" / "model")]
     cli = ["bench", *models, "--teacher", str(tmp_path / "teacher"), "--device", "cpu", "--contexts", "16",
            "--batches", "1,2", "--decode-tokens", "2", "--repeats", "1", "--warmup", "0", "--no-stock"]
@@ -323,10 +323,8 @@ def test_profile_counts_the_decode_step(pair):
 def test_compile_prefill_compiles_the_prefill_of_both_attnedit_engines_only(pair, monkeypatch):
     """--compile-prefill: the student and the teacher on attnedit's engine both prefill through compile_prefill
     (one path for both, so TTFT ratios stay fair), the header says so; without the flag both prefill eagerly."""
-    from attnedit.eval import bench as bench_module
-
     student, teacher = pair
-    monkeypatch.setattr(bench_module, "PREFILL_BACKEND", "aot_eager")  # no C++ compiler needed on the CPU
+    monkeypatch.setattr(engines, "PREFILL_BACKEND", "aot_eager")  # no C++ compiler needed on the CPU
     seen = []
     real = type(student).compile_prefill
 

@@ -13,7 +13,7 @@ from tiny import tiny_teacher
 
 from attnedit.errors import AttnEditError
 from attnedit.eval.bench import AttnEditEngine, BenchSettings, format_bench, run_bench, weight_bytes
-from attnedit.eval.capacity import capacity_cell, kv_only_limit, largest_batch, resident_alone, tensors_to_move
+from attnedit.eval.bench.capacity import capacity_cell, kv_only_limit, largest_batch, resident_alone, tensors_to_move
 from attnedit.eval.kv import analytic_cache_bytes
 from attnedit.surgery import edit_model
 

@@ -21,7 +21,7 @@ def add_pair_args(p: argparse.ArgumentParser, many: str = "") -> None:
 
 def load_students(args, models: list[str], contexts: list[int]):
     """({folder: student}, teacher, tokenizer, dtype name), every model on --device in --dtype."""
-    from ..eval.bench import load_students as load
+    from ..eval.models import load_students as load
 
     device = device_of(args)
     dtype = dtype_of(args, device)

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import AttnEditError, is_out_of_memory
 from ..schema import require, setting
-from .bench import check_contexts, generate_greedy
+from .generation import generate_greedy
+from .models import check_contexts
 
 INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "

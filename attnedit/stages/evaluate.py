@@ -89,7 +89,8 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
 
     The saved model (``run_dir/model``) is compared with ``recipe.teacher`` on ``recipe.device``, in
     bfloat16 on CUDA and float32 elsewhere (as ``--dtype auto``)."""
-    from ..eval.bench import load_students, release_memory, run_bench
+    from ..eval.bench import release_memory, run_bench
+    from ..eval.models import load_students
     from ..eval.passkey import passkey_json
     from ..eval.quality import evaluate_quality
     from ..report import build_report

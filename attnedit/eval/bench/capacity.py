@@ -10,17 +10,56 @@ its cache copied into the other rows (so every row holds a full context), then d
 eager steps while searching, CUDA-graph steps timed at the largest batch found. While one engine is measured,
 the weights that belong only to the other models of the run wait in host memory, so each engine has the
 device to itself, as it would in production.
+
+The searches run a measurement and count running out of device memory (``torch.OutOfMemoryError``, or a CPU
+allocation failure) as not fitting (:func:`fits`): :func:`largest_batch` from the KV-only limit down, and
+:func:`largest_fit` below a batch of the timing grid that did not fit.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 
-from .kv import analytic_cache_bytes
+from ...errors import AttnEditError, is_out_of_memory
+from ..kv import analytic_cache_bytes
+from .engines import AttnEditEngine, set_engine_options
+from .settings import BenchSettings
+from .timing import weight_bytes
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the device's cached memory back (between models, after running out of it)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fits(fn: Callable[[], object]) -> object | None:
+    """``fn()``, or None when it runs out of device memory (memory is released before returning)."""
+    try:
+        return fn()
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # CPU allocators raise RuntimeError
+        if not is_out_of_memory(e):
+            raise
+    release_memory()  # outside the except block, so the traceback's tensors are already freed
+    return None
+
+
+def largest_fit(ok: Callable[[int], bool], failed: int) -> int:
+    """The largest batch below ``failed`` for which ``ok`` holds: halve until one fits, then bisect; 0 if none."""
+    hi, b = failed, failed // 2
+    while b > 0 and not ok(b):
+        hi, b = b, b // 2
+    lo = b
+    while lo and hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def kv_only_limit(memory_bytes: int, weight_bytes: int, cache_bytes_per_sequence: int) -> int:
@@ -66,7 +105,7 @@ def resident_alone(model, others: list):
     moved = [(t, t.device) for t in tensors_to_move(model, others)]
     for t, _ in moved:
         t.data = t.data.to("cpu")
-    _release()
+    release_memory()
     try:
         yield
     finally:
@@ -74,30 +113,10 @@ def resident_alone(model, others: list):
             t.data = t.data.to(device)
 
 
-def _release() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-@torch.no_grad()
-def fill_rows_from_first(cache) -> None:
-    """Give every row of a static cache the contents and token count of row 0 (after row 0's prefill)."""
-    for layer in cache.layers:
-        for t in layer.tensors():
-            t[1:].copy_(t[:1].expand_as(t[1:]))
-    cache.real[1:] = cache.real[0]
-    cache.n_cached_device.copy_(cache.real[0])
-
-
 def capacity_cell(engine, context: int, settings, memory_bytes: int, dtype: str, weight_bytes: int, ok=None) -> dict:
-    """The largest batch ``engine`` (an :class:`~attnedit.eval.bench.AttnEditEngine`) serves at ``context`` within
+    """The largest batch ``engine`` (an :class:`~.engines.AttnEditEngine`) serves at ``context`` within
     ``memory_bytes``, and its decode figures at that batch. ``ok(b)`` decides whether a batch fits (default: the
     engine's real probe, false on running out of memory)."""
-    from .bench import fits
-
     model = engine.model
     length = engine.cache_length(context, settings)
     per_seq = analytic_cache_bytes(model.config, length, 1, dtype)
@@ -137,3 +156,42 @@ def capacity_ratios(student: dict, teacher: dict) -> dict:
         "decode_tok_s": ratio(student["decode_tok_s"], teacher["decode_tok_s"]),
         "kv_only_limit": ratio(student["kv_only_limit"], teacher["kv_only_limit"]),
     }
+
+
+def measure_capacity(engines: dict, settings: BenchSettings, dtype: str, device, log) -> dict:
+    """{(engine, context): capacity cell} for the engines on attnedit's engine, each measured with the device to
+    itself."""
+    if device.type == "cuda":
+        memory = int(settings.memory_gb * 2**30) if settings.memory_gb else torch.cuda.mem_get_info(device)[1]
+    elif settings.memory_gb:
+        memory = int(settings.memory_gb * 2**30)
+    else:
+        raise AttnEditError("--capacity on a CPU needs --memory-gb (the memory to fill); on a GPU it is the card's")
+    ours = {name: e for name, e in engines.items() if isinstance(e, AttnEditEngine)}
+    models = [e.model for e in engines.values()]
+    out = {}
+    set_engine_options(ours, False, False)  # a fused weight would keep a moved model's device memory
+    for name, engine in ours.items():
+        set_engine_options({name: engine}, settings.fuse_projections, settings.compile_prefill)
+        if engine.compile:
+            torch._dynamo.reset()
+        weights = weight_bytes(engine.model)
+        with resident_alone(engine.model, [m for m in models if m is not engine.model]):
+            for context in settings.contexts:
+                cell = capacity_cell(engine, context, settings, memory, dtype, weights)
+                out[(name, context)] = cell
+                log(f"{name}: at context {context} serves {cell['largest_batch']} sequences (KV-only limit "
+                    f"{cell['kv_only_limit']})" + (f", {cell['decode_tok_s']:,.0f} tok/s" if cell["decode_tok_s"] else ""))
+        set_engine_options({name: engine}, False, False)
+    return out
+
+
+def capacity_rows(label: str, contexts: list[int], capacity: dict) -> list[dict]:
+    """``bench.json``'s ``capacity``: per context the student's and the teacher's cells and their ratios."""
+    rows = []
+    for context in contexts:
+        student, teacher = capacity.get((label, context)), capacity.get(("teacher", context))
+        row = {"context": context, "student": student, "teacher": teacher}
+        row["ratio"] = capacity_ratios(student, teacher) if student and teacher else None
+        rows.append(row)
+    return rows

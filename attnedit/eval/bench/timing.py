@@ -1,0 +1,84 @@
+"""Clocks and byte counts of the bench: marks on the device's timeline (CUDA events on a GPU, the wall clock
+elsewhere), peak device memory, the weights' bytes, the measured copy bandwidth and the bytes a decode step must
+read at least (its HBM bound)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kv import analytic_cache_bytes
+
+
+class Clock:
+    """Marks on the device's timeline: CUDA events on a GPU, the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (waits for the GPU)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the distinct weights (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + written), None on CPU."""
+    if device.type != "cuda":
+        return None
+    n = 1 << 28  # 512 MiB of bf16 each way
+    a = torch.empty(n, dtype=torch.bfloat16, device=device).uniform_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    clock = Clock(device)
+    clock.mark()
+    for _ in range(10):
+        b.copy_(a)
+    clock.mark()
+    ms = clock.intervals_ms()[0] / 10
+    del a, b
+    return 2 * n * 2 / (ms / 1e3)
+
+
+def bytes_per_step(model, config, batch: int, context: int, dtype: str) -> int:
+    """What one decode step must read at least: every weight once, and the KV of ``context`` tokens."""
+    return weight_bytes(model) + analytic_cache_bytes(config, context, batch, dtype)
+
+
+def peak_start(device) -> int:
+    """Reset the device's peak-memory count; the bytes allocated now (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak_bytes(device, before: int, model) -> int | None:
+    """The peak device memory since :func:`peak_start` returned ``before``, with ``model``'s weights (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) - before + weight_bytes(model)
