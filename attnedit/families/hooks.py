@@ -1,7 +1,7 @@
 """Reading a teacher's activations as it runs: the one forward-hook helper.
 
-Surgery's calibration capture, stage 1's attention taps and stage 2's layer outputs all watch modules
-of one forward pass; :func:`watch` registers the hooks and always removes them.
+Surgery's calibration capture (:func:`capture_attention_inputs`), stage 1's attention taps and stage 2's layer
+outputs all watch modules of one forward pass; :func:`watch` registers the hooks and always removes them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+
+from . import family_for
 
 Callback = Callable[[int, torch.Tensor], None]
 
@@ -61,3 +63,17 @@ def watch(modules: Mapping[int, nn.Module], on_input: Callback | None = None, on
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def capture_attention_inputs(teacher, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Run the teacher once and return each listed layer's attention input, flattened to [tokens, hidden]."""
+    family = family_for(teacher.config)
+    found: dict[int, torch.Tensor] = {}
+
+    def keep(i, x):
+        found[i] = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+
+    with watch({i: family.attention(teacher, i) for i in layers}, on_input=keep):
+        teacher(input_ids=input_ids.to(teacher.device))
+    return found

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import AttnEditError
+from ..families.hooks import capture_attention_inputs
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,6 @@ class Target:
         layer, what :meth:`init_from_teacher` receives as ``inputs``; may adjust ``config.layer_attention`` (MLA
         shares its latent width between layers here). By default each layer's attention inputs, [tokens, hidden]
         in float64."""
-        from .edit import capture_attention_inputs
-
         return {i: x.to(torch.float64) for i, x in capture_attention_inputs(teacher, layers, ids).items()}
 
     def init_from_teacher(self, attn: nn.Module, teacher: nn.Module, layer: dict, spec: dict, inputs, settings) -> None:
@@ -171,7 +170,14 @@ def dense_parameters(spec: dict, kv_heads: int | None = None) -> int:
 
 
 _REGISTRY: dict[str, Target] = {}
+_BUILTIN: list[Target] = []  # attnedit's own targets (add_builtin), registered first at the registry's first use
 _LOADED = False
+
+
+def add_builtin(*targets: Target) -> None:
+    """Name attnedit's own targets (``attnedit.surgery`` adds ``builtin.BUILTIN`` when it is imported): the
+    registry registers them first, before the entry points' targets, when a target is first looked up."""
+    _BUILTIN.extend(t for t in targets if t not in _BUILTIN)
 
 
 def register_target(target: Target, replace: bool = False) -> Target:
@@ -210,9 +216,7 @@ def _load() -> None:
     _LOADED = True
     from importlib import metadata
 
-    from .builtin import BUILTIN
-
-    for target in BUILTIN:
+    for target in _BUILTIN:
         register_target(target)
     for ep in metadata.entry_points(group="attnedit.targets"):
         try:

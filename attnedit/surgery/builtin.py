@@ -148,6 +148,6 @@ class GateSWATarget(Target):
         return DEFAULT_SWA_FORMAT.get(model.config.family)
 
 
-BUILTIN = (MLATarget(), GateSWATarget(), GQATarget())  # registered by api.py before any target is looked up
+BUILTIN = (MLATarget(), GateSWATarget(), GQATarget())  # added to the registry by attnedit.surgery (api.add_builtin)
 
 __all__ = ["BUILTIN", "DEFAULT_SWA_FORMAT", "GateSWATarget", "MLATarget"]

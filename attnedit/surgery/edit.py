@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from ..errors import AttnEditError
 from ..families import family_for
-from ..families.hooks import watch
 from ..targets import AttnEditConfig, AttnEditForCausalLM
 from .api import attention_code, get_target
 from .settings import TargetSettings, parse_settings, plan_layers
@@ -47,20 +46,6 @@ def _config(teacher_config, layer_attention: list[dict], edit: dict, drop: tuple
         architectures=["AttnEditForCausalLM"],
         **extra,
     )
-
-
-@torch.no_grad()
-def capture_attention_inputs(teacher, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Run the teacher once and return each listed layer's attention input, flattened to [tokens, hidden]."""
-    family = family_for(teacher.config)
-    found: dict[int, torch.Tensor] = {}
-
-    def keep(i, x):
-        found[i] = x.detach().reshape(-1, x.shape[-1]).float().cpu()
-
-    with watch({i: family.attention(teacher, i) for i in layers}, on_input=keep):
-        teacher(input_ids=input_ids.to(teacher.device))
-    return found
 
 
 def calibration_blocks(hidden_size: int, seq_len: int = 256) -> int:
@@ -174,7 +159,6 @@ def attention_parameters(student: AttnEditForCausalLM, edited_only: bool = True)
 
 __all__ = [
     "attention_parameters",
-    "capture_attention_inputs",
     "edit_model",
     "edited_config",
     "teacher_on_attnedit",
