@@ -1,6 +1,6 @@
 """One home per thing: provenance beside checkpoints, old configs still load, gradient checkpointing
 changes nothing but memory, the atomic-I/O and hook helpers, the content-keyed GGUF cache, and the package's
-layers importing downward only."""
+layers importing downward only, with no import circle between modules."""
 
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ ROOT_LAYERS = {"recipe": "recipe", "__main__": "cli"}  # attnedit/*.py not liste
 
 
 def _imports() -> dict[str, set[str]]:
-    """attnedit's modules (dotted, without the package) -> the attnedit modules each imports."""
+    """attnedit's modules (dotted, without the package; a package is its ``__init__``) -> the attnedit modules each
+    imports, at module level or inside a function; ``from X import Y`` counts as importing ``X.Y`` where that is a
+    module, else ``X``."""
     import ast
     from pathlib import Path
 
@@ -126,15 +128,46 @@ def _imports() -> dict[str, set[str]]:
         package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("attnedit.")):
+                if node.level:
+                    base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+                else:
+                    base = node.module.split(".")[1:]
                 targets = [".".join(base + [a.name]) for a in node.names]
                 found |= {t if t in names else ".".join(base) for t in targets}
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                found |= {m.removeprefix("attnedit.") for m in mods if m.startswith("attnedit.")}
+            elif isinstance(node, ast.Import):
+                found |= {a.name.removeprefix("attnedit.") for a in node.names if a.name.startswith("attnedit.")}
         out[name] = {f for f in found if f in names and f != name}
     return out
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (the strongly connected
+    components of more than one module, Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
 
 
 def _layer(module: str) -> str:
@@ -149,3 +182,10 @@ def test_the_package_layers_import_downward_only():
         f"{a} -> {b}" for a, deps in _imports().items() for b in deps if LAYERS.index(_layer(b)) > LAYERS.index(_layer(a))
     )
     assert not upward, upward
+
+
+def test_no_import_circle_between_modules():
+    """No module imports itself through others, function-level imports included: e.g. the bench's engines and its
+    capacity search, the attentions and the caches they share, the target registry and the targets it registers."""
+    circles = _circles(_imports())
+    assert not circles, circles
