@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -53,15 +54,53 @@ SCRIPT = textwrap.dedent(
         ref = K.decode_attention_sdpa(q.double(), lat.double()[:, None], None, n, valid, 0.11, v_dim=r)
         err = ((got.double() - ref).norm() / ref.norm()).item()
         plan = K.mla_decode_plan(b, h, s, r, p)
-        print(f"case {b}x{h}x{s} r{r}+{p}: splits {plan['nsplit']} tiles {plan['tiles']} error {err:.1e}")
-        assert err < 1e-5, err
+        print(f"mla case {b}x{h}x{s} r{r}+{p}: splits {plan['nsplit']} tiles {plan['tiles']} error {err:.1e}")
+    cases = [  # batch, query heads, KV heads, slots, key width, value width, filled, padding
+        (2, 8, 2, 300, 64, 64, 211, True),   # grouped heads, several splits, padded keys
+        (1, 6, 3, 130, 32, 48, 130, False),  # values narrower than a power of two, every slot filled
+        (2, 4, 1, 90, 160, 160, 1, True),    # one key written, heads wider than 128 (the wide kernel's blocks)
+    ]
+    for b, hq, hk, s, dk, dv, nf, pad in cases:
+        q, k, v = torch.randn(b, hq, dk), torch.randn(b, hk, s, dk), torch.randn(b, hk, s, dv)
+        valid = (torch.rand(b, s) > 0.2) if pad else None
+        if valid is not None:
+            valid[:, 0] = True
+        n = torch.tensor(nf)
+        got = K.decode_attention_triton(q, k, v, n, valid, 0.13)
+        ref = K.decode_attention_sdpa(q.double(), k.double(), v.double(), n, valid, 0.13)
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        print(f"gqa case {b}x{hq}/{hk}x{s} d{dk}/{dv}: error {err:.1e}")
     """
 )
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-def test_mla_decode_kernel_matches_reference_in_triton_interpreter():
+@pytest.fixture(scope="module")
+def interpreted():
+    """Both decode kernels on the cases above, run once by Triton's interpreter in a fresh process (it reads
+    TRITON_INTERPRET when triton is imported)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _errors(out: str, kernel: str) -> list[float]:
+    return [float(e) for e in re.findall(rf"^{kernel} case .* error (\S+)$", out, re.MULTILINE)]
+
+
+@pytest.mark.xdist_group("kernels")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+def test_mla_decode_kernel_matches_reference_in_triton_interpreter(interpreted):
+    run = interpreted
     assert run.returncode == 0, run.stdout + run.stderr
+    errors = _errors(run.stdout, "mla")
+    assert len(errors) == 4 and all(err < 1e-5 for err in errors), run.stdout
     assert "splits 1" in run.stdout and any(f"splits {k}" in run.stdout for k in range(2, 64))
+
+
+@pytest.mark.xdist_group("kernels")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+def test_grouped_query_decode_kernel_matches_reference_in_triton_interpreter(interpreted):
+    """The split-K decode over a grouped-query cache: ``decode_attention``'s Triton kernel (chosen for keys wider than 256)."""
+    run = interpreted
+    assert run.returncode == 0, run.stdout + run.stderr
+    errors = _errors(run.stdout, "gqa")
+    assert len(errors) == 3 and all(err < 1e-5 for err in errors), run.stdout

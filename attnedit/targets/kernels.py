@@ -62,6 +62,28 @@ except ImportError:  # pragma: no cover - CPU-only installs
 if HAS_TRITON:
 
     @triton.jit
+    def _softmax_step(qk, v, m, l, acc, VALID, offs_n, nmask, scale, HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
+        """One block of keys of a split-K decode, folded into the running softmax state (flash decoding): the
+        scores ``qk`` [rows, BLOCK_N] are scaled, keys past the filled slots (``nmask``) or marked padding in the
+        row's ``VALID`` flags score -inf, then the running max ``m``, sum ``l`` and output ``acc`` [rows, Dv] take
+        in the block's values ``v`` [BLOCK_N, Dv]. Returns the new ``(m, l, acc)``."""
+        qk = qk * scale
+        keep = nmask
+        if HAS_VALID:
+            keep = keep & (tl.load(VALID + offs_n, mask=nmask, other=0) != 0)
+        qk = tl.where(keep[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit
     def _decode_partial(
         Q, K, V, VALID, NF, PO, PM, PL,
         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sval_b,
@@ -105,21 +127,7 @@ if HAS_TRITON:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 qk = tl.dot(q, tl.trans(k))
-            qk = qk * scale
-            keep = nmask
-            if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * sval_b + offs_n, mask=nmask, other=0) != 0)
-            qk = tl.where(keep[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(qk - m_safe[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = _softmax_step(qk, v, m, l, acc, VALID + b * sval_b, offs_n, nmask, scale, HAS_VALID, IEEE)
         row = (b * HK + hk) * NSPLIT + sp
         tl.store(PO + row * G_PAD * DV_PAD + offs_g[:, None] * DV_PAD + offs_dv[None, :], acc)
         tl.store(PM + row * G_PAD + offs_g, m)
@@ -138,7 +146,7 @@ def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Ten
     g_pad, dk_pad, dv_pad = _pow2(g), _pow2(dk), _pow2(dv)
     big = max(dk_pad, dv_pad) > 128
     block_n = 16 if big else 64
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
     want = max(1, math.ceil(4 * sms / (bsz * hk)))
     split_len = max(block_n, math.ceil(math.ceil(s / want) / block_n) * block_n)
     nsplit = math.ceil(s / split_len)
@@ -252,21 +260,7 @@ if HAS_TRITON:
                 qk = tl.dot(q_c, tl.trans(c), input_precision="ieee") + tl.dot(q_p, tl.trans(kp), input_precision="ieee")
             else:
                 qk = tl.dot(q_c, tl.trans(c)) + tl.dot(q_p, tl.trans(kp))
-            qk = qk * scale
-            keep = nmask
-            if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * sval_b + offs_n, mask=nmask, other=0) != 0)
-            qk = tl.where(keep[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(qk - m_safe[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
-            m = m_new
+            m, l, acc = _softmax_step(qk, c, m, l, acc, VALID + b * sval_b, offs_n, nmask, scale, HAS_VALID, IEEE)
         if DIRECT:  # the whole cache in one program: write the output itself
             out = acc / tl.maximum(l, 1e-30)[:, None]
             ptr = OUT + b * so_b + offs_h[:, None] * so_h + offs_r[None, :]
