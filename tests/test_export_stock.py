@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from tiny import FAMILY_NAMES, tiny_ids, tiny_teacher
+from tiny import FAMILY_NAMES, perturbed, tiny_ids, tiny_teacher
 from transformers import AutoModelForCausalLM
 
 from attnedit.cli.main import main
@@ -26,20 +26,11 @@ WINDOW = 8
 STOCK_SWA = {"gate": "none", "sink": 0, "window": WINDOW, "full_layers": "1"}
 
 
-def _perturbed(model, scale: float = 0.05):
-    """Random teachers give near-uniform logits; perturb the student so the comparison means something."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
-    return model
-
-
 def _stock_student(family, **extra):
     args = dict(STOCK_SWA, init="teacher", **extra)
     if family == "qwen3_moe":
         args["full_layers"] = "none"  # stock qwen3_moe has one window for every layer
-    return _perturbed(edit_model(tiny_teacher(family), "gateswa", args))
+    return perturbed(edit_model(tiny_teacher(family), "gateswa", args))
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -72,7 +63,7 @@ def test_gateswa_stock_export_matches_stock_loader(tmp_path, family):
 
 @pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "qwen3_moe"])
 def test_mla_deepseek_export_parity_and_latent_cache(tmp_path, family):
-    student = _perturbed(edit_model(tiny_teacher(family), "mla", {"init": "teacher", "bias": "false"}))  # stock DeepSeek-V3 holds no biases
+    student = perturbed(edit_model(tiny_teacher(family), "mla", {"init": "teacher", "bias": "false"}))  # stock DeepSeek-V3 holds no biases
     out = export_deepseek_v3(student, tmp_path / "ds")
     report = check_export(student, out)
     assert report.stock_class == "DeepseekV3ForCausalLM" and not report.remote_code

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_targets import incremental_logits
+from test_targets import check_decoding_and_bytes, incremental_logits
 from tiny import MORE_FAMILY_NAMES, tiny_ids, tiny_teacher
 
 from attnedit.errors import AttnEditError
-from attnedit.eval.kv import analytic_cache_bytes, kv_summary, measured_cache_bytes
+from attnedit.eval.kv import kv_summary
 from attnedit.families import family_for
 from attnedit.surgery import edit_model, teacher_on_attnedit
 
@@ -65,12 +65,7 @@ def test_edited_decoding_equals_the_full_forward_and_caches_hold_their_bytes(tea
     args = {**TARGETS[target], "init": "random"} if target == "mla" else TARGETS[target]
     student = edit_model(teacher_of(teachers, family), target, args, calibration_ids=CALIB)
     ids = tiny_ids(length=21)
-    full = student(ids).logits
-    inc, _ = incremental_logits(student, ids)
-    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
-    static, _ = incremental_logits(student, ids, cache=student.new_cache(static=True, batch_size=2, max_length=24))
-    torch.testing.assert_close(static, full, atol=1e-5, rtol=1e-4)
-    assert measured_cache_bytes(student, 13, batch=2, chunk=5) == analytic_cache_bytes(student.config, 13, 2, "float32")
+    check_decoding_and_bytes(student, ids)
 
 
 @pytest.mark.parametrize("family", MORE_FAMILY_NAMES)

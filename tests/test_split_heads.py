@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from test_static_cache import static_logits
-from test_targets import incremental_logits
-from tiny import FAMILY_NAMES, MORE_FAMILY_NAMES, tiny_ids, tiny_teacher
+from test_targets import check_decoding_and_bytes, incremental_logits
+from tiny import FAMILY_NAMES, MORE_FAMILY_NAMES, perturbed, tiny_ids, tiny_teacher
 
 from attnedit.cli.main import main
 from attnedit.errors import AttnEditError
-from attnedit.eval.kv import analytic_cache_bytes, kv_summary, measured_cache_bytes
+from attnedit.eval.kv import kv_summary, measured_cache_bytes
 from attnedit.export import save_edited
 from attnedit.export.check import check_export
 from attnedit.export.stock import export_stock_swa
@@ -27,17 +27,8 @@ from attnedit.targets.split_heads import HeadSplit, SplitHeadsCacheLayer, split_
 SPLIT = {"window": 5, "sink": 2, "full_layers": "3", "full_heads": "0.1,1.0", "init": "teacher", "gate": "headwise"}
 
 
-def _perturbed(model, scale: float = 0.05):
-    """Random teachers give near-uniform logits; perturb so that a wrong key set shows in the logits."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
-    return model
-
-
 def split_student(family: str, **extra):
-    return _perturbed(edit_model(tiny_teacher(family), "gateswa", {**SPLIT, **extra}))
+    return perturbed(edit_model(tiny_teacher(family), "gateswa", {**SPLIT, **extra}))
 
 
 @pytest.mark.parametrize("full", [(0,), (1,), (0, 2), (1, 3)])
@@ -165,7 +156,7 @@ def test_teacher_layer_families_decode_split_layers_and_hold_their_bytes(family)
     wider than the text, decode through growing and static caches as the full forward does, compute something else
     than the layer sliding whole, and their caches hold the per-head bytes."""
     ids = tiny_ids(length=21)
-    teacher = _perturbed(tiny_teacher(family), 0.2)  # scores large enough for Gemma 2's soft-capping to show
+    teacher = perturbed(tiny_teacher(family), 0.2)  # scores large enough for Gemma 2's soft-capping to show
     wide = {"init": "teacher", "window": 64, "sink": 0, "gate": "none", "full_layers": "none", "full_heads": "1.0,3.1"}
     exact = edit_model(teacher, "gateswa", wide)
     assert [x.get("full_kv_heads") for x in exact.config.layer_attention] == [None, [0], None, [1]]
@@ -173,12 +164,7 @@ def test_teacher_layer_families_decode_split_layers_and_hold_their_bytes(family)
     args = {"window": 5, "sink": 1, "full_layers": "3", "full_heads": "1.0", "init": "teacher", "gate": "headwise"}
     student = split_student(family, **args)
     assert student.config.layer_attention[1]["full_kv_heads"] == [0]
-    full = student(ids).logits
-    inc, _ = incremental_logits(student, ids)
-    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
-    static, _ = incremental_logits(student, ids, cache=student.new_cache(static=True, batch_size=2, max_length=24))
-    torch.testing.assert_close(static, full, atol=1e-5, rtol=1e-4)
-    assert measured_cache_bytes(student, 13, batch=2, chunk=5) == analytic_cache_bytes(student.config, 13, 2, "float32")
+    full = check_decoding_and_bytes(student, ids)
     assert (split_student(family, **{**args, "full_heads": "none"})(ids).logits - full).abs().max() > 1e-3
 
 

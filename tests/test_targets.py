@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import FAMILY_NAMES, tiny_ids, tiny_teacher
 
-from attnedit.eval.kv import kv_summary, measured_cache_bytes
+from attnedit.eval.kv import analytic_cache_bytes, kv_summary, measured_cache_bytes
 from attnedit.surgery import edit_model
 
 TARGET_CASES = {
@@ -28,6 +28,18 @@ def incremental_logits(model, ids, attention_mask=None, pieces=(7, 3), cache=Non
         outs.append(model(ids[:, pos : pos + size], attention_mask=mask, past_key_values=cache, use_cache=True).logits)
         pos += size
     return torch.cat(outs, dim=1), cache
+
+
+def check_decoding_and_bytes(student, ids) -> torch.Tensor:
+    """Decoding ``ids`` (2 rows of at most 24 tokens) through a growing and through a static cache equals the full
+    forward, and the cache allocates the bytes ``attnedit.eval.kv`` counts; returns the full forward's logits."""
+    full = student(ids).logits
+    inc, _ = incremental_logits(student, ids)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
+    static, _ = incremental_logits(student, ids, cache=student.new_cache(static=True, batch_size=2, max_length=24))
+    torch.testing.assert_close(static, full, atol=1e-5, rtol=1e-4)
+    assert measured_cache_bytes(student, 13, batch=2, chunk=5) == analytic_cache_bytes(student.config, 13, 2, "float32")
+    return full
 
 
 def check_cached_decoding(family: str, case: str, logits=incremental_logits):

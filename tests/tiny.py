@@ -94,3 +94,13 @@ def tiny_teacher(family: str = "llama", seed: int = 0):
 def tiny_ids(batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def perturbed(model, scale: float = 0.05):
+    """``model`` with every weight moved by ``scale`` times a fixed normal draw: random teachers give near-uniform
+    logits, and a comparison of logits (an export's, a wrong key set's) means something only away from them."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model
