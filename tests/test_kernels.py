@@ -88,19 +88,13 @@ def _errors(out: str, kernel: str) -> list[float]:
 
 @pytest.mark.xdist_group("kernels")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-def test_mla_decode_kernel_matches_reference_in_triton_interpreter(interpreted):
+@pytest.mark.parametrize("kernel,cases", [("mla", 4), ("gqa", 3)])
+def test_decode_kernels_match_reference_in_triton_interpreter(interpreted, kernel, cases):
+    """MLA's decode over the latent cache, and the split-K decode over a grouped-query cache (``decode_attention``'s
+    Triton kernel, chosen for keys wider than 256), each against the SDPA reference."""
     run = interpreted
     assert run.returncode == 0, run.stdout + run.stderr
-    errors = _errors(run.stdout, "mla")
-    assert len(errors) == 4 and all(err < 1e-5 for err in errors), run.stdout
-    assert "splits 1" in run.stdout and any(f"splits {k}" in run.stdout for k in range(2, 64))
-
-
-@pytest.mark.xdist_group("kernels")
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-def test_grouped_query_decode_kernel_matches_reference_in_triton_interpreter(interpreted):
-    """The split-K decode over a grouped-query cache: ``decode_attention``'s Triton kernel (chosen for keys wider than 256)."""
-    run = interpreted
-    assert run.returncode == 0, run.stdout + run.stderr
-    errors = _errors(run.stdout, "gqa")
-    assert len(errors) == 3 and all(err < 1e-5 for err in errors), run.stdout
+    errors = _errors(run.stdout, kernel)
+    assert len(errors) == cases and all(err < 1e-5 for err in errors), run.stdout
+    if kernel == "mla":  # cases with one split and with several
+        assert "splits 1" in run.stdout and any(f"splits {k}" in run.stdout for k in range(2, 64))

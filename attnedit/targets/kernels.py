@@ -62,6 +62,17 @@ except ImportError:  # pragma: no cover - CPU-only installs
 if HAS_TRITON:
 
     @triton.jit
+    def _split_bounds(NF, sp, split_len):
+        """The cache slots ``start..end-1`` split ``sp`` reads: its ``split_len`` slots, cut at the filled count ``NF``."""
+        start = sp * split_len
+        return start, tl.minimum(start + split_len, tl.load(NF).to(tl.int32))
+
+    @triton.jit
+    def _softmax_start(ROWS: tl.constexpr, DV: tl.constexpr):
+        """The running softmax state of ``ROWS`` query rows before any key: max -inf, sum 0, output [ROWS, DV] 0."""
+        return tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32), tl.zeros([ROWS, DV], tl.float32)
+
+    @triton.jit
     def _softmax_step(qk, v, m, l, acc, VALID, offs_n, nmask, scale, HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
         """One block of keys of a split-K decode, folded into the running softmax state (flash decoding): the
         scores ``qk`` [rows, BLOCK_N] are scaled, keys past the filled slots (``nmask``) or marked padding in the
@@ -95,9 +106,7 @@ if HAS_TRITON:
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)
-        n = tl.load(NF).to(tl.int32)
-        start = sp * split_len
-        end = tl.minimum(start + split_len, n)
+        start, end = _split_bounds(NF, sp, split_len)
         offs_g = tl.arange(0, G_PAD)
         offs_dk = tl.arange(0, DK_PAD)
         offs_dv = tl.arange(0, DV_PAD)
@@ -107,9 +116,7 @@ if HAS_TRITON:
             mask=gmask[:, None] & (offs_dk[None, :] < DK),
             other=0.0,
         )
-        m = tl.full([G_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
+        m, l, acc = _softmax_start(G_PAD, DV_PAD)
         for s in range(start, end, BLOCK_N):
             offs_n = s + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
@@ -237,9 +244,7 @@ if HAS_TRITON:
         b = tl.program_id(0)
         ht = tl.program_id(1)
         sp = tl.program_id(2)
-        n = tl.load(NF).to(tl.int32)
-        start = sp * split_len
-        end = tl.minimum(start + split_len, n)
+        start, end = _split_bounds(NF, sp, split_len)
         offs_h = ht * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_r = tl.arange(0, R_PAD)
         offs_p = tl.arange(0, P_PAD)
@@ -247,9 +252,7 @@ if HAS_TRITON:
         q_row = Q + b * sq_b + offs_h[:, None] * sq_h
         q_c = tl.load(q_row + offs_r[None, :], mask=hmask[:, None] & (offs_r[None, :] < R), other=0.0)
         q_p = tl.load(q_row + R + offs_p[None, :], mask=hmask[:, None] & (offs_p[None, :] < P), other=0.0)
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, R_PAD], tl.float32)
+        m, l, acc = _softmax_start(BLOCK_H, R_PAD)
         for s in range(start, end, BLOCK_N):
             offs_n = s + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
