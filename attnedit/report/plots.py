@@ -61,6 +61,7 @@ def _plain_log_axis(axis, lo: float, hi: float) -> None:
 
 
 EXTRA_TERMS = ("kl", "ce", "feature")  # stage-2 loss terms, drawn beside the total when logged
+TERM_COLORS = tuple(matplotlib.colormaps["Dark2"].colors[i] for i in (1, 0, 2))  # Dark2's orange, green and purple
 LAYER_KEYS = ("layer_rel_err", "layer_loss")  # stage-1 per-layer figures (lists, one value per edited layer)
 
 
@@ -78,7 +79,7 @@ def loss_curves(records: list[dict], path: Path) -> Path:
         xs = [r[xkey] for r in rows]
         ax.plot(xs, [r["loss"] for r in rows], color=STUDENT, lw=1.6, label="loss")
         values = [r["loss"] for r in rows]
-        for term, color in zip(EXTRA_TERMS, ("#d95f02", "#1b9e77", "#7570b3")):
+        for term, color in zip(EXTRA_TERMS, TERM_COLORS):
             if all(isinstance(r.get(term), (int, float)) for r in rows):
                 ax.plot(xs, [r[term] for r in rows], "--", color=color, lw=1.1, label=term)
                 values += [r[term] for r in rows]
