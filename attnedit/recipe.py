@@ -41,7 +41,9 @@ class StageConfig:
     """Settings every stage shares: how long, how much data per step, and the optimiser's schedule."""
 
     steps: int = _f(200, "optimizer steps; 0 skips the stage")
-    batch_size: int = _f(8, "sequences per micro-batch (on a GPU too small for it, convert runs the largest that fits, with grad_accum raised to keep the global batch)")
+    batch_size: int = _f(
+        8, "sequences per micro-batch (on a GPU too small for it, convert runs the largest that fits, with grad_accum raised to keep the global batch)"
+    )
     grad_accum: int = _f(1, "micro-batches per optimizer step (effective batch = batch_size x grad_accum)")
     seq_len: int | None = _f(None, "tokens per sequence in this stage (default: data.seq_len)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
@@ -51,7 +53,11 @@ class StageConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay (matrices only, not norms or biases)")
     clip: float = _f(1.0, "clip the gradient norm to this value; 0 turns clipping off")
     precision: str = _f("auto", "auto = bf16 autocast on a GPU that supports it, fp32 otherwise", PRECISIONS)
-    compile: str = _f("auto", "torch.compile the trained computation (stage 1: each attention and its loss; stage 2: the decoder layers); auto = on CUDA only; falls back to eager if compiling fails", COMPILE)
+    compile: str = _f(
+        "auto",
+        "torch.compile the trained computation (stage 1: each attention and its loss; stage 2: the decoder layers); auto = on CUDA only; falls back to eager if compiling fails",
+        COMPILE,
+    )
 
 
 @dataclass
@@ -74,7 +80,9 @@ class Stage2Config(StageConfig):
     feature_weight: float = _f(0.0, "weight of sum over layers of (1 - cos(h_student, h_teacher)) on hidden states")
     trainable: str = _f("attention", "what trains: the edited attention, plus all norms, or every weight (a second copy)", TRAINABLE)
     kl_chunk: int = _f(1024, "tokens per chunk of the KL/CE loss: fp32 logits never exceed kl_chunk x vocab")
-    gradient_checkpointing: bool = _f(False, "recompute each layer in the backward pass (less memory, about 30% slower); convert turns it on where no micro-batch fits the GPU without it")
+    gradient_checkpointing: bool = _f(
+        False, "recompute each layer in the backward pass (less memory, about 30% slower); convert turns it on where no micro-batch fits the GPU without it"
+    )
     recall_fraction: float = _f(
         0.0,
         "fraction of stage-2 blocks in which a 32-256 token span of the block's text is copied further on, so the "
@@ -135,8 +143,14 @@ class Recipe:
     weights_dtype: str = _f("auto", "dtype of the frozen teacher weights; auto = bfloat16 when both stages run in bf16, else float32", WEIGHTS_DTYPES)
     max_nonfinite_restarts: int = _f(3, "on a non-finite or diverging loss: restore the last good checkpoint and halve the lr, at most this many times")
     divergence_factor: float = _f(10.0, "a logged loss above this many times the median of the last 5 logged losses is treated like a non-finite one (0 = off)")
-    baseline_batches: int = _f(5, "batches of the teacher's plain forward timed (after two warm-up ones; the median counts) at each stage's batch shape before training: tokens/s ratios in progress, metrics.jsonl, summary.json; 0 skips it")
-    profile_steps: int = _f(0, "after each stage, profile this many more optimizer steps (torch.profiler; the weights are restored, the result is unchanged) next to one teacher plain forward of the same batch shape: device time by kernel family in profile-stage<N>.json and summary.json; 0 = off")
+    baseline_batches: int = _f(
+        5,
+        "batches of the teacher's plain forward timed (after two warm-up ones; the median counts) at each stage's batch shape before training: tokens/s ratios in progress, metrics.jsonl, summary.json; 0 skips it",
+    )
+    profile_steps: int = _f(
+        0,
+        "after each stage, profile this many more optimizer steps (torch.profiler; the weights are restored, the result is unchanged) next to one teacher plain forward of the same batch shape: device time by kernel family in profile-stage<N>.json and summary.json; 0 = off",
+    )
     heldout_eval: bool = _f(True, "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json)")
     eval: EvalConfig = section(EvalConfig, "evaluation after the model is saved: eval.json, passkey.json, bench.json, report.md")
 
@@ -248,9 +262,7 @@ def load_recipe(path: str | os.PathLike, sets: dict | None = None) -> Recipe:
         first = str(e).replace("\n", " ")
         raise AttnEditError(f"recipe {path} is not valid YAML: {first}") from None
     if not raw:
-        raise AttnEditError(
-            f"recipe {path} is empty; give at least teacher:, target: and data: (see recipes/ or attnedit recipe --explain)"
-        )
+        raise AttnEditError(f"recipe {path} is empty; give at least teacher:, target: and data: (see recipes/ or attnedit recipe --explain)")
     if not isinstance(raw, dict):
         raise AttnEditError(f"recipe {path} must be a YAML mapping of fields (teacher:, target:, ...); see recipes/")
     return parse_recipe(raw, sets, p.resolve().parent)

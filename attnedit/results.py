@@ -63,9 +63,7 @@ class FileRecord(Record):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "its top level"
-            raise AttnEditError(
-                f"{source} does not have the layout attnedit writes ({where}: {first['msg']}); re-run the command that writes it"
-            ) from None
+            raise AttnEditError(f"{source} does not have the layout attnedit writes ({where}: {first['msg']}); re-run the command that writes it") from None
 
     @classmethod
     def read(cls, path: str | Path):

@@ -69,11 +69,15 @@ for name, b, hq, hk, dk, dv, s, padded in cases:
     kk, vv = k[:, :, :n], v[:, :, :n]
     t_plain = do_bench(
         lambda: F.scaled_dot_product_attention(q[:, :, None], kk, vv, scale=scale, enable_gqa=hk != hq),
-        warmup=25, rep=100, return_mode="median",
+        warmup=25,
+        rep=100,
+        return_mode="median",
     )
     nbytes = b * hk * n * (dk + (dv if (dv == dk or hk > 1) else 0)) * 2
     bound = nbytes / bw * 1e3
-    rows.append((name, f"{err:.1e}", f"{t_kernel:.3f}", f"{t_kernel / bound:.2f}", f"{t_mask / bound:.2f}", f"{t_plain / bound:.2f}", decode_kernel_choice(q, k)))
+    rows.append(
+        (name, f"{err:.1e}", f"{t_kernel:.3f}", f"{t_kernel / bound:.2f}", f"{t_mask / bound:.2f}", f"{t_plain / bound:.2f}", decode_kernel_choice(q, k))
+    )
 
 print(f"{'decode case':26} {'rel err':>8} {'triton ms':>10} {'triton/bound':>13} {'sdpa+mask/bound':>16} {'sdpa exact/bound':>17} {'used':>7}")
 for r in rows:

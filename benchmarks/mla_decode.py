@@ -62,7 +62,11 @@ def main() -> int:
             t_old = do_bench(lambda: K.decode_attention_triton(q, lat[:, None], lat[:, None, :, :r], nf, None, scale), warmup=25, rep=100, return_mode="median")
         except Exception:  # noqa: BLE001 - triton.runtime.errors.OutOfResources
             t_old = float("nan")
-        t_sdpa = do_bench(lambda: K.decode_attention_sdpa(q, lat[:, None], None, nf, None, scale, v_dim=r), warmup=3, rep=10, return_mode="median") if b * s <= 65536 else float("nan")
+        t_sdpa = (
+            do_bench(lambda: K.decode_attention_sdpa(q, lat[:, None], None, nf, None, scale, v_dim=r), warmup=3, rep=10, return_mode="median")
+            if b * s <= 65536
+            else float("nan")
+        )
         plan = K.mla_decode_plan(b, h, s + 8, r, p_, torch.cuda.get_device_properties(0).multi_processor_count)
         row = {"case": name, "batch": b, "keys": s, "error": err, "bound_ms": bound_ms, "ms": t_new, "over_bound": t_new / bound_ms,
                "generic_over_bound": t_old / bound_ms, "sdpa_over_bound": t_sdpa / bound_ms, "nsplit": plan["nsplit"]}  # fmt: skip

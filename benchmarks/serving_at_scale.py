@@ -40,8 +40,13 @@ def main() -> int:
     p.add_argument("--capacity", action="store_true", help="also the largest batch each serves, and its throughput")
     p.add_argument("--prefill-chunk", type=int, default=None, help="model.prefill_chunk of every model (default: the models' own)")
     p.add_argument("--stock-cells", default=None, help="time the stock transformers path at these BxC cells too")
-    p.add_argument("--memory-gb", type=float, default=None, help="cap this process's GPU memory at this many GiB "
-                   "(torch.cuda.set_per_process_memory_fraction), e.g. 79.6 for an 80 GB H100's usable memory on a larger card")
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="cap this process's GPU memory at this many GiB "
+        "(torch.cuda.set_per_process_memory_fraction), e.g. 79.6 for an 80 GB H100's usable memory on a larger card",
+    )
     p.add_argument("--out", required=True, help="folder for the JSON files")
     args = p.parse_args()
     out = Path(args.out)

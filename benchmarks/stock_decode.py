@@ -48,8 +48,14 @@ def load(path: str):
 def cell(model, batch: int, context: int, new: int) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(100, model.config.vocab_size // 2), model.config.vocab_size, (batch, context), generator=g).cuda()
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-              cache_implementation="static", pad_token_id=model.config.pad_token_id or 0)
+    kw = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=model.config.pad_token_id or 0,
+    )
     out = {}
     for run in ("warm-up", "timed"):
         marks = Marks()
@@ -102,10 +108,16 @@ def main() -> int:
                     r = {"batch": b, "context": c, "error": "out of memory"}
                     torch.cuda.empty_cache()
                 results[name]["cells"].append(r)
-                print(f"{name:<12} b={b:<3} ctx={c:<5} " + (
-                    f"decode {r['decode_tok_s']:9.0f} tok/s  {r['decode_ms_per_step']:6.2f} ms/step  "
-                    f"prefill {r['prefill_ms']:8.1f} ms  peak {r['peak_gib']:5.1f} GiB" if "error" not in r else r["error"]),
-                    flush=True)
+                print(
+                    f"{name:<12} b={b:<3} ctx={c:<5} "
+                    + (
+                        f"decode {r['decode_tok_s']:9.0f} tok/s  {r['decode_ms_per_step']:6.2f} ms/step  "
+                        f"prefill {r['prefill_ms']:8.1f} ms  peak {r['peak_gib']:5.1f} GiB"
+                        if "error" not in r
+                        else r["error"]
+                    ),
+                    flush=True,
+                )
                 if args.save:  # after every cell, so a run cut short keeps what it measured
                     Path(args.save).write_text(json.dumps(results, indent=2))
     names = list(results)

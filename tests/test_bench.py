@@ -185,9 +185,7 @@ def test_answer_parsing():
 
 def test_passkey_grid(pair):
     student, teacher = pair
-    result = run_passkey(
-        {"student": student, "teacher": teacher}, char_tokenizer(), [240, 300], [0.0, 0.5, 1.0], 3, log=lambda _: None
-    )
+    result = run_passkey({"student": student, "teacher": teacher}, char_tokenizer(), [240, 300], [0.0, 0.5, 1.0], 3, log=lambda _: None)
     for name in ("student", "teacher"):
         grid = result[name]
         assert len(grid) == 2 and all(len(row) == 3 for row in grid)
@@ -227,9 +225,7 @@ def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
     assert main([*args, "--save", str(out), "--passkey"]) == 0
     saved = json.loads(out.read_text())
     assert saved["teacher"] == str(tmp_path / "teacher") and saved["dtype"] == "float32"
-    assert all(
-        r[n]["kv_bytes_measured"] == r[n]["kv_bytes_analytic"] for r in saved["runs"] for n in ("student", "teacher")
-    )
+    assert all(r[n]["kv_bytes_measured"] == r[n]["kv_bytes_analytic"] for r in saved["runs"] for n in ("student", "teacher"))
     assert all(r["teacher_stock"]["decode_tok_s"] > 0 for r in saved["runs"])
     passkey = json.loads((out.parent / "passkey.json").read_text())
     assert passkey["contexts"] == [240] and len(passkey["student"][0]) == len(passkey["depths"])
@@ -243,9 +239,7 @@ def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
     alone = json.loads(saved_pk.read_text())
     assert alone["contexts"] == [240] and alone["depths"] == [0.5] and alone["model"] == str(tmp_path / "student")
     capsys.readouterr()
-    assert (
-        main(["passkey", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher"), "--contexts", "240"]) == 2
-    )
+    assert main(["passkey", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher"), "--contexts", "240"]) == 2
     assert "not an edited model" in capsys.readouterr().err
 
 
@@ -259,8 +253,25 @@ def test_several_students_share_one_timing_of_the_teacher(tmp_path, capsys, monk
     real = runner.run_once
     monkeypatch.setattr(runner, "run_once", lambda engine, *a: calls.append(engine) or real(engine, *a))
     models = [str(tmp_path / "gs" / "model"), str(tmp_path / "mla" / "model")]
-    cli = ["bench", *models, "--teacher", str(tmp_path / "teacher"), "--device", "cpu", "--contexts", "16",
-           "--batches", "1,2", "--decode-tokens", "2", "--repeats", "1", "--warmup", "0", "--no-stock"]
+    cli = [
+        "bench",
+        *models,
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--device",
+        "cpu",
+        "--contexts",
+        "16",
+        "--batches",
+        "1,2",
+        "--decode-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-stock",
+    ]
     assert main([*cli, "--save", str(tmp_path / "bench.json")]) == 0
     # 2 cells x (2 students + the teacher once), not 2 x (student + teacher)
     assert len(calls) == 6

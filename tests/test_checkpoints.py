@@ -100,7 +100,9 @@ def test_disk_full_from_torch_is_one_line_and_leaves_no_temp_file(root, tmp_path
     def failing(obj, fh, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:  # what torch raises when the disk fills in the middle of its zip writer
-            return _raise_after_partial(RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file write failed"))(obj, fh)
+            return _raise_after_partial(
+                RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file write failed")
+            )(obj, fh)
         return real(obj, fh, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", failing)
@@ -124,7 +126,7 @@ def test_disk_full_in_the_final_save_is_one_line_and_resumable(root, tmp_path, m
     def failing(tensors, filename, *a, **k):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
-        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(mu, "safe_save_file", failing)
     run = tmp_path / "run"

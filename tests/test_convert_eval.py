@@ -92,7 +92,7 @@ def test_convert_writes_the_eval_files_the_report_and_prints_the_table(finished,
     report = (run / "report.md").read_text()
     assert "| wikitext2@64 | ppl |" in report and "![passkey accuracy](passkey.png)" in report and "No efficiency" not in report
     # the printed table ends convert's output: every perplexity row with student, teacher and their ratio
-    tail = printed[printed.index("student vs teacher"):]
+    tail = printed[printed.index("student vs teacher") :]
     for task, t in quality["tasks"].items():
         row = next(line.split() for line in tail.splitlines() if line.startswith(f"{task} ") and " ppl " in line)
         assert row[2:] == [f"{t['student']['ppl']:.4f}", f"{t['teacher']['ppl']:.4f}", f"{t['ratio']['ppl']:.4f}"]

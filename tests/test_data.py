@@ -103,9 +103,10 @@ def test_txt_document_modes_and_formats_agree(tmp_path):
     (tmp_path / "f.txt").write_text("".join(t + "\n" for t in texts))
     write_jsonl(tmp_path / "a.jsonl.gz", [t + "\n" for t in texts], opener=gzip.open)
     write_jsonl(tmp_path / "a.jsonl.xz", [t + "\n" for t in texts], opener=lzma.open)
-    pieces = {name: list(iter_pieces(tmp_path / name, cfg_for(tmp_path / name, txt_documents=mode)))
-              for name, mode in [("p.txt", "paragraph"), ("l.txt", "line"), ("f.txt", "file"),
-                                 ("a.jsonl.gz", "paragraph"), ("a.jsonl.xz", "paragraph")]}
+    pieces = {
+        name: list(iter_pieces(tmp_path / name, cfg_for(tmp_path / name, txt_documents=mode)))
+        for name, mode in [("p.txt", "paragraph"), ("l.txt", "line"), ("f.txt", "file"), ("a.jsonl.gz", "paragraph"), ("a.jsonl.xz", "paragraph")]
+    }
     expected = [(t + "\n", True) for t in texts]
     assert pieces["p.txt"] == pieces["l.txt"] == pieces["a.jsonl.gz"] == pieces["a.jsonl.xz"] == expected
     assert pieces["f.txt"] == [("".join(t + "\n" for t in texts), True)]  # one document: a single EOS
@@ -261,6 +262,7 @@ def test_bad_files_give_one_line_errors(tmp_path, tok, monkeypatch):
     (tmp_path / "bad.jsonl").write_text("{not json}\n")
     (tmp_path / "a.csv").write_text("a,b\n")
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
+
     def check(*files, **kw):
         return check_files(cfg_for(*files, **kw))
 

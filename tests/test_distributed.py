@@ -152,7 +152,10 @@ def test_two_processes_reach_the_losses_of_one(one, two):
 
 @pytest.mark.xdist_group("distributed")
 def test_only_rank_0_writes_and_checkpoints_are_dcp(two):
-    assert sorted(p.name for p in two.iterdir()) == sorted(["checkpoints", "metrics.jsonl", "model", "recipe.yaml", "recipe.yaml.sha256", "summary.json"] + (["tensorboard"] if (two / "tensorboard").exists() else []))
+    assert sorted(p.name for p in two.iterdir()) == sorted(
+        ["checkpoints", "metrics.jsonl", "model", "recipe.yaml", "recipe.yaml.sha256", "summary.json"]
+        + (["tensorboard"] if (two / "tensorboard").exists() else [])
+    )
     ckpts = sorted((two / "checkpoints").iterdir())
     assert ckpts and all(p.name.endswith(".dcp") for p in ckpts)
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} <= {p.name for p in ckpts[-1].iterdir()}

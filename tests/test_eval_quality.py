@@ -169,9 +169,7 @@ def test_wikitext2_layout_and_missing_file(shared_data, tmp_path):
 
 
 def test_harness_runs_edited_checkpoint_on_local_tasks(models, shared_data):
-    res = run_harness(
-        str(models["root"] / "student"), ["arc_easy", "winogrande"], shared_data / "fewshot", HarnessSettings(limit=5, batch_size=4)
-    )
+    res = run_harness(str(models["root"] / "student"), ["arc_easy", "winogrande"], shared_data / "fewshot", HarnessSettings(limit=5, batch_size=4))
     # the harness ran the saved checkpoint; the same choices scored here with the in-memory model (on these
     # 5 ARC examples acc and acc_norm differ, and differ from the teacher's: 1/5 and 3/5 against 0/5 and 2/5)
     for task in ("arc_easy", "winogrande"):
@@ -182,9 +180,29 @@ def test_harness_runs_edited_checkpoint_on_local_tasks(models, shared_data):
 def test_eval_cli_student_vs_teacher_json(models, small_data, tmp_path, capsys):
     root = models["root"]
     save = tmp_path / "run" / "eval.json"
-    args = ["eval", str(root / "student"), "--teacher", str(root / "teacher"), "--tasks", "wikitext2,piqa", "--limit", "2",
-            "--ppl-tokens", "300", "--ppl-context", "64", "--ppl-stride", "32", "--data-dir", str(small_data),
-            "--device", "cpu", "--json", "--save", str(save)]
+    args = [
+        "eval",
+        str(root / "student"),
+        "--teacher",
+        str(root / "teacher"),
+        "--tasks",
+        "wikitext2,piqa",
+        "--limit",
+        "2",
+        "--ppl-tokens",
+        "300",
+        "--ppl-context",
+        "64",
+        "--ppl-stride",
+        "32",
+        "--data-dir",
+        str(small_data),
+        "--device",
+        "cpu",
+        "--json",
+        "--save",
+        str(save),
+    ]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(save.read_text())
@@ -217,7 +235,10 @@ def test_eval_cli_table_without_teacher(models, small_data, capsys):
     "make_args,message",
     [
         (lambda root, tmp: [str(tmp), "--tasks", "wikitext2"], "not a model folder"),
-        (lambda root, tmp: [str(root / "student"), "--tasks", "wikitext2,no_such_task_xyz"], "unknown task no_such_task_xyz; offline tasks: wikitext2, arc_easy"),
+        (
+            lambda root, tmp: [str(root / "student"), "--tasks", "wikitext2,no_such_task_xyz"],
+            "unknown task no_such_task_xyz; offline tasks: wikitext2, arc_easy",
+        ),
         (lambda root, tmp: [str(root / "student"), "--tasks", "wikitext2", "--data-dir", str(tmp)], "WikiText-2 test file not found"),
         (lambda root, tmp: [str(root / "student"), "--tasks", "hellaswag", "--data-dir", str(tmp)], "task hellaswag needs"),
     ],
@@ -245,8 +266,25 @@ def test_eval_cli_loads_a_bf16_model_in_float32_and_back(bf16_student, models, s
     ids = tokenize_text(models["tokenizer"], wikitext2_text(small_data / "wikitext-2-raw" / "wiki.test.raw"), 100)
     ppl = {}
     for dtype, rel in (("float32", 1e-5), ("bfloat16", 1e-3)):
-        args = ["eval", str(folder), "--tasks", "wikitext2", "--ppl-tokens", "100", "--ppl-context", "32",
-                "--ppl-stride", "32", "--data-dir", str(small_data), "--device", "cpu", "--dtype", dtype, "--json"]
+        args = [
+            "eval",
+            str(folder),
+            "--tasks",
+            "wikitext2",
+            "--ppl-tokens",
+            "100",
+            "--ppl-context",
+            "32",
+            "--ppl-stride",
+            "32",
+            "--data-dir",
+            str(small_data),
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+            "--json",
+        ]
         assert main(args) == 0
         ppl[dtype] = json.loads(capsys.readouterr().out)["tasks"]["wikitext2"]["student"]["ppl"]
         # the saved bf16 weights, in memory, cast to the dtype asked for: the same figure

@@ -131,8 +131,27 @@ def test_exports_say_what_prevents_them(tmp_path, family, target, args, fmt, mes
 def test_export_cli_stock_with_check(tmp_path, capsys):
     teacher = tiny_teacher("mistral")
     teacher.save_pretrained(tmp_path / "teacher")
-    assert main(["edit", str(tmp_path / "teacher"), "--target", "gateswa", "--set", "gate=none", "--set", "sink=0",
-                 "--set", f"window={WINDOW}", "--set", "init=teacher", "--out", str(tmp_path / "gs")]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                str(tmp_path / "teacher"),
+                "--target",
+                "gateswa",
+                "--set",
+                "gate=none",
+                "--set",
+                "sink=0",
+                "--set",
+                f"window={WINDOW}",
+                "--set",
+                "init=teacher",
+                "--out",
+                str(tmp_path / "gs"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["export", str(tmp_path / "gs"), "--format", "stock", "--out", str(tmp_path / "ex"), "--check-context", "40"]) == 0
     text = capsys.readouterr().out

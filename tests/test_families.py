@@ -69,7 +69,9 @@ def test_edited_decoding_equals_the_full_forward_and_caches_hold_their_bytes(tea
 
 
 @pytest.mark.parametrize("family", MORE_FAMILY_NAMES)
-@pytest.mark.parametrize("target,args", [("gateswa", {"init": "teacher", "window": 64, "full_layers": "none"}), ("gqa", {"init": "teacher", "num_key_value_heads": 2})])
+@pytest.mark.parametrize(
+    "target,args", [("gateswa", {"init": "teacher", "window": 64, "full_layers": "none"}), ("gqa", {"init": "teacher", "num_key_value_heads": 2})]
+)
 @torch.no_grad()
 def test_exact_starts_reproduce_the_teacher(teachers, family, target, args):
     """GateSWA wider than the text keeps the teacher's own windows where it had them; GQA with the teacher's KV

@@ -178,9 +178,7 @@ def _layer(module: str) -> str:
 def test_the_package_layers_import_downward_only():
     """No module imports a higher layer of the pipeline: e.g. the parallelism strategy (distributed/) never
     imports the stages it runs, and the recipe schema never imports the stages or the CLI."""
-    upward = sorted(
-        f"{a} -> {b}" for a, deps in _imports().items() for b in deps if LAYERS.index(_layer(b)) > LAYERS.index(_layer(a))
-    )
+    upward = sorted(f"{a} -> {b}" for a, deps in _imports().items() for b in deps if LAYERS.index(_layer(b)) > LAYERS.index(_layer(a)))
     assert not upward, upward
 
 

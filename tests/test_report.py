@@ -72,9 +72,7 @@ def run_dir(tmp_path_factory):
     student = edit_model(teacher, "gateswa", {"window": 16, "full_layers": "every:2"})
     save_edited(student, run / "model")
     (run / "metrics.jsonl").write_text(_metrics())
-    (run / "summary.json").write_text(
-        json.dumps({"target": "gateswa", "stage1_tokens": 163840, "teacher": "tiny-teacher"})
-    )
+    (run / "summary.json").write_text(json.dumps({"target": "gateswa", "stage1_tokens": 163840, "teacher": "tiny-teacher"}))
     (run / "eval.json").write_text(json.dumps(EVAL))
     bench = run_bench(student, teacher, BenchSettings([32, 64], [1, 2], 2, 1, 0), "float32", log=lambda _: None)
     last = bench["runs"][-1]  # as if the student's batch 2 at context 64 did not fit
@@ -117,9 +115,7 @@ def test_the_report_says_when_each_passkey_key_had_its_own_filler(run_dir):
 
 
 def test_missing_inputs_name_their_commands(tmp_path):
-    (tmp_path / "bench.json").write_text(
-        json.dumps({"device": "cpu", "dtype": "float32", "kv": {}, "runs": [], "teacher": "T0"})
-    )
+    (tmp_path / "bench.json").write_text(json.dumps({"device": "cpu", "dtype": "float32", "kv": {}, "runs": [], "teacher": "T0"}))
     text = build_report(tmp_path).read_text()
     assert f"attnedit eval {tmp_path}/model --teacher T0 --save {tmp_path}/eval.json" in text
     assert f"attnedit passkey {tmp_path}/model --teacher T0 --save {tmp_path}/passkey.json" in text

@@ -285,6 +285,7 @@ def test_cli_errors_are_one_line(runs, tmp_path, capsys):
 
 def test_the_passkey_grid_says_how_each_run_drew_its_keys():
     """Runs measured with different protocols (5 keys on one filler, 20 each on its own) are told apart."""
+
     def run(name, trials, teacher, filler=None):  # as run_figures reads a passkey.json (older ones have no filler)
         pk = {"contexts": [64], "depths": [0.0], "trials": trials, "student": [[1.0]], "teacher": [[teacher]]}
         return RunFigures(name, name, passkey=Passkey.parse({**pk, **({"filler": filler} if filler else {})}, "passkey.json"))

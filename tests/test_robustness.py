@@ -359,9 +359,12 @@ COMMANDS = {
     "convert": ("recipe", "recipe-corrupt", "folder", lambda a, i, o, w: ["convert", i, "--out", o, "--progress", "none"]),
     "export": ("model", "model-corrupt", "folder", lambda a, i, o, w: ["export", i, "--format", "hf", "--out", o, *["--overwrite"] * w]),
     **{
-        name: ("model", "model-corrupt", "file",
-               lambda a, i, o, w, name=name: [name, i, "--teacher", a["teacher"], *PAIR[name], "--device", "cpu",
-                                              "--save", o, *["--overwrite"] * w])  # fmt: skip
+        name: (
+            "model",
+            "model-corrupt",
+            "file",
+            lambda a, i, o, w, name=name: [name, i, "--teacher", a["teacher"], *PAIR[name], "--device", "cpu", "--save", o, *["--overwrite"] * w],
+        )  # fmt: skip
         for name in ("eval", "bench", "passkey")
     },
     "report": ("run", "run-corrupt", "file", lambda a, i, o, w: ["report", i, "--compare", "--out", o, *["--overwrite"] * w]),

@@ -143,9 +143,7 @@ def test_chunked_kd_terms_match_full_logits():
     grad = h_s.grad.clone()
     h_s.grad = None
     zs, zt = head_s(h_s), head_t(h_t)
-    ref_kl = 4.0 * torch.nn.functional.kl_div(
-        torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1), log_target=True, reduction="none"
-    ).sum(-1).mean()
+    ref_kl = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1), log_target=True, reduction="none").sum(-1).mean()
     ref_ce = torch.nn.functional.cross_entropy(zs[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     (ref_kl + ref_ce).backward()
     torch.testing.assert_close(kl, ref_kl)

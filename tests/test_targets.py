@@ -169,9 +169,7 @@ def test_mla_teacher_init_beats_random_on_layer_outputs(family):
         pos = torch.arange(32)[None].expand(4, 32)
         ctx = AttentionContext(pos, 0, 32, None, None)
         y_s = student.model.layers[layer].self_attn(x, ctx)
-        y_t = teacher.model.layers[layer].self_attn(
-            hidden_states=x, position_embeddings=teacher.model.rotary_emb(x, pos), attention_mask=None
-        )[0]
+        y_t = teacher.model.layers[layer].self_attn(hidden_states=x, position_embeddings=teacher.model.rotary_emb(x, pos), attention_mask=None)[0]
         errors[init] = ((y_s - y_t).norm() / y_t.norm()).item()
     assert errors["teacher"] < 0.5 * errors["random"], errors
 

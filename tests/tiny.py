@@ -39,9 +39,7 @@ FAMILY_BUILDERS = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16)),
-    "qwen3_moe": lambda: Qwen3MoeForCausalLM(
-        Qwen3MoeConfig(**COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
-    ),
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
 }
 FAMILY_NAMES = list(FAMILY_BUILDERS)
 

@@ -20,8 +20,16 @@ COMMON = dict(num_attention_heads=32, head_dim=128, vocab_size=151936, max_posit
 CONFIGS = {
     "qwen3-8b": lambda: Qwen3Config(hidden_size=4096, num_hidden_layers=36, num_key_value_heads=8, intermediate_size=12288, **COMMON),
     "qwen3-30b-a3b": lambda: Qwen3MoeConfig(
-        hidden_size=2048, num_hidden_layers=48, num_key_value_heads=4, intermediate_size=6144, moe_intermediate_size=768,
-        num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], **COMMON,
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_key_value_heads=4,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        **COMMON,
     ),
 }
 RUNS = [("qwen3-8b", "mla"), ("qwen3-8b", "gateswa"), ("qwen3-30b-a3b", "mla"), ("qwen3-30b-a3b", "gateswa")]
@@ -37,7 +45,9 @@ def main() -> None:
         print(f"## {model} -> {target} (`recipes/{model}-{target}.yaml`)\n")
         fewest = {name: smallest_world(config, recipe, b) for name, b in GPUS.items()}
         fitted = {name: smallest_world(config, recipe, b, adapt=True)[0] for name, b in GPUS.items()}
-        print("fewest GPUs, as the recipe is written: " + "; ".join(f"{name}: {k} (frozen {m}d)".replace("shardd", "sharded") for name, (k, m) in fewest.items()))
+        print(
+            "fewest GPUs, as the recipe is written: " + "; ".join(f"{name}: {k} (frozen {m}d)".replace("shardd", "sharded") for name, (k, m) in fewest.items())
+        )
         print("\nfewest GPUs, micro-batches fitted by convert: " + "; ".join(f"{name}: {k}" for name, k in fitted.items()) + "\n")
         for n in (1, 2, 8):
             print("```")

@@ -43,12 +43,18 @@ def add_parser(sub) -> None:
     add_json(p, "with --dry-run: print the plan as JSON")
     p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the plan on N GPUs under torchrun, the memory per GPU, and the fewest that fit")
     p.add_argument(
-        "--gpu-memory", type=float, metavar="GiB",
+        "--gpu-memory",
+        type=float,
+        metavar="GiB",
         help="with --dry-run: plan for GPUs of this memory (default with --world-size: 80), with the micro-batches convert fits to it",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run folder from its last good checkpoint (a run whose model is saved: only its missing evaluation)")
     p.add_argument(
-        "--progress", default="auto", choices=["auto", "bar", "lines", "none"],
+        "--resume", action="store_true", help="continue the run folder from its last good checkpoint (a run whose model is saved: only its missing evaluation)"
+    )
+    p.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bar", "lines", "none"],
         help="progress display (auto: a bar on a terminal, else one line per log step)",
     )
     p.set_defaults(func=run)

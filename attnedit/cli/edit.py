@@ -43,9 +43,7 @@ def add_parser(sub) -> None:
     add_set(p, "a target setting, e.g. kv_lora_rank=128 (listed below)")
     add_out(p, "folder for the edited checkpoint")
     add_overwrite(p)
-    p.add_argument(
-        "--tokenizer", metavar="PATH", help="tokenizer saved with the model (folder or Hugging Face id; default: the teacher's own)"
-    )
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer saved with the model (folder or Hugging Face id; default: the teacher's own)")
     add_flags(p, InspectSettings, skip=("dtype",))  # --context of the KV summary printed at the end
     add_device_args(p)
     p.set_defaults(func=run)

@@ -20,8 +20,7 @@ def add_parser(sub) -> None:
         description="Hide a 5-digit key at a given depth of filler text, ask for it, decode greedily through "
         "the real caches; accuracy per (context, depth) over --trials keys, student and teacher. The "
         "settings are the recipe's eval.passkey: section.",
-        epilog="example:\n  attnedit passkey runs/smol-gs/model --teacher smollm2-135m --contexts 1024,4096 "
-        "--save runs/smol-gs/passkey.json",
+        epilog="example:\n  attnedit passkey runs/smol-gs/model --teacher smollm2-135m --contexts 1024,4096 --save runs/smol-gs/passkey.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_pair_args(p)

@@ -62,9 +62,7 @@ def run(args) -> int:
         files = [str(report)]
     else:
         if args.out:
-            raise AttnEditError(
-                "--out is for comparisons (several RUNs or --compare); one run's report is RUN/report.md"
-            )
+            raise AttnEditError("--out is for comparisons (several RUNs or --compare); one run's report is RUN/report.md")
         run = check_run_dir(args.run_dir[0])
         check_output(run / "report.md", "the report", folder=False, overwrite=True)  # rewritten each time: made from RUN's files
         report = build_report(run)

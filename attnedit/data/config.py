@@ -54,8 +54,7 @@ class DataConfig:
     def help(cls) -> list[tuple[str, str, object]]:
         """(name, one-line help, default) of every field, for ``--explain``."""
         return [
-            (f.name, f.metadata["help"], f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-            for f in dataclasses.fields(cls)
+            (f.name, f.metadata["help"], f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default) for f in dataclasses.fields(cls)
         ]
 
     def validate(self) -> None:

@@ -193,7 +193,7 @@ def _parse(line: str, path: Path, lineno: int) -> dict:
     except json.JSONDecodeError as e:
         raise AttnEditError(f"{path}:{lineno} is not valid JSON ({e.msg}); JSONL needs one JSON object per line") from None
     if not isinstance(record, dict):
-        raise AttnEditError(f"{path}:{lineno} is not a JSON object; JSONL needs one object per line, e.g. {{\"text\": ...}}")
+        raise AttnEditError(f'{path}:{lineno} is not a JSON object; JSONL needs one object per line, e.g. {{"text": ...}}')
     return record
 
 
@@ -289,4 +289,3 @@ def iter_pieces(path: Source, cfg: DataConfig) -> Iterator[tuple[str, bool]]:
             yield from _text_pieces(f, cfg.txt_documents)
         else:
             yield from _record_pieces(_jsonl_texts(f, path, cfg.text_field))
-

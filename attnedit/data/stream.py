@@ -121,8 +121,7 @@ def _split_heldout(cfg: DataConfig, tokenizer, files: list[Source], eos: int) ->
                 if len(tokens) == need and ends:
                     return torch.tensor(tokens, dtype=torch.long).view(-1, cfg.seq_len), skip
         raise AttnEditError(
-            f"the data files hold fewer than heldout_blocks x seq_len = {need} tokens plus training data; "
-            "add files or lower data.heldout_blocks"
+            f"the data files hold fewer than heldout_blocks x seq_len = {need} tokens plus training data; add files or lower data.heldout_blocks"
         )
     return torch.empty(0, cfg.seq_len, dtype=torch.long), skip
 

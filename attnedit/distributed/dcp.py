@@ -136,9 +136,7 @@ def read_weights(path: Path, owned) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    template = {
-        "model": {n: torch.empty(p.shape, dtype=p.dtype) for n, p in owned if f"model.{n}" in stored}
-    }
+    template = {"model": {n: torch.empty(p.shape, dtype=p.dtype) for n, p in owned if f"model.{n}" in stored}}
     dcp.load(template, checkpoint_id=str(path))
     return template["model"]
 

@@ -90,8 +90,7 @@ def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
         unknown = [t for t in other if t not in known]
         if unknown:
             raise AttnEditError(
-                f"unknown task {', '.join(unknown)}; offline tasks: wikitext2, {', '.join(LOCAL_TASKS)} "
-                "(with internet, any lm-evaluation-harness task name)"
+                f"unknown task {', '.join(unknown)}; offline tasks: wikitext2, {', '.join(LOCAL_TASKS)} (with internet, any lm-evaluation-harness task name)"
             )
     return local, other
 
@@ -136,8 +135,6 @@ def run_harness(model_path: str, tasks: list[str], fewshot_dir: str | Path, sett
                 log_samples=False,
             )
         except ConnectionError as e:  # a harness task whose data must come from the Hugging Face hub
-            raise AttnEditError(
-                f"{str(e).splitlines()[0]}; tasks {', '.join(other)} need the internet (offline: {', '.join(LOCAL_TASKS)})"
-            ) from None
+            raise AttnEditError(f"{str(e).splitlines()[0]}; tasks {', '.join(other)} need the internet (offline: {', '.join(LOCAL_TASKS)})") from None
     found = {**out.get("groups", {}), **out["results"]}
     return {task: parse_results(found.get(name, {})) for name, task in names.items()}

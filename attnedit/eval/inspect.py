@@ -71,10 +71,7 @@ def layout_notes(config) -> list[str]:
 
 
 def format_inspection(info: dict) -> str:
-    rows = [
-        [x["layer"], x["kind"], x["params"], round(x["values_per_token"], 2), human_bytes(x["bytes_per_token"])]
-        for x in info["layers"]
-    ]
+    rows = [[x["layer"], x["kind"], x["params"], round(x["values_per_token"], 2), human_bytes(x["bytes_per_token"])] for x in info["layers"]]
     table = text_table(["layer", "attention", "attn params", "KV values/token", "KV bytes/token"], rows, right={0, 2, 3, 4})
     lines = [
         table,

@@ -34,21 +34,15 @@ def check_contexts(config, contexts: list[int], name: str) -> None:
     limit = max_context(config)
     too_long = [c for c in contexts if limit and c > limit]
     if too_long:
-        raise AttnEditError(
-            f"context {max(too_long)} is longer than {name} supports ({limit} tokens); use shorter --contexts"
-        )
+        raise AttnEditError(f"context {max(too_long)} is longer than {name} supports ({limit} tokens); use shorter --contexts")
 
 
 def check_pair(student, teacher) -> None:
     """Refuse a teacher that is not the one the student was edited from (the comparison would mislead)."""
     base = getattr(student.config, "base_config", None)
     if not isinstance(base, dict):
-        raise AttnEditError(
-            "the model to bench is not an edited (attnedit) checkpoint; give the output of attnedit edit/convert"
-        )
+        raise AttnEditError("the model to bench is not an edited (attnedit) checkpoint; give the output of attnedit edit/convert")
     t = teacher.config
     for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if base.get(key) != getattr(t, key, None):
-            raise AttnEditError(
-                f"--teacher does not match the model: {key} {getattr(t, key, None)} vs {base.get(key)}; give the teacher it was edited from"
-            )
+            raise AttnEditError(f"--teacher does not match the model: {key} {getattr(t, key, None)} vs {base.get(key)}; give the teacher it was edited from")

@@ -23,10 +23,7 @@ from ..schema import require, setting
 from .generation import generate_greedy
 from .models import check_contexts
 
-INSTRUCTION = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it.\n"
-)
+INSTRUCTION = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 FILLERS = ("same", "varied")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -97,9 +94,7 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str, order_seed: 
     )
     n_fill = context - len(start) - len(head) - len(needle) - len(question)
     if n_fill < 0:
-        raise AttnEditError(
-            f"context {context} is too short for a passkey prompt; use at least {context - n_fill} tokens"
-        )
+        raise AttnEditError(f"context {context} is too short for a passkey prompt; use at least {context - n_fill} tokens")
     filler = filler_tokens(tokenizer, n_fill, order_seed)
     cut = round(depth * n_fill)
     return start + head + filler[:cut] + needle + filler[cut:] + question
@@ -124,9 +119,7 @@ def greedy_answers(model, tokenizer, rows: list[list[int]], new_tokens: int = 8)
     return tokenizer.batch_decode(generate_greedy(model, ids, new_tokens).cpu(), skip_special_tokens=True)
 
 
-def passkey_accuracy(
-    model, tokenizer, context: int, depth: float, keys: list[str], new_tokens: int = 8, filler: str = "same"
-) -> float:
+def passkey_accuracy(model, tokenizer, context: int, depth: float, keys: list[str], new_tokens: int = 8, filler: str = "same") -> float:
     """Fraction of ``keys`` the model retrieves at (``context``, ``depth``); all trials run as one batch.
     With ``filler='varied'`` trial i's filler is shuffled with seed i (the same texts for every model)."""
     seeds = range(len(keys)) if filler == "varied" else [None] * len(keys)
@@ -136,7 +129,13 @@ def passkey_accuracy(
 
 
 def run_passkey(
-    models: dict, tokenizer, contexts: list[int], depths: list[float], trials: int = 5, seed: int = 0, log=print,
+    models: dict,
+    tokenizer,
+    contexts: list[int],
+    depths: list[float],
+    trials: int = 5,
+    seed: int = 0,
+    log=print,
     filler: str = "same",
 ) -> dict:
     """Accuracy per (context, depth) for each model in ``models``, as ``passkey.json``:
@@ -151,9 +150,7 @@ def run_passkey(
     for name, model in models.items():
         check_contexts(model.config, contexts, f"the {name}")
         if model.config.vocab_size < len(tokenizer):
-            raise AttnEditError(
-                f"the {name}'s vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})"
-            )
+            raise AttnEditError(f"the {name}'s vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})")
     keys = trial_keys(trials, seed)
     if filler not in FILLERS:
         raise AttnEditError(f"passkey filler {filler!r}: choose 'same' or 'varied'")

@@ -48,14 +48,10 @@ class QualitySettings:
     limit: int | None = setting(None, "first N examples of each few-shot task (default: all)")
     num_fewshot: int | None = setting(None, "in-context examples per question (default: the task's, 0)")
     batch_size: int | Literal["auto"] = setting(8, "harness batch size, or auto")
-    ppl_context: list[int] = setting(
-        [2048], f"perplexity window in tokens, capped at the model's maximum; several windows give one {PPL_TASK}@N result each"
-    )
+    ppl_context: list[int] = setting([2048], f"perplexity window in tokens, capped at the model's maximum; several windows give one {PPL_TASK}@N result each")
     ppl_stride: int | None = setting(None, "tokens between perplexity windows (default: half the window)")
     ppl_tokens: int | None = setting(None, "score only the first N tokens of WikiText-2 (default: all, 304,986 for SmolLM2)")
-    data_dir: str | None = setting(
-        None, "folder with wikitext-2-raw/ and fewshot/ (default: $ATTNEDIT_SHARED_DATA, else ../shared/data)"
-    )
+    data_dir: str | None = setting(None, "folder with wikitext-2-raw/ and fewshot/ (default: $ATTNEDIT_SHARED_DATA, else ../shared/data)")
 
     def __post_init__(self):
         self.tasks, self.ppl_context = list(dict.fromkeys(self.tasks)), list(dict.fromkeys(self.ppl_context))
@@ -79,10 +75,7 @@ class QualitySettings:
         """The perplexity results' task names (``wikitext2``, or ``wikitext2@N`` per window when there are
         several) and each one's window, stride and token cap."""
         several = len(self.ppl_context) > 1
-        return {
-            f"{PPL_TASK}@{c}" if several else PPL_TASK: PerplexitySettings(c, self.ppl_stride or max(1, c // 2), self.ppl_tokens)
-            for c in self.ppl_context
-        }
+        return {f"{PPL_TASK}@{c}" if several else PPL_TASK: PerplexitySettings(c, self.ppl_stride or max(1, c // 2), self.ppl_tokens) for c in self.ppl_context}
 
     def result_names(self) -> list[str]:
         """The tasks of the result, in order: each perplexity window in place of ``wikitext2``."""

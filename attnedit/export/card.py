@@ -107,7 +107,11 @@ def _recipe_lines(recipe) -> list[str]:
     lines = []
     for n, st in ((1, recipe.stage1), (2, recipe.stage2)):
         seq = st.seq_len or recipe.data.seq_len
-        what = "layer-wise teacher forcing (each new attention on the teacher's own inputs)" if n == 1 else "model-level distillation on the teacher's next-token distributions"
+        what = (
+            "layer-wise teacher forcing (each new attention on the teacher's own inputs)"
+            if n == 1
+            else "model-level distillation on the teacher's next-token distributions"
+        )
         if st.steps:
             tokens = st.steps * st.batch_size * st.grad_accum * seq
             extra = f", trains {st.trainable}" if n == 2 else ""

@@ -78,8 +78,7 @@ class ParityReport:
         for x in self.layers:
             kinds.setdefault(x.kind, set()).add((x.tokens, x.visible))
         per_kind = "; ".join(
-            f"{k} layers {', '.join(f'{t} tokens' + (f' ({v} visible)' if v != t else '') for t, v in sorted(s))}"
-            for k, s in sorted(kinds.items())
+            f"{k} layers {', '.join(f'{t} tokens' + (f' ({v} visible)' if v != t else '') for t, v in sorted(s))}" for k, s in sorted(kinds.items())
         )
         gen = "identical" if self.greedy_match else f"DIFFERENT from token {self.first_mismatch}"
         cache = "=" if self.cache_ok else "!="
@@ -87,8 +86,7 @@ class ParityReport:
             [
                 f"parity: {self.stock_class} ({'remote code' if self.remote_code else 'stock, trust_remote_code=False'}) "
                 f"vs attnedit, float32 CPU, {self.prompt_tokens}-token prompt",
-                f"  logits: max |diff| {self.max_abs_logit_diff:.3e} (largest |logit| {self.max_abs_logit:.1f}; "
-                f"limit {self.tolerance:.0e})",
+                f"  logits: max |diff| {self.max_abs_logit_diff:.3e} (largest |logit| {self.max_abs_logit:.1f}; limit {self.tolerance:.0e})",
                 f"  greedy {self.new_tokens} tokens: {gen}",
                 f"  cache after {self.cache_tokens} tokens: {self.stock_bytes:,} bytes {cache} designed "
                 f"{self.designed_bytes:,} ({100 * self.stock_bytes / max(1, self.teacher_bytes):.1f}% of the teacher's "
@@ -99,8 +97,7 @@ class ParityReport:
 
     def to_json(self) -> str:
         d = asdict(self)
-        d.update(stock_bytes=self.stock_bytes, designed_bytes=self.designed_bytes, teacher_bytes=self.teacher_bytes,
-                 cache_ok=self.cache_ok, ok=self.ok)
+        d.update(stock_bytes=self.stock_bytes, designed_bytes=self.designed_bytes, teacher_bytes=self.teacher_bytes, cache_ok=self.cache_ok, ok=self.ok)
         return json.dumps(d, indent=2)
 
 
@@ -171,8 +168,15 @@ def check_export(
     a = ref(ids).logits.float()
     b = stock(ids).logits.float()
     diff = (a - b).abs().max().item()
-    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-               num_beams=1, return_dict_in_generate=True, pad_token_id=model.config.pad_token_id or 0)
+    gen = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        return_dict_in_generate=True,
+        pad_token_id=model.config.pad_token_id or 0,
+    )
     out_ref = ref.generate(ids, **gen)
     out_stock = stock.generate(ids, **gen)
     s_ref, s_stock = out_ref.sequences, out_stock.sequences

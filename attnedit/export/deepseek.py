@@ -118,8 +118,10 @@ def export_deepseek_v3(model, out_dir: str | os.PathLike, tokenizer=None, overwr
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     if any(layer.get("kind") == "mla" and layer.get("bias") for layer in model.config.layer_attention):
-        raise AttnEditError("this MLA model has attention biases (bias=true, or auto with a Qwen2-family teacher), which "
-                            "stock DeepSeek-V3 cannot hold; convert with --set bias=false, or export --format hf")
+        raise AttnEditError(
+            "this MLA model has attention biases (bias=true, or auto with a Qwen2-family teacher), which "
+            "stock DeepSeek-V3 cannot hold; convert with --set bias=false, or export --format hf"
+        )
     config = deepseek_v3_config(model)
     state = deepseek_v3_state_dict(model, config)
     ds_config = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})

@@ -16,8 +16,7 @@ from .qwen3 import QWEN3
 from .qwen3_moe import QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, GRANITE, MINISTRAL, ARCEE, SEED_OSS, APERTUS)
+    f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, GRANITE, MINISTRAL, ARCEE, SEED_OSS, APERTUS)
 }
 
 # model types transformers knows whose attention attnedit cannot convert yet, and the part that is missing

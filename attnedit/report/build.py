@@ -35,9 +35,7 @@ def read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise AttnEditError(
-            f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-run the command that writes it"
-        ) from None
+        raise AttnEditError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-run the command that writes it") from None
     if not isinstance(data, dict):
         raise AttnEditError(f"{path} lacks a JSON object; re-run the command that writes it")
     return data
@@ -76,12 +74,7 @@ def read_metrics(path: Path) -> list[dict] | None:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise AttnEditError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-        if (
-            isinstance(r, dict)
-            and "stage" in r
-            and isinstance(r.get("loss"), (int, float))
-            and math.isfinite(r["loss"])
-        ):
+        if isinstance(r, dict) and "stage" in r and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"]):
             stage = r["stage"]
             records.append({**r, "stage": f"stage{stage}" if isinstance(stage, int) else str(stage)})
     return records
@@ -94,9 +87,7 @@ def read_model_config(run: Path) -> dict | None:
         return None
     config = read_json(path)
     if config.get("model_type") != "attnedit":
-        raise AttnEditError(
-            f"{path} is not an attnedit (edited) model config; the run's model/ should come from attnedit"
-        )
+        raise AttnEditError(f"{path} is not an attnedit (edited) model config; the run's model/ should come from attnedit")
     return config
 
 
@@ -281,10 +272,7 @@ def build_report(run_dir: str | Path) -> Path:
         per_stage = {}
         for r in metrics:
             per_stage.setdefault(r["stage"], []).append(r)
-        rows = [
-            [s, len(rs), rs[-1].get("tokens", "-"), f"{rs[0]['loss']:.4g}", f"{rs[-1]['loss']:.4g}"]
-            for s, rs in sorted(per_stage.items())
-        ]
+        rows = [[s, len(rs), rs[-1].get("tokens", "-"), f"{rs[0]['loss']:.4g}", f"{rs[-1]['loss']:.4g}"] for s, rs in sorted(per_stage.items())]
         lines += [
             "![loss curves](loss_curves.png)",
             "",
@@ -301,9 +289,7 @@ def build_report(run_dir: str | Path) -> Path:
             quality_table(quality),
         ]
     else:
-        lines += [
-            _missing("quality figures (eval.json)", f"attnedit eval {model} --teacher {teacher} --save {run}/eval.json")
-        ]
+        lines += [_missing("quality figures (eval.json)", f"attnedit eval {model} --teacher {teacher} --save {run}/eval.json")]
 
     lines += ["", "## Efficiency", ""]
     if bench:
@@ -323,32 +309,22 @@ def build_report(run_dir: str | Path) -> Path:
         if measured:
             lines += ["", "![decode tokens/s and time to first token vs batch](speed_vs_batch.png)"]
     else:
-        lines += [
-            _missing(
-                "efficiency figures (bench.json)", f"attnedit bench {model} --teacher {teacher} --save {run}/bench.json"
-            )
-        ]
+        lines += [_missing("efficiency figures (bench.json)", f"attnedit bench {model} --teacher {teacher} --save {run}/bench.json")]
 
     lines += ["", "## KV cache", ""]
     series = kv_series(summary, bench)
     if series is not None:
         dtype, contexts, student, teacher_kv = series
         plots.kv_vs_context(contexts, student, teacher_kv, dtype, run / "kv_vs_context.png")
-        rows = [
-            [c, human_bytes(s), human_bytes(t), f"{s / t:.3f}", human_bytes(s * c), human_bytes(t * c)]
-            for c, s, t in zip(contexts, student, teacher_kv)
-        ]
+        rows = [[c, human_bytes(s), human_bytes(t), f"{s / t:.3f}", human_bytes(s * c), human_bytes(t * c)] for c, s, t in zip(contexts, student, teacher_kv)]
         lines += [
             f"Analytic, from the configs, for a {dtype} cache "
-            + ("(the dtype the model is saved in, as `attnedit inspect` prints it)." if summary and summary.kv and summary.kv.student
-               else "(the bench's).")
+            + ("(the dtype the model is saved in, as `attnedit inspect` prints it)." if summary and summary.kv and summary.kv.student else "(the bench's).")
             + (" " + bench_kv_check(bench) if bench else ""),
             "",
             "![KV bytes vs context](kv_vs_context.png)",
             "",
-            markdown_table(
-                ["context", "per token (S)", "per token (T)", "S/T", "per sequence (S)", "per sequence (T)"], rows
-            ),
+            markdown_table(["context", "per token (S)", "per token (T)", "S/T", "per sequence (S)", "per sequence (T)"], rows),
         ]
     else:
         lines += [

@@ -135,8 +135,7 @@ def read_recipe(run: Path) -> dict | None:
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise AttnEditError(
-                f"{path} is not valid YAML ({first}); put back the recipe.yaml attnedit convert wrote "
-                "(its sha256 is in recipe.yaml.sha256)"
+                f"{path} is not valid YAML ({first}); put back the recipe.yaml attnedit convert wrote (its sha256 is in recipe.yaml.sha256)"
             ) from None
         if not isinstance(raw, dict):
             raise AttnEditError(f"{path} is not a recipe (a YAML mapping); put back the recipe.yaml attnedit convert wrote")
@@ -423,10 +422,7 @@ def zero_shot_table(runs: list[RunFigures], teacher: RunFigures) -> str | None:
         found = (a.metric for r in runs for a in (r.student.accuracy.get(task), r.teacher.accuracy.get(task)) if a)
         return next(found, "-")
 
-    rows = [
-        [t, metric(t), accuracy_cell(teacher.student.accuracy.get(t))] + [accuracy_cell(r.student.accuracy.get(t)) for r in runs]
-        for t in tasks
-    ]
+    rows = [[t, metric(t), accuracy_cell(teacher.student.accuracy.get(t))] + [accuracy_cell(r.student.accuracy.get(t)) for r in runs] for t in tasks]
 
     def mean(r):
         m, _, n = mean_accuracy(r, RunFigures(run="", path=""), tasks)
@@ -470,8 +466,7 @@ def render_comparison(runs: list[RunFigures]) -> str:
         "## Runs",
         "",
         "- settings: only those that differ between the runs (recipe.yaml), besides target and each stage's tokens;",
-        "- KV % of T: the KV cache's bytes per token as % of the teacher's, at the largest context of the run's KV "
-        "figures (summary.json, else bench.json);",
+        "- KV % of T: the KV cache's bytes per token as % of the teacher's, at the largest context of the run's KV figures (summary.json, else bench.json);",
         "- held-out KL: KL(teacher || student) on the held-out blocks after stage 2 (summary.json);",
         "- ppl @N (Δ%): WikiText-2 perplexity with an N-token window, and its change vs the teacher in %;",
         f"- zero-shot acc %: mean over the run's few-shot tasks of {ZERO_SHOT_RULE}; in brackets the difference "

@@ -165,9 +165,7 @@ def speed_vs_batch(bench: Bench, path: Path) -> Path:
                 color=color,
                 label=label,
             )
-            right.plot(
-                [b for b, _ in pts], [f.ttft_ms for _, f in pts], style, marker="o", ms=3.5, color=color, label=label
-            )
+            right.plot([b for b, _ in pts], [f.ttft_ms for _, f in pts], style, marker="o", ms=3.5, color=color, label=label)
     for ax, title, unit in ((left, "decode throughput", "tokens / s"), (right, "time to first token", "ms")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

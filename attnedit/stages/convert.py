@@ -190,11 +190,11 @@ def teacher_baselines(ctx: Conversion, todo: list[Stage], batches: int, quiet: b
         return out
     for stage in todo:
         cfg, seq = stage.cfg, stage.seq_len
-        out[stage.number] = teacher_forward_tok_s(
-            ctx.teacher, cfg.batch_size, seq, ctx.device, lambda cfg=cfg: autocast(ctx.device, cfg.precision), batches
-        )
+        out[stage.number] = teacher_forward_tok_s(ctx.teacher, cfg.batch_size, seq, ctx.device, lambda cfg=cfg: autocast(ctx.device, cfg.precision), batches)
         if not quiet:
-            print(f"attnedit: teacher plain forward at stage {stage.number}'s batch ({cfg.batch_size} x {seq}): {out[stage.number]:,.0f} tok/s", file=sys.stderr)
+            print(
+                f"attnedit: teacher plain forward at stage {stage.number}'s batch ({cfg.batch_size} x {seq}): {out[stage.number]:,.0f} tok/s", file=sys.stderr
+            )
     return out
 
 
@@ -233,7 +233,10 @@ def train(ctx: Conversion, run: Run, stage: Stage, memory: MemoryPlan, baseline:
                 profile = profile_stage(run, job, opt)
             except Exception as e:  # noqa: BLE001
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                print(f"attnedit: warning: profiling stage {stage.number} failed ({type(e).__name__}: {first}); no profile-stage{stage.number}.json", file=sys.stderr)
+                print(
+                    f"attnedit: warning: profiling stage {stage.number} failed ({type(e).__name__}: {first}); no profile-stage{stage.number}.json",
+                    file=sys.stderr,
+                )
             else:
                 write_json(run.dir / f"profile-stage{stage.number}.json", profile)
                 info["profile"] = profile_summary(profile)

@@ -72,8 +72,7 @@ def describe(cfg: EvalConfig) -> list[str]:
         lines.append(f"eval.json: {', '.join(tasks)}" + (f" ({'; '.join(notes)})" if notes else ""))
     if cfg.passkey.contexts:
         p = cfg.passkey
-        lines.append(f"passkey.json: contexts {_ints(p.contexts)} x depths {','.join(f'{d:g}' for d in p.depths)}, {p.trials} trials"
-                     + filler_note(p.filler))
+        lines.append(f"passkey.json: contexts {_ints(p.contexts)} x depths {','.join(f'{d:g}' for d in p.depths)}, {p.trials} trials" + filler_note(p.filler))
     if cfg.bench.contexts:
         b = cfg.bench
         lines.append(f"bench.json: batches {_ints(b.batches)} x contexts {_ints(b.contexts)}, {b.decode_tokens} decode tokens")
@@ -127,8 +126,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
             release_memory()
     except AttnEditError as e:
         raise AttnEditError(
-            f"{e} (evaluation after training; the model is saved in {model}, and attnedit convert {run_dir} --resume "
-            "makes only the missing result files)"
+            f"{e} (evaluation after training; the model is saved in {model}, and attnedit convert {run_dir} --resume makes only the missing result files)"
         ) from None
     build_report(run_dir)
     _card_with_evaluation(recipe, run_dir)

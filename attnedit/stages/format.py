@@ -76,7 +76,9 @@ def fit_text(row: dict) -> str | None:
     if not note or note["gpu_bytes"] is None:
         return None
     gpu, stage = human_bytes(note["gpu_bytes"]), row["stage"]
-    asked = f"stage {stage} at the recipe's micro-batch of {note['asked_batch_size']} needs {human_bytes(note['asked_total'])} (slack and CUDA context included)"
+    asked = (
+        f"stage {stage} at the recipe's micro-batch of {note['asked_batch_size']} needs {human_bytes(note['asked_total'])} (slack and CUDA context included)"
+    )
     if not note["fits"]:
         return f"{asked}: it fits the GPU's {gpu} at no micro-batch; convert refuses it (--world-size N: the GPU count that fits)"
     if not note["adapted"]:
@@ -115,9 +117,7 @@ def format_memory_plan(plan: dict, smallest: tuple[int | None, str | None] | Non
     if smallest is not None:
         k, mode = smallest
         gpu = human_bytes(plan["gpu_bytes"])
-        lines.append(
-            f"\nsmallest GPU count that fits {gpu}: {k} (frozen weights {_done(mode)})" if k else f"\nno GPU count up to {largest_count} fits {gpu}"
-        )
+        lines.append(f"\nsmallest GPU count that fits {gpu}: {k} (frozen weights {_done(mode)})" if k else f"\nno GPU count up to {largest_count} fits {gpu}")
         if smallest_fitted and smallest_fitted != k:
             lines.append(f"smallest GPU count that fits {gpu} with the micro-batches fitted to it: {smallest_fitted}")
     return "\n".join(lines)

@@ -50,9 +50,7 @@ def check_seq_len(recipe: Recipe, config) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     longest = max([recipe.data.seq_len] + [s.seq_len for s in stages(recipe)])
     if limit and longest > limit:
-        raise AttnEditError(
-            f"seq_len {longest} is above the teacher's max_position_embeddings {limit}; lower data.seq_len / stageN.seq_len"
-        )
+        raise AttnEditError(f"seq_len {longest} is above the teacher's max_position_embeddings {limit}; lower data.seq_len / stageN.seq_len")
 
 
 def validate_start(recipe: Recipe, parallel: Parallelism | None = None) -> None:
@@ -271,9 +269,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
         "data_files": [str(f) for f in files],
         "seq_len": recipe.data.seq_len,
         "recall_fraction": (
-            recipe.stage2.recall_fraction
-            if recipe.stage2.steps and spans_fit(stages(recipe)[1].seq_len, recipe.stage2.recall_min_distance)
-            else 0.0
+            recipe.stage2.recall_fraction if recipe.stage2.steps and spans_fit(stages(recipe)[1].seq_len, recipe.stage2.recall_min_distance) else 0.0
         ),
         "recall_min_distance": recipe.stage2.recall_min_distance,
         "device": str(device),

@@ -74,8 +74,24 @@ def _transformed(z: torch.Tensor, transform) -> tuple[torch.Tensor, torch.Tensor
     return t * cap, (1 - t * t) / divisor
 
 
-def kd_chunk(hs, ht, weight, bias, weight_t, bias_t, labels, valid, n_labels, temperature: float, n: int,
-             acc: torch.dtype, out_dtype: torch.dtype, want_ce: bool, want_kl: bool, transform=(1.0, None)):
+def kd_chunk(
+    hs,
+    ht,
+    weight,
+    bias,
+    weight_t,
+    bias_t,
+    labels,
+    valid,
+    n_labels,
+    temperature: float,
+    n: int,
+    acc: torch.dtype,
+    out_dtype: torch.dtype,
+    want_ce: bool,
+    want_kl: bool,
+    transform=(1.0, None),
+):
     """One chunk of the KD loss from its hidden states: the student and teacher logits over the LM heads, the
     KL, student-CE and teacher-CE sums (``acc`` dtype) and the gradients of the mean KL (``T (p_s - p_t) / n``)
     and mean CE w.r.t. the student logits (``out_dtype``; None when not wanted). Besides the two LM-head
@@ -173,7 +189,15 @@ class _ChunkedKD(torch.autograd.Function):
 
 
 def kd_terms(
-    h_s, h_t, ids, head_s, head_t, temperature: float, chunk: int, grads: tuple[bool, bool] = (True, True), chunk_math=kd_chunk,
+    h_s,
+    h_t,
+    ids,
+    head_s,
+    head_t,
+    temperature: float,
+    chunk: int,
+    grads: tuple[bool, bool] = (True, True),
+    chunk_math=kd_chunk,
     transform=(1.0, None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean ``T^2 KL`` per token, mean student CE and mean teacher CE over the next tokens, chunk by chunk.

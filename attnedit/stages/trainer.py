@@ -398,8 +398,7 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> torch.optim.Opt
                 bar.set_postfix(loss=f"{means['loss']:.4g}", tok_s=f"{last['tok_s']:.0f}{speed_line}")
             elif run.progress == "lines":
                 print(
-                    f"stage {job.stage} step {step}/{cfg.steps} loss {means['loss']:.4f} lr {lr:.2e} "
-                    f"{last['tok_s']:.0f} tok/s{speed_line} ETA {_fmt_eta(eta)}",
+                    f"stage {job.stage} step {step}/{cfg.steps} loss {means['loss']:.4f} lr {lr:.2e} {last['tok_s']:.0f} tok/s{speed_line} ETA {_fmt_eta(eta)}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -418,8 +417,7 @@ def train_stage(run: Run, job: StageJob, resume: dict | None) -> torch.optim.Opt
             if bar is not None:
                 bar.close()
             print(
-                f"attnedit: stopped at stage {job.stage} step {step}; checkpoint saved; "
-                f"continue with: attnedit convert {run.dir} --resume",
+                f"attnedit: stopped at stage {job.stage} step {step}; checkpoint saved; continue with: attnedit convert {run.dir} --resume",
                 file=sys.stderr,
             )
             raise KeyboardInterrupt

@@ -71,9 +71,7 @@ class GQATarget(Target):
         n, teacher = self.kv_heads(settings, spec), spec["num_kv_heads"]
         if not 1 <= n <= teacher or teacher % n:
             divisors = [k for k in range(1, teacher + 1) if teacher % k == 0]
-            raise AttnEditError(
-                f"num_key_value_heads={n}: must divide the teacher's {teacher} KV heads (one of {', '.join(map(str, divisors))})"
-            )
+            raise AttnEditError(f"num_key_value_heads={n}: must divide the teacher's {teacher} KV heads (one of {', '.join(map(str, divisors))})")
 
     def plan_layer(self, settings: GQASettings, layer: LayerPlan) -> dict:
         out = {"kind": "gqa", "num_kv_heads": self.kv_heads(settings, layer.spec)}

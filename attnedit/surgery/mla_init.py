@@ -198,7 +198,9 @@ def _rope_pairs(d: int, rope: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def factor_layer(teacher_attn: nn.Module, o_weight: torch.Tensor, spec: dict, stats: LayerStats, rope: int, bias: bool, key_weight: float = 1.0) -> LayerFactors:
+def factor_layer(
+    teacher_attn: nn.Module, o_weight: torch.Tensor, spec: dict, stats: LayerStats, rope: int, bias: bool, key_weight: float = 1.0
+) -> LayerFactors:
     """The weighted factorisation of one layer (see the module's docstring)."""
     h, g, d = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
     group = h // g
@@ -405,7 +407,9 @@ def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4)
     return stats
 
 
-def plan_mla_init(teacher, stats: dict[int, LayerStats], layer_attention: list[dict], allocation: str, ids: torch.Tensor | None = None, key_weight: float = 1.0):
+def plan_mla_init(
+    teacher, stats: dict[int, LayerStats], layer_attention: list[dict], allocation: str, ids: torch.Tensor | None = None, key_weight: float = 1.0
+):
     """Each edited layer's factors, and (``allocation='auto'``) the latent ranks that share the layers' total.
     Returns ``{layer: LayerFactors}`` and ``{layer: rank}``.
 

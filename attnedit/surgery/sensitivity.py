@@ -21,9 +21,7 @@ KL_CHUNK = 1024  # positions per piece of the KL: fp32 log-softmaxes never excee
 
 
 def _kl_per_token(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(
-        F.log_softmax(logits.float(), -1), F.log_softmax(logits_ref.float(), -1), log_target=True, reduction="none"
-    ).sum(-1)
+    return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(logits_ref.float(), -1), log_target=True, reduction="none").sum(-1)
 
 
 def _kl_sums(logits_ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[float, float]:
@@ -56,7 +54,12 @@ def windowed(attn, window: int, sink: int, kv_head: int | None = None):
 
 @torch.no_grad()
 def windowing_costs(
-    teacher, ids: torch.Tensor, window: int, sink: int, units: list | None = None, targets: torch.Tensor | None = None,
+    teacher,
+    ids: torch.Tensor,
+    window: int,
+    sink: int,
+    units: list | None = None,
+    targets: torch.Tensor | None = None,
     batch_tokens: int = 8192,
 ) -> dict:
     """What restricting each unit alone to ``window`` (+ ``sink``) costs the teacher on ``ids`` [n, T]: a unit is

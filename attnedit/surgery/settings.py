@@ -37,7 +37,10 @@ class MLASettings(TargetSettings):
     v_head_dim: int | None = _help("per-head value size (default: the teacher's head_dim)")
     absorb: str = _help("decode with W_uk/W_uv absorbed: auto (when decoding), always, never", "auto")
     rope_theta: float | None = _help("RoPE base of the shared key (default: theta^(rope_dim/head_dim): the teacher's highest frequencies)")
-    bias: str = _help("biases on q_proj, kv_a_proj_with_mqa and o_proj: auto (when the teacher has q/k/v biases, e.g. Qwen2), true, false; export --format deepseek_v3 needs false", "auto")
+    bias: str = _help(
+        "biases on q_proj, kv_a_proj_with_mqa and o_proj: auto (when the teacher has q/k/v biases, e.g. Qwen2), true, false; export --format deepseek_v3 needs false",
+        "auto",
+    )
     rank_allocation: str = _help(
         "with init=teacher: 'uniform' (every layer kv_lora_rank) or 'auto' (the layers share kv_lora_rank x layers, "
         "each getting the rank its measured factorisation error asks for; the cache bytes are the same; export "
@@ -71,8 +74,7 @@ class GateSWASettings(TargetSettings):
         "kl",
     )
     auto_seq_len: int | None = _help(
-        "tokens per calibration block of an 'auto' choice (8 blocks of the run's data; default: the run's longest "
-        "stage sequence length)"
+        "tokens per calibration block of an 'auto' choice (8 blocks of the run's data; default: the run's longest stage sequence length)"
     )
     gate: str = _help(
         "output gate: 'elementwise' (one per channel), 'headwise' (one per head) or 'none' (no gate: with sink=0 "
@@ -160,8 +162,7 @@ def plan_mla(s: MLASettings, spec: dict, config, layer_rope: dict | None = None)
         raise AttnEditError(f"qk_rope_head_dim={rope}: must be an even number >= 2")
     if nope < 0 and s.qk_nope_head_dim is None:  # the default, head_dim - rope: name what the user set
         raise AttnEditError(
-            f"qk_rope_head_dim={rope} is more than the teacher's head_dim {d}; use qk_rope_head_dim <= {d - d % 2} "
-            f"(or set qk_nope_head_dim too)"
+            f"qk_rope_head_dim={rope} is more than the teacher's head_dim {d}; use qk_rope_head_dim <= {d - d % 2} (or set qk_nope_head_dim too)"
         )
     if nope < 0:
         raise AttnEditError(f"qk_nope_head_dim={nope}: must be >= 0")
@@ -213,9 +214,7 @@ def gateswa_window(s: GateSWASettings, config) -> int:
     return s.window if s.window is not None else min(1024, max(1, max_pos // 4))
 
 
-def plan_gateswa(
-    s: GateSWASettings, spec: dict, config, layer_idx: int, full: set[int], heads: dict | None = None, teacher_window: int | None = None
-) -> dict:
+def plan_gateswa(s: GateSWASettings, spec: dict, config, layer_idx: int, full: set[int], heads: dict | None = None, teacher_window: int | None = None) -> dict:
     """One GateSWA layer: full when ``layer_idx`` is in ``full``, else sliding, with the KV heads ``heads[layer_idx]``
     kept full (``targets/split_heads.py``). Where the teacher slides already (``teacher_window``) the layer keeps the
     teacher's own window, never widened, without sinks (it had none)."""

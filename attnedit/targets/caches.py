@@ -198,9 +198,7 @@ class StaticSlidingKVCacheLayer(CacheLayer):
         filled = min(n_cached, self.capacity)
         keys = torch.cat([self.k[:, :, :filled], k], dim=2)
         values = torch.cat([self.v[:, :, :filled], v], dim=2)
-        key_index = torch.cat(
-            [ring_positions(n_cached, self.sink, self.window, k.device)[:filled], torch.arange(n_cached, n_cached + t, device=k.device)]
-        )
+        key_index = torch.cat([ring_positions(n_cached, self.sink, self.window, k.device)[:filled], torch.arange(n_cached, n_cached + t, device=k.device)])
         self._write(k, v, n_cached, n_cached + t)
         return keys, values, key_index
 

@@ -116,9 +116,7 @@ class FusedLinears:
             self.weight = torch.cat([lin.weight.detach() for lin in self.linears])
             self.bias = None
             if any(lin.bias is not None for lin in self.linears):
-                self.bias = torch.cat(
-                    [lin.bias.detach() if lin.bias is not None else self.weight.new_zeros(lin.out_features) for lin in self.linears]
-                )
+                self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else self.weight.new_zeros(lin.out_features) for lin in self.linears])
             for lin, off, n in zip(self.linears, self.offsets, self.sizes):
                 lin.weight.data = self.weight[off : off + n]
                 if lin.bias is not None:
@@ -233,9 +231,7 @@ class AttentionContext:
     def query_index(self, device) -> torch.Tensor:
         return torch.arange(self.n_cached, self.n_cached + self.q_len, device=device)
 
-    def mask(
-        self, key_index: torch.Tensor, window: int | None = None, sink: int = 0, force: bool = False
-    ) -> torch.Tensor | None:
+    def mask(self, key_index: torch.Tensor, window: int | None = None, sink: int = 0, force: bool = False) -> torch.Tensor | None:
         """Boolean attention mask ``[B|1, 1, q_len, n_keys]`` (True = may attend), or None for plain causal.
 
         ``key_index`` holds the absolute index (0-based token count) of every key column. A key is visible
@@ -244,12 +240,7 @@ class AttentionContext:
         where plain causal attention (None) would do.
         """
         n = key_index.shape[0]
-        plain = (
-            window is None
-            and self.key_padding is None
-            and n == self.n_cached + self.q_len
-            and (self.n_cached == 0 or self.q_len == 1)
-        )
+        plain = window is None and self.key_padding is None and n == self.n_cached + self.q_len and (self.n_cached == 0 or self.q_len == 1)
         if plain and not force:
             return None
         if not force and window is None and self.key_padding is None and n == self.n_cached + self.q_len:

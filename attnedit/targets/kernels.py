@@ -45,9 +45,9 @@ def decode_attention_sdpa(q, k, v, n_filled, valid, scale: float, v_dim: int | N
     keep = torch.arange(s, device=k.device) < n_filled
     mask = keep[None, :] if valid is None else keep[None, :] & valid
     values = k if v is None else v
-    out = F.scaled_dot_product_attention(
-        q[:, :, None], k, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1])
-    )[:, :, 0]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1]))[
+        :, :, 0
+    ]
     return out[..., :v_dim] if v is None else out
 
 
@@ -184,9 +184,7 @@ def decode_attention_triton(q, k, v, n_filled, valid, scale: float) -> torch.Ten
 _OP_NAME = "attnedit::decode_attention_v1"
 
 
-def _decode_impl(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_filled: torch.Tensor, valid: torch.Tensor | None, scale: float
-) -> torch.Tensor:
+def _decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_filled: torch.Tensor, valid: torch.Tensor | None, scale: float) -> torch.Tensor:
     return decode_attention_triton(q, k, v, n_filled, valid, scale)
 
 

@@ -256,9 +256,7 @@ class MLAAttention(FusableProjections, nn.Module):
             if self.softcap is not None:
                 out = attend_softcapped(queries, latent[:, None], c_kv[:, None], mask, scale, self.softcap).view(b, hds, t, r)
             else:
-                out = F.scaled_dot_product_attention(
-                    queries, latent[:, None], c_kv[:, None], attn_mask=mask, scale=scale, enable_gqa=True
-                ).view(b, hds, t, r)
+                out = F.scaled_dot_product_attention(queries, latent[:, None], c_kv[:, None], attn_mask=mask, scale=scale, enable_gqa=True).view(b, hds, t, r)
             out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
         else:
             kv = self.kv_b_proj(c_kv).view(b, n, hds, nope + self.v_head_dim).transpose(1, 2)

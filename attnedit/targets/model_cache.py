@@ -151,9 +151,7 @@ class AttnEditCache(Cache):
                 new_mask = attention_mask[:, -1:].bool()
             self.valid.index_copy_(1, n.view(1), new_mask if new_mask is not None else torch.ones(b, 1, dtype=torch.bool, device=n.device))
             key_valid = self.valid
-        return AttentionContext(
-            position_ids, None, 1, None, self, n_written=n, n_filled=n + 1, key_valid=key_valid, new_mask=new_mask
-        )
+        return AttentionContext(position_ids, None, 1, None, self, n_written=n, n_filled=n + 1, key_valid=key_valid, new_mask=new_mask)
 
     def end(self, ctx: AttentionContext) -> None:
         if not self.static:

@@ -163,9 +163,7 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
     def attentions(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
 
-    def new_cache(
-        self, static: bool = False, batch_size: int = 1, max_length: int | None = None, dtype=None, device=None
-    ) -> AttnEditCache:
+    def new_cache(self, static: bool = False, batch_size: int = 1, max_length: int | None = None, dtype=None, device=None) -> AttnEditCache:
         """A growing cache, or (``static=True``) one allocated once for ``batch_size`` x ``max_length`` tokens."""
         if not static:
             return AttnEditCache([attn.new_cache() for attn in self.attentions()])
@@ -257,9 +255,7 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
         logits = self.scale_logits(self.lm_head(h))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -295,7 +291,7 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
                     None if input_ids is None else input_ids[i:j, s:e],
                     None if inputs_embeds is None else inputs_embeds[i:j, s:e],
                     chunk_mask(attention_mask, i, j, n_before, s, e, t, cache.static),
-                    None if position_ids is None else position_ids[i:j if position_ids.shape[0] > 1 else None, ..., s:e],
+                    None if position_ids is None else position_ids[i : j if position_ids.shape[0] > 1 else None, ..., s:e],
                     part,
                     logits_to_keep=keep,
                 )

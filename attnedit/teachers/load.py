@@ -184,9 +184,7 @@ def gguf_config(src: TeacherSource):
     try:
         return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
     except (ValueError, KeyError, OSError, RuntimeError, IndexError, TypeError) as e:
-        raise AttnEditError(
-            f"{Path(src.path) / src.gguf_file} is not a readable GGUF model ({_first_line(e)}); give a valid .gguf file"
-        ) from None
+        raise AttnEditError(f"{Path(src.path) / src.gguf_file} is not a readable GGUF model ({_first_line(e)}); give a valid .gguf file") from None
 
 
 def local_path(name: str) -> str:
@@ -256,8 +254,7 @@ def load_model(name: str, dtype: torch.dtype | str = torch.float32, device: str 
         if _hub_unreachable(e):
             raise _not_available(name) from None
         raise AttnEditError(
-            f"cannot load {name!r}: not a local folder, .gguf file, alias ({SMOLLM2_ALIAS}) or reachable "
-            f"Hugging Face id ({_first_line(e)})"
+            f"cannot load {name!r}: not a local folder, .gguf file, alias ({SMOLLM2_ALIAS}) or reachable Hugging Face id ({_first_line(e)})"
         ) from None
     return model.to(device).eval(), load_tokenizer(path, remote, required=False)
 

@@ -141,7 +141,11 @@ def capacity_cell(engine, context: int, settings, memory_bytes: int, dtype: str,
         "kv_tokens": length,
         "weight_bytes": weight_bytes,
         "memory_bytes": memory_bytes,
-        **({k: figures[k] for k in ("step_ms", "decode_tok_s", "peak_mem_bytes")} if figures else {"step_ms": None, "decode_tok_s": None, "peak_mem_bytes": None}),
+        **(
+            {k: figures[k] for k in ("step_ms", "decode_tok_s", "peak_mem_bytes")}
+            if figures
+            else {"step_ms": None, "decode_tok_s": None, "peak_mem_bytes": None}
+        ),
     }
 
 
@@ -180,8 +184,10 @@ def measure_capacity(engines: dict, settings: BenchSettings, dtype: str, device,
             for context in settings.contexts:
                 cell = capacity_cell(engine, context, settings, memory, dtype, weights)
                 out[(name, context)] = cell
-                log(f"{name}: at context {context} serves {cell['largest_batch']} sequences (KV-only limit "
-                    f"{cell['kv_only_limit']})" + (f", {cell['decode_tok_s']:,.0f} tok/s" if cell["decode_tok_s"] else ""))
+                log(
+                    f"{name}: at context {context} serves {cell['largest_batch']} sequences (KV-only limit "
+                    f"{cell['kv_only_limit']})" + (f", {cell['decode_tok_s']:,.0f} tok/s" if cell["decode_tok_s"] else "")
+                )
         set_engine_options({name: engine}, False, False)
     return out
 

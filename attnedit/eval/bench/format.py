@@ -63,7 +63,9 @@ def format_bench(result: dict) -> str:
             f"device {result['device']}, {result['dtype']}, {result['decode_tokens']} decode tokens, {result['timing']} of "
             f"{result['repeats']}" + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "")
         ),
-        "S = student and T = teacher on attnedit's engine (" + result.get("engines", {}).get("student", "") + "); stock = "
+        "S = student and T = teacher on attnedit's engine ("
+        + result.get("engines", {}).get("student", "")
+        + "); stock = "
         + result.get("engines", {}).get("teacher_stock", "not run")
         + "; step/bound = decode step time over (weights + KV bytes) / copy bandwidth; KV = bytes the static cache allocates",
         text_table(headers, rows, right=set(range(len(headers)))),
@@ -71,9 +73,7 @@ def format_bench(result: dict) -> str:
         "KV bytes per token: "
         + ", ".join(
             f"{c}: {human_bytes(s)} vs {human_bytes(t)} ({s / t:.1%})"
-            for c, s, t in zip(
-                kv["student"]["contexts"], kv["student"]["bytes_per_token"], kv["teacher"]["bytes_per_token"]
-            )
+            for c, s, t in zip(kv["student"]["contexts"], kv["student"]["bytes_per_token"], kv["teacher"]["bytes_per_token"])
         ),
     ]
     for r in result["runs"]:

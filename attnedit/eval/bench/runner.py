@@ -50,11 +50,11 @@ def ratios(student: dict | None, teacher: dict | None) -> dict:
 def run_bench(student, teacher, settings: BenchSettings, dtype: str, log: Callable[[str], None] = print) -> dict:
     """Every (batch, context) cell for the three engines, as ``bench.json``::
 
-        {"device", "dtype", "decode_tokens", "repeats", "timing", "copy_bandwidth_bytes_s",
-         "kv": {"student"|"teacher": {"contexts": [...], "bytes_per_token": [...]}, "ratio": [...]},
-         "runs": [{"batch", "context", "student"|"teacher"|"teacher_stock": {FIGURES...} | null,
-                   "ratio": {figure: student / teacher}, "ratio_stock": {figure: student / teacher_stock},
-                   "largest_batch": {engine: int} (when one did not fit)}]}
+    {"device", "dtype", "decode_tokens", "repeats", "timing", "copy_bandwidth_bytes_s",
+     "kv": {"student"|"teacher": {"contexts": [...], "bytes_per_token": [...]}, "ratio": [...]},
+     "runs": [{"batch", "context", "student"|"teacher"|"teacher_stock": {FIGURES...} | null,
+               "ratio": {figure: student / teacher}, "ratio_stock": {figure: student / teacher_stock},
+               "largest_batch": {engine: int} (when one did not fit)}]}
     """
     return run_bench_many({"student": student}, teacher, settings, dtype, log)["student"]
 
@@ -149,7 +149,8 @@ def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwid
         "repeats": settings.repeats,
         "timing": "CUDA events, medians" if cuda else "wall clock, medians",
         "engines": {
-            "student": "attnedit static cache" + (" + torch.compile (CUDA graphs)" if compile_ else ", eager")
+            "student": "attnedit static cache"
+            + (" + torch.compile (CUDA graphs)" if compile_ else ", eager")
             + (", fused projections" if settings.fuse_projections else "")
             + (", compiled prefill" if settings.compile_prefill else ""),
             "teacher": "the teacher on the same engine as the student",
@@ -172,11 +173,14 @@ def _assemble(
         result["kv"]["ratio"] = [_ratio(s, t) for s, t in zip(kv["bytes_per_token"], teacher_kv["bytes_per_token"])]
         for context in settings.contexts:
             for batch in settings.batches:
-                run = {"batch": batch, "context": context, "student": timed.get(label, {}).get((batch, context)),
-                       "teacher": timed.get("teacher", {}).get((batch, context)),
-                       "teacher_stock": timed.get("teacher_stock", {}).get((batch, context))}
-                fails = {("student" if n == label else n): b for n, b in largest.get((batch, context), {}).items()
-                         if n in (label, "teacher", "teacher_stock")}
+                run = {
+                    "batch": batch,
+                    "context": context,
+                    "student": timed.get(label, {}).get((batch, context)),
+                    "teacher": timed.get("teacher", {}).get((batch, context)),
+                    "teacher_stock": timed.get("teacher_stock", {}).get((batch, context)),
+                }
+                fails = {("student" if n == label else n): b for n, b in largest.get((batch, context), {}).items() if n in (label, "teacher", "teacher_stock")}
                 if fails:
                     run["largest_batch"] = fails
                 run["ratio"] = ratios(run["student"], run["teacher"])

@@ -14,9 +14,7 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice, doc_to
 
 def load(data_files=None, **_metadata):
     """The task's ``custom_dataset``: one local JSON-lines file per split."""
-    return datasets.DatasetDict(
-        {split: datasets.load_dataset("json", data_files=path, split="train") for split, path in data_files.items()}
-    )
+    return datasets.DatasetDict({split: datasets.load_dataset("json", data_files=path, split="train") for split, path in data_files.items()})
 
 
 def _arc_doc(doc):
