@@ -181,3 +181,24 @@ def test_rank_allocation_setting_is_checked_and_export_says_why(tmp_path):
     auto = edit_model(teacher, "mla", {"init": "teacher", "rank_allocation": "auto", "kv_lora_rank": 16}, calibration_ids=tiny_ids(8, 32))
     with pytest.raises(AttnEditError, match="rank_allocation=uniform"):
         export_deepseek_v3(auto, tmp_path / "ds")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if not f.startswith("qwen3")] + ["qwen3"])
+@torch.no_grad()
+def test_the_steady_channel_enters_kv_b_at_the_size_of_the_others(family):
+    """The steady latent channel (the last) reaches kv_b_proj, through a zero column, at the size of the other channels:
+    sized like its pre-norm value (a multiple of the whole latent's norm) it made the first optimiser steps on that
+    column add a value hundreds of times a key's size to every key and value, and stage 1 diverged on SmolLM2."""
+    teacher = tiny_teacher(family)
+    student = edit_model(teacher, "mla", {"init": "teacher", "kv_lora_rank": 16}, calibration_ids=tiny_ids(8, 32, seed=5))
+    seen = []
+    norms = [a.kv_a_layernorm for a in student.attentions()]
+    handles = [n.register_forward_hook(lambda m, a, out: seen.append(out.reshape(-1, out.shape[-1]))) for n in norms]
+    student(tiny_ids(4, 24, seed=9))
+    for h in handles:
+        h.remove()
+    for out, attn in zip(seen, student.attentions(), strict=True):
+        assert attn.kv_b_proj.weight[:, -1].abs().max() == 0  # the steady channel adds nothing at the start
+        rms = out.pow(2).mean(0).sqrt()
+        ratio = float(rms[-1] / rms[:-1].pow(2).mean().sqrt())
+        assert 0.5 < ratio < 2, ratio

@@ -337,7 +337,14 @@ def write_mla(student, teacher_attn: nn.Module, factors: LayerFactors, stats: La
     lat = x @ kv_a_w[:r].T + (kv_a_b[:r] if kv_a_b is not None else 0)
     rho = lat.pow(2).mean(-1, keepdim=True).add(student.kv_a_layernorm.eps).sqrt()
     scale = (lat.pow(2) / rho).mean(0) / (lat.pow(2) / rho.pow(2)).mean(0).clamp_min(1e-30)
-    student.kv_a_layernorm.weight.copy_(torch.where(scale > 0, scale, rho.mean()).to(student.kv_a_layernorm.weight))
+    weight = torch.where(scale > 0, scale, rho.mean())
+    if r > 1:  # the steady channel's kv_b column is zero, so its weight is free: give its normed value the size of
+        # the other channels', not the steady row's (about 1e3 larger), else the first optimiser steps on that
+        # column add the large value to every key and value and training diverges
+        normed = lat / rho
+        others = (normed[:, :-1] * weight[:-1]).pow(2).mean().sqrt()
+        weight[-1] = others / normed[:, -1].pow(2).mean().sqrt().clamp_min(1e-30)
+    student.kv_a_layernorm.weight.copy_(weight.to(student.kv_a_layernorm.weight))
     # kv_b_proj: per query head its KV head's [k_nope; v] rows of the latent map
     g, nope = factors.kv_heads, factors.nope
     group = h // g
