@@ -277,15 +277,16 @@ def _dataset_columns(source: DatasetSource, name: str) -> Iterator[list]:
         yield batch[name]
 
 
-def iter_pieces(path: Source, cfg: DataConfig) -> Iterator[tuple[str, bool]]:
-    """Every non-empty piece of ``path`` in file order, as ``(text, ends_document)``, streamed."""
+def iter_pieces(path: Source, text_field: str = "text", txt_documents: str = "paragraph") -> Iterator[tuple[str, bool]]:
+    """Every non-empty piece of ``path`` in file order, as ``(text, ends_document)``, streamed: records' ``text_field``
+    (JSONL, Parquet, datasets), or a text file's documents as ``txt_documents`` says (``DataConfig``'s fields)."""
     kind = kind_of(path)
     if kind in ("parquet", "dataset"):
-        columns = (_parquet_columns if kind == "parquet" else _dataset_columns)(path, cfg.text_field)
-        yield from _record_pieces(_column_texts(path, cfg.text_field, columns))
+        columns = (_parquet_columns if kind == "parquet" else _dataset_columns)(path, text_field)
+        yield from _record_pieces(_column_texts(path, text_field, columns))
         return
     with open_text(path) as f:
         if kind == "text":
-            yield from _text_pieces(f, cfg.txt_documents)
+            yield from _text_pieces(f, txt_documents)
         else:
-            yield from _record_pieces(_jsonl_texts(f, path, cfg.text_field))
+            yield from _record_pieces(_jsonl_texts(f, path, text_field))

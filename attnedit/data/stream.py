@@ -103,7 +103,7 @@ def _batches(pieces: Iterator[tuple[int, tuple[str, bool]]]) -> Iterator[list[tu
 
 def _tokenised(path: Source, cfg: DataConfig, tokenizer, eos: int, first: int) -> Iterator[tuple[int, list[int], bool]]:
     """``(piece index, token ids, ends document)`` of ``path`` from piece ``first`` on; EOS ends each document."""
-    for batch in _batches(enumerate(islice(iter_pieces(path, cfg), first, None), first)):
+    for batch in _batches(enumerate(islice(iter_pieces(path, cfg.text_field, cfg.txt_documents), first, None), first)):
         for (index, (_, ends)), ids in zip(batch, _encode(tokenizer, [text for _, (text, _) in batch])):
             yield index, ids + [eos] if ends else ids, ends
 
