@@ -198,6 +198,22 @@ class Summary(FileRecord):
     def stage(self, n: int) -> StageSummary | None:
         return self.stage1 if n == 1 else self.stage2
 
+    def regression(self) -> str | None:
+        """A warning when training left the model further from the teacher than its start (held-out KL)."""
+        if self.heldout_before is None or self.heldout_after is None:
+            return None
+        return heldout_regression(self.heldout_before.kl, self.heldout_after.kl)
+
+
+def heldout_regression(before: float, after: float) -> str | None:
+    """What to say when the held-out KL rose in training (``after > before``), else None."""
+    if not after > before:
+        return None
+    return (
+        f"training raised the held-out KL from {before:.4g} to {after:.4g}: the trained model is further from the teacher "
+        "than its start; lower the stages' lr, and see stage 1's layer_rel_err in summary.json for the layers that diverged"
+    )
+
 
 class Quality(FileRecord):
     """``eval.json``: each task's metrics for the student and its teacher on the same data."""

@@ -144,3 +144,17 @@ def test_cli(run_dir, tmp_path, capsys):
         assert main(["report", str(bad)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("attnedit: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("after, warned", [(5.02, True), (0.12, False)])
+def test_training_that_raised_the_heldout_kl_is_said_in_the_summary_and_the_report(tmp_path, after, warned):
+    """A run that ended further from the teacher than its start (an MLA start once diverged in stage 1: held-out KL
+    1.18 -> 5.02) says so where the user looks: convert's printed summary and report.md."""
+    from attnedit.stages import format_summary
+
+    losses = {"student_ce": 3.0, "teacher_ce": 2.0}
+    summary = {"heldout_before": {"kl": 1.18, **losses}, "heldout_after": {"kl": after, **losses}, "wall_s": 1, "model": "m"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    printed, report = format_summary(summary), build_report(tmp_path).read_text()
+    assert ("warning: training raised the held-out KL from 1.18 to 5.02" in printed) is warned
+    assert ("**Warning**: training raised the held-out KL" in report) is warned

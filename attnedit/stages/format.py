@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..results import heldout_regression
 from ..tables import human_bytes, text_table
 
 
@@ -150,5 +151,8 @@ def format_summary(summary: dict) -> str:
             f"held-out KL(teacher||student) {before['kl']:.4f} -> {after['kl']:.4f}; "
             f"student CE {before['student_ce']:.4f} -> {after['student_ce']:.4f} (teacher {after['teacher_ce']:.4f})"
         )
+        warning = heldout_regression(before["kl"], after["kl"])
+        if warning:
+            lines.append(f"warning: {warning}")
     lines.append(f"wall time {summary.get('wall_s', 0):.0f} s; model saved to {summary.get('model')}")
     return "\n".join(lines)
