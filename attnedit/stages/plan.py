@@ -102,14 +102,14 @@ class MemoryPlan:
         return row is not None and adapted(row, self.loads[number])
 
 
-def stage_loads(recipe: Recipe, config, edited, device: torch.device) -> tuple[list[Stage], list[StageLoad]]:
-    """The stages that train and what each asks of memory on ``device``."""
+def stage_loads(planned: list[Stage], config, edited, device: torch.device) -> tuple[list[Stage], list[StageLoad]]:
+    """Of ``planned``, the stages that train, and what each asks of memory on ``device``."""
     from ..targets import AttnEditForCausalLM
 
     with torch.device("meta"):
         meta = AttnEditForCausalLM(edited)
     out, loads = [], []
-    for stage in stages(recipe):
+    for stage in planned:
         if not stage.runs:
             continue
         cfg = stage.cfg
@@ -129,7 +129,8 @@ def plan_memory(recipe: Recipe, config, edited, device: torch.device, parallel: 
     micro-batch (else its last), then each stage fitted to ``gpu_bytes`` within it (:func:`memory.fit`)."""
     sizes = model_sizes(config, edited)
     wbytes = torch.finfo(weights_dtype(recipe, device)).bits // 8
-    running, loads = stage_loads(recipe, config, edited, device)
+    planned = stages(recipe)
+    running, loads = stage_loads(planned, config, edited, device)
     options = {}
     for layout in parallel.layouts():
         options[layout.frozen] = {load.stage: stage_bytes(sizes, load, layout, wbytes) for load in loads}
@@ -138,7 +139,7 @@ def plan_memory(recipe: Recipe, config, edited, device: torch.device, parallel: 
     asked = options[layout.frozen]
     rows = {load.stage: fit(sizes, load, layout, wbytes, gpu_bytes) for load in loads}
     plan = MemoryPlan(layout, gpu_bytes, sizes, wbytes, {load.stage: load for load in loads}, [], asked, rows, options)
-    for stage in stages(recipe):
+    for stage in planned:
         if plan.adapted(stage.number):
             row = rows[stage.number]
             stage = stage.fitted(row["batch_size"], row["grad_accum"], row["gradient_checkpointing"])
