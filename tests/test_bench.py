@@ -26,6 +26,7 @@ from attnedit.surgery import edit_model
 
 GATESWA = {"window": 8, "sink": 2, "full_layers": "every:2"}
 SMALL = BenchSettings(contexts=[6, 24], batches=[1, 2], decode_tokens=3, repeats=1, warmup=0)
+QUICK = ["--batches", "1,2", "--decode-tokens", "2", "--repeats", "1", "--warmup", "0"]  # the smallest timing a CLI test runs
 
 
 def char_tokenizer():
@@ -213,14 +214,7 @@ def test_bench_cli_writes_json_and_passkey(pair, tmp_path, capsys):
         *common,
         "--contexts",
         "240",
-        "--batches",
-        "1,2",
-        "--decode-tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
+        *QUICK,
     ]
     assert main([*args, "--save", str(out), "--passkey"]) == 0
     saved = json.loads(out.read_text())
@@ -262,14 +256,7 @@ def test_several_students_share_one_timing_of_the_teacher(tmp_path, capsys, monk
         "cpu",
         "--contexts",
         "16",
-        "--batches",
-        "1,2",
-        "--decode-tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
+        *QUICK,
         "--no-stock",
     ]
     assert main([*cli, "--save", str(tmp_path / "bench.json")]) == 0

@@ -104,7 +104,7 @@ def test_txt_document_modes_and_formats_agree(tmp_path):
     write_jsonl(tmp_path / "a.jsonl.gz", [t + "\n" for t in texts], opener=gzip.open)
     write_jsonl(tmp_path / "a.jsonl.xz", [t + "\n" for t in texts], opener=lzma.open)
     pieces = {
-        name: list(iter_pieces(tmp_path / name, txt_documents=mode))
+        name: list(iter_pieces(tmp_path / name, "text", mode))
         for name, mode in [("p.txt", "paragraph"), ("l.txt", "line"), ("f.txt", "file"), ("a.jsonl.gz", "paragraph"), ("a.jsonl.xz", "paragraph")]
     }
     expected = [(t + "\n", True) for t in texts]
@@ -140,7 +140,7 @@ def test_long_document_is_cut_into_pieces_with_one_eos(tmp_path, tok, monkeypatc
     monkeypatch.setattr(sources, "MAX_PIECE_CHARS", 50)
     text = " ".join(f"word{i}" for i in range(100))
     (tmp_path / "a.txt").write_text(text)
-    pieces = list(iter_pieces(tmp_path / "a.txt"))
+    pieces = list(iter_pieces(tmp_path / "a.txt", "text", "paragraph"))
     assert len(pieces) > 5 and all(len(p) <= 50 for p, _ in pieces)
     assert "".join(p for p, _ in pieces) == text
     assert [e for _, e in pieces] == [False] * (len(pieces) - 1) + [True]

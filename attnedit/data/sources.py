@@ -277,7 +277,7 @@ def _dataset_columns(source: DatasetSource, name: str) -> Iterator[list]:
         yield batch[name]
 
 
-def iter_pieces(path: Source, text_field: str = "text", txt_documents: str = "paragraph") -> Iterator[tuple[str, bool]]:
+def iter_pieces(path: Source, text_field: str, txt_documents: str) -> Iterator[tuple[str, bool]]:
     """Every non-empty piece of ``path`` in file order, as ``(text, ends_document)``, streamed: records' ``text_field``
     (JSONL, Parquet, datasets), or a text file's documents as ``txt_documents`` says (``DataConfig``'s fields)."""
     kind = kind_of(path)

@@ -267,8 +267,9 @@ def build_report(run_dir: str | Path) -> Path:
             lines += ["## Summary", "", markdown_table(["key", "value"], scalars), ""]
 
     lines += ["## Training", ""]
-    if summary and summary.regression():
-        lines += [f"**Warning**: {summary.regression()}.", ""]
+    warning = summary.regression() if summary else None
+    if warning:
+        lines += [f"**Warning**: {warning}.", ""]
     if metrics:
         plots.loss_curves(metrics, run / "loss_curves.png")
         per_stage = {}

@@ -102,13 +102,13 @@ class MemoryPlan:
         return row is not None and adapted(row, self.loads[number])
 
 
-def stage_loads(planned: list[Stage], config, edited, device: torch.device) -> tuple[list[Stage], list[StageLoad]]:
-    """Of ``planned``, the stages that train, and what each asks of memory on ``device``."""
+def stage_loads(planned: list[Stage], config, edited, device: torch.device) -> list[StageLoad]:
+    """What each of ``planned`` that trains asks of memory on ``device``."""
     from ..targets import AttnEditForCausalLM
 
     with torch.device("meta"):
         meta = AttnEditForCausalLM(edited)
-    out, loads = [], []
+    loads = []
     for stage in planned:
         if not stage.runs:
             continue
@@ -120,8 +120,7 @@ def stage_loads(planned: list[Stage], config, edited, device: torch.device) -> t
 
         trained = sum(p.numel() for _, p in stage.trainable(meta))
         loads.append(StageLoad(stage.number, trained, stage.seq_len, cfg.batch_size, cfg.grad_accum, stage.gradient_checkpointing, activations))
-        out.append(stage)
-    return out, loads
+    return loads
 
 
 def plan_memory(recipe: Recipe, config, edited, device: torch.device, parallel: Parallelism, gpu_bytes: float | None) -> MemoryPlan:
@@ -130,7 +129,7 @@ def plan_memory(recipe: Recipe, config, edited, device: torch.device, parallel: 
     sizes = model_sizes(config, edited)
     wbytes = torch.finfo(weights_dtype(recipe, device)).bits // 8
     planned = stages(recipe)
-    running, loads = stage_loads(planned, config, edited, device)
+    loads = stage_loads(planned, config, edited, device)
     options = {}
     for layout in parallel.layouts():
         options[layout.frozen] = {load.stage: stage_bytes(sizes, load, layout, wbytes) for load in loads}
