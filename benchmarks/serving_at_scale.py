@@ -4,6 +4,12 @@ with each recipe's target settings, all timed in one run by ``attnedit bench``'s
 
     python benchmarks/serving_at_scale.py tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \\
         --contexts 8192,32768 --batches 1 --capacity --out OUT_DIR
+    python benchmarks/serving_at_scale.py tests/assets/qwen2.5-coder-0.5b \\
+        recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \\
+        recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 --out OUT_DIR
+
+An ``auto`` choice that ``convert`` measures on the run's data (MLA's ``rank_allocation``, GateSWA's ``full_heads``)
+is pinned by ``+KEY=VALUE``: the same cache bytes and layer shapes up to how ranks or full heads are spread.
 
 Writes ``OUT_DIR/bench-<target>.json`` (the bench.json layout, with ``capacity``) and prints each table.
 """
@@ -33,7 +39,13 @@ def random_teacher(config_dir: str, dtype=torch.bfloat16):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="folder with the teacher's config.json")
-    p.add_argument("recipes", nargs="+", help="recipes whose target and target_args make the students")
+    p.add_argument(
+        "recipes",
+        nargs="+",
+        help="recipes whose target and target_args make the students; RECIPE+KEY=VALUE[+...] changes settings, e.g. "
+        "an 'auto' choice that convert measures on data, pinned for speed: "
+        "recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1",
+    )
     p.add_argument("--contexts", default="8192,32768")
     p.add_argument("--batches", default="1")
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -57,8 +69,9 @@ def main() -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total))
     teacher = random_teacher(args.config)
     students = {}
-    for path in args.recipes:
-        recipe = load_recipe(path)
+    for spec in args.recipes:
+        path, *sets = spec.split("+")
+        recipe = load_recipe(path, dict(kv.split("=", 1) for kv in sets))
         settings = {**recipe.target_args, "init": "random"}  # the weights do not change speed or memory
         students[recipe.target] = edit_model(teacher, recipe.target, settings)
     if args.prefill_chunk:
