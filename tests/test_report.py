@@ -98,12 +98,20 @@ def test_full_report(run_dir):
     assert "over 4 keys;" in text and "Sliding layers only see their window" in text  # a GateSWA run
 
 
-def test_the_window_sentence_is_for_windowed_targets_only(tmp_path):
-    teacher = tiny_teacher("llama")
-    save_edited(edit_model(teacher, "mla", {"kv_lora_rank": 8, "qk_rope_head_dim": 4}), tmp_path / "model")
+@pytest.mark.parametrize(
+    "family, target, settings, windowed",
+    [
+        ("llama", "mla", {"kv_lora_rank": 8, "qk_rope_head_dim": 4}, False),
+        ("llama", "gqa", {"num_key_value_heads": 1}, False),
+        ("llama", "gateswa", {"window": 4, "full_layers": "every:2"}, True),
+        ("gemma3", "mla", {"qk_rope_head_dim": 8}, True),  # the teacher's sliding layers stay windowed
+    ],
+)
+def test_the_window_sentence_is_for_models_with_sliding_layers(tmp_path, family, target, settings, windowed):
+    save_edited(edit_model(tiny_teacher(family), target, settings), tmp_path / "model")
     (tmp_path / "passkey.json").write_text(json.dumps(PASSKEY))
     text = build_report(tmp_path).read_text()
-    assert "over 4 keys;" in text and "Sliding layers" not in text
+    assert "over 4 keys;" in text and ("Sliding layers only see their window" in text) == windowed
 
 
 def test_the_report_says_when_each_passkey_key_had_its_own_filler(run_dir):

@@ -235,6 +235,12 @@ def _or(value, default):
     return default if value is None else value
 
 
+def slides(layer: dict) -> bool:
+    """Whether an edited layer (an entry of ``config.layer_attention``) attends over a window of recent tokens:
+    any target's layer that carries a ``window``, unless it says it is one of a hybrid's full layers."""
+    return layer.get("window") is not None and layer.get("layer_type") != "full"
+
+
 def _missing(what: str, command: str) -> str:
     return f"_No {what} in this run folder yet. Make it with:_\n\n```\n{command}\n```"
 
@@ -342,7 +348,7 @@ def build_report(run_dir: str | Path) -> Path:
     lines += ["", "## Long context: passkey retrieval", ""]
     if passkey:
         plots.passkey_heatmaps(passkey, run / "passkey.png")
-        windowed = ((config or {}).get("edit") or {}).get("target") == "gateswa"
+        windowed = any(slides(layer) for layer in (config or {}).get("layer_attention") or [])
         intro = (
             f"Accuracy per (context, depth) over {passkey.trials} keys{filler_note(passkey.filler)}"
             + "; depth 0 puts the key at the start of the filler, 1 right before the question."
