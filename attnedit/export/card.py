@@ -214,6 +214,7 @@ def model_card(config, teacher: str | None = None, recipe=None, run_dir: Path | 
         "",
         "```python",
         "from transformers import AutoModelForCausalLM",
+        "",
         'model = AutoModelForCausalLM.from_pretrained("<this folder>", trust_remote_code=True)',
         "```",
         "",
