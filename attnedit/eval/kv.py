@@ -31,6 +31,12 @@ class LayerKV:
     bytes_per_token: float
 
 
+def slides(layer: dict) -> bool:
+    """Whether a layer (an entry of ``config.layer_attention``) attends over a window of recent tokens: any
+    target's layer that carries a ``window``, unless it says it is one of a hybrid's full layers."""
+    return layer.get("window") is not None and layer.get("layer_type") != "full"
+
+
 def dtype_bytes(config, default: str = "bfloat16", override: str | None = None) -> tuple[str, int]:
     """The cache's dtype and bytes per cached value: ``override``, else the config's dtype, else ``default`` (bf16)."""
     name = override or getattr(config, "dtype", None) or default

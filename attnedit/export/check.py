@@ -122,13 +122,13 @@ def _layer_tensors(layer) -> list[torch.Tensor]:
 def designed_layer(config, i: int, tokens: int, batch: int, nbytes: int) -> tuple[str, int, int, int]:
     """(kind, tokens kept, designed bytes, teacher bytes) for layer ``i`` of an attnedit config; the bytes are
     ``eval/kv.py``'s figures (the layer's target's analytic size) at ``tokens`` tokens."""
-    from ..eval.kv import kv_layout
+    from ..eval.kv import kv_layout, slides
 
     spec = config.teacher_attention
     layer = config.layer_attention[i]
     teacher = tokens * 2 * spec["num_kv_heads"] * spec["head_dim"] * batch * nbytes
     designed = round(kv_layout(config, tokens)[i].values_per_token * tokens) * batch * nbytes
-    sliding = layer.get("window") is not None and layer.get("layer_type", "sliding") == "sliding"
+    sliding = slides(layer)
     kept = min(tokens, int(layer["window"]) + int(layer.get("sink", 0) or 0)) if sliding else tokens
     kind = "mla" if layer["kind"] == "mla" else "full" if not sliding else "heads" if layer.get("full_kv_heads") else "sliding"
     return kind, kept, designed, teacher

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..eval.kv import slides
 from ..eval.passkey import filler_note
 from ..io import write_text
 from ..results import Bench, Passkey, Quality, Summary
@@ -233,12 +234,6 @@ def passkey_tables(passkey: Passkey) -> str:
 def _or(value, default):
     """A header figure an older file may lack."""
     return default if value is None else value
-
-
-def slides(layer: dict) -> bool:
-    """Whether an edited layer (an entry of ``config.layer_attention``) attends over a window of recent tokens:
-    any target's layer that carries a ``window``, unless it says it is one of a hybrid's full layers."""
-    return layer.get("window") is not None and layer.get("layer_type") != "full"
 
 
 def _missing(what: str, command: str) -> str:
