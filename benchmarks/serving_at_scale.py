@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from attnedit import AttnEditError
+from attnedit.cli.common import parse_sets
 from attnedit.eval.bench import BenchSettings, format_bench, run_bench_many
 from attnedit.recipe import load_recipe
 from attnedit.surgery import edit_model
@@ -61,6 +63,10 @@ def main() -> int:
     )
     p.add_argument("--out", required=True, help="folder for the JSON files")
     args = p.parse_args()
+    try:  # every recipe and setting is read before the GPU builds anything: a bad one is one line
+        recipes = [load_recipe(path, parse_sets(sets)) for path, *sets in (spec.split("+") for spec in args.recipes)]
+    except AttnEditError as e:
+        p.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -69,9 +75,7 @@ def main() -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total))
     teacher = random_teacher(args.config)
     students = {}
-    for spec in args.recipes:
-        path, *sets = spec.split("+")
-        recipe = load_recipe(path, dict(kv.split("=", 1) for kv in sets))
+    for recipe in recipes:
         settings = {**recipe.target_args, "init": "random"}  # the weights do not change speed or memory
         students[recipe.target] = edit_model(teacher, recipe.target, settings)
     if args.prefill_chunk:
