@@ -518,3 +518,13 @@ def test_weights_stream_from_the_file_without_a_second_copy(assets, monkeypatch)
     with pytest.raises(Stop):
         load_model(str(assets["teacher"]), dtype=torch.bfloat16, device="cuda:0")
     assert seen["device_map"] == torch.device("cuda:0")
+
+
+def test_a_missing_gguf_teacher_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    """The shipped Qwen2.5 recipes read a GGUF that a repo script assembles: its absence names the script; any
+    other missing GGUF asks for the path."""
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path))
+    line = one_line(capsys, "inspect", str(tmp_path / "qwen2.5-coder-0.5b-instruct.gguf"))
+    assert "does not exist" in line and "benchmarks/qwen2.5_coder_teacher.sh" in line
+    line = one_line(capsys, "inspect", str(tmp_path / "other.gguf"))
+    assert "does not exist; fix the path" in line and "qwen2.5_coder_teacher" not in line

