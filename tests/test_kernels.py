@@ -42,6 +42,8 @@ SCRIPT = textwrap.dedent(
         (1, 70, 300, 32, 16, 300, False),  # two tiles of heads, the last one partial
         (3, 20, 130, 40, 8, 1, False),     # one key written, ranks that are not powers of two
         (1, 16, 2000, 64, 64, 1999, True),
+        (1, 16, 5000, 16, 16, 4990, True),  # more splits than the merge reads at once (40 against 32)
+        (1, 16, 1100, 300, 32, 1050, False),  # a wide latent: the merge's blocks of 128 columns, the last past R
     ]
     for b, h, s, r, p, nf, pad in cases:
         q = torch.randn(b, h, r + p)
@@ -88,7 +90,7 @@ def _errors(out: str, kernel: str) -> list[float]:
 
 @pytest.mark.xdist_group("kernels")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-@pytest.mark.parametrize("kernel,cases", [("mla", 4), ("gqa", 3)])
+@pytest.mark.parametrize("kernel,cases", [("mla", 6), ("gqa", 3)])
 def test_decode_kernels_match_reference_in_triton_interpreter(interpreted, kernel, cases):
     """MLA's decode over the latent cache, and the split-K decode over a grouped-query cache (``decode_attention``'s
     Triton kernel, chosen for keys wider than 256), each against the SDPA reference."""

@@ -276,26 +276,37 @@ if HAS_TRITON:
     def _mla_decode_combine(
         PO, PM, PL, OUT, so_b, so_h, H, nsplit,
         R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, HT: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
-        """Merge the splits' partial softmax states of one (sequence, head): the largest running max first, then
-        the rescaled sums (two passes over a few floats per split, one over the partial outputs)."""
+        """Merge the splits' partial softmax states of one (sequence, head, block of latent columns): the largest
+        running max, then the rescaled sums. Splits are read ``BLOCK_S`` at a time as one wide load, not one after
+        another: a single sequence's cache is split up to a hundred ways, and a serial walk's load latencies would
+        cost more than the partial kernel itself."""
         b = tl.program_id(0)
         h = tl.program_id(1)
+        rb = tl.program_id(2)
         ht = h // BLOCK_H
         hh = h % BLOCK_H
         base = (b * HT + ht) * nsplit
-        m = float("-inf")
-        for s in range(nsplit):
-            m = tl.maximum(m, tl.load(PM + (base + s) * BLOCK_H + hh))
+        offs_s = tl.arange(0, BLOCK_S)
+        m_blk = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, nsplit, BLOCK_S):
+            smask = s0 + offs_s < nsplit
+            m_blk = tl.maximum(m_blk, tl.load(PM + (base + s0 + offs_s) * BLOCK_H + hh, mask=smask, other=float("-inf")))
+        m = tl.max(m_blk, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        offs_r = tl.arange(0, R_PAD)
-        acc = tl.zeros([R_PAD], tl.float32)
-        denom = 0.0
-        for s in range(nsplit):
-            ws = tl.exp(tl.load(PM + (base + s) * BLOCK_H + hh) - m_safe)  # 0 for a split that saw no key
-            denom += ws * tl.load(PL + (base + s) * BLOCK_H + hh)
-            acc += ws * tl.load(PO + ((base + s) * BLOCK_H + hh) * R_PAD + offs_r)
-        tl.store(OUT + b * so_b + h * so_h + offs_r, (acc / tl.maximum(denom, 1e-30)).to(OUT.dtype.element_ty), mask=offs_r < R)
+        offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_R], tl.float32)
+        den = tl.zeros([BLOCK_S], tl.float32)
+        for s0 in range(0, nsplit, BLOCK_S):
+            smask = s0 + offs_s < nsplit
+            rows = (base + s0 + offs_s) * BLOCK_H + hh
+            ws = tl.exp(tl.load(PM + rows, mask=smask, other=float("-inf")) - m_safe)  # 0 for a split with no key
+            den += ws * tl.load(PL + rows, mask=smask, other=0.0)
+            po = tl.load(PO + rows[:, None] * R_PAD + offs_r[None, :], mask=smask[:, None], other=0.0)
+            acc += tl.sum(ws[:, None] * po, axis=0)
+        out = acc / tl.maximum(tl.sum(den, axis=0), 1e-30)
+        tl.store(OUT + b * so_b + h * so_h + offs_r, out.to(OUT.dtype.element_ty), mask=offs_r < R)
 
 
 def mla_decode_plan(batch: int, heads: int, slots: int, rank: int, rope: int, sms: int = 132) -> dict:
@@ -352,9 +363,11 @@ def mla_decode_triton(q, latent, n_filled, valid, scale: float, rank: int) -> to
     else:
         _mla_decode_partial[(bsz, tiles, nsplit)](*args, **consts, BLOCK_N=plan["block_n"], num_warps=8 if wide else 4, num_stages=2)
     if nsplit > 1:
-        _mla_decode_combine[(bsz, heads)](
-            po, pm, pl, out, out.stride(0), out.stride(1), heads, nsplit, R=rank, R_PAD=r_pad, BLOCK_H=block_h, HT=tiles, num_warps=4
-        )
+        block_r = min(r_pad, 128)  # [BLOCK_S, BLOCK_R] float32 partial outputs a step: 16 KiB at most
+        _mla_decode_combine[(bsz, heads, r_pad // block_r)](
+            po, pm, pl, out, out.stride(0), out.stride(1), heads, nsplit,
+            R=rank, R_PAD=r_pad, BLOCK_H=block_h, HT=tiles, BLOCK_S=min(32, _pow2(nsplit, least=2)), BLOCK_R=block_r, num_warps=4,
+        )  # fmt: skip
     return out
 
 
