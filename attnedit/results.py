@@ -109,6 +109,7 @@ class Losses(Record):
     kl: float
     student_ce: float | None = None
     teacher_ce: float | None = None
+    seq_len: int | None = None  # tokens a held-out block
 
 
 class StageSummary(Record):
@@ -191,6 +192,10 @@ class Summary(FileRecord):
     stage1: StageSummary | None = None
     stage2: StageSummary | None = None
     heldout_after: Losses | None = None
+    # the same held-out text in blocks of the run's longest training sequence, when that is longer than data.seq_len
+    # (a windowed student is nearly exact on short blocks; the long ones show what its window loses)
+    heldout_before_long: Losses | None = None
+    heldout_after_long: Losses | None = None
     wall_s: float | None = None
     model: str | None = None
     kv: KVFigures | None = None
@@ -200,9 +205,16 @@ class Summary(FileRecord):
 
     def regression(self) -> str | None:
         """A warning when training left the model further from the teacher than its start (held-out KL)."""
-        if self.heldout_before is None or self.heldout_after is None:
-            return None
-        return heldout_regression(self.heldout_before.kl, self.heldout_after.kl)
+        before, after = heldout_pair(self.to_dict())
+        return None if before is None or after is None else heldout_regression(before["kl"], after["kl"])
+
+
+def heldout_pair(summary: dict) -> tuple[dict | None, dict | None]:
+    """The held-out figures before and after training that say whether training moved the model toward its
+    teacher: those on the longest training blocks where the run has them, else those on ``data.seq_len`` blocks."""
+    if summary.get("heldout_before_long") and summary.get("heldout_after_long"):
+        return summary["heldout_before_long"], summary["heldout_after_long"]
+    return summary.get("heldout_before"), summary.get("heldout_after")
 
 
 def heldout_regression(before: float, after: float) -> str | None:

@@ -226,6 +226,44 @@ def test_stage2_only_is_one_flag(assets, tmp_path):
     assert {m["stage"] for m in metrics(tmp_path / "run")} == {2}
 
 
+def test_a_student_trained_on_longer_sequences_is_also_measured_on_long_held_out_blocks(assets, tmp_path):
+    """Stage 2 trains on 128 tokens, the held-out blocks are 32: the same held-out text is also measured in 128-token
+    blocks (one block: the 4 x 32 tokens), before and after training, and printed next to the short figures."""
+    from attnedit.stages import format_summary
+
+    raw = tiny_raw(assets["teacher"], assets["docs"], stage1__steps=2, stage2__steps=2, target="gateswa")
+    raw["target_args"] = {"window": 24, "sink": 2, "full_layers": "every:2"}
+    raw["stage2"].update(seq_len=128, batch_size=1)
+    summary = convert(parse_recipe(raw), tmp_path / "run", progress="none")
+    for when in ("before", "after"):
+        short, long = summary[f"heldout_{when}"], summary[f"heldout_{when}_long"]
+        assert short["seq_len"] == 32 and long["seq_len"] == 128 and short["kl"] != long["kl"]
+    text = format_summary(summary)
+    assert "(32-token blocks)" in text and "(128-token blocks)" in text
+    raw["stage2"].update(seq_len=32)  # no stage longer than the held-out blocks: no long figures
+    summary = convert(parse_recipe(raw), tmp_path / "short", progress="none")
+    assert "heldout_before_long" not in summary and "heldout_after_long" not in summary
+
+
+@pytest.mark.parametrize("long_after, warned", [(0.5, False), (0.9, True)])
+def test_the_heldout_warning_reads_the_long_blocks_where_the_run_has_them(long_after, warned):
+    """A windowed student is nearly exact on short blocks at its start, so its short-block KL may rise while its
+    long-block KL falls: the warning follows the long blocks, the length the run trains at."""
+    from attnedit.results import Summary
+    from attnedit.stages import format_summary
+
+    ce = {"student_ce": 3.0, "teacher_ce": 2.0}
+    summary = {
+        "heldout_before": {"kl": 0.005, **ce, "seq_len": 1024}, "heldout_after": {"kl": 0.018, **ce, "seq_len": 1024},
+        "heldout_before_long": {"kl": 0.8, **ce, "seq_len": 8192}, "heldout_after_long": {"kl": long_after, **ce, "seq_len": 8192},
+        "wall_s": 1, "model": "m",
+    }  # fmt: skip
+    assert (Summary(**summary).regression() is not None) is warned
+    assert ("warning: training raised the held-out KL from 0.8 to 0.9" in format_summary(summary)) is warned
+    del summary["heldout_before_long"], summary["heldout_after_long"]  # without them, the short blocks decide
+    assert "warning: training raised the held-out KL from 0.005 to 0.018" in format_summary(summary)
+
+
 def test_dry_run_prints_the_plan(assets, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     import yaml

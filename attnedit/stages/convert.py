@@ -17,6 +17,7 @@ evaluation after saving in ``evaluate.py``, and what differs on N processes in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -111,9 +112,9 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
         summary["full_heads"] = heads
     run = Run(ctx, recipe, summary, progress)
     restore(ctx, run, memory.stages, state, resume)
-    heldout = heldout_eval(recipe, ctx)
+    heldout = heldout_eval(recipe, ctx, memory.stages)
     if heldout is not None and "heldout_before" not in run.summary:
-        run.summary["heldout_before"] = heldout()
+        run.summary.update(heldout("before"))
     todo = [stage for stage in memory.stages if stage.runs and not stage.finished(state)]
     baselines = teacher_baselines(ctx, todo, recipe.baseline_batches, quiet=run.progress == "none")
     with run.stop_on_signals():
@@ -122,7 +123,7 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
             train(ctx, run, stage, memory, baselines.get(stage.number), resume_state)
     freeze(student)
     if heldout is not None:
-        run.summary["heldout_after"] = heldout()
+        run.summary.update(heldout("after"))
     if not parallel.gather(student):  # whole weights in the process that saves the model
         return run.summary
     save_model(run, ctx, weights_dtype(recipe, ctx.device))
@@ -171,15 +172,30 @@ def restore(ctx: Conversion, run: Run, stages: list[Stage], state: dict | None, 
         run.metrics.truncate(0)  # no checkpoint was ever written: the run starts over, its lines too
 
 
-def heldout_eval(recipe: Recipe, ctx: Conversion):
-    """A function giving the held-out KL and CEs of the student now, or None when there is none."""
+def heldout_eval(recipe: Recipe, ctx: Conversion, stages: list[Stage]):
+    """A function of ``"before"``/``"after"`` giving the student's held-out KL and CEs now, as summary keys, or None
+    when there are no held-out blocks: on blocks of ``data.seq_len`` tokens, and where a stage that runs trains on
+    longer sequences, the same text in blocks of that length too (``heldout_<when>_long``)."""
     from ..data import heldout_blocks
 
     blocks = heldout_blocks(recipe.data, ctx.tokenizer) if recipe.heldout_eval else None
     if blocks is None or not len(blocks):
         return None
+    views = {"": (blocks, recipe.stage2.batch_size)}
+    longest = max((stage for stage in stages if stage.runs), key=lambda stage: stage.seq_len, default=None)
+    n_long = blocks.numel() // longest.seq_len if longest is not None else 0  # within the short blocks' text: held out
+    if n_long and longest.seq_len > recipe.data.seq_len:  # from every stage, whatever its length
+        long_data = dataclasses.replace(recipe.data, seq_len=longest.seq_len, heldout_blocks=n_long)
+        views["_long"] = (heldout_blocks(long_data, ctx.tokenizer), longest.cfg.batch_size)
     cfg, device = recipe.stage2, ctx.device
-    return lambda: heldout_losses(ctx.teacher, ctx.student, blocks, cfg.batch_size, cfg.kl_chunk, lambda: autocast(device, cfg.precision))
+
+    def measure(when: str) -> dict:
+        return {
+            f"heldout_{when}{suffix}": heldout_losses(ctx.teacher, ctx.student, ids, batch, cfg.kl_chunk, lambda: autocast(device, cfg.precision))
+            for suffix, (ids, batch) in views.items()
+        }
+
+    return measure
 
 
 def teacher_baselines(ctx: Conversion, todo: list[Stage], batches: int, quiet: bool) -> dict[int, float]:

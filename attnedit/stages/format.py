@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..results import heldout_regression
+from ..results import heldout_pair, heldout_regression
 from ..tables import human_bytes, text_table
 
 
@@ -145,14 +145,17 @@ def format_summary(summary: dict) -> str:
                 f"stage {stage}: {info['steps']} steps, {info['tokens']:,} tokens, {info.get('wall_s', 0):.0f} s{speed}, "
                 f"final loss {final.get('loss', float('nan')):.4f}"
             )
-    before, after = summary.get("heldout_before"), summary.get("heldout_after")
-    if before and after:
-        lines.append(
-            f"held-out KL(teacher||student) {before['kl']:.4f} -> {after['kl']:.4f}; "
-            f"student CE {before['student_ce']:.4f} -> {after['student_ce']:.4f} (teacher {after['teacher_ce']:.4f})"
-        )
-        warning = heldout_regression(before["kl"], after["kl"])
-        if warning:
-            lines.append(f"warning: {warning}")
+    for suffix in ("", "_long"):
+        before, after = summary.get(f"heldout_before{suffix}"), summary.get(f"heldout_after{suffix}")
+        if before and after:
+            blocks = f" ({after['seq_len']:,}-token blocks)" if after.get("seq_len") else ""
+            lines.append(
+                f"held-out KL(teacher||student){blocks} {before['kl']:.4f} -> {after['kl']:.4f}; "
+                f"student CE {before['student_ce']:.4f} -> {after['student_ce']:.4f} (teacher {after['teacher_ce']:.4f})"
+            )
+    before, after = heldout_pair(summary)
+    warning = heldout_regression(before["kl"], after["kl"]) if before and after else None
+    if warning:
+        lines.append(f"warning: {warning}")
     lines.append(f"wall time {summary.get('wall_s', 0):.0f} s; model saved to {summary.get('model')}")
     return "\n".join(lines)

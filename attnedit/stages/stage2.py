@@ -262,7 +262,7 @@ def heldout_losses(teacher, student, blocks: torch.Tensor, batch_size: int, chun
         sums["student_ce"] += ce * w
         sums["teacher_ce"] += ce_t * w
         n += w
-    return {k: round(float(v) / max(1, n), 6) for k, v in sums.items()}
+    return {**{k: round(float(v) / max(1, n), 6) for k, v in sums.items()}, "seq_len": int(blocks.shape[1])}
 
 
 class _DecoderLayer(nn.Module):
