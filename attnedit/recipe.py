@@ -151,7 +151,11 @@ class Recipe:
         0,
         "after each stage, profile this many more optimizer steps (torch.profiler; the weights are restored, the result is unchanged) next to one teacher plain forward of the same batch shape: device time by kernel family in profile-stage<N>.json and summary.json; 0 = off",
     )
-    heldout_eval: bool = _f(True, "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json)")
+    heldout_eval: bool = _f(
+        True,
+        "measure KL and CE on the held-out blocks before stage 1 and after stage 2 (summary.json); where a stage trains on "
+        "longer sequences than data.seq_len, the same text in blocks of that length too",
+    )
     eval: EvalConfig = section(EvalConfig, "evaluation after the model is saved: eval.json, passkey.json, bench.json, report.md")
 
 
