@@ -32,6 +32,16 @@ def test_mla_decode_plan(batch, heads, slots, rank, rope):
         assert plan["nsplit"] * plan["tiles"] >= 16
 
 
+def test_mla_decode_plan_takes_a_measured_split_length():
+    """A benchmark's split length replaces the plan's (the splits still cover the cache); a length that is not a
+    multiple of every key block the tuning may pick is refused."""
+    plan = mla_decode_plan(1, 32, 32768, 512, 64, sms=132, split_len=128)
+    assert plan["split_len"] == 128 and plan["nsplit"] == 256
+    assert mla_decode_plan(1, 32, 32768, 512, 64, sms=132) != plan
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mla_decode_plan(1, 32, 32768, 512, 64, split_len=100)
+
+
 SCRIPT = textwrap.dedent(
     """
     import torch

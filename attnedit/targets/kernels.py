@@ -309,13 +309,14 @@ if HAS_TRITON:
         tl.store(OUT + b * so_b + h * so_h + offs_r, out.to(OUT.dtype.element_ty), mask=offs_r < R)
 
 
-def mla_decode_plan(batch: int, heads: int, slots: int, rank: int, rope: int, sms: int = 132) -> dict:
+def mla_decode_plan(batch: int, heads: int, slots: int, rank: int, rope: int, sms: int = 132, split_len: int | None = None) -> dict:
     """Launch shape of :func:`mla_decode_triton` (a pure function of the shapes, tested on CPU).
 
     Heads go in tiles of ``block_h`` rows (at least 16, the matrix units' smallest M; 64 at most, as FlashMLA
     does); the cache is split over ``nsplit`` programs per tile so that about two programs run per SM, but
     never into splits so short that their partial states (``block_h x rank`` floats each, written and read
-    once more by the merge) would cost more than an eighth of the latent bytes the split reads."""
+    once more by the merge) would cost more than an eighth of the latent bytes the split reads. ``split_len``
+    (a multiple of 64) replaces that choice, for benchmarks that measure it."""
     r_pad, p_pad = _pow2(rank), _pow2(rope)
     block_h = min(64, _pow2(heads))
     tiles = -(-heads // block_h)
@@ -324,20 +325,24 @@ def mla_decode_plan(batch: int, heads: int, slots: int, rank: int, rope: int, sm
     unit = 64  # splits are whole multiples of every key block the GPU's tuning may pick
     min_split = max(unit, math.ceil(8 * partial_bytes / ((rank + rope) * 2) / unit) * unit)
     want = max(1, math.ceil(2 * sms / (batch * tiles)))
-    split_len = max(min_split, math.ceil(math.ceil(slots / want) / unit) * unit)
+    if split_len is None:
+        split_len = max(min_split, math.ceil(math.ceil(slots / want) / unit) * unit)
+    elif split_len <= 0 or split_len % unit:
+        raise ValueError(f"mla_decode_plan: split_len must be a positive multiple of {unit}, got {split_len}")
     nsplit = max(1, math.ceil(slots / split_len))
     return {"r_pad": r_pad, "p_pad": p_pad, "block_h": block_h, "tiles": tiles, "block_n": block_n,
             "split_len": split_len, "nsplit": nsplit}  # fmt: skip
 
 
-def mla_decode_triton(q, latent, n_filled, valid, scale: float, rank: int) -> torch.Tensor:
+def mla_decode_triton(q, latent, n_filled, valid, scale: float, rank: int, split_len: int | None = None) -> torch.Tensor:
     """Absorbed MLA decode: ``q`` [B, H, rank + rope] against the latent cache ``latent`` [B, S, rank + rope]
     (one KV head, values = its first ``rank`` columns) -> [B, H, rank]. Each latent row is read once per
-    tile of heads; splits over the cache are merged by a second small kernel."""
+    tile of heads; splits over the cache are merged by a second small kernel. ``split_len``: see
+    :func:`mla_decode_plan` (None: the plan's choice)."""
     bsz, heads, width = q.shape
     rope, slots = width - rank, latent.shape[1]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-    plan = mla_decode_plan(bsz, heads, slots, rank, rope, sms)
+    plan = mla_decode_plan(bsz, heads, slots, rank, rope, sms, split_len)
     q = q.to(latent.dtype)
     if latent.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("mla_decode: the last dimension of q and the latent cache must be contiguous")
