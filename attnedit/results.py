@@ -205,16 +205,10 @@ class Summary(FileRecord):
 
     def regression(self) -> str | None:
         """A warning when training left the model further from the teacher than its start (held-out KL)."""
-        before, after = heldout_pair(self.to_dict())
-        return None if before is None or after is None else heldout_regression(before["kl"], after["kl"])
-
-
-def heldout_pair(summary: dict) -> tuple[dict | None, dict | None]:
-    """The held-out figures before and after training that say whether training moved the model toward its
-    teacher: those on the longest training blocks where the run has them, else those on ``data.seq_len`` blocks."""
-    if summary.get("heldout_before_long") and summary.get("heldout_after_long"):
-        return summary["heldout_before_long"], summary["heldout_after_long"]
-    return summary.get("heldout_before"), summary.get("heldout_after")
+        # the figures on the longest training blocks where the run has them (the length it trains at), else data.seq_len's
+        long = self.heldout_before_long is not None and self.heldout_after_long is not None
+        before, after = (self.heldout_before_long, self.heldout_after_long) if long else (self.heldout_before, self.heldout_after)
+        return None if before is None or after is None else heldout_regression(before.kl, after.kl)
 
 
 def heldout_regression(before: float, after: float) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..results import heldout_pair, heldout_regression
+from ..results import Summary
 from ..tables import human_bytes, text_table
 
 
@@ -153,8 +153,7 @@ def format_summary(summary: dict) -> str:
                 f"held-out KL(teacher||student){blocks} {before['kl']:.4f} -> {after['kl']:.4f}; "
                 f"student CE {before['student_ce']:.4f} -> {after['student_ce']:.4f} (teacher {after['teacher_ce']:.4f})"
             )
-    before, after = heldout_pair(summary)
-    warning = heldout_regression(before["kl"], after["kl"]) if before and after else None
+    warning = Summary.model_validate(summary).regression()
     if warning:
         lines.append(f"warning: {warning}")
     lines.append(f"wall time {summary.get('wall_s', 0):.0f} s; model saved to {summary.get('model')}")
