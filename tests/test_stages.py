@@ -240,6 +240,9 @@ def test_a_student_trained_on_longer_sequences_is_also_measured_on_long_held_out
         assert short["seq_len"] == 32 and long["seq_len"] == 128 and short["kl"] != long["kl"]
     text = format_summary(summary)
     assert "(32-token blocks)" in text and "(128-token blocks)" in text
+    card = (tmp_path / "run" / "model" / "README.md").read_text()  # the model card: the long blocks' KL, before and after
+    before, after = summary["heldout_before_long"]["kl"], summary["heldout_after_long"]["kl"]
+    assert f"| KL(teacher ‖ model), 128-token blocks | {before:,.4g} | {after:,.4g} |" in card
     raw["stage2"].update(seq_len=32)  # no stage longer than the held-out blocks: no long figures
     summary = convert(parse_recipe(raw), tmp_path / "short", progress="none")
     assert "heldout_before_long" not in summary and "heldout_after_long" not in summary

@@ -134,15 +134,14 @@ def _results_sections(run_dir: Path | None) -> list[str]:
     if summary is not None and summary.heldout_after is not None:
         before, after = summary.heldout_before, summary.heldout_after
 
-        def pair(name):
+        def pair(name, before=before, after=after):
             earlier = getattr(before, name) if before is not None else None
             return ["-" if earlier is None else earlier, getattr(after, name)]
 
         rows = [["KL(teacher ‖ model)", *pair("kl")], ["cross-entropy (model)", *pair("student_ce")], ["cross-entropy (teacher)", *pair("teacher_ce")]]
-        long_before, long_after = summary.heldout_before_long, summary.heldout_after_long
+        long_after = summary.heldout_after_long
         if long_after is not None:  # the same text in blocks of the longest training sequence
-            earlier = "-" if long_before is None else long_before.kl
-            rows.append([f"KL(teacher ‖ model), {long_after.seq_len:,}-token blocks", earlier, long_after.kl])
+            rows.append([f"KL(teacher ‖ model), {long_after.seq_len:,}-token blocks", *pair("kl", summary.heldout_before_long, long_after)])
         out += ["### Held-out text (the run's own held-out blocks)", "", markdown_table(["", "before training", "after"], rows), ""]
     quality = Quality.read(run_dir)
     if quality is not None and quality.tasks:
