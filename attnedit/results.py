@@ -197,7 +197,7 @@ class Summary(FileRecord):
     heldout_before_long: Losses | None = None
     heldout_after_long: Losses | None = None
     wall_s: float | None = None
-    model: str | None = None
+    model: str | None = None  # the saved model's folder, relative to the run folder (which may move)
     kv: KVFigures | None = None
 
     def stage(self, n: int) -> StageSummary | None:

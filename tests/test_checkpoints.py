@@ -234,6 +234,7 @@ def test_a_signal_between_two_log_steps_resumes_to_the_same_summary(root, tmp_pa
     assert rows(tmp_path / "run") == rows(tmp_path / "ref")
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["stage1"]["final"]["loss"] == ref["stage1"]["final"]["loss"]
+    assert saved["model"] == "model" and (tmp_path / "run" / saved["model"] / "config.json").is_file()  # relative: moves with the run
 
 
 @pytest.mark.parametrize("sigs, saved", [((signal.SIGTERM, signal.SIGTERM), True), ((signal.SIGINT, signal.SIGINT), False)])

@@ -310,7 +310,7 @@ def save_model(run: Run, ctx: Conversion, wdtype: torch.dtype) -> None:
         if isinstance(info, dict):
             info.pop("wall_start", None)
     run.summary["wall_s"] = round(run.wall(), 1)
-    run.summary["model"] = str(run_dir / "model")
+    run.summary["model"] = "model"  # relative: a run folder copied or moved stays right
     run.summary["kv"] = kv_figures(student.config, ctx.teacher.config, str(wdtype).replace("torch.", ""))  # the dtype saved
     Summary.model_validate(run.summary).write(run_dir)
     write_card(run_dir / "model", student.config, recipe=run.recipe, run_dir=run_dir)  # with the held-out figures
