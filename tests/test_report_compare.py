@@ -49,7 +49,7 @@ def _ppl(ppl: float) -> dict:
     return {"ppl": ppl, "nll": 1.0, "tokens": 5000}
 
 
-def _make_run(root, name, window, stage1_steps, kl, eval_json=None, passkey=None, model=True):
+def _make_run(root, name, window, stage1_steps, kl, eval_json=None, passkey=None, model=True, stage1_memory=None):
     """A run folder as convert leaves it: recipe.yaml (the real writer), model/, summary.json (convert's layout
     with the real KV figures), and the given eval.json and passkey.json."""
     run = root / name
@@ -71,6 +71,8 @@ def _make_run(root, name, window, stage1_steps, kl, eval_json=None, passkey=None
     summary["heldout_before"] = {"kl": 1.0, "student_ce": 5.0, "teacher_ce": 4.0}
     if stage1_steps:
         summary["stage1"] = {"steps": stage1_steps, "tokens": stage1_steps * 2 * 64, "tok_s": 100.0}
+        if stage1_memory:  # a GPU run's measured peak and the plan's estimate of it
+            summary["stage1"].update(peak_memory_bytes=stage1_memory[0], est_memory_bytes=stage1_memory[1], ratio=0.4, wall_s=25.6)
     summary["stage2"] = {"steps": 10, "tokens": 10 * 128, "tok_s": 50.0}
     summary["heldout_after"] = {"kl": kl, "student_ce": 4.1, "teacher_ce": 4.0}
     summary["wall_s"] = 12.5
@@ -106,7 +108,9 @@ def runs(tmp_path_factory):
     )
     b["perplexity"]["contexts"], b["perplexity"]["strides"] = [128], [64]
     made = {
-        "gs-w16": _make_run(root, "gs-w16", 16, 20, 0.05, a, {"student": [[0.25, 0.5, 1.0], [0.0, 0.25, 1.0]], "teacher": PASSKEY_TEACHER}),
+        "gs-w16": _make_run(
+            root, "gs-w16", 16, 20, 0.05, a, {"student": [[0.25, 0.5, 1.0], [0.0, 0.25, 1.0]], "teacher": PASSKEY_TEACHER}, stage1_memory=(4 * 2**30, 5 * 2**30)
+        ),
         "gs-w32": _make_run(root, "gs-w32", 32, 20, 0.04, b, {"student": [[0.5, 0.5, 1.0], [0.25, 0.25, 1.0]], "teacher": PASSKEY_TEACHER}),
         "gs-s2only": _make_run(root, "gs-s2only", 16, 0, 0.2, model=False),
     }
@@ -163,6 +167,22 @@ def test_runs_table(runs):
         assert c[col] == "-", col
     assert "- gs-s2only: no eval.json, passkey.json" in text
     assert "acc_norm where the task reports it, else acc" in text  # the rule is in the document
+
+
+def test_training_table_shows_speed_and_the_plan_next_to_the_measured_peak(runs):
+    """A row per run and stage that trained; the plan's error is plan / peak - 1, '-' where a run has no peak."""
+    root, dirs, _ = runs
+    text = _compare(root, dirs, "cmp-training.md")
+    rows = [(r["run"], r["stage"]) for r in _table(text, "run | stage")]
+    assert rows == [("gs-w16", "1"), ("gs-w16", "2"), ("gs-w32", "1"), ("gs-w32", "2"), ("gs-s2only", "2")]  # stage 1 skipped
+    first = _table(text, "run | stage")[0]
+    assert first == {
+        "run": "gs-w16", "stage": "1", "tokens": "2.56k", "time": "26 s", "tok/s": "100", "x T fwd": "0.40x", "peak": "4.0 GiB",
+        "plan": "5.0 GiB", "plan vs peak": "+25%",
+    }  # fmt: skip
+    second = _table(text, "run | stage")[1]
+    assert (second["tok/s"], second["peak"], second["plan"], second["plan vs peak"]) == ("50", "-", "-", "-")
+    assert "positive where the plan errs high" in text
 
 
 def test_zero_shot_and_passkey_tables(runs):

@@ -17,9 +17,11 @@ input is missing names the command that makes it.
 Several RUNs (or --compare): write one Markdown file (--out) comparing them, one row per run, for
 ablation tables: a runs table (the settings that differ between the runs, tokens per stage, KV cache
 as % of the teacher's, held-out KL, WikiText-2 perplexity per window with its change vs the teacher,
-mean zero-shot accuracy with its difference in points, passkey accuracy per context), zero-shot
-accuracy per task, and each run's passkey grid. Figures come from the run folders' files only; no
-model is loaded. Zero-shot accuracy is acc_norm where a task reports it, else acc.
+mean zero-shot accuracy with its difference in points, passkey accuracy per context), each stage's
+speed (tokens/s and its ratio to the teacher's forward) and, from a GPU run, its peak memory next to
+the memory plan's estimate, zero-shot accuracy per task, and each run's passkey grid. Figures come
+from the run folders' files only; no model is loaded. Zero-shot accuracy is acc_norm where a task
+reports it, else acc.
 
 examples:
   attnedit report runs/smol-mla

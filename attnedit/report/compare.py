@@ -1,7 +1,7 @@
 """Several run folders side by side (``attnedit report RUN RUN ... --out FILE.md``): one row per run, for
 ablation tables.
 
-The Markdown file has three parts:
+The Markdown file has four parts:
 
 1. **Runs**: one row per run and one for the teacher. The run's name (its folder's), its target, the
    settings that differ between the runs (``target_args`` such as ``window``/``sink``/``full_layers``/
@@ -11,8 +11,11 @@ The Markdown file has three parts:
    stage 2, WikiText-2 perplexity per window with its change vs the teacher in %, the mean zero-shot
    accuracy with its difference vs the teacher in points, and passkey accuracy per context (mean over
    depths).
-2. **Zero-shot accuracy per task**: rows tasks, columns the teacher and each run.
-3. **Passkey retrieval**: each run's grid (context x depth), the teacher's first.
+2. **Training: speed and memory**: a row per run and stage that trained: its tokens and time, its tokens/s and
+   their ratio to the teacher's plain forward at the same shapes (measured in the same run), and on a GPU the
+   stage's measured peak memory next to the memory plan's estimate of it.
+3. **Zero-shot accuracy per task**: rows tasks, columns the teacher and each run.
+4. **Passkey retrieval**: each run's grid (context x depth), the teacher's first.
 
 Rules, also written into the file:
 
@@ -47,8 +50,8 @@ import yaml
 from ..errors import AttnEditError
 from ..eval.quality import PPL_TASK
 from ..io import write_text
-from ..results import Bench, Passkey, Quality, Summary
-from ..tables import markdown_table
+from ..results import Bench, Passkey, Quality, StageSummary, Summary
+from ..tables import human_bytes, markdown_table
 from .build import check_run_dir, kv_series, passkey_protocol, read_json, read_model_config, teacher_name
 
 STAGE_SETTINGS = (
@@ -113,6 +116,7 @@ class RunFigures:
     passkey: Passkey | None = None
     teacher_model: str | None = None
     missing: list[str] = field(default_factory=list)
+    stages: dict[int, StageSummary] = field(default_factory=dict)  # stage -> what it did (summary.json)
 
 
 @contextmanager
@@ -220,6 +224,7 @@ def run_figures(run_dir: str | Path) -> RunFigures:
     with _layout(*([where] if recipe else []), Summary.path(run)):
         fig.settings, fig.tokens = settings_of(recipe, summary, config)
     fig.heldout_kl = summary.heldout_after.kl if summary and summary.heldout_after else None
+    fig.stages = {n: st for n in (1, 2) if summary and (st := summary.stage(n)) is not None and st.steps}
     series = kv_series(summary, bench)
     if series is not None:
         _, contexts, student, teacher = series
@@ -395,6 +400,32 @@ def runs_table(runs: list[RunFigures], teacher: RunFigures) -> str:
     return markdown_table(headers, rows)
 
 
+TRAINING_RULES = (
+    "- tok/s: the stage's training tokens a second; x T fwd: that against the teacher's plain forward at the same shapes, measured in the same run;",
+    "- peak: the stage's peak GPU memory (torch.cuda.max_memory_allocated); plan: the memory plan's estimate of that "
+    "peak for the stage as it ran (`attnedit/distributed/memory.py`, the sum the `--dry-run` table's total adds slack "
+    "to); plan vs peak: plan / peak - 1, positive where the plan errs high; '-': not recorded (a CPU run has no peak).",
+)
+
+
+def training_table(runs: list[RunFigures]) -> str | None:
+    """Part 2: a row per run and stage that trained (tokens, time, speed, peak memory next to the plan); None
+    when no run records a stage."""
+    rows = []
+    for r in runs:
+        for n, st in sorted(r.stages.items()):
+            peak, plan = st.peak_memory_bytes, st.est_memory_bytes
+            rows.append(
+                [r.run, str(n), tokens_cell(st.tokens), "-" if st.wall_s is None else f"{st.wall_s:,.0f} s"]
+                + ["-" if st.tok_s is None else f"{st.tok_s:,.0f}", "-" if st.ratio is None else f"{st.ratio:.2f}x"]
+                + ["-" if peak is None else human_bytes(peak), "-" if plan is None else human_bytes(plan)]
+                + ["-" if not (peak and plan) else f"{100 * (plan / peak - 1):+.0f}%"]
+            )
+    if not rows:
+        return None
+    return markdown_table(["run", "stage", "tokens", "time", "tok/s", "x T fwd", "peak", "plan", "plan vs peak"], rows)
+
+
 def notes(runs: list[RunFigures], teacher: RunFigures) -> list[str]:
     """Missing files per run, and runs whose own teacher figures are not the teacher row's."""
     out = [f"- {r.run}: no {', '.join(r.missing)}" for r in runs if r.missing]
@@ -480,6 +511,9 @@ def render_comparison(runs: list[RunFigures]) -> str:
     extra = notes(runs, teacher)
     if extra:
         lines += ["", *extra]
+    table = training_table(runs)
+    if table:
+        lines += ["", "## Training: speed and memory", "", *TRAINING_RULES, "", table]
     lines += ["", "## Zero-shot accuracy per task", ""]
     table = zero_shot_table(runs, teacher)
     if table:
