@@ -2,7 +2,11 @@
 # Conversions at equal (reduced) tokens side by side on one GPU, each evaluated next to the teacher by
 # convert's own eval step: WikiText-2 perplexity at 2k and 8k, passkey at 2k/4k/8k x 5 depths (no zero-shot
 # tasks and no bench: the runs share the GPU, and decode speed does not depend on the weights).
-# usage: [S1=300] [S2=300] [LIMIT=seconds] bash benchmarks/ablation.sh NAME=RECIPE[+KEY=VALUE...] ...
+# usage: [S1=300] [S2=300] [LIMIT=seconds] [FULL=1] bash benchmarks/ablation.sh NAME=RECIPE[+KEY=VALUE...] ...
+# FULL=1 runs each recipe as written instead, at its own budget with its own evaluation (zero-shot tasks too), the
+# bench left out: the full-budget rows, e.g. both shipped MLA recipes at once (QWEN: the GGUF that
+# benchmarks/qwen2.5_coder_teacher.sh assembles):
+#   FULL=1 bash benchmarks/ablation.sh "q-mla=recipes/qwen2.5-0.5b-mla.yaml+teacher=$QWEN" s-mla=recipes/smollm2-mla.yaml
 #   settings are separated by '+' (a value may hold commas: eval.ppl_context=2048,8192); e.g. the full-layer
 #   choice of docs/results.md:
 #   bash benchmarks/ablation.sh gateswa-every=recipes/smollm2-gateswa.yaml+target_args.full_layers=every:6 \
@@ -23,6 +27,8 @@ for spec in "$@"; do
   r=$RUNS/$name
   if [ -f "$r/recipe.yaml" ]; then  # started before: resume (a finished run only completes its evaluation)
     args="$r --resume"; echo "$name: resuming $r"
+  elif [ -n "${FULL:-}" ]; then  # the recipe's own steps and evaluation
+    args="$recipe --out $r $DATA_SET --set eval.bench.contexts= $extra"
   else
     args="$recipe --out $r $DATA_SET --set stage1.steps=${S1:-300} --set stage2.steps=${S2:-300}
           --set stage1.warmup=30 --set stage2.warmup=30 --set checkpoint_every=100
