@@ -238,8 +238,9 @@ def test_a_student_trained_on_longer_sequences_is_also_measured_on_long_held_out
     for when in ("before", "after"):
         short, long = summary[f"heldout_{when}"], summary[f"heldout_{when}_long"]
         assert short["seq_len"] == 32 and long["seq_len"] == 128 and short["kl"] != long["kl"]
-    text = format_summary(summary)
+    text = format_summary(summary, tmp_path / "run")
     assert "(32-token blocks)" in text and "(128-token blocks)" in text
+    assert text.endswith(f"model saved to {tmp_path / 'run' / 'model'}")  # summary.json keeps "model", relative
     card = (tmp_path / "run" / "model" / "README.md").read_text()  # the model card: the long blocks' KL, before and after
     before, after = summary["heldout_before_long"]["kl"], summary["heldout_after_long"]["kl"]
     assert f"| KL(teacher ‖ model), 128-token blocks | {before:,.4g} | {after:,.4g} |" in card

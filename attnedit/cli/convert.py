@@ -97,7 +97,7 @@ def run(args) -> int:
     finally:
         parallel.shutdown()
     if parallel.main:
-        print(format_summary(summary))
+        print(format_summary(summary, out))
         tables = format_evaluation(recipe, out)
         if tables:
             print("\nstudent vs teacher\n\n" + tables)

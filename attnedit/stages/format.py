@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..results import Summary
@@ -128,7 +129,8 @@ def _done(mode: str) -> str:
     return "sharded" if mode == "shard" else "replicated"
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, run_dir: str | os.PathLike | None = None) -> str:
+    """convert's printed summary; the saved model's folder is named from ``run_dir`` (summary.json keeps it relative)."""
     lines = []
     for stage in (1, 2):
         info = summary.get(f"stage{stage}")
@@ -156,5 +158,7 @@ def format_summary(summary: dict) -> str:
     warning = Summary.model_validate(summary).regression()
     if warning:
         lines.append(f"warning: {warning}")
-    lines.append(f"wall time {summary.get('wall_s', 0):.0f} s; model saved to {summary.get('model')}")
+    model = summary.get("model")
+    where = Path(run_dir) / model if run_dir is not None and model else model
+    lines.append(f"wall time {summary.get('wall_s', 0):.0f} s; model saved to {where}")
     return "\n".join(lines)
