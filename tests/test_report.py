@@ -166,3 +166,20 @@ def test_training_that_raised_the_heldout_kl_is_said_in_the_summary_and_the_repo
     printed, report = format_summary(summary), build_report(tmp_path).read_text()
     assert ("warning: training raised the held-out KL from 1.18 to 5.02" in printed) is warned
     assert ("**Warning**: training raised the held-out KL" in report) is warned
+
+
+def test_the_report_shows_each_stage_speed_and_its_peak_next_to_the_plan(tmp_path):
+    """report.md's training section: a row per stage that ran, tok/s against the teacher's forward, and on a GPU the
+    measured peak next to the plan (plan / peak - 1); a skipped stage has no row, a CPU stage no peak."""
+    gib = 2**30
+    summary = {
+        "stage1": {"steps": 0, "tokens": 0},
+        "stage2": {"steps": 10, "tokens": 40960, "wall_s": 12.0, "tok_s": 3413.3, "ratio": 0.3, "peak_memory_bytes": 8 * gib, "est_memory_bytes": 9 * gib},
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    report = build_report(tmp_path).read_text()
+    assert "| 2 | 41k | 12 s | 3,413 | 0.30x | 8.0 GiB | 9.0 GiB | +12% |" in report
+    assert "| 1 |" not in report  # stage 1 skipped
+    summary["stage2"].pop("peak_memory_bytes")  # a CPU run: the plan, no peak
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert "| 2 | 41k | 12 s | 3,413 | 0.30x | - | 9.0 GiB | - |" in build_report(tmp_path).read_text()

@@ -18,7 +18,7 @@ from ..errors import AttnEditError
 from ..eval.kv import slides
 from ..eval.passkey import filler_note
 from ..io import write_text
-from ..results import Bench, Passkey, Quality, Summary
+from ..results import Bench, Passkey, Quality, StageSummary, Summary
 from ..tables import human_bytes, markdown_table
 from . import plots
 
@@ -40,6 +40,45 @@ def read_json(path: Path) -> dict | None:
     if not isinstance(data, dict):
         raise AttnEditError(f"{path} lacks a JSON object; re-run the command that writes it")
     return data
+
+
+def tokens_cell(n) -> str:
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+TRAINING_RULES = (
+    "- tok/s: the stage's training tokens a second; x T fwd: that against the teacher's plain forward at the same shapes, measured in the same run;",
+    "- peak: the stage's peak GPU memory (torch.cuda.max_memory_allocated); plan: the memory plan's estimate of that "
+    "peak for the stage as it ran (`attnedit/distributed/memory.py`, the sum the `--dry-run` table's total adds slack "
+    "to); plan vs peak: plan / peak - 1, positive where the plan errs high; '-': not recorded (a CPU run has no peak).",
+)
+
+
+def stage_table(runs: list[tuple[str | None, dict[int, StageSummary]]]) -> str | None:
+    """A row per run and stage that trained: tokens, time, tok/s and its ratio to the teacher's forward, the measured
+    peak next to the memory plan's estimate (summary.json). ``runs``: (name, stages) pairs; one unnamed run has no
+    run column. None when no stage is recorded."""
+    named = any(name is not None for name, _ in runs)
+    rows = []
+    for name, stages in runs:
+        for n, st in sorted(stages.items()):
+            peak, plan = st.peak_memory_bytes, st.est_memory_bytes
+            rows.append(
+                ([name or "-"] if named else [])
+                + [str(n), tokens_cell(st.tokens), "-" if st.wall_s is None else f"{st.wall_s:,.0f} s"]
+                + ["-" if st.tok_s is None else f"{st.tok_s:,.0f}", "-" if st.ratio is None else f"{st.ratio:.2f}x"]
+                + ["-" if peak is None else human_bytes(peak), "-" if plan is None else human_bytes(plan)]
+                + ["-" if not (peak and plan) else f"{100 * (plan / peak - 1):+.0f}%"]
+            )
+    if not rows:
+        return None
+    headers = ["stage", "tokens", "time", "tok/s", "x T fwd", "peak", "plan", "plan vs peak"]
+    return markdown_table((["run"] if named else []) + headers, rows)
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -284,6 +323,10 @@ def build_report(run_dir: str | Path) -> Path:
         ]
     else:
         lines += [_missing("training log (metrics.jsonl)", f"attnedit convert ...   # writes {run}/metrics.jsonl")]
+    stages = {n: st for n in (1, 2) if summary and (st := summary.stage(n)) is not None and st.steps}
+    table = stage_table([(None, stages)])
+    if table:
+        lines += ["", "Speed and memory per stage (summary.json):", "", *TRAINING_RULES, "", table]
 
     lines += ["", "## Quality", ""]
     if quality:

@@ -51,8 +51,8 @@ from ..errors import AttnEditError
 from ..eval.quality import PPL_TASK
 from ..io import write_text
 from ..results import Bench, Passkey, Quality, StageSummary, Summary
-from ..tables import human_bytes, markdown_table
-from .build import check_run_dir, kv_series, passkey_protocol, read_json, read_model_config, teacher_name
+from ..tables import markdown_table
+from .build import TRAINING_RULES, check_run_dir, kv_series, passkey_protocol, read_json, read_model_config, stage_table, teacher_name, tokens_cell
 
 STAGE_SETTINGS = (
     "stage1.steps",
@@ -315,15 +315,6 @@ def num(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
 
 
-def tokens_cell(n) -> str:
-    if n is None:
-        return "-"
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
-
-
 def setting_cell(v) -> str:
     if v is None:
         return "-"
@@ -400,30 +391,9 @@ def runs_table(runs: list[RunFigures], teacher: RunFigures) -> str:
     return markdown_table(headers, rows)
 
 
-TRAINING_RULES = (
-    "- tok/s: the stage's training tokens a second; x T fwd: that against the teacher's plain forward at the same shapes, measured in the same run;",
-    "- peak: the stage's peak GPU memory (torch.cuda.max_memory_allocated); plan: the memory plan's estimate of that "
-    "peak for the stage as it ran (`attnedit/distributed/memory.py`, the sum the `--dry-run` table's total adds slack "
-    "to); plan vs peak: plan / peak - 1, positive where the plan errs high; '-': not recorded (a CPU run has no peak).",
-)
-
-
 def training_table(runs: list[RunFigures]) -> str | None:
-    """Part 2: a row per run and stage that trained (tokens, time, speed, peak memory next to the plan); None
-    when no run records a stage."""
-    rows = []
-    for r in runs:
-        for n, st in sorted(r.stages.items()):
-            peak, plan = st.peak_memory_bytes, st.est_memory_bytes
-            rows.append(
-                [r.run, str(n), tokens_cell(st.tokens), "-" if st.wall_s is None else f"{st.wall_s:,.0f} s"]
-                + ["-" if st.tok_s is None else f"{st.tok_s:,.0f}", "-" if st.ratio is None else f"{st.ratio:.2f}x"]
-                + ["-" if peak is None else human_bytes(peak), "-" if plan is None else human_bytes(plan)]
-                + ["-" if not (peak and plan) else f"{100 * (plan / peak - 1):+.0f}%"]
-            )
-    if not rows:
-        return None
-    return markdown_table(["run", "stage", "tokens", "time", "tok/s", "x T fwd", "peak", "plan", "plan vs peak"], rows)
+    """Part 2: a row per run and stage that trained (:func:`~attnedit.report.build.stage_table`)."""
+    return stage_table([(r.run, r.stages) for r in runs])
 
 
 def notes(runs: list[RunFigures], teacher: RunFigures) -> list[str]:
