@@ -203,6 +203,10 @@ class Summary(FileRecord):
     def stage(self, n: int) -> StageSummary | None:
         return self.stage1 if n == 1 else self.stage2
 
+    def trained_stages(self) -> dict[int, StageSummary]:
+        """The stages that ran at least one step, by number."""
+        return {n: st for n in (1, 2) if (st := self.stage(n)) is not None and st.steps}
+
     def regression(self) -> str | None:
         """A warning when training left the model further from the teacher than its start (held-out KL)."""
         # the figures on the longest training blocks where the run has them (the length it trains at), else data.seq_len's

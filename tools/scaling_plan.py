@@ -120,8 +120,8 @@ with; the plan today gives the same for every row but two stage-2 rows of 2026-1
 
 MEASURED_NOTES = """
 What it shows:
-- **Stage 2 with every weight training** is within 4% of its peak (`mla-8k-all` +1%, `q-mla-8k` +1%; `gateswa`
-  +2% and `mla-2k` -4%, both attention only at 16 x 2048 with feature matching).
+- **Stage 2** is within 4% of its peak with every weight training (`mla-8k-all` +1%, `q-mla-8k` +1%), and with
+  the attention alone at 16 x 2048 with feature matching (`gateswa` +2%, `mla-2k` -4%).
 - **Stage 2 training the attention alone on micro-batches of 8k-32k tokens** errs high by 15-33%. The same
   recipe at the same shapes on the same day, attention alone (`mla-8k`) against every weight (`mla-8k-all`), differs
   by about 2 x hidden + MLP-width values a token and layer: what a frozen MLP's linear layers and norms need not
@@ -132,9 +132,9 @@ What it shows:
   higher (6.38 GiB) than in one plain process (5.37 GiB); a GQA layer with one KV head keeps far less than MLA's
   per-head keys and values, which one constant for every target does not see.
 - Where the plan errs high, `convert` may fit a smaller micro-batch than the card holds, never a larger one; the
-  one estimate that was below its peak (`mla-2k` stage 2, -4% as it ran) was inside the 10% slack the total adds. The Qwen3 rows
-  below are computed, not measured: `bash benchmarks/memory.sh RECIPE` with a random-weight teacher
-  (`benchmarks/random_teacher.py`) measures them, and this table is where they go.
+  one estimate that was below its peak (`mla-2k` stage 2, -4% as it ran) was inside the 10% slack the total
+  adds. The Qwen3 rows below are computed, not measured: `bash benchmarks/memory.sh RECIPE` with a random-weight
+  teacher (`benchmarks/random_teacher.py`) measures them, and this table is where they go.
 """
 
 if __name__ == "__main__":

@@ -323,8 +323,7 @@ def build_report(run_dir: str | Path) -> Path:
         ]
     else:
         lines += [_missing("training log (metrics.jsonl)", f"attnedit convert ...   # writes {run}/metrics.jsonl")]
-    stages = {n: st for n in (1, 2) if summary and (st := summary.stage(n)) is not None and st.steps}
-    table = stage_table([(None, stages)])
+    table = stage_table([(None, summary.trained_stages() if summary else {})])
     if table:
         lines += ["", "Speed and memory per stage (summary.json):", "", *TRAINING_RULES, "", table]
 

@@ -224,7 +224,7 @@ def run_figures(run_dir: str | Path) -> RunFigures:
     with _layout(*([where] if recipe else []), Summary.path(run)):
         fig.settings, fig.tokens = settings_of(recipe, summary, config)
     fig.heldout_kl = summary.heldout_after.kl if summary and summary.heldout_after else None
-    fig.stages = {n: st for n in (1, 2) if summary and (st := summary.stage(n)) is not None and st.steps}
+    fig.stages = summary.trained_stages() if summary else {}
     series = kv_series(summary, bench)
     if series is not None:
         _, contexts, student, teacher = series
