@@ -123,10 +123,13 @@ What it shows:
 - **Stage 2** is within 4% of its peak with every weight training (`mla-8k-all` +1%, `q-mla-8k` +1%), and with
   the attention alone at 16 x 2048 with feature matching (`gateswa` +2%, `mla-2k` -4%).
 - **Stage 2 training the attention alone on micro-batches of 8k-32k tokens** errs high by 15-33%. The same
-  recipe at the same shapes on the same day, attention alone (`mla-8k`) against every weight (`mla-8k-all`), differs
-  by about 2 x hidden + MLP-width values a token and layer: what a frozen MLP's linear layers and norms need not
-  keep for backward, which the plan does not subtract. The 16 x 2048 runs with feature matching do not show that
-  gap, so that one subtraction would make them err low; the constants stay until a run separates the two terms.
+  recipe at the same shapes on the same day, attention alone (`mla-8k`) against every weight (`mla-8k-all`),
+  differs by about 2 x hidden + MLP width values a token and layer: their peaks less the plan's weight, gradient
+  and AdamW terms (which `attnedit convert RECIPE --dry-run --world-size 1` lists) are 22.81 - 2.23 and
+  16.27 - 0.62 GiB, 4.93 GiB apart, about 2,690 values over 30 layers x 32,768 tokens x 2 bytes, where
+  2 x 576 + 1,536 = 2,688. That is what a frozen MLP's linear layers and norms need not keep for backward, which
+  the plan does not subtract. The 16 x 2048 runs with feature matching do not show that gap, so that one
+  subtraction would make them err low; the constants stay until a run separates the two terms.
 - **Stage 1** errs high by 19-20% for MLA, 30-37% for GateSWA and 86% for GQA. Its one constant (11 hidden-sized
   tensors a token and edited layer) was calibrated on the torchrun run above, where the same stage peaks 1 GiB
   higher (6.38 GiB) than in one plain process (5.37 GiB); a GQA layer with one KV head keeps far less than MLA's
