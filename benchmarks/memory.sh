@@ -11,8 +11,8 @@ name=$(basename "$RECIPE" .yaml)-memory${NPROC:+-$NPROC}
 R=$RUNS/$name; rm -rf "$R"
 SETS="$DATA_SET --set stage1.steps=${S1:-30} --set stage2.steps=${S2:-20} --set stage1.warmup=5 --set stage2.warmup=5
       --set checkpoint_every=15 --set heldout_eval=false $NO_EVAL ${EXTRA:-}"
-gib=$(python -c "import torch; print(torch.cuda.mem_get_info()[1] / 2**30)")
-python -m attnedit convert "$RECIPE" --out "$R" --dry-run --gpu-memory "$gib" ${NPROC:+--world-size $NPROC} $SETS > "$OUT/$name-plan.txt" 2>&1
+gib=$(python -c "import torch; print(torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else '')")  # none on a CPU
+python -m attnedit convert "$RECIPE" --out "$R" --dry-run ${gib:+--gpu-memory $gib} ${NPROC:+--world-size $NPROC} $SETS > "$OUT/$name-plan.txt" 2>&1
 if [ -n "$NPROC" ]; then
   torchrun --standalone --nproc_per_node "$NPROC" -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS > "$OUT/$name.log" 2>&1
 else
@@ -20,12 +20,14 @@ else
 fi
 echo "convert exit $?"; grep -iE "error|warning|fitted|micro-batch" "$OUT/$name.log" | head -n 5
 cp "$R/summary.json" "$OUT/$name-summary.json" 2>/dev/null
-python - "$R/summary.json" "$OUT/$name-plan.txt" <<'PY'
+python - "$R/summary.json" "$OUT/$name-plan.txt" "$RECIPE" <<'PY'
 import json, sys
+from attnedit.recipe import load_recipe
 try:
     s = json.load(open(sys.argv[1]))
 except OSError:
     sys.exit("no summary.json: see the run's log")
+shipped, total = load_recipe(sys.argv[3]), 0.0  # the recipe as written: its token budget at the measured speed
 for n in (1, 2):
     i = s.get(f"stage{n}", {})
     p, e = i.get("peak_memory_bytes"), i.get("est_memory_bytes")
@@ -33,6 +35,13 @@ for n in (1, 2):
         print(f"stage {n}: measured peak {p / 2**30:.2f} GiB, planned {e / 2**30:.2f} GiB ({100 * (e / p - 1):+.1f}%), "
               f"{i.get('tok_s')} tok/s (ratio to the teacher's forward {i.get('ratio')}), compiled {i.get('compiled')}"
               + (f", fitted to the GPU: {i['fitted_to_gpu']}" if i.get("fitted_to_gpu") else ""))
+    st = getattr(shipped, f"stage{n}")
+    tokens = st.steps * st.batch_size * st.grad_accum * (st.seq_len or shipped.data.seq_len)
+    if tokens and i.get("tok_s"):
+        total += tokens / i["tok_s"]
+        print(f"stage {n} as the recipe is written: {tokens:,} tokens, {tokens / i['tok_s'] / 3600:.1f} h at the measured tok/s")
+if total:
+    print(f"the whole recipe on this GPU: about {total / 3600:.1f} h of training (evaluation not included)")
 print("plan (--dry-run):")
 print("".join(line for line in open(sys.argv[2]) if "GiB" in line or line.startswith("stage")))
 PY

@@ -5,6 +5,9 @@ refusal where nothing fits. On the CPU, with a pretend GPU size (the memory mode
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,14 @@ def test_the_qwen3_8b_mla_dry_run_on_an_80_gib_gpu_shows_the_fitted_micro_batch(
     plan = json.loads(capsys.readouterr().out)
     first = plan["stages"][0]["memory"]
     assert first["adapted"] and (first["batch_size"], first["grad_accum"]) == (4, 4) and first["total"] <= 80 * 1024**3
+
+
+def test_docs_scaling_md_is_what_its_generator_writes():
+    """docs/scaling.md is tools/scaling_plan.py's output from the recipes, the memory model and the published runs'
+    summaries: a change to any of them that leaves the page stale fails here (regenerate it with the command the
+    generator's docstring gives)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "tools/scaling_plan.py"], cwd=root, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == (root / "docs" / "scaling.md").read_text(), "docs/scaling.md is stale: PYTHONPATH=. python tools/scaling_plan.py > docs/scaling.md"

@@ -103,8 +103,15 @@ then calibrated on that run. The plan now also counts MLA's per-head K/V up-proj
 
 One GPU of one process is the only torchrun point: the shards' and buffers' terms at N > 1 are computed,
 not measured. `bash benchmarks/memory.sh RECIPE [NPROC]` measures a recipe's peaks next to this plan on any GPU;
-`python benchmarks/random_teacher.py CONFIG_AND_TOKENIZER_DIR DIR` makes a random-weight teacher of the same
-shapes to measure with (`EXTRA="--set teacher=DIR"`), without downloading weights.
+`bash benchmarks/scale_memory.sh CONFIG_DIR TOKENIZER_DIR RECIPE...` does so for a model too large to download:
+it builds a random-weight teacher from the config (`benchmarks/random_teacher.py`; speed and memory do not depend
+on the weights) with a stand-in tokenizer, and adds the time the recipe as written would take at the measured
+tokens/s. For the Qwen3 recipes, with Qwen2.5's tokenizer (the same BPE and vocabulary size):
+
+```bash
+DATA=../shared/data/wikipedia-en-2019/wikipedia-en-2019-00000-of-00008.jsonl.xz bash benchmarks/scale_memory.sh \\
+  tests/assets/qwen3-8b ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/ recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
+```
 """
 
 MEASURED_HEADER = """\
@@ -136,8 +143,8 @@ What it shows:
   per-head keys and values, which one constant for every target does not see.
 - Where the plan errs high, `convert` may fit a smaller micro-batch than the card holds, never a larger one; the
   one estimate that was below its peak (`mla-2k` stage 2, -4% as it ran) was inside the 10% slack the total
-  adds. The Qwen3 rows below are computed, not measured: `bash benchmarks/memory.sh RECIPE` with a random-weight
-  teacher (`benchmarks/random_teacher.py`) measures them, and this table is where they go.
+  adds. The Qwen3 rows below are computed, not measured: the `scale_memory.sh` command above measures them,
+  and this table is where they go.
 """
 
 if __name__ == "__main__":
