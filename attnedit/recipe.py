@@ -158,6 +158,11 @@ class Recipe:
     )
     eval: EvalConfig = section(EvalConfig, "evaluation after the model is saved: eval.json, passkey.json, bench.json, report.md")
 
+    def stage_tokens(self, n: int) -> int:
+        """Stage ``n``'s training tokens as written: steps x batch_size x grad_accum x its sequence length."""
+        st = self.stage1 if n == 1 else self.stage2
+        return st.steps * st.batch_size * st.grad_accum * (st.seq_len or self.data.seq_len)
+
 
 # ----------------------------------------------------------------------------------- parsing
 

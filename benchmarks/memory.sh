@@ -35,8 +35,7 @@ for n in (1, 2):
         print(f"stage {n}: measured peak {p / 2**30:.2f} GiB, planned {e / 2**30:.2f} GiB ({100 * (e / p - 1):+.1f}%), "
               f"{i.get('tok_s')} tok/s (ratio to the teacher's forward {i.get('ratio')}), compiled {i.get('compiled')}"
               + (f", fitted to the GPU: {i['fitted_to_gpu']}" if i.get("fitted_to_gpu") else ""))
-    st = getattr(shipped, f"stage{n}")
-    tokens = st.steps * st.batch_size * st.grad_accum * (st.seq_len or shipped.data.seq_len)
+    tokens = shipped.stage_tokens(n)
     if tokens and i.get("tok_s"):
         total += tokens / i["tok_s"]
         print(f"stage {n} as the recipe is written: {tokens:,} tokens, {tokens / i['tok_s'] / 3600:.1f} h at the measured tok/s")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
-TOKENIZER_FILES = ("tokenizer", "chat_template", "generation", "special_tokens", "vocab", "merges")
+TOKENIZER_FILES = ("tokenizer", "chat_template", "special_tokens", "vocab", "merges")
 if len(sys.argv) not in (3, 4):
     sys.exit(__doc__)
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
@@ -34,6 +34,6 @@ if tok_src != src:
 model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 model.save_pretrained(dst)
 for f in tok_src.iterdir():
-    if f.name.startswith(TOKENIZER_FILES) and not (tok_src != src and f.name.startswith("generation")):
+    if f.name.startswith(TOKENIZER_FILES + (("generation",) if tok_src == src else ())):  # another model's generation settings stay out
         shutil.copy(f, dst / f.name)
 print("random teacher in", dst)

@@ -212,6 +212,7 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, stand_ins, monkeypatc
     text = format_plan(plan)  # the printed plan shows the same figures
     assert f"new params       {plan['new_params']:,} " in text
     assert all(f" {row['tokens']:,} " in text for row in plan["stages"])
+    assert all(row["tokens"] == recipe.stage_tokens(row["stage"]) for row in plan["stages"])  # the model card's count
     if real is not None:  # the recipe's own settings on the real shapes, unchanged
         layers, kv_heads, head_dim = REAL_SHAPES[teacher_key(recipe.teacher)]
         assert plan["num_layers"] == layers

@@ -113,7 +113,7 @@ def _recipe_lines(recipe) -> list[str]:
             else "model-level distillation on the teacher's next-token distributions"
         )
         if st.steps:
-            tokens = st.steps * st.batch_size * st.grad_accum * seq
+            tokens = recipe.stage_tokens(n)
             extra = f", trains {st.trainable}" if n == 2 else ""
             lines.append(f"- Stage {n}, {what}: {st.steps:,} steps x {st.batch_size * st.grad_accum} x {seq:,} tokens = {tokens:,} tokens, lr {st.lr:g}{extra}")
         else:
