@@ -9,7 +9,8 @@
 #        two in stage 2: a peak and tokens/s depend on the micro-batch, which convert fits to the GPU, not on how
 #        many a step accumulates), and memory.sh's S1 / S2 / EXTRA / RUNS / OUT
 # e.g. Qwen3-8B on one H100, with Qwen2.5's tokenizer (the same BPE and vocabulary size) from the folder attnedit
-# dequantises the Qwen2.5-Coder GGUF into (benchmarks/qwen2.5_coder_teacher.sh), about 6 minutes a recipe:
+# dequantises the Qwen2.5-Coder GGUF into (benchmarks/qwen2.5_coder_teacher.sh), not yet run on a GPU
+# (estimate: several minutes a recipe on one H100, most of it loading, compiling and saving 16 GB):
 #   DATA=../shared/data/wikipedia-en-2019/wikipedia-en-2019-00000-of-00008.jsonl.xz bash benchmarks/scale_memory.sh \
 #     tests/assets/qwen3-8b ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/ recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
 # Disk: the teacher (16 GB for Qwen3-8B) plus one run at a time (its model and last checkpoint), removed after it.
