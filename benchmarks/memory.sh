@@ -2,7 +2,8 @@
 # Each stage's measured peak GPU memory next to the plan's (the one memory model, attnedit/distributed/memory.py):
 # a recipe at reduced steps, on one process or N under torchrun, then summary.json's peak_memory_bytes
 # (torch.cuda.max_memory_allocated) next to est_memory_bytes, and the --dry-run plan for the same GPUs.
-#   bash benchmarks/memory.sh RECIPE [NPROC]     env: S1 / S2 (30 / 20), EXTRA (more --set flags), RUNS, OUT, DATA
+#   bash benchmarks/memory.sh RECIPE [NPROC]     env: S1 / S2 (30 / 20), EXTRA (more --set flags), RUNS, OUT, DATA,
+#   GPU_MEMORY (GiB: run and plan as on a card of that size, e.g. 79.2 for an 80 GB H100 on a larger GPU)
 # e.g. bash benchmarks/memory.sh recipes/smollm2-mla-2k.yaml 1   (docs/scaling.md's check: torchrun, one process)
 set -u
 source "$(dirname "$0")/common.sh"
@@ -11,12 +12,12 @@ name=$(basename "$RECIPE" .yaml)-memory${NPROC:+-$NPROC}
 R=$RUNS/$name; rm -rf "$R"
 SETS="$DATA_SET --set stage1.steps=${S1:-30} --set stage2.steps=${S2:-20} --set stage1.warmup=5 --set stage2.warmup=5
       --set checkpoint_every=15 --set heldout_eval=false $NO_EVAL ${EXTRA:-}"
-gib=$(python -c "import torch; print(torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else '')")  # none on a CPU
+gib=${GPU_MEMORY:-$(python -c "import torch; print(torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else '')")}  # none on a CPU
 python -m attnedit convert "$RECIPE" --out "$R" --dry-run ${gib:+--gpu-memory $gib} ${NPROC:+--world-size $NPROC} $SETS > "$OUT/$name-plan.txt" 2>&1
 if [ -n "$NPROC" ]; then
-  torchrun --standalone --nproc_per_node "$NPROC" -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS > "$OUT/$name.log" 2>&1
+  torchrun --standalone --nproc_per_node "$NPROC" -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS ${GPU_MEMORY:+--gpu-memory $GPU_MEMORY} > "$OUT/$name.log" 2>&1
 else
-  python -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS > "$OUT/$name.log" 2>&1
+  python -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS ${GPU_MEMORY:+--gpu-memory $GPU_MEMORY} > "$OUT/$name.log" 2>&1
 fi
 echo "convert exit $?"; grep -iE "error|warning|fitted|micro-batch" "$OUT/$name.log" | head -n 5
 cp "$R/summary.json" "$OUT/$name-summary.json" 2>/dev/null

@@ -7,7 +7,8 @@
 #   env: DATA (required: the training text; one Wikipedia shard is plenty), TEACHER_DIR (default
 #        $RUNS/random-<config folder>, reused when it exists), ACCUM (default: one micro-batch a step in stage 1,
 #        two in stage 2: a peak and tokens/s depend on the micro-batch, which convert fits to the GPU, not on how
-#        many a step accumulates), and memory.sh's S1 / S2 / EXTRA / RUNS / OUT
+#        many a step accumulates), and memory.sh's S1 / S2 / EXTRA / RUNS / OUT / GPU_MEMORY (GPU_MEMORY=79.2 on an
+#        H200: fit and run as on an 80 GB H100)
 # e.g. Qwen3-8B on one H100, with Qwen2.5's tokenizer (the same BPE and vocabulary size) from the folder attnedit
 # dequantises the Qwen2.5-Coder GGUF into (benchmarks/qwen2.5_coder_teacher.sh), not yet run on a GPU
 # (estimate: several minutes a recipe on one H100, most of it loading, compiling and saving 16 GB):

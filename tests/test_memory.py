@@ -111,6 +111,35 @@ def test_the_qwen3_8b_mla_dry_run_on_an_80_gib_gpu_shows_the_fitted_micro_batch(
     assert first["adapted"] and (first["batch_size"], first["grad_accum"]) == (4, 4) and first["total"] <= 80 * 1024**3
 
 
+def test_gpu_memory_caps_the_fit_and_the_allocator_and_is_refused_where_it_cannot_hold(monkeypatch, capsys, tiny):
+    """--gpu-memory on a run: the stages are fitted to the cap, not the card, and the allocator is capped to the same
+    share; without a GPU, or above the card's memory, it is a one-line error and no run folder is made."""
+    from attnedit.distributed import memory
+
+    card, asked = 139.8 * 1024**3, []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card / 2, int(card)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device=None: asked.append(fraction))
+    monkeypatch.setattr(memory, "_cap_bytes", None)
+    cuda = torch.device("cuda")
+    assert memory.device_memory(cuda) == int(card)
+    memory.cap_gpu_memory(79.2)
+    assert memory.device_memory(cuda) == int(79.2 * 1024**3) and asked == [pytest.approx(79.2 * 1024**3 / card)]
+    assert memory.device_memory(torch.device("cpu")) is None
+    with pytest.raises(AttnEditError, match="not within this GPU's 139.8 GiB"):
+        memory.cap_gpu_memory(200)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(memory, "_cap_bytes", None)
+    with pytest.raises(AttnEditError, match="this machine has none; use it with --dry-run"):
+        memory.cap_gpu_memory(80)
+    out = tiny["root"] / "capped-run"
+    recipe = tiny["root"] / "capped.yaml"
+    recipe.write_text(f"teacher: {tiny['teacher']}\ntarget: mla\ndata:\n  files: [{tiny['docs']}]\n")
+    assert main(["convert", str(recipe), "--out", str(out), "--gpu-memory", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-memory caps a GPU" in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_docs_scaling_md_is_what_its_generator_writes():
     """docs/scaling.md is tools/scaling_plan.py's output from the recipes, the memory model and the published runs'
     summaries: a change to any of them that leaves the page stale fails here (regenerate it with the command the

@@ -14,6 +14,7 @@ examples:
   attnedit convert recipes/smollm2-mla-cpu.yaml                 # the 2-core CPU job (about 5 minutes)
   attnedit convert recipes/smollm2-mla.yaml --dry-run           # the plan: layers, params, tokens, memory, evaluation
   attnedit convert recipes/qwen3-8b-mla.yaml --dry-run --gpu-memory 80   # on an 80 GiB GPU: the micro-batches that fit
+  attnedit convert recipes/qwen3-8b-mla.yaml --gpu-memory 79.2   # run as on an 80 GB card, even on a larger one
   attnedit convert recipes/smollm2-gateswa.yaml --set stage2.steps=2000 --set data.seq_len=2048
   attnedit convert recipes/smollm2-mla.yaml --set stage1.steps=0 --out runs/stage2-only
   attnedit convert recipes/smollm2-mla.yaml --set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192
@@ -46,7 +47,8 @@ def add_parser(sub) -> None:
         "--gpu-memory",
         type=float,
         metavar="GiB",
-        help="with --dry-run: plan for GPUs of this memory (default with --world-size: 80), with the micro-batches convert fits to it",
+        help="use at most this much of each GPU: a run fits its micro-batches to it and its allocator stops there (to share "
+        "a card, or measure a smaller one on a larger); with --dry-run, plan for GPUs of this memory (default with --world-size: 80)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run folder from its last good checkpoint (a run whose model is saved: only its missing evaluation)"
@@ -92,6 +94,10 @@ def run(args) -> int:
     from .. import distributed  # under torchrun, one process of N
 
     parallel = distributed.from_env(recipe.device)
+    if args.gpu_memory is not None:
+        from ..distributed.memory import cap_gpu_memory
+
+        cap_gpu_memory(args.gpu_memory)
     try:
         summary = convert(recipe, out, resume=args.resume, progress=args.progress, parallel=parallel)
     finally:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import AttnEditError
+
 GiB = 1024**3
 FP32 = 4  # bytes of an fp32 value: trained weights are fp32 master copies, and so are their gradients and AdamW's moments
 CONTEXT_BYTES = 1.0 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers
@@ -31,11 +33,29 @@ SLACK = 0.10  # allocator fragmentation, on top of the estimate
 SCORE_TENSORS = 2  # t x t tensors per head (scores and probabilities) on the CPU, which has no fused attention kernel
 
 
+_cap_bytes: int | None = None  # set by cap_gpu_memory: the share of each GPU this process may use
+
+
 def device_memory(device: torch.device) -> int | None:
-    """The GPU's total memory (``torch.cuda.mem_get_info``); None on other devices, where nothing is fitted."""
+    """The GPU's total memory (``torch.cuda.mem_get_info``), or the cap :func:`cap_gpu_memory` set where that is
+    smaller; None on other devices, where nothing is fitted."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return int(torch.cuda.mem_get_info(device)[1])
+    total = int(torch.cuda.mem_get_info(device)[1])
+    return total if _cap_bytes is None else min(total, _cap_bytes)
+
+
+def cap_gpu_memory(gib: float) -> None:
+    """Use at most ``gib`` GiB of this process's GPU: the stages are fitted to it and the caching allocator
+    refuses to go past it (``torch.cuda.set_per_process_memory_fraction``), as on a smaller card or a shared one."""
+    global _cap_bytes
+    if not torch.cuda.is_available():
+        raise AttnEditError("--gpu-memory caps a GPU and this machine has none; use it with --dry-run to plan for one")
+    total = int(torch.cuda.mem_get_info()[1])
+    if not 0 < gib * GiB <= total:
+        raise AttnEditError(f"--gpu-memory {gib:g} is not within this GPU's {total / GiB:.1f} GiB; give a size in GiB up to that")
+    torch.cuda.set_per_process_memory_fraction(gib * GiB / total)
+    _cap_bytes = int(gib * GiB)
 
 
 def score_bytes(device: torch.device, batch: int, heads: int, seq: int, abytes: int) -> int:
