@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
         type=float,
         metavar="GiB",
         help="use at most this much of each GPU: a run fits its micro-batches to it and its allocator stops there (to share "
-        "a card, or measure a smaller one on a larger); with --dry-run, plan for GPUs of this memory (default with --world-size: 80)",
+        "a card, or measure a smaller one on a larger; give it again with --resume, which fits anew); with --dry-run, plan for "
+        "GPUs of this memory (default with --world-size: 80)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run folder from its last good checkpoint (a run whose model is saved: only its missing evaluation)"
