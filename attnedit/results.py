@@ -175,6 +175,34 @@ class BenchCell(Record):
     largest_batch: dict[str, int] | None = None
 
 
+class CapacityCell(Record):
+    """One engine's serving capacity at a context: the largest batch it serves on the device (caches, weights and
+    one sequence's prefill at once), the KV-only limit, and its decode figures at that batch (null: none fit)."""
+
+    context: int
+    largest_batch: int
+    kv_only_limit: int | None = None
+    cache_bytes_per_sequence: int | None = None
+    kv_tokens: int | None = None
+    weight_bytes: int | None = None
+    memory_bytes: int | None = None
+    step_ms: float | None = None
+    decode_tok_s: float | None = None
+    peak_mem_bytes: int | None = None
+    hbm_bound_ms: float | None = None  # absent in files written before the capacity cells had it
+    step_over_bound: float | None = None
+
+
+class CapacityRow(Record):
+    """One context of ``bench --capacity``: the student's and the teacher's cells, and the student over the
+    teacher, each at its own largest batch."""
+
+    context: int
+    student: CapacityCell | None = None
+    teacher: CapacityCell | None = None
+    ratio: dict[str, float | None] = {}
+
+
 # ------------------------------------------------------------------------------------------ files
 
 
@@ -289,7 +317,7 @@ class Bench(FileRecord):
     runs: list[BenchCell]
     benched_with: list[str] | None = None
     partial: bool | None = None
-    capacity: list[dict[str, Any]] | None = None
+    capacity: list[CapacityRow] | None = None
 
 
 RESULT_FILES: tuple[type[FileRecord], ...] = (Quality, Passkey, Bench)  # made from a saved model, after training

@@ -12,7 +12,7 @@ import torch
 from tiny import tiny_teacher
 
 from attnedit.errors import AttnEditError
-from attnedit.eval.bench import AttnEditEngine, BenchSettings, format_bench, run_bench, weight_bytes
+from attnedit.eval.bench import AttnEditEngine, BenchSettings, format_bench, format_capacity, run_bench, weight_bytes
 from attnedit.eval.bench.capacity import capacity_cell, kv_only_limit, largest_batch, resident_alone, tensors_to_move
 from attnedit.eval.kv import analytic_cache_bytes
 from attnedit.surgery import edit_model
@@ -74,6 +74,36 @@ def test_capacity_backs_off_when_the_timed_run_does_not_fit():
     engine.serve = serve
     cell = capacity_cell(engine, 12, SETTINGS, int(SETTINGS.memory_gb * 2**30), "float32", weight_bytes(student), ok=lambda b: b <= 9)
     assert cell["largest_batch"] == 5 and served[0] == 9 and cell["decode_tok_s"] > 0
+
+
+def test_capacity_cell_gives_the_step_over_its_hbm_bound_at_the_largest_batch():
+    teacher = tiny_teacher("qwen2")
+    student = edit_model(teacher, "mla", {"kv_lora_rank": 8})
+    engine, memory, weights = AttnEditEngine(student, compile=False), int(SETTINGS.memory_gb * 2**30), weight_bytes(student)
+    cell = capacity_cell(engine, 12, SETTINGS, memory, "float32", weights, ok=lambda b: b <= 6, bandwidth=1e9)
+    bound_ms = (weights + analytic_cache_bytes(student.config, 12, 6, "float32")) / 1e9 * 1e3  # every weight, 6 x 12 tokens of KV
+    assert cell["largest_batch"] == 6 and cell["hbm_bound_ms"] == pytest.approx(bound_ms)
+    assert cell["step_over_bound"] == pytest.approx(cell["step_ms"] / bound_ms)
+    # without a measured bandwidth (a CPU run) there is no bound; nor when no batch fits
+    plain = capacity_cell(engine, 12, SETTINGS, memory, "float32", weights, ok=lambda b: b <= 6)
+    none_fit = capacity_cell(engine, 12, SETTINGS, memory, "float32", weights, ok=lambda b: False, bandwidth=1e9)
+    assert plain["hbm_bound_ms"] is None and plain["step_over_bound"] is None
+    assert none_fit["largest_batch"] == 0 and none_fit["step_over_bound"] is None and none_fit["step_ms"] is None
+
+
+def test_bench_passes_its_measured_bandwidth_to_the_capacity_cells(monkeypatch):
+    from attnedit.eval.bench import runner
+
+    monkeypatch.setattr(runner, "copy_bandwidth", lambda device: 2e9)  # as a GPU run measures it
+    teacher = tiny_teacher("llama")
+    student = edit_model(teacher, "gateswa", {"window": 6, "sink": 1, "full_layers": "every:2"})
+    (row,) = run_bench(student, teacher, SETTINGS, "float32", log=lambda _: None)["capacity"]
+    for name, model in (("student", student), ("teacher", teacher)):
+        cell = row[name]
+        bytes_ = weight_bytes(model) + analytic_cache_bytes(model.config, 20, cell["largest_batch"], "float32")
+        assert cell["step_over_bound"] == pytest.approx(cell["step_ms"] / (bytes_ / 2e9 * 1e3))
+    table = format_capacity([row]).splitlines()
+    assert "step/bound" in table[1] and f"{row['student']['step_over_bound']:.2f}" in table[-1].split()
 
 
 def test_probe_fills_every_row_of_the_cache():

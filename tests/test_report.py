@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from tiny import tiny_teacher
@@ -14,6 +15,8 @@ from attnedit.report import build_report
 from attnedit.surgery import edit_model
 
 PNGS = ("loss_curves.png", "kv_vs_context.png", "speed_vs_batch.png", "passkey.png")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _metrics() -> str:
@@ -183,3 +186,20 @@ def test_the_report_shows_each_stage_speed_and_its_peak_next_to_the_plan(tmp_pat
     summary["stage2"].pop("peak_memory_bytes")  # a CPU run: the plan, no peak
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert "| 2 | 41k | 12 s | 3,413 | 0.30x | - | 9.0 GiB | - |" in build_report(tmp_path).read_text()
+
+
+def test_the_report_shows_serving_capacity_next_to_the_kv_only_limit(tmp_path):
+    """``bench --capacity``'s rows (here the H100 measurement kept in docs/, written before the cells had their
+    step over the HBM bound, plus one cell that has it) become the report's capacity table."""
+    bench = json.loads((ROOT / "docs/results/scale/qwen3-8b-32k-mla.json").read_text())
+    bench["capacity"][0]["student"].update(hbm_bound_ms=26.7, step_over_bound=1.3214)
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    text = build_report(tmp_path).read_text()
+    assert "### Serving capacity" in text
+    teacher, student = bench["capacity"][0]["teacher"], bench["capacity"][0]["student"]
+    assert f"| 32,768 | teacher | {teacher['largest_batch']} | {teacher['kv_only_limit']} |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 32,768 | student |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == [str(student["largest_batch"]), str(student["kv_only_limit"])]
+    assert cells[5:] == [f"{student['decode_tok_s']:,.0f}", "1.32", f"{bench['capacity'][0]['ratio']['largest_batch']:.2f}x",
+                         f"{bench['capacity'][0]['ratio']['decode_tok_s']:.2f}x"]  # fmt: skip

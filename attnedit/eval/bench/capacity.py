@@ -29,7 +29,7 @@ from ...errors import AttnEditError, is_out_of_memory
 from ..kv import analytic_cache_bytes
 from .engines import AttnEditEngine, set_engine_options
 from .settings import BenchSettings
-from .timing import weight_bytes
+from .timing import bytes_per_step, weight_bytes
 
 
 def release_memory() -> None:
@@ -113,9 +113,11 @@ def resident_alone(model, others: list):
             t.data = t.data.to(device)
 
 
-def capacity_cell(engine, context: int, settings, memory_bytes: int, dtype: str, weight_bytes: int, ok=None) -> dict:
+def capacity_cell(engine, context: int, settings, memory_bytes: int, dtype: str, weight_bytes: int, ok=None, bandwidth: float | None = None) -> dict:
     """The largest batch ``engine`` (an :class:`~.engines.AttnEditEngine`) serves at ``context`` within
-    ``memory_bytes``, and its decode figures at that batch. ``ok(b)`` decides whether a batch fits (default: the
+    ``memory_bytes``, and its decode figures at that batch: the step, the throughput, the peak memory and, given
+    the device's copy ``bandwidth`` (bytes/s), the step over its HBM bound (every weight and the batch's KV of
+    ``context`` tokens read once, as in the timed runs). ``ok(b)`` decides whether a batch fits (default: the
     engine's real probe, false on running out of memory)."""
     model = engine.model
     length = engine.cache_length(context, settings)
@@ -133,6 +135,7 @@ def capacity_cell(engine, context: int, settings, memory_bytes: int, dtype: str,
         if figures is not None:
             break
         best = largest_batch(lambda b: b < best and ok(b), best - 1)
+    bound_ms = bytes_per_step(model, model.config, best, context, dtype) / bandwidth * 1e3 if figures and bandwidth else None
     return {
         "context": context,
         "largest_batch": best,
@@ -146,6 +149,8 @@ def capacity_cell(engine, context: int, settings, memory_bytes: int, dtype: str,
             if figures
             else {"step_ms": None, "decode_tok_s": None, "peak_mem_bytes": None}
         ),
+        "hbm_bound_ms": bound_ms,
+        "step_over_bound": figures["step_ms"] / bound_ms if bound_ms else None,
     }
 
 
@@ -162,9 +167,9 @@ def capacity_ratios(student: dict, teacher: dict) -> dict:
     }
 
 
-def measure_capacity(engines: dict, settings: BenchSettings, dtype: str, device, log) -> dict:
+def measure_capacity(engines: dict, settings: BenchSettings, dtype: str, device, log, bandwidth: float | None = None) -> dict:
     """{(engine, context): capacity cell} for the engines on attnedit's engine, each measured with the device to
-    itself."""
+    itself; ``bandwidth`` (the run's measured copy bandwidth) gives each cell its step over the HBM bound."""
     if device.type == "cuda":
         memory = int(settings.memory_gb * 2**30) if settings.memory_gb else torch.cuda.mem_get_info(device)[1]
     elif settings.memory_gb:
@@ -182,11 +187,13 @@ def measure_capacity(engines: dict, settings: BenchSettings, dtype: str, device,
         weights = weight_bytes(engine.model)
         with resident_alone(engine.model, [m for m in models if m is not engine.model]):
             for context in settings.contexts:
-                cell = capacity_cell(engine, context, settings, memory, dtype, weights)
+                cell = capacity_cell(engine, context, settings, memory, dtype, weights, bandwidth=bandwidth)
                 out[(name, context)] = cell
                 log(
                     f"{name}: at context {context} serves {cell['largest_batch']} sequences (KV-only limit "
-                    f"{cell['kv_only_limit']})" + (f", {cell['decode_tok_s']:,.0f} tok/s" if cell["decode_tok_s"] else "")
+                    f"{cell['kv_only_limit']})"
+                    + (f", {cell['decode_tok_s']:,.0f} tok/s" if cell["decode_tok_s"] else "")
+                    + (f", step {cell['step_over_bound']:.2f}x its HBM bound" if cell["step_over_bound"] else "")
                 )
         set_engine_options({name: engine}, False, False)
     return out

@@ -86,7 +86,8 @@ def format_bench(result: dict) -> str:
 
 def format_capacity(rows: list[dict]) -> str:
     """The serving-capacity table: per context and model, the largest batch served, the KV-only limit, decode
-    throughput at that batch, and the student over the teacher (each at its own largest batch)."""
+    throughput at that batch and its step over the HBM bound, and the student over the teacher (each at its own
+    largest batch)."""
 
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
@@ -100,11 +101,11 @@ def format_capacity(rows: list[dict]) -> str:
             ratio = r.get("ratio") or {}
             out.append([
                 r["context"], name, c["largest_batch"], c["kv_only_limit"], human_bytes(c["cache_bytes_per_sequence"]),
-                num(c["decode_tok_s"], "{:,.0f}"), num(c["step_ms"], "{:.2f}"),
+                num(c["decode_tok_s"], "{:,.0f}"), num(c["step_ms"], "{:.2f}"), num(c.get("step_over_bound"), "{:.2f}"),
                 "-" if name == "teacher" else num(ratio.get("largest_batch"), "{:.2f}x"),
                 "-" if name == "teacher" else num(ratio.get("decode_tok_s"), "{:.2f}x"),
             ])  # fmt: skip
-    headers = ["context", "model", "largest batch", "KV-only limit", "cache/seq", "tok/s there", "step ms", "batch S/T", "tok/s S/T"]
+    headers = ["context", "model", "largest batch", "KV-only limit", "cache/seq", "tok/s there", "step ms", "step/bound", "batch S/T", "tok/s S/T"]
     return "serving capacity (each model alone on the device; caches + weights + one sequence's chunked prefill)\n" + text_table(
         headers, out, right=set(range(len(headers)))
     )

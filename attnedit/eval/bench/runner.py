@@ -133,7 +133,7 @@ def run_bench_many(
             if partial is not None and (name != list(engines)[-1] or settings.capacity):
                 partial({k: {**v, "partial": True} for k, v in assemble().items()})
         if settings.capacity:
-            capacity.update(measure_capacity(engines, settings, dtype, device, log))
+            capacity.update(measure_capacity(engines, settings, dtype, device, log, bandwidth))
         return assemble()
     finally:  # the models leave as they came: unfused, prefill eager (a later passkey run uses them)
         set_engine_options(engines, False, False)

@@ -36,8 +36,8 @@ class BenchSettings:
     capacity: bool = setting(
         False, "also find, at every context, the largest batch each model serves on this device (its caches, the "
         "weights and one sequence's chunked prefill in memory at once; the other models' weights moved to host "
-        "memory meanwhile) and its decode throughput there, next to the KV-only limit (memory - weights) / cache "
-        "bytes per sequence",
+        "memory meanwhile) and its decode throughput there (and that step over its HBM bound), next to the KV-only "
+        "limit (memory - weights) / cache bytes per sequence",
     )  # fmt: skip
     memory_gb: float | None = setting(None, "device memory the capacity search fills, in GiB (default: the GPU's total; needed on CPU)")
     profile: bool = setting(
