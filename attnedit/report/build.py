@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from ..errors import AttnEditError
+from ..eval.bench.format import capacity_table
 from ..eval.kv import slides
 from ..eval.passkey import filler_note
 from ..io import write_text
@@ -211,32 +212,6 @@ def efficiency_table(bench: Bench) -> str:
     return "\n".join([markdown_table(headers, rows)] + ([""] + notes if notes else []))
 
 
-def capacity_table(bench: Bench) -> str:
-    """``bench --capacity``'s figures: per context and model the largest batch served next to the KV-only limit,
-    the decode throughput there and its step over the HBM bound, and the student over the teacher."""
-
-    def num(v, fmt) -> str:
-        return "-" if v is None else fmt.format(v)
-
-    rows = []
-    for r in bench.capacity or []:
-        for name in ("teacher", "student"):
-            c = getattr(r, name)
-            if c is None:
-                continue
-            student = name == "student"
-            rows.append([
-                f"{r.context:,}", name, c.largest_batch, num(c.kv_only_limit, "{}"),
-                "-" if c.cache_bytes_per_sequence is None else human_bytes(c.cache_bytes_per_sequence),
-                num(c.decode_tok_s, "{:,.0f}"), num(c.step_over_bound, "{:.2f}"),
-                num(r.ratio.get("largest_batch"), "{:.2f}x") if student else "-",
-                num(r.ratio.get("decode_tok_s"), "{:.2f}x") if student else "-",
-            ])  # fmt: skip
-    headers = ["context", "model", "largest batch", "KV-only limit", "cache / sequence", "decode tok/s there", "step / HBM bound",
-               "batch S/T", "tok/s S/T"]  # fmt: skip
-    return markdown_table(headers, rows)
-
-
 def kv_series(summary: Summary | None, bench: Bench | None) -> tuple[str, list[int], list[float], list[float]] | None:
     """(dtype, contexts, student and teacher KV bytes per token) from ``summary.json``, else ``bench.json``."""
     for source in (summary, bench):
@@ -387,9 +362,9 @@ def build_report(run_dir: str | Path) -> Path:
                 "",
                 "The largest batch each model serves at a context on this device, with its caches, its weights and one "
                 "sequence's chunked prefill in memory (each model alone on the device), next to the KV-only limit "
-                "(memory less the weights, over one sequence's cache), and its decode throughput at that batch.",
+                "(memory less the weights, over one sequence's cache), and its decode step and throughput at that batch.",
                 "",
-                capacity_table(bench),
+                markdown_table(*capacity_table([row.to_dict() for row in bench.capacity])),
             ]
     else:
         lines += [_missing("efficiency figures (bench.json)", f"attnedit bench {model} --teacher {teacher} --save {run}/bench.json")]

@@ -84,10 +84,10 @@ def format_bench(result: dict) -> str:
     return "\n".join(lines)
 
 
-def format_capacity(rows: list[dict]) -> str:
-    """The serving-capacity table: per context and model, the largest batch served, the KV-only limit, decode
-    throughput at that batch and its step over the HBM bound, and the student over the teacher (each at its own
-    largest batch)."""
+def capacity_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Headers and rows of the serving-capacity table (``bench.json``'s ``capacity``): per context and model, the
+    largest batch served, the KV-only limit, decode throughput at that batch and its step over the HBM bound, and
+    the student over the teacher (each at its own largest batch). The terminal and the report print the same."""
 
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
@@ -99,13 +99,20 @@ def format_capacity(rows: list[dict]) -> str:
             if not c:
                 continue
             ratio = r.get("ratio") or {}
+            per_seq = c.get("cache_bytes_per_sequence")
             out.append([
-                r["context"], name, c["largest_batch"], c["kv_only_limit"], human_bytes(c["cache_bytes_per_sequence"]),
-                num(c["decode_tok_s"], "{:,.0f}"), num(c["step_ms"], "{:.2f}"), num(c.get("step_over_bound"), "{:.2f}"),
+                r["context"], name, c["largest_batch"], num(c.get("kv_only_limit"), "{}"), "-" if per_seq is None else human_bytes(per_seq),
+                num(c.get("decode_tok_s"), "{:,.0f}"), num(c.get("step_ms"), "{:.2f}"), num(c.get("step_over_bound"), "{:.2f}"),
                 "-" if name == "teacher" else num(ratio.get("largest_batch"), "{:.2f}x"),
                 "-" if name == "teacher" else num(ratio.get("decode_tok_s"), "{:.2f}x"),
             ])  # fmt: skip
     headers = ["context", "model", "largest batch", "KV-only limit", "cache/seq", "tok/s there", "step ms", "step/bound", "batch S/T", "tok/s S/T"]
+    return headers, out
+
+
+def format_capacity(rows: list[dict]) -> str:
+    """The serving-capacity table (:func:`capacity_table`) as aligned text."""
+    headers, out = capacity_table(rows)
     return "serving capacity (each model alone on the device; caches + weights + one sequence's chunked prefill)\n" + text_table(
         headers, out, right=set(range(len(headers)))
     )
