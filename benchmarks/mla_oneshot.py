@@ -5,7 +5,8 @@ untrained model, on blocks of the data's held-out split, for one or more sets of
         --variant '{}' --variant '{"rank_allocation": "auto"}'
 
 The recipe (default recipes/smollm2-mla.yaml) gives the data; calibration takes blocks of its training data as
-``convert`` does (``--calib-blocks N`` blocks of 512 tokens instead). Runs on the CPU (float32) or ``--device cuda``.
+``convert`` does (``--calib-blocks N`` blocks of ``--calib-len`` tokens instead, 512 by default). ``--seq-len`` sets
+the held-out blocks' length: the start's error at long context shows at the length stage 2 trains on. Runs on the CPU (float32) or ``--device cuda``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ from attnedit.surgery import edit_model
 from attnedit.teachers import load_model
 
 
+def kl_by_position(teacher, student, blocks: torch.Tensor, bucket: int) -> list[float]:
+    """Mean KL(teacher || student) of the next-token distributions in each bucket of ``bucket`` positions."""
+    sums = torch.zeros(-(-blocks.shape[1] // bucket), dtype=torch.float64)
+    scale, cap = stage2.logit_transform(student)  # the family's logit post-processing (Granite, Gemma), both models
+
+    def log_probs(head, h):
+        z = head(h).float() / scale
+        return (z if cap is None else cap * torch.tanh(z / cap)).log_softmax(-1)
+
+    for ids in blocks.split(1):
+        t_h = stage2.teacher_hidden(teacher, ids, False)[-1]
+        s_h = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        for k, s in enumerate(range(0, ids.shape[1], bucket)):
+            lt = log_probs(teacher.get_output_embeddings(), t_h[:, s : s + bucket])
+            ls = log_probs(student.lm_head, s_h[:, s : s + bucket])
+            sums[k] += (lt.exp() * (lt - ls)).sum(-1).mean().item()
+    return [round(v, 4) for v in (sums / blocks.shape[0]).tolist()]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teacher")
@@ -34,7 +54,11 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], help="JSON of settings for one variant (default: one, '{}')")
     p.add_argument("--heldout-blocks", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--calib-blocks", type=int, default=0, help="blocks of 512 training tokens (default: convert's rule)")
+    p.add_argument("--calib-blocks", type=int, default=0, help="blocks of --calib-len training tokens (default: convert's rule)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration block with --calib-blocks")
+    p.add_argument(
+        "--by-position", type=int, default=0, metavar="N", help="also the KL in buckets of N positions of the held-out blocks (does the start err more far in?)"
+    )
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -44,7 +68,7 @@ def main() -> int:
     tokenizer = resolve_tokenizer(recipe.data, tok, teacher.config.vocab_size)
     held = heldout_blocks(dataclasses.replace(recipe.data, seq_len=args.seq_len, heldout_blocks=args.heldout_blocks), tokenizer)
     if args.calib_blocks:
-        calib = training_blocks(recipe, tokenizer, 512, args.calib_blocks)
+        calib = training_blocks(recipe, tokenizer, args.calib_len, args.calib_blocks)
     else:
         calib = calibration_ids(recipe, tokenizer, teacher.config.hidden_size)
     base = {"init": "teacher", **dict(kv.split("=", 1) for kv in args.set)}
@@ -54,6 +78,8 @@ def main() -> int:
         student = edit_model(teacher, "mla", {**base, **json.loads(variant)}, calibration_ids=calib)
         with torch.no_grad():
             losses = stage2.heldout_losses(teacher, student, held, 2, 512, contextlib.nullcontext)
+            if args.by_position:
+                losses["kl_by_position"] = kl_by_position(teacher, student, held, args.by_position)
         ranks = [x["kv_lora_rank"] for x in student.config.layer_attention if x.get("kind") == "mla"]
         print(json.dumps({"variant": json.loads(variant), **losses, "ranks": ranks, "seconds": round(time.time() - t0)}), flush=True)
     return 0
