@@ -202,3 +202,57 @@ def test_the_steady_channel_enters_kv_b_at_the_size_of_the_others(family):
         rms = out.pow(2).mean(0).sqrt()
         ratio = float(rms[-1] / rms[:-1].pow(2).mean().sqrt())
         assert 0.5 < ratio < 2, ratio
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@torch.no_grad()
+def test_attention_mass_is_the_teachers_attention_summed_over_its_queries(family):
+    """``attention_mass`` recomputes the teacher's attention from its layer input: per token, the attention the
+    block's queries give it (eager attention's weights, summed over queries, averaged over heads), mean 1."""
+    from attnedit.surgery.mla_init import attention_mass
+    from attnedit.targets.common import Rotary
+
+    teacher = tiny_teacher(family)
+    teacher.config._attn_implementation = "eager"
+    family_ = family_for(teacher.config)
+    spec = family_.attention_spec(teacher.config)
+    attn = family_.attention(teacher, 1)
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    ids = tiny_ids(2, 20, seed=4)
+    out = teacher(ids, output_attentions=True)
+    handle.remove()
+    probs = out.attentions[1]  # [batch, heads, queries, keys]
+    expected = probs.sum(-2).mean(1)
+    expected = expected * (ids.shape[1] / expected.sum(-1, keepdim=True))
+    mass = attention_mass(seen[0].to(F64), family_.projections(teacher, 1), spec, Rotary(spec["head_dim"], teacher.config.to_dict()))
+    torch.testing.assert_close(mass.float(), expected.float(), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(mass.sum(-1), torch.full((2,), 20.0, dtype=F64))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@torch.no_grad()
+def test_attention_weighted_start_differs_from_the_token_weighted_one_and_decodes(family):
+    """``init_weighting: attention`` fits the keys and values where the teacher's queries read them: a different
+    start from weighting every token alike (what it is worth is measured on real teachers, docs/results.md), and
+    its cache decodes as the full forward does."""
+    teacher = tiny_teacher(family)
+    calib = tiny_ids(8, 32, seed=5)
+    base = {"init": "teacher", "kv_lora_rank": 8}
+    tokens = edit_model(teacher, "mla", base, calibration_ids=calib)
+    attention = edit_model(teacher, "mla", {**base, "init_weighting": "attention"}, calibration_ids=calib)
+    assert attention.config.edit["settings"]["init_weighting"] == "attention"
+    a, b = (m.model.layers[1].self_attn.kv_a_proj_with_mqa.weight for m in (attention, tokens))
+    assert not torch.allclose(a, b, atol=1e-4)
+    ids = tiny_ids(2, 15)
+    cache = attention.new_cache(static=True, batch_size=2, max_length=15)
+    steps = [attention(ids[:, :6], past_key_values=cache, use_cache=True).logits]
+    steps += [attention(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 15)]
+    torch.testing.assert_close(torch.cat(steps, 1), attention(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_init_weighting_setting_is_checked():
+    with pytest.raises(AttnEditError, match="init_weighting='queries'"):
+        edit_model(tiny_teacher("llama"), "mla", {"init": "teacher", "init_weighting": "queries"})
+    with pytest.raises(AttnEditError, match="needs init=teacher"):
+        edit_model(tiny_teacher("llama"), "mla", {"init_weighting": "attention"})

@@ -56,7 +56,7 @@ class MLATarget(Target):
     def calibrate(self, teacher, layers: list[int], ids, config, settings) -> dict:
         """Second moments of each layer's inputs, the factorisation they give, and (``rank_allocation: auto``) each
         layer's share of the total latent width, written into ``config.layer_attention``."""
-        stats = collect_stats(teacher, layers, ids)
+        stats = collect_stats(teacher, layers, ids, weighting=settings.init_weighting)
         factors, ranks = plan_mla_init(teacher, stats, config.layer_attention, settings.rank_allocation, ids)
         for i, r in ranks.items():
             config.layer_attention[i]["kv_lora_rank"] = r

@@ -18,6 +18,9 @@ layer, the second moments of the attention's input (:class:`LayerStats`). From t
   where it matters: keys weighted by the queries that read them (and the spread of the values the scores mix),
   values by ``o_proj`` (what each query head makes of them), inputs by their covariance. One SVD of the
   doubly weighted matrix gives the optimum of that objective.
+* **Which tokens count** (``init_weighting``): every calibration token alike for the keys and values (``tokens``),
+  or each by the square root of the attention the teacher's queries give it (``attention``: :func:`key_weights`),
+  so that the keys and values that are read most are kept best. The queries' weights use every token alike.
 * **Rank per layer** (``rank_allocation: auto``): the layers share the total latent width (``kv_lora_rank`` x
   layers, the cached bytes unchanged) by the same objective's spectra, each weighted by what its error costs the
   model (the KL when that layer alone is converted), so that layers that need rank get it.
@@ -58,8 +61,22 @@ class LayerStats:
     sk: torch.Tensor | None = None
     sample: list = field(default_factory=list)
     sampled: int = 0
+    wxx: torch.Tensor | None = None  # the same moments with each token weighted by the attention it receives (key_weights)
+    wsx: torch.Tensor | None = None
+    wn: float = 0.0
+    wn2: float = 0.0  # sum of squared weights: the weighted moments' effective token count is wn^2 / wn2
 
-    def add(self, x: torch.Tensor, teacher_attn: nn.Module, spec: dict, keep: int = 4096) -> None:
+    def add(self, x: torch.Tensor, teacher_attn: nn.Module, spec: dict, keep: int = 4096, rotary=None) -> None:
+        if rotary is not None and x.dim() == 3:
+            mass = key_weights(attention_mass(x.to(F64), teacher_attn, spec, rotary)).reshape(-1)
+            xf = x.reshape(-1, x.shape[-1]).to(F64)
+            if self.wxx is None:
+                self.wxx = torch.zeros(xf.shape[1], xf.shape[1], dtype=F64, device=xf.device)
+                self.wsx = torch.zeros(xf.shape[1], dtype=F64, device=xf.device)
+            self.wxx += (xf * mass[:, None]).T @ xf
+            self.wsx += (xf * mass[:, None]).sum(0)
+            self.wn += float(mass.sum())
+            self.wn2 += float(mass.pow(2).sum())
         x = x.reshape(-1, x.shape[-1]).to(F64)
         if self.xx is None:
             self.xx = torch.zeros(x.shape[1], x.shape[1], dtype=F64, device=x.device)
@@ -108,12 +125,52 @@ def normalised_qk(attn: nn.Module, x: torch.Tensor, spec: dict) -> tuple[torch.T
     return out[0], out[1]
 
 
-def _moments(stats: LayerStats, bias: bool) -> torch.Tensor:
-    """``E[x~ x~^T]`` with ``x~ = [x; 1]`` when the student has biases (the intercept column last)."""
-    c = (stats.xx / stats.n).cpu()
+@torch.no_grad()
+def attention_mass(x: torch.Tensor, attn: nn.Module, spec: dict, rotary) -> torch.Tensor:
+    """``[batch, tokens]``: how much attention each token of a block receives from the block's queries, summed over
+    the queries and averaged over the heads (a token no query reads gets 0; the first token, which most heads use as
+    their sink, gets the most), scaled so that the block's mean is 1. From the teacher's queries and keys with its
+    RoPE (``rotary``) and softmax scale, causal; a teacher's sliding windows, per-layer RoPE and soft caps are left
+    out: it weighs tokens, it does not reproduce the attention."""
+    from ..targets.common import apply_rope
+
+    b, t, _ = x.shape
+    h, g, d = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
+    flat = x.reshape(b * t, -1)
+    if spec.get("qk_norm"):
+        q, k = normalised_qk(attn, flat, spec)
+    else:
+        q = flat @ _w(attn.q_proj).to(x.device).T + _b(attn.q_proj, h * d).to(x.device)
+        k = flat @ _w(attn.k_proj).to(x.device).T + _b(attn.k_proj, g * d).to(x.device)
+    q = q.view(b, t, h, d).transpose(1, 2).float()
+    k = k.view(b, t, g, d).transpose(1, 2).float()
+    cos, sin = rotary.cos_sin(torch.arange(t, device=x.device), torch.float32)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = k.repeat_interleave(h // g, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * spec.get("scaling", d**-0.5)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    mass = scores.softmax(-1).sum(-2).mean(1).to(F64)  # [b, t]
+    return mass * (t / mass.sum(-1, keepdim=True))
+
+
+def key_weights(mass: torch.Tensor) -> torch.Tensor:
+    """The weight of each token in the keys' and values' factorisation: the square root of the attention it
+    receives. To first order a key's and value's errors cost in proportion to their attention, but a key that is
+    barely read can still take attention from the others when its score errs upwards; on SmolLM2 at 4k (CPU,
+    ``benchmarks/mla_oneshot.py``) the square root started closer than both every token alike and the attention
+    itself."""
+    return mass.clamp_min(0).sqrt()
+
+
+def _moments(stats: LayerStats, bias: bool, weighted: bool = False) -> torch.Tensor:
+    """``E[x~ x~^T]`` with ``x~ = [x; 1]`` when the student has biases (the intercept column last); ``weighted``:
+    over tokens weighted by the attention they receive (when collected)."""
+    if weighted and stats.wxx is not None:
+        c, m = (stats.wxx / stats.wn).cpu(), (stats.wsx / stats.wn).cpu()
+    else:
+        c, m = (stats.xx / stats.n).cpu(), (stats.sx / stats.n).cpu()
     if not bias:
         return c
-    m = (stats.sx / stats.n).cpu()
     top = torch.cat([c, m[:, None]], 1)
     return torch.cat([top, torch.cat([m, torch.ones(1, dtype=F64)])[None]], 0)
 
@@ -205,7 +262,9 @@ def factor_layer(
     h, g, d = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
     group = h // g
     wq, wk, wv = _linear_maps(teacher_attn, spec, stats, bias)
-    c = _moments(stats, bias)
+    c = _moments(stats, bias)  # every token is a query
+    ck = _moments(stats, bias, weighted=True)  # keys and values: tokens weighted by the attention they receive
+    n_keys = stats.wn**2 / stats.wn2 if stats.wxx is not None else stats.n  # their effective count
     pairs, nope_dims = _rope_pairs(d, rope)
     nope = nope_dims.numel()
     head_group = torch.arange(h) // group
@@ -214,7 +273,7 @@ def factor_layer(
     k_cx = torch.complex(wk[:, pairs], wk[:, pairs + d // 2])  # [g, rope/2, D]
     q_energy = (torch.einsum("hpd,de,hpe->hp", q_re, c, q_re) + torch.einsum("hpd,de,hpe->hp", q_im, c, q_im)).clamp_min(0)
     w = torch.zeros(g, rope // 2, dtype=F64).index_add_(0, head_group, q_energy) + 1e-12  # [g, pairs]
-    cc = c.to(torch.complex128)
+    cc = ck.to(torch.complex128)
     u = torch.zeros(g, rope // 2, dtype=torch.complex128)
     kpe = torch.zeros(rope // 2, wk.shape[-1], dtype=torch.complex128)
     for p in range(rope // 2):
@@ -238,7 +297,11 @@ def factor_layer(
     if bias:
         m[:, -1] = 0
     o = o_weight.detach().to(F64).cpu().view(-1, h, d)  # [hidden, h, d]
-    cent = c[:-1, :-1] - torch.outer(c[-1, :-1], c[-1, :-1]) if bias else c - torch.outer(stats.sx.cpu() / stats.n, stats.sx.cpu() / stats.n)
+    if bias:
+        cent = ck[:-1, :-1] - torch.outer(ck[-1, :-1], ck[-1, :-1])
+    else:
+        mean = (stats.wsx / stats.wn if stats.wxx is not None else stats.sx / stats.n).cpu()
+        cent = ck - torch.outer(mean, mean)
     blocks = []
     for kv in range(g):
         heads = (head_group == kv).nonzero().flatten()
@@ -256,7 +319,7 @@ def factor_layer(
     roots = [_psd_sqrt(kw) for kw, _ in blocks if nope] + [_psd_sqrt(vw) for _, vw in blocks]
     left = torch.block_diag(*[s for s, _ in roots])
     left_inv = torch.block_diag(*[i for _, i in roots])
-    chol = torch.linalg.cholesky(_ridge(c, _shrinkage(stats.n, c.shape[0])))
+    chol = torch.linalg.cholesky(_ridge(ck, _shrinkage(int(n_keys), ck.shape[0])))
     uu, ss, vt = torch.linalg.svd(left @ m @ chol, full_matrices=False)
     return LayerFactors(q_rows, kpe_rows, uu, ss, vt, left_inv, torch.linalg.inv(chol), nope, d, h, g, bias)
 
@@ -389,20 +452,24 @@ def fold_query_scale(student, spec: dict) -> None:
 
 
 @torch.no_grad()
-def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4) -> dict[int, LayerStats]:
-    """One pass of the teacher over ``ids`` (in batches), accumulating :class:`LayerStats` for each listed layer."""
+def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4, weighting: str = "tokens") -> dict[int, LayerStats]:
+    """One pass of the teacher over ``ids`` (in batches), accumulating :class:`LayerStats` for each listed layer;
+    ``weighting='attention'`` also the moments over tokens weighted by the attention they receive, which the keys'
+    and values' factorisation then uses (:func:`attention_mass`)."""
     from ..families import family_for
     from ..families.hooks import StopForward, watch
+    from ..targets.common import Rotary
 
     family = family_for(teacher.config)
     spec = family.attention_spec(teacher.config)
+    rotary = Rotary(spec["head_dim"], teacher.config.to_dict()) if weighting == "attention" else None
     stats = {i: LayerStats() for i in layers}
     attns = {i: family.attention(teacher, i) for i in layers}
     projections = {i: family.projections(teacher, i) for i in layers}  # q/k/v apart, whatever the family fuses
     last = max(layers)
 
     def on_attention(i, x):
-        stats[i].add(x.detach(), projections[i], spec)
+        stats[i].add(x.detach(), projections[i], spec, rotary=rotary)
         if i == last:
             raise StopForward  # the layers above the last edited one are not needed
 

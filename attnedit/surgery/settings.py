@@ -47,6 +47,12 @@ class MLASettings(TargetSettings):
         "--format deepseek_v3 needs uniform)",
         "uniform",
     )
+    init_weighting: str = _help(
+        "with init=teacher: how the keys' and values' factorisation weighs the calibration tokens: 'tokens' (every "
+        "token alike) or 'attention' (each by the square root of the attention the teacher's queries give it, so "
+        "the keys and values that are read, the attention sink's most, are kept best)",
+        "tokens",
+    )
 
 
 @dataclass
@@ -177,6 +183,10 @@ def plan_mla(s: MLASettings, spec: dict, config, layer_rope: dict | None = None)
         raise AttnEditError(f"absorb={s.absorb!r}: choose auto, always or never")
     if s.rank_allocation not in ("uniform", "auto"):
         raise AttnEditError(f"rank_allocation={s.rank_allocation!r}: choose uniform or auto")
+    if s.init_weighting not in ("tokens", "attention"):
+        raise AttnEditError(f"init_weighting={s.init_weighting!r}: choose tokens or attention")
+    if s.init_weighting == "attention" and s.init != "teacher":
+        raise AttnEditError("init_weighting=attention weighs the teacher's calibration: it needs init=teacher")
     if s.rank_allocation == "auto" and s.init != "teacher":
         raise AttnEditError("rank_allocation=auto measures the teacher's factorisation: it needs init=teacher")
     bias = str(s.bias).lower()
