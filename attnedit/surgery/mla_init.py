@@ -66,9 +66,9 @@ class LayerStats:
     wn: float = 0.0
     wn2: float = 0.0  # sum of squared weights: the weighted moments' effective token count is wn^2 / wn2
 
-    def add(self, x: torch.Tensor, teacher_attn: nn.Module, spec: dict, keep: int = 4096, rotary=None) -> None:
-        if rotary is not None and x.dim() == 3:
-            mass = key_weights(attention_mass(x.to(F64), teacher_attn, spec, rotary)).reshape(-1)
+    def add(self, x: torch.Tensor, teacher_attn: nn.Module, spec: dict, keep: int = 4096, rotary=None, window: int | None = None) -> None:
+        if rotary is not None and x.dim() == 3:  # with the teacher's RoPE: also the moments weighted by attention
+            mass = key_weights(attention_mass(x.to(F64), teacher_attn, spec, rotary, window)).reshape(-1)
             xf = x.reshape(-1, x.shape[-1]).to(F64)
             if self.wxx is None:
                 self.wxx = torch.zeros(xf.shape[1], xf.shape[1], dtype=F64, device=xf.device)
@@ -126,12 +126,12 @@ def normalised_qk(attn: nn.Module, x: torch.Tensor, spec: dict) -> tuple[torch.T
 
 
 @torch.no_grad()
-def attention_mass(x: torch.Tensor, attn: nn.Module, spec: dict, rotary) -> torch.Tensor:
+def attention_mass(x: torch.Tensor, attn: nn.Module, spec: dict, rotary, window: int | None = None) -> torch.Tensor:
     """``[batch, tokens]``: how much attention each token of a block receives from the block's queries, summed over
     the queries and averaged over the heads (a token no query reads gets 0; the first token, which most heads use as
-    their sink, gets the most), scaled so that the block's mean is 1. From the teacher's queries and keys with its
-    RoPE (``rotary``) and softmax scale, causal; a teacher's sliding windows, per-layer RoPE and soft caps are left
-    out: it weighs tokens, it does not reproduce the attention."""
+    their sink, gets the most), scaled so that the block's mean is 1. The teacher's own attention, recomputed from
+    the layer's input: its queries and keys (QK-norm included) with the layer's RoPE (``rotary``), its softmax scale
+    and soft cap, causal, over its sliding ``window`` where the layer slides."""
     from ..targets.common import apply_rope
 
     b, t, _ = x.shape
@@ -148,7 +148,13 @@ def attention_mass(x: torch.Tensor, attn: nn.Module, spec: dict, rotary) -> torc
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(h // g, dim=1)
     scores = (q @ k.transpose(-1, -2)) * spec.get("scaling", d**-0.5)
-    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    if spec.get("softcap"):
+        scores = spec["softcap"] * torch.tanh(scores / spec["softcap"])
+    pos = torch.arange(t, device=x.device)
+    hidden = pos[None, :] > pos[:, None]  # the future
+    if window:
+        hidden |= pos[None, :] <= pos[:, None] - window  # out of the window (a query sees itself and window - 1 before)
+    scores = scores.masked_fill(hidden, float("-inf"))
     mass = scores.softmax(-1).sum(-2).mean(1).to(F64)  # [b, t]
     return mass * (t / mass.sum(-1, keepdim=True))
 
@@ -457,19 +463,26 @@ def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4,
     ``weighting='attention'`` also the moments over tokens weighted by the attention they receive, which the keys'
     and values' factorisation then uses (:func:`attention_mass`)."""
     from ..families import family_for
+    from ..families.base import rope_parameters
     from ..families.hooks import StopForward, watch
     from ..targets.common import Rotary
 
     family = family_for(teacher.config)
     spec = family.attention_spec(teacher.config)
-    rotary = Rotary(spec["head_dim"], teacher.config.to_dict()) if weighting == "attention" else None
+    config = teacher.config.to_dict()
+    types = getattr(teacher.config, "layer_types", None) or []
+    rotary = {i: Rotary(spec["head_dim"], {**config, "rope_parameters": rope_parameters(teacher.config, i)}) for i in layers}
+    window = {i: teacher.config.sliding_window if i < len(types) and types[i] == "sliding_attention" else None for i in layers}
     stats = {i: LayerStats() for i in layers}
     attns = {i: family.attention(teacher, i) for i in layers}
     projections = {i: family.projections(teacher, i) for i in layers}  # q/k/v apart, whatever the family fuses
     last = max(layers)
 
     def on_attention(i, x):
-        stats[i].add(x.detach(), projections[i], spec, rotary=rotary)
+        if weighting == "attention":
+            stats[i].add(x.detach(), projections[i], spec, rotary=rotary[i], window=window[i])
+        else:
+            stats[i].add(x.detach(), projections[i], spec)
         if i == last:
             raise StopForward  # the layers above the last edited one are not needed
 
