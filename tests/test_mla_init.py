@@ -116,10 +116,12 @@ def test_qk_norm_fit_beats_the_mean_scale_fold():
     assert f.q_rows.shape[0] == spec["num_heads"] * d
 
 
-def test_teacher_init_reproduces_a_biased_teacher_at_full_rank():
+@pytest.mark.parametrize("weighting", ["tokens", "attention"])
+def test_teacher_init_reproduces_a_biased_teacher_at_full_rank(weighting):
     """Model level: a teacher with biases (Qwen2) whose two KV heads' keys are complex multiples of each other, every
     RoPE pair kept and the latent wide enough for the values plus the steady channel (49 of the teacher's 64 values
-    a token): the student's logits are the teacher's (the intercept keeps the latent RMSNorm's divisor constant)."""
+    a token): the student's logits are the teacher's (the intercept keeps the latent RMSNorm's divisor constant),
+    whichever way the calibration tokens are weighted."""
     torch.manual_seed(0)
     teacher = Qwen2ForCausalLM(Qwen2Config(**COMMON)).eval()
     family = family_for(teacher.config)
@@ -131,7 +133,7 @@ def test_teacher_init_reproduces_a_biased_teacher_at_full_rank():
     for i in range(teacher.config.num_hidden_layers):
         _proportional_keys(family.attention(teacher, i), spec)
     d = spec["head_dim"]
-    settings = {"init": "teacher", "qk_rope_head_dim": d, "kv_lora_rank": 2 * d + 1}
+    settings = {"init": "teacher", "qk_rope_head_dim": d, "kv_lora_rank": 2 * d + 1, "init_weighting": weighting}
     student = edit_model(teacher, "mla", settings, calibration_ids=tiny_ids(16, 32, seed=5))
     ids = tiny_ids(3, 20, seed=8)
     with torch.no_grad():
