@@ -265,3 +265,22 @@ def test_init_weighting_setting_is_checked():
         edit_model(tiny_teacher("llama"), "mla", {"init": "teacher", "init_weighting": "queries"})
     with pytest.raises(AttnEditError, match="needs init=teacher"):
         edit_model(tiny_teacher("llama"), "mla", {"init_weighting": "attention"})
+
+
+def test_the_plan_says_when_mlas_rope_key_turns_slower_pairs_into_positionless_latent():
+    """An MLA RoPE key whose slowest kept pair turns in fewer tokens than the context is named in the notes (with
+    its wavelength, 2 pi theta^((rope - 2) / rope)); one that keeps every pair, or a context inside the wavelength,
+    is not."""
+    import math
+
+    from attnedit.eval.inspect import rope_notes, rope_wavelength
+    from attnedit.surgery import edited_config
+
+    config = tiny_teacher("llama").config  # head_dim 16, RoPE base 10,000, 512 positions
+    half = edited_config(config, "mla", {"qk_rope_head_dim": 8})
+    wave = rope_wavelength(half.layer_attention[0])
+    assert wave == pytest.approx(2 * math.pi * (10000 ** (8 / 16)) ** (6 / 8))  # the student's base: theta^(rope/d)
+    assert any("wavelength of 199 tokens, under the context of 512" in n for n in rope_notes(half))
+    assert not rope_notes(half, context=128)
+    assert not rope_notes(edited_config(config, "mla", {"qk_rope_head_dim": 16}))  # every pair keeps its position
+    assert not rope_notes(edited_config(config, "gateswa", {"window": 8, "full_layers": "1"}))

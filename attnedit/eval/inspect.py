@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..schema import require, setting
 from ..tables import human_bytes, text_table
-from .kv import kv_summary, usable_context
+from .kv import kv_summary, max_context, usable_context
 
 
 @dataclass
@@ -52,8 +53,17 @@ def inspect_config(config, context: int, dtype: str | None = None) -> dict:
         summary["teacher_kv_bytes_per_token"] = teacher["kv_bytes_per_token"]
         summary["kv_ratio_vs_teacher"] = summary["kv_bytes_per_token"] / teacher["kv_bytes_per_token"]
         summary["edit"] = config.edit
-        summary["notes"] = layout_notes(config)
+        summary["notes"] = layout_notes(config) + rope_notes(config, context)
     return summary
+
+
+def rope_wavelength(layer: dict) -> float | None:
+    """Tokens per turn of the slowest rotary pair an MLA layer's RoPE key keeps (``rope_theta ^ ((rope - 2) / rope)``
+    times 2 pi); None for other layers. The teacher's slower pairs are in the latent without position."""
+    if layer.get("kind") != "mla" or not layer.get("rope_theta") or not layer.get("qk_rope_head_dim"):
+        return None
+    rope = layer["qk_rope_head_dim"]
+    return 2 * math.pi * float(layer["rope_theta"]) ** ((rope - 2) / rope)
 
 
 def layout_notes(config) -> list[str]:
@@ -68,6 +78,22 @@ def layout_notes(config) -> list[str]:
             f"2K-1, ... full): every edited layer slides; set full_layers (e.g. every:{max(1, len(layers) // 2)} or 1,3) to keep some"
         ]
     return []
+
+
+def rope_notes(config, context: int | None = None) -> list[str]:
+    """An MLA RoPE key whose slowest pair turns in fewer tokens than ``context`` (default: the model's longest):
+    the teacher's slower pairs are in the latent without position (``docs/results.md`` measures what that costs)."""
+    context = context or max_context(config)
+    waves = [(w, x["qk_rope_head_dim"]) for x in config.layer_attention if (w := rope_wavelength(x)) is not None]
+    if not waves or not context or min(waves)[0] >= context:
+        return []
+    wave, rope = min(waves)
+    return [
+        f"MLA's RoPE key (qk_rope_head_dim={rope}) keeps the teacher's rotary pairs down to a wavelength of "
+        f"{wave:,.0f} tokens, under the context of {context:,}: the slower pairs are in the latent without "
+        "position, and the start errs more for keys further back than about a quarter of that; a larger "
+        "qk_rope_head_dim with a smaller kv_lora_rank keeps the cache bytes and more of them (docs/results.md)"
+    ]
 
 
 def format_inspection(info: dict) -> str:

@@ -215,7 +215,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
     GPUs of that size (80 GiB unless said), which ``convert`` there would fit its stages to.
     """
     from ..data import check_files
-    from ..eval.inspect import layout_notes
+    from ..eval.inspect import layout_notes, rope_notes
     from ..eval.kv import kv_summary, usable_context
     from ..surgery import edited_config
     from ..teachers import load_config
@@ -279,7 +279,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None, world: int | None
         "stages": rows,
         "checkpoint_every": recipe.checkpoint_every,
         "eval": describe(recipe.eval),
-        "notes": layout_notes(edited),
+        "notes": layout_notes(edited) + rope_notes(edited, context),
     }
 
 
