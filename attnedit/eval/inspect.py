@@ -91,7 +91,7 @@ def rope_notes(config, context: int | None = None) -> list[str]:
     return [
         f"MLA's RoPE key (qk_rope_head_dim={rope}) keeps the teacher's rotary pairs down to a wavelength of "
         f"{wave:,.0f} tokens, under the context of {context:,}: the slower pairs are in the latent without "
-        "position, and the start errs more for keys further back than about a quarter of that; a larger "
+        "position (on SmolLM2 the start erred more for keys further back than about a quarter of that); a larger "
         "qk_rope_head_dim with a smaller kv_lora_rank keeps the cache bytes and more of them (docs/results.md)"
     ]
 
