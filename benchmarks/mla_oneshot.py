@@ -30,11 +30,10 @@ from attnedit.teachers import load_model
 def kl_by_position(teacher, student, blocks: torch.Tensor, bucket: int) -> list[float]:
     """Mean KL(teacher || student) of the next-token distributions in each bucket of ``bucket`` positions."""
     sums = torch.zeros(-(-blocks.shape[1] // bucket), dtype=torch.float64)
-    scale, cap = stage2.logit_transform(student)  # the family's logit post-processing (Granite, Gemma), both models
+    transform = stage2.logit_transform(student)  # the family's logit post-processing (Granite, Gemma), both models
 
     def log_probs(head, h):
-        z = head(h).float() / scale
-        return (z if cap is None else cap * torch.tanh(z / cap)).log_softmax(-1)
+        return stage2._transformed(head(h).float(), transform)[0].log_softmax(-1)
 
     for ids in blocks.split(1):
         t_h = stage2.teacher_hidden(teacher, ids, False)[-1]

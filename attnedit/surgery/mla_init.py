@@ -67,17 +67,18 @@ class LayerStats:
     wn2: float = 0.0  # sum of squared weights: the weighted moments' effective token count is wn^2 / wn2
 
     def add(self, x: torch.Tensor, teacher_attn: nn.Module, spec: dict, keep: int = 4096, rotary=None, window: int | None = None) -> None:
+        mass = None
         if rotary is not None and x.dim() == 3:  # with the teacher's RoPE: also the moments weighted by attention
             mass = key_weights(attention_mass(x.to(F64), teacher_attn, spec, rotary, window)).reshape(-1)
-            xf = x.reshape(-1, x.shape[-1]).to(F64)
+        x = x.reshape(-1, x.shape[-1]).to(F64)
+        if mass is not None:
             if self.wxx is None:
-                self.wxx = torch.zeros(xf.shape[1], xf.shape[1], dtype=F64, device=xf.device)
-                self.wsx = torch.zeros(xf.shape[1], dtype=F64, device=xf.device)
-            self.wxx += (xf * mass[:, None]).T @ xf
-            self.wsx += (xf * mass[:, None]).sum(0)
+                self.wxx = torch.zeros(x.shape[1], x.shape[1], dtype=F64, device=x.device)
+                self.wsx = torch.zeros(x.shape[1], dtype=F64, device=x.device)
+            self.wxx += (x * mass[:, None]).T @ x
+            self.wsx += (x * mass[:, None]).sum(0)
             self.wn += float(mass.sum())
             self.wn2 += float(mass.pow(2).sum())
-        x = x.reshape(-1, x.shape[-1]).to(F64)
         if self.xx is None:
             self.xx = torch.zeros(x.shape[1], x.shape[1], dtype=F64, device=x.device)
             self.sx = torch.zeros(x.shape[1], dtype=F64, device=x.device)
@@ -168,13 +169,18 @@ def key_weights(mass: torch.Tensor) -> torch.Tensor:
     return mass.clamp_min(0).sqrt()
 
 
+def _second_and_mean(stats: LayerStats, weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E[x x^T]`` and ``E[x]`` over the calibration tokens; ``weighted``: over the tokens weighted by the attention
+    they receive (where collected), else every token alike."""
+    if weighted and stats.wxx is not None:
+        return (stats.wxx / stats.wn).cpu(), (stats.wsx / stats.wn).cpu()
+    return (stats.xx / stats.n).cpu(), (stats.sx / stats.n).cpu()
+
+
 def _moments(stats: LayerStats, bias: bool, weighted: bool = False) -> torch.Tensor:
     """``E[x~ x~^T]`` with ``x~ = [x; 1]`` when the student has biases (the intercept column last); ``weighted``:
     over tokens weighted by the attention they receive (when collected)."""
-    if weighted and stats.wxx is not None:
-        c, m = (stats.wxx / stats.wn).cpu(), (stats.wsx / stats.wn).cpu()
-    else:
-        c, m = (stats.xx / stats.n).cpu(), (stats.sx / stats.n).cpu()
+    c, m = _second_and_mean(stats, weighted)
     if not bias:
         return c
     top = torch.cat([c, m[:, None]], 1)
@@ -303,11 +309,8 @@ def factor_layer(
     if bias:
         m[:, -1] = 0
     o = o_weight.detach().to(F64).cpu().view(-1, h, d)  # [hidden, h, d]
-    if bias:
-        cent = ck[:-1, :-1] - torch.outer(ck[-1, :-1], ck[-1, :-1])
-    else:
-        mean = (stats.wsx / stats.wn if stats.wxx is not None else stats.sx / stats.n).cpu()
-        cent = ck - torch.outer(mean, mean)
+    second, mean = _second_and_mean(stats, weighted=True)
+    cent = second - torch.outer(mean, mean)
     blocks = []
     for kv in range(g):
         heads = (head_group == kv).nonzero().flatten()
@@ -469,20 +472,19 @@ def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4,
 
     family = family_for(teacher.config)
     spec = family.attention_spec(teacher.config)
-    config = teacher.config.to_dict()
-    types = getattr(teacher.config, "layer_types", None) or []
-    rotary = {i: Rotary(spec["head_dim"], {**config, "rope_parameters": rope_parameters(teacher.config, i)}) for i in layers}
-    window = {i: teacher.config.sliding_window if i < len(types) and types[i] == "sliding_attention" else None for i in layers}
+    rotary, window = {}, {}  # per layer, to recompute the teacher's attention (weighting='attention' only)
+    if weighting == "attention":
+        config = teacher.config.to_dict()
+        types = getattr(teacher.config, "layer_types", None) or []
+        rotary = {i: Rotary(spec["head_dim"], {**config, "rope_parameters": rope_parameters(teacher.config, i)}) for i in layers}
+        window = {i: teacher.config.sliding_window if i < len(types) and types[i] == "sliding_attention" else None for i in layers}
     stats = {i: LayerStats() for i in layers}
     attns = {i: family.attention(teacher, i) for i in layers}
     projections = {i: family.projections(teacher, i) for i in layers}  # q/k/v apart, whatever the family fuses
     last = max(layers)
 
     def on_attention(i, x):
-        if weighting == "attention":
-            stats[i].add(x.detach(), projections[i], spec, rotary=rotary[i], window=window[i])
-        else:
-            stats[i].add(x.detach(), projections[i], spec)
+        stats[i].add(x.detach(), projections[i], spec, rotary=rotary.get(i), window=window.get(i))
         if i == last:
             raise StopForward  # the layers above the last edited one are not needed
 
