@@ -91,9 +91,9 @@ def rope_notes(config, context: int | None = None) -> list[str]:
     return [
         f"MLA's RoPE key (qk_rope_head_dim={rope}) keeps the teacher's rotary pairs down to a wavelength of "
         f"{wave:,.0f} tokens, under the context of {context:,}: the slower pairs are in the latent without "
-        "position (measured on SmolLM2 at 4k and Qwen2.5 at 8k: the start errs more the further back a key lies, and "
-        "on Qwen2.5 40 RoPE dims instead of 32 turned that around); a larger "
-        "qk_rope_head_dim with a smaller kv_lora_rank keeps the cache bytes and more of them (docs/results.md)"
+        "position (measured on SmolLM2 and Qwen2.5: the start errs more the further back a key lies); a larger "
+        "qk_rope_head_dim with a smaller kv_lora_rank keeps the cache bytes and more of them, and on both teachers "
+        "started closer at 8k (docs/results.md)"
     ]
 
 
