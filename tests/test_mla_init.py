@@ -207,18 +207,25 @@ def test_the_steady_channel_enters_kv_b_at_the_size_of_the_others(family):
 
 
 @pytest.mark.parametrize(
-    "family,layer", [("llama", 1), ("qwen2", 1), ("qwen3", 1), ("gemma2", 0), ("gemma2", 1), ("gemma3", 0), ("olmo2", 1), ("olmo3", 0), ("granite", 1)]
+    "family,layer",
+    [("llama", 1), ("qwen2", 1), ("qwen3", 1), ("gemma2", 0), ("gemma2", 1), ("gemma3", 0), ("olmo2", 1), ("olmo3", 0), ("granite", 1), ("mistral-window", 1)],
 )
 @torch.no_grad()
 def test_attention_mass_is_the_teachers_attention_summed_over_its_queries(family, layer):
     """``attention_mass`` recomputes the teacher's attention from its layer input: per token, the attention the
     block's queries give it (eager attention's weights, summed over queries, averaged over heads), mean 1; with the
-    families' QK-norms, softmax scales, soft caps, sliding layers (layer 0 of gemma2/3 and olmo3) and per-layer RoPE."""
-    from attnedit.families.base import rope_parameters
-    from attnedit.surgery.mla_init import attention_mass
-    from attnedit.targets.common import Rotary
+    families' QK-norms, softmax scales, soft caps, sliding layers (layer 0 of gemma2/3 and olmo3; every layer of a
+    Mistral with a window, which has no ``layer_types``) and per-layer RoPE, each as ``teacher_rope_and_window``
+    (what ``collect_stats`` uses) reads them from the family."""
+    from transformers import MistralConfig, MistralForCausalLM
 
-    teacher = tiny_teacher(family)
+    from attnedit.surgery.mla_init import attention_mass, teacher_rope_and_window
+
+    if family == "mistral-window":
+        torch.manual_seed(0)
+        teacher = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=6)).eval()
+    else:
+        teacher = tiny_teacher(family)
     teacher.config._attn_implementation = "eager"
     family_ = family_for(teacher.config)
     spec = family_.attention_spec(teacher.config)
@@ -231,9 +238,7 @@ def test_attention_mass_is_the_teachers_attention_summed_over_its_queries(family
     probs = out.attentions[layer]  # [batch, heads, queries, keys]
     expected = probs.sum(-2).mean(1)
     expected = expected * (ids.shape[1] / expected.sum(-1, keepdim=True))
-    rotary = Rotary(spec["head_dim"], {**teacher.config.to_dict(), "rope_parameters": rope_parameters(teacher.config, layer)})
-    types = getattr(teacher.config, "layer_types", None) or []
-    window = teacher.config.sliding_window if types and types[layer] == "sliding_attention" else None
+    rotary, window = teacher_rope_and_window(teacher.config, family_, spec, layer)
     mass = attention_mass(seen[0].to(F64), family_.projections(teacher, layer), spec, rotary, window)
     torch.testing.assert_close(mass.float(), expected.float(), atol=1e-4, rtol=1e-4)
     assert torch.allclose(mass.sum(-1), torch.full((2,), 20.0, dtype=F64))

@@ -460,24 +460,29 @@ def fold_query_scale(student, spec: dict) -> None:
         last.bias.mul_(ratio)
 
 
+def teacher_rope_and_window(config, family, spec: dict, layer: int):
+    """The teacher's RoPE (a ``Rotary`` over its head dim, with this layer's parameters) and sliding window (None:
+    full attention) at ``layer``, as its family defines them: what :func:`attention_mass` needs."""
+    from ..targets.common import Rotary
+
+    rotary = Rotary(spec["head_dim"], {**config.to_dict(), "rope_parameters": family.rope(config, layer)})
+    return rotary, family.window(config, layer)
+
+
 @torch.no_grad()
 def collect_stats(teacher, layers: list[int], ids: torch.Tensor, batch: int = 4, weighting: str = "tokens") -> dict[int, LayerStats]:
     """One pass of the teacher over ``ids`` (in batches), accumulating :class:`LayerStats` for each listed layer;
     ``weighting='attention'`` also the moments over tokens weighted by the attention they receive, which the keys'
     and values' factorisation then uses (:func:`attention_mass`)."""
     from ..families import family_for
-    from ..families.base import rope_parameters
     from ..families.hooks import StopForward, watch
-    from ..targets.common import Rotary
 
     family = family_for(teacher.config)
     spec = family.attention_spec(teacher.config)
     rotary, window = {}, {}  # per layer, to recompute the teacher's attention (weighting='attention' only)
     if weighting == "attention":
-        config = teacher.config.to_dict()
-        types = getattr(teacher.config, "layer_types", None) or []
-        rotary = {i: Rotary(spec["head_dim"], {**config, "rope_parameters": rope_parameters(teacher.config, i)}) for i in layers}
-        window = {i: teacher.config.sliding_window if i < len(types) and types[i] == "sliding_attention" else None for i in layers}
+        for i in layers:
+            rotary[i], window[i] = teacher_rope_and_window(teacher.config, family, spec, i)
     stats = {i: LayerStats() for i in layers}
     attns = {i: family.attention(teacher, i) for i in layers}
     projections = {i: family.projections(teacher, i) for i in layers}  # q/k/v apart, whatever the family fuses
