@@ -42,7 +42,7 @@ GPUS = {"H100 80 GB": 80 * GiB, "H200 141 GB": 141 * GiB}
 
 # the published GPU runs whose summary.json records each stage's peak next to the plan it ran with
 MEASURED = ["headline/gateswa", "headline/mla-8k-all", "headline/mla-8k", "headline/mla-2k", "gqa-trained/gqa-base",
-            "gateswa-lower-budget/gsh-base", "mla-init-trained/smol-mla-base", "mla-init-trained/q-mla-8k"]  # fmt: skip
+            "gateswa-lower-budget/gsh-base", "mla-init-trained/smol-mla-base", "mla-init-trained/q-mla-8k", "headline/qwen-mla"]  # fmt: skip
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
@@ -120,15 +120,16 @@ MEASURED_HEADER = """\
 Every GPU run records each stage's peak (`peak_memory_bytes`) and the plan's estimate it ran with
 (`est_memory_bytes`) in its `summary.json`; `attnedit report RUN RUN ... --out FILE.md` sets them side by side
 (its training table). Here that table for the published runs (each one process on one H100, SmolLM2-135M, and
-Qwen2.5-Coder-0.5B for `q-mla-8k`; their settings are in `docs/results.md`). "plan" is the estimate each run ran
+Qwen2.5-Coder-0.5B for `q-mla-8k` and `qwen-mla`; their settings are in `docs/results.md`). "plan" is the estimate each run ran
 with; the plan today gives the same for every row but two stage-2 rows of 2026-11-26: `mla-2k` 22.5 GiB (+5%) and
 `gateswa` 21.8 GiB (+8%).
 """
 
 MEASURED_NOTES = """
 What it shows:
-- **Stage 2** is within 4% of its peak with every weight training (`mla-8k-all` +1%, `q-mla-8k` +1%), and with
-  the attention alone at 16 x 2048 with feature matching (`gateswa` +2%, `mla-2k` -4%).
+- **Stage 2** is within 6% of its peak with every weight training (`mla-8k-all` +1%, `q-mla-8k` +1% at 1 x 8192,
+  `qwen-mla` +6% at 4 x 8192, 46.8 GiB), and with the attention alone at 16 x 2048 with feature matching (`gateswa`
+  +2%, `mla-2k` -4%).
 - **Stage 2 training the attention alone on micro-batches of 8k-32k tokens** errs high by 15-33%. The same
   recipe at the same shapes on the same day, attention alone (`mla-8k`) against every weight (`mla-8k-all`),
   differs by about 2 x hidden + MLP width values a token and layer: their peaks less the plan's weight, gradient
