@@ -15,6 +15,7 @@ from attnedit.eval.quality import ratios
 from attnedit.export import save_edited
 from attnedit.recipe import parse_recipe
 from attnedit.report.compare import (
+    Accuracy,
     Figures,
     RunFigures,
     compare_runs,
@@ -317,3 +318,35 @@ def test_the_passkey_grid_says_how_each_run_drew_its_keys():
         ["teacher", "64", "5", "1.00"], ["teacher", "64", varied, "0.50"],  # one teacher row per protocol, its first run's
         ["a", "64", "5", "1.00"], ["b", "64", varied, "1.00"], ["c", "64", varied, "1.00"],
     ]  # fmt: skip
+
+
+def _passkey(student: list[list[float]], teacher: list[list[float]]) -> Passkey:
+    return Passkey.model_validate(
+        {"model": "m", "teacher_model": "t", "contexts": [128], "depths": [0.0, 1.0], "trials": 4, "student": student, "teacher": teacher}
+    )
+
+
+def test_runs_of_two_teachers_are_each_compared_with_their_own():
+    """A comparison across teachers (SmolLM2 and Qwen2.5 runs side by side): one teacher row, zero-shot column and
+    passkey grid per teacher; a run without its own teacher figures is compared with its teacher's row, never with
+    another teacher's; one GGUF named by two folders is one teacher."""
+    acc = lambda v: Accuracy(v, None, "acc_norm")  # noqa: E731
+    small = RunFigures("small", "small", teacher_model="tiny-a", student=Figures(ppl={128: 22.0}, accuracy={"piqa": acc(0.50)}),
+                       teacher=Figures(ppl={128: 20.0}, accuracy={"piqa": acc(0.60)}),
+                       passkey=_passkey([[1.0, 0.5]], [[1.0, 1.0]]))  # fmt: skip
+    big = RunFigures("big", "big", teacher_model="/data/one/b.gguf", student=Figures(ppl={128: 33.0}, accuracy={"piqa": acc(0.70)}),
+                     teacher=Figures(ppl={128: 30.0}, accuracy={"piqa": acc(0.75)}),
+                     passkey=_passkey([[0.5, 0.5]], [[0.75, 1.0]]))  # fmt: skip
+    big2 = RunFigures("big-eval-only", "big2", teacher_model="/elsewhere/b.gguf", student=Figures(ppl={128: 36.0}))  # no teacher figures
+    text = render_comparison([small, big, big2])
+    rows = {r["run"]: r for r in _table(text, "run")}
+    assert list(rows) == ["small", "big", "big-eval-only", "teacher (tiny-a)", "teacher (b.gguf)"]
+    assert rows["small"]["ppl @128 (Δ%)"] == "22 (+10.0%)" and rows["big"]["ppl @128 (Δ%)"] == "33 (+10.0%)"
+    assert rows["big-eval-only"]["ppl @128 (Δ%)"] == "36 (+20.0%)"  # against b.gguf's 30, not tiny-a's 20
+    assert (rows["teacher (tiny-a)"]["ppl @128 (Δ%)"], rows["teacher (b.gguf)"]["ppl @128 (Δ%)"]) == ("20", "30")
+    assert rows["big"]["zero-shot acc % (Δ pts)"] == "70.0 (-5.0)" and "its own teacher figures differ" not in text
+    tasks = {r["task"]: r for r in _table(text, "task")}
+    assert tasks["piqa"] == {"task": "piqa", "metric": "acc_norm", "teacher (tiny-a)": "60.0", "teacher (b.gguf)": "75.0",
+                             "small": "50.0", "big": "70.0", "big-eval-only": "-"}  # fmt: skip
+    grid = [(r["model"], r["depth 0"]) for r in _table(text, "model")]
+    assert grid == [("teacher (tiny-a)", "1.00"), ("teacher (b.gguf)", "0.75"), ("small", "1.00"), ("big", "0.50")]

@@ -14,8 +14,8 @@ The Markdown file has four parts:
 2. **Training: speed and memory**: a row per run and stage that trained: its tokens and time, its tokens/s and
    their ratio to the teacher's plain forward at the same shapes (measured in the same run), and on a GPU the
    stage's measured peak memory next to the memory plan's estimate of it.
-3. **Zero-shot accuracy per task**: rows tasks, columns the teacher and each run.
-4. **Passkey retrieval**: each run's grid (context x depth), the teacher's first.
+3. **Zero-shot accuracy per task**: rows tasks, columns each teacher and each run.
+4. **Passkey retrieval**: each run's grid (context x depth), the teachers' first.
 
 Rules, also written into the file:
 
@@ -23,8 +23,9 @@ Rules, also written into the file:
   reports both for arc_easy, arc_challenge, hellaswag and piqa, only ``acc`` for winogrande; ``report.md``
   lists both). A run's mean is over the few-shot tasks of its ``eval.json``.
 * a run's changes vs the teacher are against the teacher figures in the run's own files (same data, same
-  settings); where a run has none, against the teacher row. The teacher row takes each figure from the
-  first run that has it; a run whose teacher figures differ from the row's gets a note.
+  settings); where a run has none, against its teacher's row. Runs of several teachers get one teacher row
+  each (a teacher named by its model name, a local file by its file name); a teacher's row takes each figure from
+  the first of its runs that has it, and a run whose teacher figures differ from its row's gets a note.
 * ``-``: the run folder lacks that input (the notes under the table say which files are missing).
 
 Every figure comes from the run folders' files, read as their records (:mod:`attnedit.results`):
@@ -246,7 +247,7 @@ def run_figures(run_dir: str | Path) -> RunFigures:
 
 def teacher_row(runs: list[RunFigures]) -> RunFigures:
     """The teacher's figures, each from the first run that has it, in the row's ``student`` place; its KV is
-    100% and its KL 0."""
+    100% and its KL 0. For runs of one teacher (:func:`teacher_rows` groups them)."""
     row = RunFigures(run="teacher", path="")
     for r in runs:
         for mine, theirs in ((row.student.ppl, r.teacher.ppl), (row.student.accuracy, r.teacher.accuracy), (row.student.passkey, r.teacher.passkey)):
@@ -258,6 +259,33 @@ def teacher_row(runs: list[RunFigures]) -> RunFigures:
     row.heldout_kl = 0.0 if any(r.heldout_kl is not None for r in runs) else None
     row.teacher_model = row.teacher_model or next((r.teacher_model for r in runs if r.teacher_model), None)
     return row
+
+
+def teacher_label(name: str | None) -> str:
+    """A teacher as the tables name it: its name or Hugging Face id; a local file or folder by its own name, so one
+    GGUF kept in different folders on different machines is one teacher."""
+    if not name:
+        return ""
+    return Path(name).name if name.startswith(("/", "~", ".")) or name.endswith(".gguf") or Path(name).exists() else name
+
+
+def teacher_groups(runs: list[RunFigures]) -> list[str]:
+    """Each run's teacher label (:func:`teacher_label`); a run whose files name none joins the first teacher."""
+    labels = [teacher_label(r.teacher_model) for r in runs]
+    first = next((x for x in labels if x), "")
+    return [x or first for x in labels]
+
+
+def teacher_rows(runs: list[RunFigures]) -> dict[str, RunFigures]:
+    """One teacher row (:func:`teacher_row`) per teacher the runs were measured against, in order of appearance,
+    keyed by its label: runs of several teachers compare each run with its own teacher."""
+    groups = teacher_groups(runs)
+    return {g: teacher_row([r for r, h in zip(runs, groups) if h == g]) for g in dict.fromkeys(groups)}
+
+
+def own_teacher(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> list[RunFigures]:
+    """The teacher row each run is compared with."""
+    return [teachers[g] for g in teacher_groups(runs)]
 
 
 def reference(run: RunFigures, kind: str, key, teacher: RunFigures):
@@ -356,10 +384,11 @@ def _label(key: str) -> str:
 # ------------------------------------------------------------------------------------------- tables
 
 
-def runs_table(runs: list[RunFigures], teacher: RunFigures) -> str:
-    """Part 1: a row per run, then the teacher's (see the module docstring for the columns)."""
+def runs_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str:
+    """Part 1: a row per run, then each teacher's (see the module docstring for the columns)."""
     settings = varying(runs, setting_keys(runs))
-    ppls, contexts, tasks = windows(runs + [teacher]), passkey_contexts(runs + [teacher]), tasks_of(runs + [teacher])
+    rows_of_teachers = list(teachers.values())
+    ppls, contexts, tasks = windows(runs + rows_of_teachers), passkey_contexts(runs + rows_of_teachers), tasks_of(runs + rows_of_teachers)
     kv_contexts = {r.kv_context for r in runs if r.kv_context is not None}
     one_context = len(kv_contexts) == 1
     kv_header = f"KV % of T @{next(iter(kv_contexts)):,}" if one_context else "KV % of T @context"
@@ -376,7 +405,7 @@ def runs_table(runs: list[RunFigures], teacher: RunFigures) -> str:
         return f"{r.kv_percent:.1f}%" + ("" if one_context or r.kv_context is None else f" @{r.kv_context:,}")
 
     def row(r, ref, is_teacher=False):
-        label = f"teacher ({r.teacher_model})" if is_teacher and r.teacher_model else r.run
+        label = f"teacher ({teacher_label(r.teacher_model)})" if is_teacher and r.teacher_model else r.run
         return (
             [label, "-" if is_teacher else setting_cell(r.settings.get("target"))]
             + ["-" if is_teacher else setting_cell(r.settings.get(k)) for k in settings]
@@ -387,7 +416,8 @@ def runs_table(runs: list[RunFigures], teacher: RunFigures) -> str:
             + ["-" if r.student.passkey.get(c) is None else f"{r.student.passkey[c]:.2f}" for c in contexts]
         )
 
-    rows = [row(r, teacher) for r in runs] + [row(teacher, RunFigures(run="", path=""), is_teacher=True)]
+    rows = [row(r, ref) for r, ref in zip(runs, own_teacher(runs, teachers))]
+    rows += [row(t, RunFigures(run="", path=""), is_teacher=True) for t in rows_of_teachers]
     return markdown_table(headers, rows)
 
 
@@ -396,11 +426,11 @@ def training_table(runs: list[RunFigures]) -> str | None:
     return stage_table([(r.run, r.stages) for r in runs])
 
 
-def notes(runs: list[RunFigures], teacher: RunFigures) -> list[str]:
-    """Missing files per run, and runs whose own teacher figures are not the teacher row's."""
+def notes(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> list[str]:
+    """Missing files per run, and runs whose own teacher figures are not their teacher row's."""
     out = [f"- {r.run}: no {', '.join(r.missing)}" for r in runs if r.missing]
-    row = teacher.student.labelled()
-    for r in runs:
+    for r, teacher in zip(runs, own_teacher(runs, teachers)):
+        row = teacher.student.labelled()
         differ = [
             k for k, v in r.teacher.labelled().items()
             if isinstance(row.get(k), (int, float)) and not math.isclose(v, row[k], rel_tol=1e-6, abs_tol=1e-12)
@@ -413,9 +443,10 @@ def notes(runs: list[RunFigures], teacher: RunFigures) -> list[str]:
     return out
 
 
-def zero_shot_table(runs: list[RunFigures], teacher: RunFigures) -> str | None:
-    """Part 2: rows the few-shot tasks (and their mean), columns the teacher and each run; accuracy in %."""
-    tasks = tasks_of(runs + [teacher])
+def zero_shot_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str | None:
+    """Part 2: rows the few-shot tasks (and their mean), columns each teacher and each run; accuracy in %."""
+    rows_of_teachers = list(teachers.values())
+    tasks = tasks_of(runs + rows_of_teachers)
     if not tasks:
         return None
 
@@ -423,14 +454,16 @@ def zero_shot_table(runs: list[RunFigures], teacher: RunFigures) -> str | None:
         found = (a.metric for r in runs for a in (r.student.accuracy.get(task), r.teacher.accuracy.get(task)) if a)
         return next(found, "-")
 
-    rows = [[t, metric(t), accuracy_cell(teacher.student.accuracy.get(t))] + [accuracy_cell(r.student.accuracy.get(t)) for r in runs] for t in tasks]
+    columns = rows_of_teachers + runs
+    rows = [[t, metric(t)] + [accuracy_cell(r.student.accuracy.get(t)) for r in columns] for t in tasks]
 
     def mean(r):
         m, _, n = mean_accuracy(r, RunFigures(run="", path=""), tasks)
         return "-" if m is None else f"{100 * m:.1f}" + ("" if n == len(tasks) else f" [{n} of {len(tasks)}]")
 
-    rows.append(["mean", "", mean(teacher)] + [mean(r) for r in runs])
-    return markdown_table(["task", "metric", "teacher"] + [r.run for r in runs], rows)
+    rows.append(["mean", ""] + [mean(r) for r in columns])
+    names = ["teacher"] if len(teachers) == 1 else [f"teacher ({g})" for g in teachers]
+    return markdown_table(["task", "metric", *names] + [r.run for r in runs], rows)
 
 
 def teacher_grid(passkey: Passkey) -> Passkey:
@@ -440,11 +473,15 @@ def teacher_grid(passkey: Passkey) -> Passkey:
 
 def passkey_grid_table(runs: list[RunFigures]) -> str | None:
     """Part 3: one table, a row per (model, context), a column per depth (the union of the runs' depths); a teacher
-    row for each way the runs drew their keys (5 on one filler, 20 each with its own...), from the first run that did."""
-    grids: dict[str, Passkey] = {}
-    for pk in [r.passkey for r in runs if r.passkey is not None and r.passkey.teacher is not None]:
-        grids.setdefault(passkey_protocol(pk), teacher_grid(pk))
-    models = [("teacher", g) for g in grids.values()] + [(r.run, r.passkey) for r in runs if r.passkey is not None]
+    row for each teacher and way the runs drew their keys (5 on one filler, 20 each with its own...), from the first
+    run that did."""
+    grids: dict[tuple[str, str], Passkey] = {}
+    for r, g in zip(runs, teacher_groups(runs)):
+        if r.passkey is not None and r.passkey.teacher is not None:
+            grids.setdefault((g, passkey_protocol(r.passkey)), teacher_grid(r.passkey))
+    several = len({g for g, _ in grids}) > 1
+    models = [(f"teacher ({g})" if several else "teacher", pk) for (g, _), pk in grids.items()]
+    models += [(r.run, r.passkey) for r in runs if r.passkey is not None]
     if not models:
         return None
     depths = sorted({d for _, pk in models for d in pk.depths})
@@ -460,7 +497,7 @@ def render_comparison(runs: list[RunFigures]) -> str:
     names = [r.run for r in runs]
     if len(set(names)) < len(names):  # two folders of one name: tell them apart by their paths
         runs = [dataclasses.replace(r, run=r.path) for r in runs]
-    teacher = teacher_row(runs)
+    teachers = teacher_rows(runs)
     lines = [f"# attnedit comparison: {len(runs)} run{'s' * (len(runs) != 1)}", ""]
     lines += ["Runs: " + ", ".join(f"`{r.run}` ({r.path})" for r in runs) + ".", ""]
     lines += [
@@ -473,19 +510,20 @@ def render_comparison(runs: list[RunFigures]) -> str:
         f"- zero-shot acc %: mean over the run's few-shot tasks of {ZERO_SHOT_RULE}; in brackets the difference "
         "from the teacher's mean over the same tasks, in points; [k of n tasks] where a run has only some of them;",
         "- passkey @C: passkey retrieval accuracy at context C, mean over depths (0..1 = share of trials);",
-        "- changes are against the teacher figures in the run's own files (else the teacher row); the teacher row "
-        "takes each figure from the first run that has it; '-': the run folder lacks that input.",
+        "- changes are against the teacher figures in the run's own files (else its teacher's row); a teacher's row "
+        "takes each figure from the first of its runs that has it (one row per teacher where the runs convert several); "
+        "'-': the run folder lacks that input.",
         "",
-        runs_table(runs, teacher),
+        runs_table(runs, teachers),
     ]
-    extra = notes(runs, teacher)
+    extra = notes(runs, teachers)
     if extra:
         lines += ["", *extra]
     table = training_table(runs)
     if table:
         lines += ["", "## Training: speed and memory", "", *TRAINING_RULES, "", table]
     lines += ["", "## Zero-shot accuracy per task", ""]
-    table = zero_shot_table(runs, teacher)
+    table = zero_shot_table(runs, teachers)
     if table:
         lines += [f"Accuracy in % ± stderr: {ZERO_SHOT_RULE}.", "", table]
     else:
