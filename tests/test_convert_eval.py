@@ -134,7 +134,7 @@ def test_resume_after_the_model_is_saved_makes_only_the_missing_parts(finished, 
     shutil.copytree(done, run)
     before = {name: (run / name).read_bytes() for name in (*PARTS, "metrics.jsonl", "summary.json", "model/model.safetensors")}
     calls = []
-    for module, name in ((quality, "evaluate_quality"), (passkey, "passkey_json"), (bench, "run_bench")):
+    for module, name in ((quality.QualityRun, "result"), (passkey, "passkey_json"), (bench, "run_bench")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     monkeypatch.setattr(convert_module, "train_and_save", lambda *a, **k: pytest.fail("resume trained again"))
@@ -143,7 +143,7 @@ def test_resume_after_the_model_is_saved_makes_only_the_missing_parts(finished, 
     (run / "report.md").unlink()
     assert main(["convert", str(run), "--resume", "--progress", "none"]) == 0
     out, err = capsys.readouterr()
-    assert calls == ["evaluate_quality"]
+    assert calls == ["result"]
     assert "has already finished" in err and "evaluating what is missing: eval.json" in err
     redone = json.loads((run / "eval.json").read_text())
     assert redone["tasks"] == json.loads(before["eval.json"])["tasks"]  # same model, same data: the same figures
@@ -235,3 +235,41 @@ def test_the_shipped_recipes_evaluate():
         assert "wikitext2" in e.tasks and e.ppl_tokens and e.ppl_tokens <= 8192, name
         assert e.passkey.contexts and max(e.passkey.contexts) <= 512 and not e.bench.contexts, name
         assert e.limit is not None or e.tasks == ["wikitext2"], name
+
+
+def test_an_evaluation_stopped_in_its_last_part_keeps_every_finished_figure(finished, tmp_path, monkeypatch, capsys):
+    """The short parts run first (perplexity, passkey, bench), the few-shot tasks last; a stop during the tasks (here:
+    a failure) keeps the perplexity of both models in eval.progress.json and the passkey and bench files, and the
+    resume measures no perplexity again; a progress file of other weights is not used."""
+    from attnedit.eval import quality
+
+    _, done, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    want = json.loads((run / "eval.json").read_text())
+    for name in (*PARTS, "report.md"):
+        (run / name).unlink()
+    monkeypatch.setattr(quality.QualityRun, "fewshot", lambda self: (_ for _ in ()).throw(quality.AttnEditError("stopped")))
+    assert main(["convert", str(run), "--resume", "--progress", "none"]) == 2
+    capsys.readouterr()
+    kept = json.loads((run / "eval.progress.json").read_text())
+    assert set(kept["student"]) == set(kept["teacher"]) == {"wikitext2@32", "wikitext2@64"}
+    assert kept["student"]["wikitext2@64"] == want["tasks"]["wikitext2@64"]["student"]
+    assert (run / "passkey.json").is_file() and (run / "bench.json").is_file() and not (run / "eval.json").exists()
+
+    monkeypatch.undo()
+    measured = []
+    real = quality.perplexity
+    monkeypatch.setattr(quality, "perplexity", lambda *a, **k: measured.append(1) or real(*a, **k))
+    assert main(["convert", str(run), "--resume", "--progress", "lines"]) == 0
+    assert "4 quality figures kept from the stopped evaluation (eval.progress.json)" in capsys.readouterr().err
+    assert measured == [] and json.loads((run / "eval.json").read_text())["tasks"] == want["tasks"]
+    assert not (run / "eval.progress.json").exists()
+
+    # a progress file whose weights are not the model's (retrained, copied over) is measured again
+    (run / "eval.json").unlink()
+    kept["key"]["model_files"][0][1] += 1
+    kept["student"]["wikitext2@32"]["ppl"] = 1.0  # would show if it were used
+    (run / "eval.progress.json").write_text(json.dumps(kept))
+    assert main(["convert", str(run), "--resume", "--progress", "none"]) == 0
+    assert len(measured) == 4 and json.loads((run / "eval.json").read_text())["tasks"] == want["tasks"]

@@ -298,3 +298,50 @@ def test_harness_loads_a_bf16_model_as_float32(bf16_student, models, shared_data
     res = run_harness(str(folder), ["arc_easy"], shared_data / "fewshot", HarnessSettings(limit=2, batch_size=2, dtype="float32"))
     want = expected_figures(copy.deepcopy(student).float(), models["tokenizer"], shared_data / "fewshot", "arc_easy", 2)
     assert res["arc_easy"] == pytest.approx(want, abs=1e-9)
+
+
+def test_eval_save_keeps_each_finished_figure_and_the_same_command_goes_on(models, small_data, tmp_path, capsys, monkeypatch):
+    """attnedit eval --save FILE: each perplexity window and task of each model is kept in FILE's .progress.json as soon
+    as it is done; after a stop (here: Ctrl-C after the student's first task) the same command measures only what is
+    missing and gives the figures of an uninterrupted run; other settings do not reuse the kept figures."""
+    from attnedit.eval import quality
+
+    root = models["root"]
+    args = ["eval", str(root / "student"), "--teacher", str(root / "teacher"), "--tasks", "wikitext2,piqa,arc_easy", "--limit", "2",
+            "--ppl-tokens", "300", "--ppl-context", "64", "--data-dir", str(small_data), "--device", "cpu", "--json"]  # fmt: skip
+    assert main(args) == 0
+    whole = json.loads(capsys.readouterr().out)
+    save = tmp_path / "eval.json"
+    real = quality.run_harness
+
+    def stop_after_first(path, tasks, fewshot_dir, settings, on_task=None):
+        def once(task, metrics):
+            on_task(task, metrics)
+            raise KeyboardInterrupt
+
+        return real(path, tasks, fewshot_dir, settings, on_task=once)
+
+    monkeypatch.setattr(quality, "run_harness", stop_after_first)
+    assert main(args + ["--save", str(save)]) == 130
+    capsys.readouterr()
+    kept = json.loads((tmp_path / "eval.progress.json").read_text())
+    assert (sorted(kept["student"]), sorted(kept["teacher"])) == (["piqa", "wikitext2"], ["wikitext2"]) and not save.exists()
+
+    asked, measured = [], []
+    monkeypatch.setattr(quality, "run_harness", lambda path, tasks, *a, **k: asked.append((path, tasks)) or real(path, tasks, *a, **k))
+    monkeypatch.setattr(quality, "perplexity", lambda *a, **k: measured.append(1) or pytest.fail("measured again"))
+    assert main(args + ["--save", str(save)]) == 0
+    assert "3 figures kept from the stopped evaluation" in capsys.readouterr().err
+    assert asked == [(str(root / "student"), ["arc_easy"]), (str(root / "teacher"), ["piqa", "arc_easy"])]
+    assert json.loads(save.read_text())["tasks"] == whole["tasks"] and not (tmp_path / "eval.progress.json").exists()
+
+    # a stopped run of other settings (here: fewer WikiText-2 tokens) is measured anew
+    (tmp_path / "eval.progress.json").write_text(json.dumps(kept))
+    monkeypatch.setattr(quality, "perplexity", perplexity)
+    other = args[:]
+    other[other.index("--ppl-tokens") + 1] = "200"
+    assert main(other + ["--save", str(tmp_path / "other" / "eval.json")]) == 0
+    assert "kept" not in capsys.readouterr().err
+    assert main(other + ["--save", str(save), "--overwrite"]) == 0
+    assert "kept" not in capsys.readouterr().err  # eval.progress.json was there, of the 300-token settings
+    assert json.loads(save.read_text())["tasks"]["wikitext2"]["student"]["tokens"] == 199

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -109,32 +110,45 @@ def parse_results(task_results: dict) -> dict:
     return out
 
 
-def run_harness(model_path: str, tasks: list[str], fewshot_dir: str | Path, settings: HarnessSettings = HarnessSettings()) -> dict:
-    """Run ``tasks`` on the checkpoint at ``model_path``; returns ``{task: {metric: value, metric_stderr: value}}``."""
+def run_harness(
+    model_path: str,
+    tasks: list[str],
+    fewshot_dir: str | Path,
+    settings: HarnessSettings = HarnessSettings(),
+    on_task: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Run ``tasks`` on the checkpoint at ``model_path``; returns ``{task: {metric: value, metric_stderr: value}}``.
+
+    The model is loaded once (the harness's ``hf`` model) and the tasks run one after another, each task's result
+    handed to ``on_task(task, metrics)`` as soon as it is done, so a caller can keep it before the next one starts."""
     local, other = split_tasks(tasks)
     if not other:  # everything is on disk; datasets and huggingface_hub read these when first imported
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
+    from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval.api.task").addFilter(_HINT_FILTER)  # added once: same object
+    out = {}
     with tempfile.TemporaryDirectory(prefix="attnedit-tasks-") as tmp:
         include = str(render_tasks(local, fewshot_dir, tmp)) if local else None
         manager = TaskManager(include_path=include, include_defaults=bool(other))
-        names = {PREFIX + t if t in LOCAL_TASKS else t: t for t in tasks}
-        try:
-            out = simple_evaluate(
-                model="hf",
-                model_args={"pretrained": model_path, "trust_remote_code": True, "dtype": settings.dtype, "device": settings.device},
-                tasks=list(names),
-                num_fewshot=settings.num_fewshot,
-                batch_size=settings.batch_size,
-                limit=settings.limit,
-                task_manager=manager,
-                log_samples=False,
-            )
-        except ConnectionError as e:  # a harness task whose data must come from the Hugging Face hub
-            raise AttnEditError(f"{str(e).splitlines()[0]}; tasks {', '.join(other)} need the internet (offline: {', '.join(LOCAL_TASKS)})") from None
-    found = {**out.get("groups", {}), **out["results"]}
-    return {task: parse_results(found.get(name, {})) for name, task in names.items()}
+        # the model as simple_evaluate(model="hf", model_args=...) would make it, once for every task
+        lm = get_model("hf").create_from_arg_obj(
+            {"pretrained": model_path, "trust_remote_code": True, "dtype": settings.dtype, "device": settings.device},
+            {"batch_size": settings.batch_size, "max_batch_size": None, "device": None},
+        )
+        for task in tasks:
+            name = PREFIX + task if task in LOCAL_TASKS else task
+            try:
+                result = simple_evaluate(
+                    model=lm, tasks=[name], num_fewshot=settings.num_fewshot, limit=settings.limit, task_manager=manager, log_samples=False
+                )
+            except ConnectionError as e:  # a harness task whose data must come from the Hugging Face hub
+                raise AttnEditError(f"{str(e).splitlines()[0]}; tasks {', '.join(other)} need the internet (offline: {', '.join(LOCAL_TASKS)})") from None
+            found = {**result.get("groups", {}), **result["results"]}
+            out[task] = parse_results(found.get(name, {}))
+            if on_task is not None:
+                on_task(task, out[task])
+    return out

@@ -20,11 +20,14 @@ reports them. Ratios exist for every metric but stderr and ``tokens``.
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from ..errors import AttnEditError
+from ..io import write_json
 from ..paths import data_root
 from ..schema import FieldError, require, setting
 from .harness import LOCAL_TASKS, HarnessSettings, check_data, run_harness, split_tasks
@@ -89,16 +92,21 @@ def data_dir_of(settings: QualitySettings) -> Path:
     return Path(settings.data_dir).expanduser() if settings.data_dir else data_root()
 
 
-def evaluate_model(name: str, settings: QualitySettings, device: str = "cpu", dtype: str = "float32") -> dict:
-    """All of ``settings.tasks`` for one model (a teacher name or an edited checkpoint): ``{task: metrics}``,
-    one ``wikitext2`` entry per perplexity window (:meth:`QualitySettings.windows`)."""
+def evaluate_model(
+    name: str, settings: QualitySettings, device: str = "cpu", dtype: str = "float32", skip=(), on_result: Callable[[str, dict], None] | None = None
+) -> dict:
+    """``settings.tasks`` for one model (a teacher name or an edited checkpoint): ``{task: metrics}``, one
+    ``wikitext2`` entry per perplexity window (:meth:`QualitySettings.windows`). Results named in ``skip`` are not
+    measured (nor returned); each other one goes to ``on_result(task, metrics)`` as soon as it is done."""
     import torch
 
     from ..teachers import load_model, local_path
 
     data_dir = data_dir_of(settings)
+    keep = on_result or (lambda task, metrics: None)
     out = {}
-    if PPL_TASK in settings.tasks:
+    windows = {t: w for t, w in settings.windows().items() if t not in skip} if PPL_TASK in settings.tasks else {}
+    if windows:
         text = wikitext2_text(data_dir / WIKITEXT2_FILE)
         model, tokenizer = load_model(name, dtype=getattr(torch, dtype), device=device)
         if tokenizer is None:
@@ -107,17 +115,18 @@ def evaluate_model(name: str, settings: QualitySettings, device: str = "cpu", dt
                 f"into it (tokenizer.save_pretrained), or edit again with attnedit edit ... --tokenizer PATH"
             )
         ids = tokenize_text(tokenizer, text, settings.ppl_tokens)
-        for task, window in settings.windows().items():
+        for task, window in windows.items():
             out[task] = perplexity(model, ids, window, progress=f"{task} {name}").metrics()
+            keep(task, out[task])
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    fewshot = [t for t in settings.tasks if t != PPL_TASK]
+    fewshot = [t for t in settings.tasks if t != PPL_TASK and t not in skip]
     if fewshot:
         harness = HarnessSettings(settings.limit, settings.num_fewshot, settings.batch_size, device, dtype)
-        out.update(run_harness(local_path(name), fewshot, data_dir / "fewshot", harness))
-    return {t: out[t] for t in settings.result_names()}
+        out.update(run_harness(local_path(name), fewshot, data_dir / "fewshot", harness, on_task=keep))
+    return {t: out[t] for t in settings.result_names() if t in out}
 
 
 def check_quality(settings: QualitySettings) -> None:
@@ -139,40 +148,139 @@ def ratios(student: dict, teacher: dict) -> dict:
     return out
 
 
-def evaluate_quality(model: str, teacher: str | None, settings: QualitySettings, device: str = "cpu", dtype: str = "float32") -> dict:
-    """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict (built as its
-    record, :class:`attnedit.results.Quality`)."""
-    from ..results import Quality
-    from ..teachers import load_config
+def progress_path(result_file: str | Path) -> Path:
+    """Where an evaluation that ends in ``result_file`` keeps its finished pieces: ``eval.json`` -> ``eval.progress.json``."""
+    result_file = Path(result_file)
+    return result_file.with_name(f"{result_file.stem}.progress.json")
 
-    if not settings.tasks:
-        raise AttnEditError(f"no tasks to evaluate; known tasks: {', '.join(KNOWN_TASKS)}")
-    # bad input fails here, in one line, before minutes of work
-    for name in (model, teacher):
-        if name is not None:
-            load_config(name)
-    check_quality(settings)
-    student = evaluate_model(model, settings, device, dtype)
-    reference = evaluate_model(teacher, settings, device, dtype) if teacher else {}
-    tasks = {
-        task: {
-            "student": student[task],
-            "teacher": reference.get(task),
-            "ratio": ratios(student[task], reference[task]) if teacher else None,
+
+WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def weights_stamp(name: str | None) -> list | None:
+    """What tells one model's files from another's on disk: name, size and modification time of a local folder's
+    config and weights (or of a local file); None for a hub id or an alias."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.name == "config.json" or f.suffix in WEIGHTS) if path.is_dir() else []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
+
+
+class QualityRun:
+    """One quality evaluation, student and (optionally) teacher on the same tasks and data, made in pieces: each
+    perplexity window and each few-shot task of each model is one piece. With a ``progress`` file, every piece is
+    written there as soon as it is done, and a new run with the same models and settings starts from what the file
+    holds, so an evaluation that a time limit or a signal stopped goes on where it stopped. A progress file of other
+    settings or of other weights (their files' sizes and times) is ignored and replaced.
+
+    :meth:`perplexity` and :meth:`fewshot` make their pieces (``convert`` runs the short passkey and bench parts
+    between them); :meth:`result` makes what is still missing and returns the ``eval.json`` dict; :meth:`close`
+    removes the progress file once the result is written."""
+
+    def __init__(self, model: str, teacher: str | None, settings: QualitySettings, device: str = "cpu", dtype: str = "float32",
+                 progress: str | Path | None = None):  # fmt: skip
+        from ..teachers import load_config
+
+        if not settings.tasks:
+            raise AttnEditError(f"no tasks to evaluate; known tasks: {', '.join(KNOWN_TASKS)}")
+        # bad input fails here, in one line, before minutes of work
+        for name in (model, teacher):
+            if name is not None:
+                load_config(name)
+        check_quality(settings)
+        self.model, self.teacher, self.settings, self.device, self.dtype = model, teacher, settings, str(device), dtype
+        self.progress = Path(progress) if progress is not None else None
+        self.key = {
+            "model": model, "teacher": teacher, "model_files": weights_stamp(model), "teacher_files": weights_stamp(teacher),
+            "limit": settings.limit, "num_fewshot": settings.num_fewshot, "batch_size": settings.batch_size,
+            "ppl_context": settings.ppl_context, "ppl_stride": settings.ppl_stride, "ppl_tokens": settings.ppl_tokens,
+            "data_dir": str(data_dir_of(settings).resolve()), "device": torch_device_type(self.device), "dtype": dtype,
+        }  # fmt: skip
+        self.done: dict[str, dict[str, dict]] = {"student": {}, "teacher": {}}
+        if self.progress is not None and self.progress.is_file():
+            try:
+                kept = json.loads(self.progress.read_text())
+            except (OSError, ValueError):
+                kept = {}
+            if kept.get("key") == json.loads(json.dumps(self.key)):
+                self.done = {who: dict(kept.get(who) or {}) for who in ("student", "teacher")}
+
+    def models(self) -> list[tuple[str, str]]:
+        return [("student", self.model)] + ([("teacher", self.teacher)] if self.teacher else [])
+
+    def kept(self) -> list[str]:
+        """The pieces already done, as ``student:TASK`` / ``teacher:TASK``."""
+        return [f"{who}:{task}" for who, done in self.done.items() for task in done]
+
+    def _keep(self, who: str):
+        def keep(task: str, metrics: dict) -> None:
+            self.done[who][task] = metrics
+            if self.progress is not None:
+                write_json(self.progress, {"key": self.key, **self.done})
+
+        return keep
+
+    def _run(self, tasks: list[str]) -> None:
+        settings = replace(self.settings, tasks=[t for t in self.settings.tasks if t in tasks])
+        if not settings.tasks:
+            return
+        for who, name in self.models():
+            evaluate_model(name, settings, self.device, self.dtype, skip=set(self.done[who]), on_result=self._keep(who))
+
+    def perplexity(self) -> None:
+        """The WikiText-2 windows of both models (seconds to minutes): the pieces not done yet."""
+        self._run([PPL_TASK])
+
+    def fewshot(self) -> None:
+        """The few-shot tasks of both models, one task after another: the pieces not done yet."""
+        self._run([t for t in self.settings.tasks if t != PPL_TASK])
+
+    def result(self) -> dict:
+        """Every piece (made where missing), as the ``eval.json`` dict (built as its record, :class:`attnedit.results.Quality`)."""
+        from ..results import Quality
+
+        self.perplexity()
+        self.fewshot()
+        student, reference = self.done["student"], self.done["teacher"]
+        tasks = {
+            task: {
+                "student": student[task],
+                "teacher": reference.get(task) if self.teacher else None,
+                "ratio": ratios(student[task], reference[task]) if self.teacher else None,
+            }
+            for task in self.settings.result_names()
         }
-        for task in settings.result_names()
-    }
-    windows = list(settings.windows().values())
-    return Quality(
-        model=model,
-        teacher=teacher,
-        tasks=tasks,
-        limit=settings.limit,
-        num_fewshot=settings.num_fewshot,
-        perplexity={**asdict(windows[0]), "contexts": [w.max_length for w in windows], "strides": [w.stride for w in windows]},
-        device=str(device),
-        dtype=dtype,
-    ).to_dict()
+        windows = list(self.settings.windows().values())
+        return Quality(
+            model=self.model,
+            teacher=self.teacher,
+            tasks=tasks,
+            limit=self.settings.limit,
+            num_fewshot=self.settings.num_fewshot,
+            perplexity={**asdict(windows[0]), "contexts": [w.max_length for w in windows], "strides": [w.stride for w in windows]},
+            device=self.device,
+            dtype=self.dtype,
+        ).to_dict()
+
+    def close(self) -> None:
+        """Remove the progress file (its pieces are in the written result)."""
+        if self.progress is not None:
+            self.progress.unlink(missing_ok=True)
+
+
+def torch_device_type(device: str) -> str:
+    """``cuda:1`` -> ``cuda``: pieces measured on one GPU of a kind stand for another's."""
+    return str(device).split(":", 1)[0]
+
+
+def evaluate_quality(
+    model: str, teacher: str | None, settings: QualitySettings, device: str = "cpu", dtype: str = "float32", progress: str | Path | None = None
+) -> dict:
+    """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict (built as its
+    record, :class:`attnedit.results.Quality`). With ``progress`` (a file), the finished pieces are kept there and
+    a stopped evaluation resumes from them (:class:`QualityRun`); the caller removes it once the result is saved."""
+    return QualityRun(model, teacher, settings, device, dtype, progress).result()
 
 
 def quality_rows(result: dict) -> list[list]:

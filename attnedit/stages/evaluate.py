@@ -91,7 +91,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
     from ..eval.bench import release_memory, run_bench
     from ..eval.models import load_students
     from ..eval.passkey import passkey_json
-    from ..eval.quality import evaluate_quality
+    from ..eval.quality import QualityRun, progress_path
     from ..report import build_report
     from ..teachers import load_config
 
@@ -109,9 +109,13 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
     if todo:
         log(f"attnedit: evaluating {model} next to {teacher}: {', '.join(PARTS[p] for p in todo)}")
     try:
-        if Quality.FILE in todo:
-            written = Quality.model_validate(evaluate_quality(model, teacher, cfg, str(device), dtype)).write(run_dir)
-            log(f"attnedit: wrote {written}")
+        # the short parts first (perplexity, passkey, bench), the few-shot tasks last; every finished piece of the
+        # quality part is kept in eval.progress.json, so a time limit or a signal loses at most the piece in progress
+        quality = QualityRun(model, teacher, cfg, str(device), dtype, progress_path(Quality.path(run_dir))) if Quality.FILE in todo else None
+        if quality is not None:
+            if quality.kept():
+                log(f"attnedit: {len(quality.kept())} quality figures kept from the stopped evaluation ({progress_path(Quality.path(run_dir)).name})")
+            quality.perplexity()
         pair = [p for p in (Passkey.FILE, Bench.FILE) if p in todo]
         if pair:  # both compare the same two models: load them once
             contexts = (cfg.passkey.contexts if Passkey.FILE in pair else []) + (cfg.bench.contexts if Bench.FILE in pair else [])
@@ -124,6 +128,10 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
                 log(f"attnedit: wrote {Bench.model_validate(result).write(run_dir)}")
             del students, reference
             release_memory()
+        if quality is not None:
+            written = Quality.model_validate(quality.result()).write(run_dir)
+            quality.close()
+            log(f"attnedit: wrote {written}")
     except AttnEditError as e:
         raise AttnEditError(
             f"{e} (evaluation after training; the model is saved in {model}, and attnedit convert {run_dir} --resume makes only the missing result files)"

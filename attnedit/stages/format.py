@@ -47,6 +47,7 @@ def format_plan(plan: dict) -> str:
     lines += [f"{'evaluation' if i == 0 else '':<17}{line}" for i, line in enumerate(evaluation)]
     if plan.get("eval"):
         lines.append(f"{'':<17}then report.md; student next to teacher, after the model is saved")
+        lines.append(f"{'':<17}(perplexity, passkey and bench first, few-shot tasks last; finished figures kept for --resume)")
     lines.append("")
     rows = []
     for s in plan["stages"]:
