@@ -19,7 +19,7 @@ source "$(dirname "$0")/common.sh"
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 [ $# -ge 1 ] || { echo "usage: bash benchmarks/ablation.sh NAME=RECIPE[+KEY=VALUE...] ..." >&2; exit 2; }
 EVAL="--set eval.tasks=wikitext2 --set eval.ppl_context=2048,8192 --set eval.passkey.contexts=2048,4096,8192 --set eval.bench.contexts="
-dequantise_teacher
+dequantise_teachers "$@"
 names=()
 for spec in "$@"; do
   name=${spec%%=*}; rest=${spec#*=}; recipe=${rest%%+*}; names+=("$name")
