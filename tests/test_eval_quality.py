@@ -345,3 +345,16 @@ def test_eval_save_keeps_each_finished_figure_and_the_same_command_goes_on(model
     assert main(other + ["--save", str(save), "--overwrite"]) == 0
     assert "kept" not in capsys.readouterr().err  # eval.progress.json was there, of the 300-token settings
     assert json.loads(save.read_text())["tasks"]["wikitext2"]["student"]["tokens"] == 199
+
+
+def test_a_progress_file_attnedit_did_not_write_is_measured_anew(models, small_data, tmp_path):
+    from attnedit.eval.quality import QualityRun, QualitySettings
+
+    progress = tmp_path / "eval.progress.json"
+    settings = QualitySettings(tasks=["wikitext2"], ppl_context=[64], ppl_tokens=300, data_dir=str(small_data))
+    for junk in ("[1, 2]", "not json", json.dumps({"key": None, "student": {"wikitext2": {"ppl": 1.0}}})):
+        progress.write_text(junk)
+        run = QualityRun(str(models["root"] / "student"), None, settings, progress=progress)
+        assert run.kept() == [], junk
+    run.perplexity()
+    assert QualityRun(str(models["root"] / "student"), None, settings, progress=progress).kept() == ["student:wikitext2"]

@@ -203,8 +203,9 @@ class QualityRun:
                 kept = json.loads(self.progress.read_text())
             except (OSError, ValueError):
                 kept = {}
-            if kept.get("key") == json.loads(json.dumps(self.key)):
-                self.done = {who: dict(kept.get(who) or {}) for who in ("student", "teacher")}
+            if isinstance(kept, dict) and kept.get("key") == json.loads(json.dumps(self.key)):  # else: measured anew
+                self.done = {who: dict(kept.get(who) or {}) for who in ("student", "teacher") if isinstance(kept.get(who) or {}, dict)}
+                self.done = {"student": {}, "teacher": {}} | self.done
 
     def models(self) -> list[tuple[str, str]]:
         return [("student", self.model)] + ([("teacher", self.teacher)] if self.teacher else [])
