@@ -67,6 +67,8 @@ def main() -> int:
         recipes = [load_recipe(path, parse_sets(sets)) for path, *sets in (spec.split("+") for spec in args.recipes)]
     except AttnEditError as e:
         p.error(str(e))
+    if not torch.cuda.is_available():
+        p.error("it measures on a CUDA GPU, and torch sees none here")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

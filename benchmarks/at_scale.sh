@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The real-shape measurements in one go, each on random weights built from the real configs in tests/assets (speed
+# and memory do not depend on the weights), each step logged to $OUT/<step>.log and skipped when its result exists:
+#   memory   the Qwen3-8B recipes' stages at their real shapes (scale_memory.sh): measured peak next to the plan,
+#            tokens/s against the teacher's forward, the time the recipe as written would take  -> docs/scaling.md
+#   serve8k  Qwen3-8B at 8k: batch 1 and the largest batch each model serves (serving_at_scale.py --capacity)
+#   q25      Qwen2.5-Coder-0.5B's shape at 1 x 8k and 64 x 8k, its recipes' `auto` choices pinned      -> docs/performance.md
+# usage: [STEPS="memory serve8k q25"] [S1=20] [S2=12] bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
+#   TOKENIZER_DIR  a tokenizer that fits Qwen3's vocabulary (Qwen2.5's: the folder attnedit dequantises the
+#                  Qwen2.5-Coder GGUF into, ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/)
+#   DATA           the training text for the memory step (one Wikipedia shard is plenty)
+# Disk: the 16 GB random Qwen3-8B teacher plus one run at a time; the teacher is removed after the memory step.
+set -u
+source "$(dirname "$0")/common.sh"
+TOKENIZER=${1:?a tokenizer folder that fits the Qwen3 vocabulary}; TEXT=${2:?the training text for the memory step}
+HERE=$(dirname "$0")
+step() {  # name, then the command; skipped when $OUT/<name>.done exists (a finished step of an earlier call)
+  local name=$1; shift
+  [ -e "$OUT/$name.done" ] && { echo "== $name: done before ($OUT/$name.log)"; return; }
+  echo "== $name $(date -u +%T)"
+  if "$@" > "$OUT/$name.log" 2>&1; then touch "$OUT/$name.done"; echo "== $name finished $(date -u +%T)"; else echo "== $name failed: $OUT/$name.log"; fi
+}
+for s in ${STEPS:-memory serve8k q25}; do
+  case $s in
+    memory) step memory env DATA="$TEXT" S1="${S1:-20}" S2="${S2:-12}" OUT="$OUT/memory" bash "$HERE/scale_memory.sh" tests/assets/qwen3-8b "$TOKENIZER" \
+              recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
+            rm -rf "$RUNS/random-qwen3-8b" ;;
+    serve8k) step serve8k python "$HERE/serving_at_scale.py" tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \
+              --contexts 8192 --batches 1 --capacity --out "$OUT/qwen3-8b-8k" ;;
+    q25) step q25 python "$HERE/serving_at_scale.py" tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \
+              recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 --out "$OUT/qwen2.5-8k" ;;
+    *) echo "unknown step $s (memory, serve8k, q25)"; exit 2 ;;
+  esac
+done
