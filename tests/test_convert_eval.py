@@ -253,8 +253,8 @@ def test_an_evaluation_stopped_in_its_last_part_keeps_every_finished_figure(fini
     assert main(["convert", str(run), "--resume", "--progress", "none"]) == 2
     capsys.readouterr()
     kept = json.loads((run / "eval.progress.json").read_text())
-    assert set(kept["student"]) == set(kept["teacher"]) == {"wikitext2@32", "wikitext2@64"}
-    assert kept["student"]["wikitext2@64"] == want["tasks"]["wikitext2@64"]["student"]
+    assert set(kept["pieces"]["student"]) == set(kept["pieces"]["teacher"]) == {"wikitext2@32", "wikitext2@64"}
+    assert kept["pieces"]["student"]["wikitext2@64"] == want["tasks"]["wikitext2@64"]["student"]
     assert (run / "passkey.json").is_file() and (run / "bench.json").is_file() and not (run / "eval.json").exists()
 
     monkeypatch.undo()
@@ -269,7 +269,40 @@ def test_an_evaluation_stopped_in_its_last_part_keeps_every_finished_figure(fini
     # a progress file whose weights are not the model's (retrained, copied over) is measured again
     (run / "eval.json").unlink()
     kept["key"]["model_files"][0][1] += 1
-    kept["student"]["wikitext2@32"]["ppl"] = 1.0  # would show if it were used
+    kept["pieces"]["student"]["wikitext2@32"]["ppl"] = 1.0  # would show if it were used
     (run / "eval.progress.json").write_text(json.dumps(kept))
     assert main(["convert", str(run), "--resume", "--progress", "none"]) == 0
     assert len(measured) == 4 and json.loads((run / "eval.json").read_text())["tasks"] == want["tasks"]
+
+
+def test_a_stopped_passkey_part_keeps_its_finished_rows(finished, tmp_path, monkeypatch):
+    """Each model's passkey row at a context is kept in passkey.progress.json as soon as it is done: after a stop
+    (Ctrl-C during the teacher's row) the resume measures the teacher's row alone and writes the same grid."""
+    from attnedit.eval import passkey
+
+    _, done, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    want = json.loads((run / "passkey.json").read_text())
+    (run / "passkey.json").unlink()
+    (run / "bench.json").unlink()
+    real, calls = passkey.passkey_accuracy, []
+    per_row = len(want["depths"])
+
+    def stop_in_the_teachers_row(*a, **k):
+        calls.append(1)
+        if len(calls) > per_row:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(passkey, "passkey_accuracy", stop_in_the_teachers_row)
+    assert main(["convert", str(run), "--resume", "--progress", "none"]) == 130
+    kept = json.loads((run / "passkey.progress.json").read_text())["pieces"]
+    assert kept == {"student": {"240": want["student"][0]}} and not (run / "passkey.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(passkey, "passkey_accuracy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["convert", str(run), "--resume", "--progress", "none"]) == 0
+    assert len(calls) == per_row  # the teacher's row alone
+    redone = json.loads((run / "passkey.json").read_text())
+    assert (redone["student"], redone["teacher"]) == (want["student"], want["teacher"]) and not (run / "passkey.progress.json").exists()

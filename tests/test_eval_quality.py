@@ -325,7 +325,7 @@ def test_eval_save_keeps_each_finished_figure_and_the_same_command_goes_on(model
     assert main(args + ["--save", str(save)]) == 130
     capsys.readouterr()
     kept = json.loads((tmp_path / "eval.progress.json").read_text())
-    assert (sorted(kept["student"]), sorted(kept["teacher"])) == (["piqa", "wikitext2"], ["wikitext2"]) and not save.exists()
+    assert (sorted(kept["pieces"]["student"]), sorted(kept["pieces"]["teacher"])) == (["piqa", "wikitext2"], ["wikitext2"]) and not save.exists()
 
     asked, measured = [], []
     monkeypatch.setattr(quality, "run_harness", lambda path, tasks, *a, **k: asked.append((path, tasks)) or real(path, tasks, *a, **k))
@@ -352,7 +352,7 @@ def test_a_progress_file_attnedit_did_not_write_is_measured_anew(models, small_d
 
     progress = tmp_path / "eval.progress.json"
     settings = QualitySettings(tasks=["wikitext2"], ppl_context=[64], ppl_tokens=300, data_dir=str(small_data))
-    for junk in ("[1, 2]", "not json", json.dumps({"key": None, "student": {"wikitext2": {"ppl": 1.0}}})):
+    for junk in ("[1, 2]", "not json", json.dumps({"key": None, "pieces": {"student": {"wikitext2": {"ppl": 1.0}}}})):
         progress.write_text(junk)
         run = QualityRun(str(models["root"] / "student"), None, settings, progress=progress)
         assert run.kept() == [], junk

@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..errors import AttnEditError
-    from ..eval.quality import KNOWN_TASKS, QualityRun, QualitySettings, progress_path, quality_rows
+    from ..eval.progress import progress_path
+    from ..eval.quality import KNOWN_TASKS, QualityRun, QualitySettings, quality_rows
     from ..results import Quality
     from ..tables import text_table
 
@@ -55,7 +56,7 @@ def run(args) -> int:
     # command after a time limit or a signal goes on where it stopped
     quality = QualityRun(args.model, args.teacher, settings, str(device), dtype_of(args, device), progress_path(args.save) if args.save else None)
     if quality.kept():
-        print(f"attnedit: {len(quality.kept())} figures kept from the stopped evaluation ({quality.progress})", file=sys.stderr)
+        print(f"attnedit: {len(quality.kept())} figures kept from the stopped evaluation ({quality.progress.path})", file=sys.stderr)
     result = quality.result()
     if args.json:
         print(json.dumps(result, indent=2))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from ..errors import AttnEditError, is_out_of_memory
 from ..schema import require, setting
 from .generation import generate_greedy
 from .models import check_contexts
+from .progress import Progress, weights_stamp
 
 INSTRUCTION = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -137,9 +139,12 @@ def run_passkey(
     seed: int = 0,
     log=print,
     filler: str = "same",
+    progress: Progress | None = None,
 ) -> dict:
     """Accuracy per (context, depth) for each model in ``models``, as ``passkey.json``:
-    ``{"contexts": [...], "depths": [...], "trials": int, "filler": str, NAME: [[accuracy per depth] per context], ...}``."""
+    ``{"contexts": [...], "depths": [...], "trials": int, "filler": str, NAME: [[accuracy per depth] per context], ...}``.
+    With ``progress``, each model's row of a context is kept there as soon as it is done, and rows it holds already
+    are not measured again."""
     if tokenizer is None:
         raise AttnEditError(
             "the model folder has no tokenizer; passkey retrieval needs one: save the teacher's tokenizer into it "
@@ -155,9 +160,15 @@ def run_passkey(
     if filler not in FILLERS:
         raise AttnEditError(f"passkey filler {filler!r}: choose 'same' or 'varied'")
     result = {"contexts": list(contexts), "depths": list(depths), "trials": trials, "filler": filler}
+    progress = progress or Progress(None, {})
     for name, model in models.items():
         grid = []
         for context in contexts:
+            kept = progress.done(name).get(str(context))
+            if kept is not None and len(kept) == len(depths):
+                grid.append(kept)
+                log(f"passkey {name} context {context}: " + " ".join(f"{a:.2f}" for a in grid[-1]) + " (kept from the stopped run)")
+                continue
             try:
                 grid.append([passkey_accuracy(model, tokenizer, context, d, keys, filler=filler) for d in depths])
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
@@ -167,19 +178,28 @@ def run_passkey(
                     f"the {name} ran out of memory at context {context} with {len(keys)} trials in one batch; "
                     "use shorter --contexts, fewer --trials or a device with more memory"
                 ) from None
+            progress.put(name, str(context), grid[-1])
             log(f"passkey {name} context {context}: " + " ".join(f"{a:.2f}" for a in grid[-1]))
         result[name] = grid
     return result
 
 
-def passkey_json(model: str, teacher: str, student, teacher_model, tokenizer, settings: PasskeySettings, log=print) -> dict:
+def passkey_json(model: str, teacher: str, student, teacher_model, tokenizer, settings: PasskeySettings, log=print, progress: str | Path | None = None) -> dict:
     """``passkey.json`` for a student and its teacher (both loaded): the grid of :func:`run_passkey` plus both
-    names (built as its record, :class:`attnedit.results.Passkey`)."""
+    names (built as its record, :class:`attnedit.results.Passkey`). With ``progress`` (a file), each finished row is
+    kept there and a stopped run goes on from them (:mod:`attnedit.eval.progress`); the caller removes it once the
+    result is saved."""
     from ..results import Passkey
 
+    first = next(student.parameters())
+    key = {
+        "model": model, "teacher": teacher, "model_files": weights_stamp(model), "teacher_files": weights_stamp(teacher),
+        "depths": settings.depths, "trials": settings.trials, "seed": settings.seed, "filler": settings.filler,
+        "device": first.device.type, "dtype": str(first.dtype),
+    }  # fmt: skip
     grid = run_passkey(
         {"student": student, "teacher": teacher_model}, tokenizer, settings.contexts, settings.depths, settings.trials,
-        settings.seed, log=log, filler=settings.filler,
+        settings.seed, log=log, filler=settings.filler, progress=Progress(progress, key),
     )  # fmt: skip
     return Passkey(model=model, teacher_model=teacher, **grid).to_dict()
 

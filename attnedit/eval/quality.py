@@ -20,18 +20,17 @@ reports them. Ratios exist for every metric but stderr and ``tokens``.
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from ..errors import AttnEditError
-from ..io import write_json
 from ..paths import data_root
 from ..schema import FieldError, require, setting
 from .harness import LOCAL_TASKS, HarnessSettings, check_data, run_harness, split_tasks
 from .perplexity import WIKITEXT2_FILE, PerplexitySettings, perplexity, tokenize_text, wikitext2_text
+from .progress import Progress, weights_stamp
 
 PPL_TASK = "wikitext2"
 KNOWN_TASKS = (PPL_TASK, *LOCAL_TASKS)
@@ -148,25 +147,6 @@ def ratios(student: dict, teacher: dict) -> dict:
     return out
 
 
-def progress_path(result_file: str | Path) -> Path:
-    """Where an evaluation that ends in ``result_file`` keeps its finished pieces: ``eval.json`` -> ``eval.progress.json``."""
-    result_file = Path(result_file)
-    return result_file.with_name(f"{result_file.stem}.progress.json")
-
-
-WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt")
-
-
-def weights_stamp(name: str | None) -> list | None:
-    """What tells one model's files from another's on disk: name, size and modification time of a local folder's
-    config and weights (or of a local file); None for a hub id or an alias."""
-    if name is None:
-        return None
-    path = Path(name).expanduser()
-    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.name == "config.json" or f.suffix in WEIGHTS) if path.is_dir() else []
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
-
-
 class QualityRun:
     """One quality evaluation, student and (optionally) teacher on the same tasks and data, made in pieces: each
     perplexity window and each few-shot task of each model is one piece. With a ``progress`` file, every piece is
@@ -190,44 +170,28 @@ class QualityRun:
                 load_config(name)
         check_quality(settings)
         self.model, self.teacher, self.settings, self.device, self.dtype = model, teacher, settings, str(device), dtype
-        self.progress = Path(progress) if progress is not None else None
-        self.key = {
+        key = {
             "model": model, "teacher": teacher, "model_files": weights_stamp(model), "teacher_files": weights_stamp(teacher),
             "limit": settings.limit, "num_fewshot": settings.num_fewshot, "batch_size": settings.batch_size,
             "ppl_context": settings.ppl_context, "ppl_stride": settings.ppl_stride, "ppl_tokens": settings.ppl_tokens,
             "data_dir": str(data_dir_of(settings).resolve()), "device": torch_device_type(self.device), "dtype": dtype,
         }  # fmt: skip
-        self.done: dict[str, dict[str, dict]] = {"student": {}, "teacher": {}}
-        if self.progress is not None and self.progress.is_file():
-            try:
-                kept = json.loads(self.progress.read_text())
-            except (OSError, ValueError):
-                kept = {}
-            if isinstance(kept, dict) and kept.get("key") == json.loads(json.dumps(self.key)):  # else: measured anew
-                self.done = {who: dict(kept.get(who) or {}) for who in ("student", "teacher") if isinstance(kept.get(who) or {}, dict)}
-                self.done = {"student": {}, "teacher": {}} | self.done
+        self.progress = Progress(progress, key)
 
     def models(self) -> list[tuple[str, str]]:
         return [("student", self.model)] + ([("teacher", self.teacher)] if self.teacher else [])
 
     def kept(self) -> list[str]:
         """The pieces already done, as ``student:TASK`` / ``teacher:TASK``."""
-        return [f"{who}:{task}" for who, done in self.done.items() for task in done]
-
-    def _keep(self, who: str):
-        def keep(task: str, metrics: dict) -> None:
-            self.done[who][task] = metrics
-            if self.progress is not None:
-                write_json(self.progress, {"key": self.key, **self.done})
-
-        return keep
+        return [f"{who}:{task}" for who, _ in self.models() for task in self.progress.done(who)]
 
     def _run(self, tasks: list[str]) -> None:
         settings = replace(self.settings, tasks=[t for t in self.settings.tasks if t in tasks])
         if not settings.tasks:
             return
         for who, name in self.models():
-            evaluate_model(name, settings, self.device, self.dtype, skip=set(self.done[who]), on_result=self._keep(who))
+            keep = lambda task, metrics, who=who: self.progress.put(who, task, metrics)  # noqa: E731
+            evaluate_model(name, settings, self.device, self.dtype, skip=set(self.progress.done(who)), on_result=keep)
 
     def perplexity(self) -> None:
         """The WikiText-2 windows of both models (seconds to minutes): the pieces not done yet."""
@@ -243,7 +207,7 @@ class QualityRun:
 
         self.perplexity()
         self.fewshot()
-        student, reference = self.done["student"], self.done["teacher"]
+        student, reference = self.progress.done("student"), self.progress.done("teacher")
         tasks = {
             task: {
                 "student": student[task],
@@ -266,8 +230,7 @@ class QualityRun:
 
     def close(self) -> None:
         """Remove the progress file (its pieces are in the written result)."""
-        if self.progress is not None:
-            self.progress.unlink(missing_ok=True)
+        self.progress.close()
 
 
 def torch_device_type(device: str) -> str:

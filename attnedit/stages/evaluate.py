@@ -91,7 +91,8 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
     from ..eval.bench import release_memory, run_bench
     from ..eval.models import load_students
     from ..eval.passkey import passkey_json
-    from ..eval.quality import QualityRun, progress_path
+    from ..eval.progress import progress_path
+    from ..eval.quality import QualityRun
     from ..report import build_report
     from ..teachers import load_config
 
@@ -121,8 +122,10 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
             contexts = (cfg.passkey.contexts if Passkey.FILE in pair else []) + (cfg.bench.contexts if Bench.FILE in pair else [])
             students, reference, tokenizer = load_students([model], teacher, contexts, device, dtype)
             if Passkey.FILE in pair:
-                result = passkey_json(model, teacher, students[model], reference, tokenizer, cfg.passkey, log)
+                kept = progress_path(Passkey.path(run_dir))
+                result = passkey_json(model, teacher, students[model], reference, tokenizer, cfg.passkey, log, progress=kept)
                 log(f"attnedit: wrote {Passkey.model_validate(result).write(run_dir)}")
+                kept.unlink(missing_ok=True)
             if Bench.FILE in pair:
                 result = {"model": model, "teacher": teacher, **run_bench(students[model], reference, cfg.bench, dtype, log)}
                 log(f"attnedit: wrote {Bench.model_validate(result).write(run_dir)}")

@@ -1,0 +1,69 @@
+"""The finished pieces of a long evaluation, kept on disk as each one is done, so that an evaluation a time limit
+or a signal stopped goes on where it stopped: ``eval.progress.json`` beside the ``eval.json`` it will become
+(``passkey.progress.json`` beside ``passkey.json``). Layout::
+
+    {"key": {...what the pieces depend on: the models' files, the settings...},
+     "pieces": {GROUP: {NAME: value}}}     # e.g. {"student": {"wikitext2@2048": {...}}, "teacher": {...}}
+
+A file whose key is not the running evaluation's (other settings, other weights: their files' sizes and times), or
+that attnedit did not write, is not used; it is replaced by the running evaluation's first piece.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..io import write_json
+
+WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def progress_path(result_file: str | Path) -> Path:
+    """Where an evaluation that ends in ``result_file`` keeps its finished pieces: ``eval.json`` -> ``eval.progress.json``."""
+    result_file = Path(result_file)
+    return result_file.with_name(f"{result_file.stem}.progress.json")
+
+
+def weights_stamp(name: str | None) -> list | None:
+    """What tells one model's files from another's on disk: name, size and modification time of a local folder's
+    config and weights (or of a local file); None for a hub id or an alias."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.name == "config.json" or f.suffix in WEIGHTS) if path.is_dir() else []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
+
+
+class Progress:
+    """The pieces kept at ``path`` (None: kept in memory only) for the evaluation described by ``key``."""
+
+    def __init__(self, path: str | Path | None, key: dict):
+        self.path = Path(path) if path is not None else None
+        self.key = json.loads(json.dumps(key))  # as it reads back from the file
+        self.pieces: dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                kept = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                kept = None
+            if isinstance(kept, dict) and kept.get("key") == self.key and isinstance(kept.get("pieces"), dict):
+                self.pieces = {group: dict(done) for group, done in kept["pieces"].items() if isinstance(done, dict)}
+
+    def done(self, group: str) -> dict:
+        """The pieces of ``group`` finished so far, by name."""
+        return self.pieces.setdefault(group, {})
+
+    def count(self) -> int:
+        return sum(len(done) for done in self.pieces.values())
+
+    def put(self, group: str, name: str, value) -> None:
+        """Keep one finished piece (and write the file at once)."""
+        self.done(group)[name] = value
+        if self.path is not None:
+            write_json(self.path, {"key": self.key, "pieces": self.pieces})
+
+    def close(self) -> None:
+        """Remove the file: its pieces are in the written result."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
