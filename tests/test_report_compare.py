@@ -33,7 +33,7 @@ PASSKEY_TEACHER = [[1.0, 1.0, 1.0], [1.0, 0.75, 1.0]]  # means 1.00 and 0.92
 
 
 def _eval_json(tasks: dict) -> dict:
-    """eval.json as evaluate_quality writes it: student, teacher and their ratios per task."""
+    """eval.json as QualityRun.result writes it: student, teacher and their ratios per task."""
     return {
         "model": "run/model",
         "teacher": "tiny-teacher",

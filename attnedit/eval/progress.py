@@ -54,9 +54,6 @@ class Progress:
         """The pieces of ``group`` finished so far, by name."""
         return self.pieces.setdefault(group, {})
 
-    def count(self) -> int:
-        return sum(len(done) for done in self.pieces.values())
-
     def put(self, group: str, name: str, value) -> None:
         """Keep one finished piece (and write the file at once)."""
         self.done(group)[name] = value

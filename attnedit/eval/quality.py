@@ -238,15 +238,6 @@ def torch_device_type(device: str) -> str:
     return str(device).split(":", 1)[0]
 
 
-def evaluate_quality(
-    model: str, teacher: str | None, settings: QualitySettings, device: str = "cpu", dtype: str = "float32", progress: str | Path | None = None
-) -> dict:
-    """Student and (optionally) teacher on the same tasks and data; the ``eval.json`` dict (built as its
-    record, :class:`attnedit.results.Quality`). With ``progress`` (a file), the finished pieces are kept there and
-    a stopped evaluation resumes from them (:class:`QualityRun`); the caller removes it once the result is saved."""
-    return QualityRun(model, teacher, settings, device, dtype, progress).result()
-
-
 def quality_rows(result: dict) -> list[list]:
     """Table rows ``[task, metric, student, teacher, ratio]``, values as ``x ± stderr`` strings."""
 

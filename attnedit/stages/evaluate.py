@@ -115,7 +115,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path, quiet: bool = False) -> list[str
         quality = QualityRun(model, teacher, cfg, str(device), dtype, progress_path(Quality.path(run_dir))) if Quality.FILE in todo else None
         if quality is not None:
             if quality.kept():
-                log(f"attnedit: {len(quality.kept())} quality figures kept from the stopped evaluation ({progress_path(Quality.path(run_dir)).name})")
+                log(f"attnedit: {len(quality.kept())} quality figures kept from the stopped evaluation ({quality.progress.path.name})")
             quality.perplexity()
         pair = [p for p in (Passkey.FILE, Bench.FILE) if p in todo]
         if pair:  # both compare the same two models: load them once
