@@ -19,7 +19,7 @@ if [ -n "$NPROC" ]; then
 else
   python -m attnedit convert "$RECIPE" --out "$R" --progress lines $SETS ${GPU_MEMORY:+--gpu-memory $GPU_MEMORY} > "$OUT/$name.log" 2>&1
 fi
-echo "convert exit $?"; grep -iE "error|warning|fitted|micro-batch" "$OUT/$name.log" | head -n 5
+echo "convert exit $?"; grep -iE "error|warning|fitted|micro-batch|stage [12] done" "$OUT/$name.log" | head -n 8
 cp "$R/summary.json" "$OUT/$name-summary.json" 2>/dev/null
 python - "$R/summary.json" "$OUT/$name-plan.txt" "$RECIPE" <<'PY'
 import json, sys

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -298,6 +299,61 @@ def test_compiled_stage2_layers_match_eager_and_undo_restores_the_model():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _saved_bytes(loss_fn, params, ids) -> int:
+    """Bytes of activations the autograd graph keeps for the backward (parameters left out)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = loss_fn(ids)
+    torch.autograd.grad(loss, [p for _, p in params])
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("target,args", [("mla", {}), ("gateswa", {"window": 8, "full_layers": "every:2"})])
+def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_stay_compiled(target, args, backend, capsys):
+    """Stage 2 as both Qwen3-8B recipes run it on one 80 GB card: compiled decoder layers with gradient
+    checkpointing. The checkpoint runs inside each compiled layer's graph: around a compiled call, its early
+    stop raised through the call turned compilation off mid-recomputation ("target_frame.early_stop is set"),
+    and the recomputation could run another graph than the forward's (saved tensors that do not match). Loss and
+    gradients equal eager's, compilation stays on, and the graph keeps fewer activations than without."""
+    torch._dynamo.reset()
+    teacher = tiny_teacher("qwen3")
+    student = edit_model(teacher, target, args)
+    params = stage2.trainable(student, "attention")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    loss_fn = stage2.make_loss(teacher, student, parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2)
+    ids = tiny_ids(2, 24)
+    eager = _loss_and_grads(loss_fn, params, ids)
+    group = CompileGroup(True, "the stage-2 decoder layers", backend=backend)
+    undo = stage2.compile_layers(student, group)
+    try:
+        student.gradient_checkpointing, student.training = True, True  # as Stage2.train_mode sets them
+        got = [_loss_and_grads(loss_fn, params, ids) for _ in range(2)][-1]
+        kept_checkpointed = _saved_bytes(loss_fn, params, ids)
+        student.gradient_checkpointing, student.training = False, False
+        kept_plain = _saved_bytes(loss_fn, params, ids)
+    finally:
+        student.gradient_checkpointing, student.training = False, False
+        undo()
+    assert "_checkpointed_layer" not in vars(student) and "_layer" not in vars(student)
+    assert group.enabled and not group.warned, capsys.readouterr().err
+    torch.testing.assert_close(got[0], eager[0])
+    for a, b in zip(got[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert kept_checkpointed < 0.6 * kept_plain, (kept_checkpointed, kept_plain)
+
+
 # --------------------------------------------------------------------------- no host syncs in the losses
 
 
@@ -531,3 +587,12 @@ def test_the_profiles_teacher_forward_is_eager_while_the_stage_runs_its_modules_
     assert len(compiled) == n and group.enabled  # ... but not in the plain forward, and the group is back on
     torch.testing.assert_close(got, eager)
     undo()
+
+
+def test_each_stage_says_its_speed_and_peak_when_it_ends():
+    """convert's line at a stage's end (kept in the log even when a later stage fails)."""
+    from attnedit.stages.convert import stage_done_text
+
+    info = {"tok_s": 19415.2, "ratio": 0.6625, "peak_memory_bytes": 70 * 2**30, "est_memory_bytes": 68 * 2**30, "compiled": True}
+    assert stage_done_text(1, info) == "stage 1 done, 19,415 tok/s (0.66x the teacher's forward), peak 70.0 GiB (plan 68.0 GiB), compiled"
+    assert stage_done_text(2, {"tok_s": 10.0, "compiled": False}) == "stage 2 done, 10 tok/s, eager"  # CPU: no peak, no baseline

@@ -188,6 +188,20 @@ def test_stage2_trains_copies_never_the_teacher(which):
 # --------------------------------------------------------------------------- convert, end to end
 
 
+@pytest.mark.slow
+def test_convert_compiles_stage_2_under_gradient_checkpointing_and_says_each_stage_s_figures(assets, tmp_path, capsys):
+    """Both Qwen3-8B recipes' stage 2 (compiled layers, gradient checkpointing) end to end on a tiny teacher: it
+    trains, stays compiled, and each stage's end is a line in the log."""
+    raw = tiny_raw(assets["teacher"], assets["docs"], stage1__steps=2, stage2__steps=2, checkpoint_every=100)
+    raw["stage1"]["compile"] = "off"
+    raw["stage2"].update(compile="on", gradient_checkpointing=True)
+    summary = convert(parse_recipe(raw), tmp_path / "run", progress="lines")
+    assert summary["stage2"]["compiled"] is True
+    err = capsys.readouterr().err
+    assert "failed" not in err, err
+    assert "attnedit: stage 1 done, " in err and "attnedit: stage 2 done, " in err and err.rstrip().count(", compiled") >= 1
+
+
 def test_convert_runs_both_stages_and_saves_a_loadable_model(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -35,6 +35,7 @@ from ..io import WriteFailed, remove_temp_files, write_error_text, write_errors,
 from ..recipe import Recipe
 from ..results import RESULT_FILES as RESULTS
 from ..results import Summary
+from ..tables import human_bytes
 from .base import Conversion, Stage
 from .context import FULL_LAYERS, edit
 from .evaluate import evaluate_run, missing_parts
@@ -244,6 +245,8 @@ def train(ctx: Conversion, run: Run, stage: Stage, memory: MemoryPlan, baseline:
         info["peak_memory_bytes"] = peak_memory(device)
         info["est_memory_bytes"] = int(memory.rows[stage.number]["peak"])
         info["compiled"] = group.enabled
+        if run.progress != "none":  # in the log too: a later failure (stage 2, saving) keeps this stage's figures
+            print(f"attnedit: {stage_done_text(stage.number, info)}", file=sys.stderr)
         if run.recipe.profile_steps and ctx.parallel.profiles:
             try:  # a measurement: if it fails (memory, the profiler), the trained stage stands and the run goes on
                 profile = profile_stage(run, job, opt)
@@ -259,6 +262,17 @@ def train(ctx: Conversion, run: Run, stage: Stage, memory: MemoryPlan, baseline:
     finally:
         undo()
         job.stream.close()
+
+
+def stage_done_text(number: int, info: dict) -> str:
+    """One line at a stage's end: its speed next to the teacher's forward, and its peak memory next to the plan."""
+    parts = [f"stage {number} done"]
+    if info.get("tok_s"):
+        parts.append(f"{info['tok_s']:,.0f} tok/s" + (f" ({info['ratio']:.2f}x the teacher's forward)" if info.get("ratio") else ""))
+    if info.get("peak_memory_bytes"):
+        parts.append(f"peak {human_bytes(info['peak_memory_bytes'])} (plan {human_bytes(info['est_memory_bytes'])})")
+    parts.append("compiled" if info.get("compiled") else "eager")
+    return ", ".join(parts)
 
 
 def plain_forward(teacher, ids, group: CompileGroup):

@@ -15,8 +15,15 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from ..targets import AttentionContext
+
+# Exceptions that carry control flow through a compiled call rather than report a compiler failure: gradient
+# checkpointing's recomputation stops a layer's forward once it has every tensor the backward needs by raising
+# one from inside the call. Caught as a failure, it would turn compilation off in the middle of that recomputation
+# and leave the checkpoint's state broken ("target_frame.early_stop is set" on the next layer).
+PASS_THROUGH = tuple(c for c in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if isinstance(c, type))
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
@@ -58,6 +65,8 @@ class CompileGroup:
             if self.enabled:
                 try:
                     return compiled(*args, **kwargs)
+                except PASS_THROUGH:
+                    raise
                 except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly instead
                     self.disable(e)
             return module(*args, **kwargs)

@@ -17,6 +17,7 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..distributed.memory import FP32, score_bytes
 from ..families import family_for
@@ -277,28 +278,50 @@ class _DecoderLayer(nn.Module):
         return self.step(self.layer, h, ctx)
 
 
+def _checkpointed(step):
+    """``step`` under non-reentrant gradient checkpointing, for tracing inside a compiled layer."""
+
+    def run(layer, h, ctx):
+        return torch.utils.checkpoint.checkpoint(step, layer, h, ctx, use_reentrant=False)
+
+    return run
+
+
 def compile_layers(student, group: CompileGroup):
     """Run the student's decoder layers compiled (when ``group`` is enabled); returns the undo function.
 
-    The student's forward calls ``self._layer(layer, h, ctx)`` for every layer (also under gradient
-    checkpointing); an instance attribute of that name routes each call to its layer's compiled wrapper.
+    The student's forward calls ``self._layer(layer, h, ctx)`` for every layer, or under gradient checkpointing
+    ``self._checkpointed_layer(layer, h, ctx)``; instance attributes of those names route each call to its
+    layer's compiled wrapper. Under checkpointing the checkpoint is inside the compiled graph (as torchtitan
+    compiles its checkpointed blocks): a compiled call inside an eager checkpoint would be recomputed through
+    another graph than the forward's, whose saved tensors need not match.
     """
     if not group.enabled:
         return lambda: None
     eager = type(student)._layer
-    wrapped = {id(layer): group.wrap(_DecoderLayer(layer, eager)) for layer in student.model.layers}
+    plain = {id(layer): group.wrap(_DecoderLayer(layer, eager)) for layer in student.model.layers}
+    checkpointed = {id(layer): group.wrap(_DecoderLayer(layer, _checkpointed(eager))) for layer in student.model.layers}
 
-    def layer_step(layer, h, ctx):
-        call = wrapped.get(id(layer))
-        if call is None:
-            return eager(layer, h, ctx)
-        if torch.is_grad_enabled() and not h.requires_grad:
-            h = h.detach().requires_grad_()  # the first layer's input too: the same graph as the others
-        # a context without the RoPE cache keyed by object ids: one compiled graph per layer kind
-        return call(h, layer_context(ctx))
+    def route(wrapped, fallback):
+        def layer_step(layer, h, ctx):
+            call = wrapped.get(id(layer))
+            if call is None:
+                return fallback(layer, h, ctx)
+            if torch.is_grad_enabled() and not h.requires_grad:
+                h = h.detach().requires_grad_()  # the first layer's input too: the same graph as the others
+            # a context without the RoPE cache keyed by object ids: one compiled graph per layer kind
+            return call(h, layer_context(ctx))
 
-    student._layer = layer_step
-    return lambda: student.__dict__.pop("_layer", None)
+        return layer_step
+
+    student._layer = route(plain, eager)
+    student._checkpointed_layer = route(checkpointed, _checkpointed(eager))
+
+    def undo():
+        student.__dict__.pop("_layer", None)
+        student.__dict__.pop("_checkpointed_layer", None)
+
+    return undo
 
 
 def compile_teacher_layers(teacher, group: CompileGroup):

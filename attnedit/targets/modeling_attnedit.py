@@ -180,6 +180,11 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
             return out[0] if isinstance(out, tuple) else out
         return post_attention(layer, h, layer.self_attn(pre_attention(layer, h), ctx))
 
+    def _checkpointed_layer(self, layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """A decoder layer under gradient checkpointing (training code may route it elsewhere, as stage 2 does to a
+        compiled layer that checkpoints inside its graph)."""
+        return torch.utils.checkpoint.checkpoint(self._layer, layer, h, ctx, use_reentrant=False)
+
     def _backbone(self, name: str, default=None):
         return (getattr(self.config, "backbone", None) or {}).get(name, default)
 
@@ -238,7 +243,7 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
             if hidden_states is not None:
                 hidden_states.append(h)
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(self._layer, layer, h, ctx, use_reentrant=False)
+                h = self._checkpointed_layer(layer, h, ctx)
             elif compiled_prefill and self.prefill_backend is not None:
                 h = self._layer_prefill(layer, h, ctx)
             else:
