@@ -5,10 +5,15 @@
 #            tokens/s against the teacher's forward, the time the recipe as written would take  -> docs/scaling.md
 #   serve8k  Qwen3-8B at 8k: batch 1 and the largest batch each model serves (serving_at_scale.py --capacity)
 #   q25      Qwen2.5-Coder-0.5B's shape at 1 x 8k and 64 x 8k, its recipes' `auto` choices pinned      -> docs/performance.md
-# usage: [STEPS="memory serve8k q25"] [S1=20] [S2=12] bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
+#   fast32k  Qwen3-8B at 1 x 32k with fused projections and the compiled prefill (bench's --fuse-projections,
+#            --compile-prefill) on every model: batch-1 decode and TTFT next to the teacher on the same path
+#   a3b      Qwen3-30B-A3B at 8k and 32k, batch 1 and the largest batch (61 GB of weights: an H200's step)
+# usage: [STEPS="memory serve8k q25 fast32k"] [MEMORY_GB=79.6] [GPU_MEMORY=79.2] [S1=20] [S2=12] bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
 #   TOKENIZER_DIR  a tokenizer that fits Qwen3's vocabulary (Qwen2.5's: the folder attnedit dequantises the
 #                  Qwen2.5-Coder GGUF into, ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/)
 #   DATA           the training text for the memory step (one Wikipedia shard is plenty)
+# MEMORY_GB caps the serving steps' memory and GPU_MEMORY the memory step's plan and run (both GiB: on an H200, run
+# as on an 80 GB H100); the a3b step always uses the whole card.
 # Disk: the 16 GB random Qwen3-8B teacher plus one run at a time; the teacher is removed after the memory step.
 set -u
 source "$(dirname "$0")/common.sh"
@@ -20,15 +25,19 @@ step() {  # name, then the command; skipped when $OUT/<name>.done exists (a fini
   echo "== $name $(date -u +%T)"
   if "$@" > "$OUT/$name.log" 2>&1; then touch "$OUT/$name.done"; echo "== $name finished $(date -u +%T)"; else echo "== $name failed: $OUT/$name.log"; fi
 }
-for s in ${STEPS:-memory serve8k q25}; do
+for s in ${STEPS:-memory serve8k q25 fast32k}; do
   case $s in
     memory) step memory env DATA="$TEXT" S1="${S1:-20}" S2="${S2:-12}" OUT="$OUT/memory" bash "$HERE/scale_memory.sh" tests/assets/qwen3-8b "$TOKENIZER" \
               recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
             rm -rf "$RUNS/random-qwen3-8b" ;;
     serve8k) step serve8k python "$HERE/serving_at_scale.py" tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \
-              --contexts 8192 --batches 1 --capacity --out "$OUT/qwen3-8b-8k" ;;
+              --contexts 8192 --batches 1 --capacity ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen3-8b-8k" ;;
     q25) step q25 python "$HERE/serving_at_scale.py" tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \
-              recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 --out "$OUT/qwen2.5-8k" ;;
-    *) echo "unknown step $s (memory, serve8k, q25)"; exit 2 ;;
+              recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen2.5-8k" ;;
+    fast32k) step fast32k python "$HERE/serving_at_scale.py" tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \
+              --contexts 32768 --batches 1 --fuse-projections --compile-prefill ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen3-8b-32k-fast" ;;
+    a3b) step a3b python "$HERE/serving_at_scale.py" tests/assets/qwen3-30b-a3b recipes/qwen3-30b-a3b-gateswa.yaml recipes/qwen3-30b-a3b-mla.yaml \
+              --contexts 8192,32768 --batches 1 --capacity --out "$OUT/qwen3-30b-a3b" ;;
+    *) echo "unknown step $s (memory, serve8k, q25, fast32k, a3b)"; exit 2 ;;
   esac
 done

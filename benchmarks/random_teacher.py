@@ -31,8 +31,11 @@ if tok_src != src:
         sys.exit(f"no tokenizer in {tok_src} ({str(e).splitlines()[0]}); give a folder with tokenizer.json")
     if n_tok > config.vocab_size:
         sys.exit(f"the tokenizer in {tok_src} has {n_tok} tokens, more than the config's vocab_size {config.vocab_size}; use one that fits")
-model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+# built on the GPU where there is one: the random init of 8B parameters takes seconds there, many minutes on one CPU thread
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 model.save_pretrained(dst)
+del model
 for f in tok_src.iterdir():
     if f.name.startswith(TOKENIZER_FILES + (("generation",) if tok_src == src else ())):  # another model's generation settings stay out
         shutil.copy(f, dst / f.name)

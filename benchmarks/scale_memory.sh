@@ -10,8 +10,8 @@
 #        many a step accumulates), and memory.sh's S1 / S2 / EXTRA / RUNS / OUT / GPU_MEMORY (GPU_MEMORY=79.2 on an
 #        H200: fit and run as on an 80 GB H100)
 # e.g. Qwen3-8B on one H100, with Qwen2.5's tokenizer (the same BPE and vocabulary size) from the folder attnedit
-# dequantises the Qwen2.5-Coder GGUF into (benchmarks/qwen2.5_coder_teacher.sh), not yet run on a GPU
-# (estimate: several minutes a recipe on one H100, most of it loading, compiling and saving 16 GB):
+# dequantises the Qwen2.5-Coder GGUF into (benchmarks/qwen2.5_coder_teacher.sh); on one H100 the teacher takes 25 s
+# to build and save, and each recipe a few minutes to load, edit, compile and run its steps (docs/scaling.md):
 #   DATA=../shared/data/wikipedia-en-2019/wikipedia-en-2019-00000-of-00008.jsonl.xz bash benchmarks/scale_memory.sh \
 #     tests/assets/qwen3-8b ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/ recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
 # Disk: the teacher (16 GB for Qwen3-8B) plus one run at a time (its model and last checkpoint), removed after it.

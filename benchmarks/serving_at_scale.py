@@ -53,6 +53,16 @@ def main() -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--capacity", action="store_true", help="also the largest batch each serves, and its throughput")
     p.add_argument("--prefill-chunk", type=int, default=None, help="model.prefill_chunk of every model (default: the models' own)")
+    p.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="model.fuse_projections() on every student and the same-engine teacher (bench --fuse-projections)",
+    )
+    p.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        help="model.compile_prefill() on every student and the same-engine teacher (bench --compile-prefill)",
+    )
     p.add_argument("--stock-cells", default=None, help="time the stock transformers path at these BxC cells too")
     p.add_argument(
         "--memory-gb",
@@ -96,6 +106,8 @@ def main() -> int:
         stock_cells=stock_cells,
         capacity=args.capacity,
         memory_gb=args.memory_gb,
+        fuse_projections=args.fuse_projections,
+        compile_prefill=args.compile_prefill,
     )
 
     def save(results: dict) -> None:
