@@ -144,8 +144,37 @@ What it shows:
   per-head keys and values, which one constant for every target does not see.
 - Where the plan errs high, `convert` may fit a smaller micro-batch than the card holds, never a larger one; the
   one estimate that was below its peak (`mla-2k` stage 2, -4% as it ran) was inside the 10% slack the total
-  adds. The Qwen3 rows below are computed, not measured: the `scale_memory.sh` command above measures them,
-  and this table is where they go.
+  adds. The Qwen3 rows below are computed; the next section has what was measured of them.
+
+## Qwen3-8B at its real shapes on one H100 80 GB (2026-12-07; stage 1 only)
+
+A random-weight Qwen3-8B built from the real config (`benchmarks/random_teacher.py`: 25 s to build on the GPU
+and save), both shipped recipes unchanged but for 20 stage-1 and 12 stage-2 steps, `grad_accum` 1 in stage 1 and
+2 in stage 2 (a peak and tokens/s depend on the micro-batch, not on how many a step accumulates), one process,
+`convert --gpu-memory 79.2`. Logs and plans: `docs/results/scale/2026-12-07-h100/qwen3-8b-memory/`.
+
+```bash
+STEPS=memory bash benchmarks/at_scale.sh TOKENIZER_DIR DATA    # = scale_memory.sh on both Qwen3-8B recipes
+```
+
+| recipe | stage 1 as written | fitted by `convert` (plan) | teacher's forward at that micro-batch | stage 1 tok/s (x the teacher's forward) | stage 1 as written, projected |
+|---|---|---|---|---|---|
+| `qwen3-8b-mla.yaml` | 8 x 2048, plan 95.3 GiB | 4 x 2 x 2048 (68.1 GiB) | 29,307 tok/s | 19,415 (**0.66x**; target >= 0.5x: met) | 131 M tokens: 1.9 h |
+| `qwen3-8b-gateswa.yaml` | 8 x 2048, plan 106.9 GiB | 2 x 4 x 2048 (66.0 GiB) | 28,598 tok/s | 18,278 (**0.64x**; met) | 66 M tokens: 1.0 h |
+
+- **Both recipes fit the card by themselves in stage 1**: `convert` lowered the micro-batch (8 -> 4 and 8 -> 2)
+  and raised `grad_accum` to keep the global batch, and both trained at these shapes. Tokens/s are the second
+  window's (steps 11-20; the first holds the compilation).
+- **Stage 2 failed on both**, and so no peak of either stage was recorded (`summary.json` is written at the end of a
+  run): compiled decoder layers inside gradient checkpointing, which both recipes' stage 2 uses. The checkpoint's
+  recomputation stops a layer's forward early by raising through the compiled call; the compile fallback took that
+  for a compiler failure, turned compilation off mid-recomputation, and the next layer's recomputation failed
+  (`target_frame.early_stop is set`). Fixed since: the checkpoint now runs inside each compiled layer's graph, and
+  the fallback lets the checkpoint's own exception through (tested on CPU with the `aot_eager` and `inductor`
+  backends: equal loss and gradients, compilation stays on, fewer activations kept). Not re-run on the GPU yet:
+  stage 2's peak and tokens/s at these shapes, and both stages' measured peaks next to the plan, are what the
+  same command measures next. Each stage now also prints its tokens/s and peak next to the plan when it ends, so
+  a later failure keeps them in the log.
 """
 
 if __name__ == "__main__":
