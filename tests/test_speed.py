@@ -337,9 +337,14 @@ def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_sta
     eager = _loss_and_grads(loss_fn, params, ids)
     group = CompileGroup(True, "the stage-2 decoder layers", backend=backend)
     undo = stage2.compile_layers(student, group)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     try:
         student.gradient_checkpointing, student.training = True, True  # as Stage2.train_mode sets them
         got = [_loss_and_grads(loss_fn, params, ids) for _ in range(2)][-1]
+        # one graph per layer kind (MLA: one; GateSWA: sliding and full), never one per layer
+        assert counters["stats"]["unique_graphs"] == (1 if target == "mla" else 2), dict(counters["stats"])
         kept_checkpointed = _saved_bytes(loss_fn, params, ids)
         student.gradient_checkpointing, student.training = False, False
         kept_plain = _saved_bytes(loss_fn, params, ids)

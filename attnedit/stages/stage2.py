@@ -299,8 +299,9 @@ def compile_layers(student, group: CompileGroup):
     if not group.enabled:
         return lambda: None
     eager = type(student)._layer
+    eager_checkpointed = _checkpointed(eager)
     plain = {id(layer): group.wrap(_DecoderLayer(layer, eager)) for layer in student.model.layers}
-    checkpointed = {id(layer): group.wrap(_DecoderLayer(layer, _checkpointed(eager))) for layer in student.model.layers}
+    checkpointed = {id(layer): group.wrap(_DecoderLayer(layer, eager_checkpointed)) for layer in student.model.layers}
 
     def route(wrapped, fallback):
         def layer_step(layer, h, ctx):
@@ -315,7 +316,7 @@ def compile_layers(student, group: CompileGroup):
         return layer_step
 
     student._layer = route(plain, eager)
-    student._checkpointed_layer = route(checkpointed, _checkpointed(eager))
+    student._checkpointed_layer = route(checkpointed, eager_checkpointed)
 
     def undo():
         student.__dict__.pop("_layer", None)
