@@ -7,8 +7,10 @@
 #   q25      Qwen2.5-Coder-0.5B's shape at 1 x 8k and 64 x 8k, its recipes' `auto` choices pinned      -> docs/performance.md
 #   fast32k  Qwen3-8B at 1 x 32k with fused projections and the compiled prefill (bench's --fuse-projections,
 #            --compile-prefill) on every model: batch-1 decode and TTFT next to the teacher on the same path
+#   q25fast  q25 with fused projections and the compiled prefill on every model (fewer kernels a step: what a small
+#            model's step is made of)
 #   a3b      Qwen3-30B-A3B at 8k and 32k, batch 1 and the largest batch (61 GB of weights: an H200's step)
-# usage: [STEPS="memory serve8k q25 fast32k"] [MEMORY_GB=79.6] [GPU_MEMORY=79.2] [S1=20] [S2=12] bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
+# usage: [STEPS="memory serve8k q25 q25fast fast32k"] [MEMORY_GB=79.6] [GPU_MEMORY=79.2] [S1=20] [S2=12] bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
 #   TOKENIZER_DIR  a tokenizer that fits Qwen3's vocabulary (Qwen2.5's: the folder attnedit dequantises the
 #                  Qwen2.5-Coder GGUF into, ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/)
 #   DATA           the training text for the memory step (one Wikipedia shard is plenty)
@@ -25,7 +27,7 @@ step() {  # name, then the command; skipped when $OUT/<name>.done exists (a fini
   echo "== $name $(date -u +%T)"
   if "$@" > "$OUT/$name.log" 2>&1; then touch "$OUT/$name.done"; echo "== $name finished $(date -u +%T)"; else echo "== $name failed: $OUT/$name.log"; fi
 }
-for s in ${STEPS:-memory serve8k q25 fast32k}; do
+for s in ${STEPS:-memory serve8k q25 q25fast fast32k}; do
   case $s in
     memory) step memory env DATA="$TEXT" S1="${S1:-20}" S2="${S2:-12}" OUT="$OUT/memory" bash "$HERE/scale_memory.sh" tests/assets/qwen3-8b "$TOKENIZER" \
               recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
@@ -34,10 +36,13 @@ for s in ${STEPS:-memory serve8k q25 fast32k}; do
               --contexts 8192 --batches 1 --capacity ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen3-8b-8k" ;;
     q25) step q25 python "$HERE/serving_at_scale.py" tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \
               recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen2.5-8k" ;;
+    q25fast) step q25fast python "$HERE/serving_at_scale.py" tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \
+              recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 --fuse-projections --compile-prefill \
+              ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen2.5-8k-fast" ;;
     fast32k) step fast32k python "$HERE/serving_at_scale.py" tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \
               --contexts 32768 --batches 1 --fuse-projections --compile-prefill ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen3-8b-32k-fast" ;;
     a3b) step a3b python "$HERE/serving_at_scale.py" tests/assets/qwen3-30b-a3b recipes/qwen3-30b-a3b-gateswa.yaml recipes/qwen3-30b-a3b-mla.yaml \
               --contexts 8192,32768 --batches 1 --capacity --out "$OUT/qwen3-30b-a3b" ;;
-    *) echo "unknown step $s (memory, serve8k, q25, fast32k, a3b)"; exit 2 ;;
+    *) echo "unknown step $s (memory, serve8k, q25, q25fast, fast32k, a3b)"; exit 2 ;;
   esac
 done
