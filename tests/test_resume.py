@@ -212,3 +212,30 @@ def test_a_loss_that_stays_nonfinite_stops_with_a_clear_message(setup, tmp_path,
     monkeypatch.setattr(stage1, "layer_losses", lambda *a: ([torch.tensor(float("inf"), requires_grad=True)], [0.0]))
     with pytest.raises(AttnEditError, match="still non-finite after 2 restarts"):
         convert(parse_recipe(raw), tmp_path / "run", progress="none")
+
+
+def test_a_failure_of_the_code_in_stage_2_says_what_is_kept_and_resume_finishes_the_run(setup, reference, capsys, monkeypatch):
+    """Not bad input but a crash (a library's, the machine's) after stage 1: the traceback propagates, one line
+    says which checkpoint is kept and the command that continues, and --resume gives the uninterrupted run."""
+    from attnedit.stages import stage2
+
+    real, calls = stage2.kd_terms, {"n": 0}
+
+    def fails_at_the_second_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("Unexpected state: target_frame.early_stop is set")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(stage2, "kd_terms", fails_at_the_second_step)
+        with pytest.raises(RuntimeError, match="early_stop"):
+            _convert([str(setup / "recipe.yaml"), "--out", "crashed"], setup, m)
+    err = capsys.readouterr().err
+    newest = list_checkpoints(setup / "crashed")[-1].name
+    assert (
+        f"attnedit: the run stopped (RuntimeError: Unexpected state: target_frame.early_stop is set); its training up to checkpoint {newest} is kept: attnedit convert crashed --resume continues from there"
+        in err
+    )
+    assert _convert(["crashed", "--resume"], setup, monkeypatch) == 0
+    _same_run(reference, setup / "crashed")

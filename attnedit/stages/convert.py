@@ -94,6 +94,8 @@ def train_and_save(recipe: Recipe, run_dir: Path, resume: bool, progress: str, p
         if not resume and not saved and not getattr(e, "resumable", False) and parallel.main:
             for p in list(run_dir.iterdir()) if existed else [run_dir]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        elif saved and parallel.main and not isinstance(e, AttnEditError):  # a failure of the code or the machine
+            print(f"attnedit: {kept_work_text(run_dir, saved[-1], e)}", file=sys.stderr)
         raise
 
 
@@ -136,6 +138,15 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
 
 RESULT_FILES = (*(r.FILE for r in RESULTS), "report.md")  # made from the saved model
 EARLIER = "earlier-model"  # where a resumed run that trains again puts the results of the model it replaces
+
+
+def kept_work_text(run_dir: Path, newest: Path, error: BaseException) -> str:
+    """One line after an unexpected failure (its traceback above it): the training that is kept and how to go on."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (
+        f"the run stopped ({type(error).__name__}{': ' + first if first else ''}); its training up to checkpoint "
+        f"{newest.name} is kept: attnedit convert {run_dir} --resume continues from there"
+    )
 
 
 def announce_resume(run_dir: Path, stages: list[Stage], state: dict | None) -> None:
