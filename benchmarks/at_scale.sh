@@ -16,7 +16,8 @@
 #   DATA           the training text for the memory step (one Wikipedia shard is plenty)
 # MEMORY_GB caps the serving steps' memory and GPU_MEMORY the memory step's plan and run (both GiB: on an H200, run
 # as on an 80 GB H100); the a3b step always uses the whole card.
-# Disk: the 16 GB random Qwen3-8B teacher plus one run at a time; the teacher is removed after the memory step.
+# Disk: the 16 GB random Qwen3-8B teacher plus one run at a time (scale_memory.sh says how much); the teacher is
+# removed after the memory step. On a 64 GB disk: TEACHER_DIR=/dev/shm/random-qwen3-8b (the teacher in host memory).
 set -u
 source "$(dirname "$0")/common.sh"
 TOKENIZER=${1:?a tokenizer folder that fits the Qwen3 vocabulary}; TEXT=${2:?the training text for the memory step}
@@ -31,7 +32,7 @@ for s in ${STEPS:-memory serve8k q25 q25fast fast32k}; do
   case $s in
     memory) step memory env DATA="$TEXT" S1="${S1:-20}" S2="${S2:-12}" OUT="$OUT/memory" bash "$HERE/scale_memory.sh" tests/assets/qwen3-8b "$TOKENIZER" \
               recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
-            rm -rf "$RUNS/random-qwen3-8b" ;;
+            rm -rf "${TEACHER_DIR:-$RUNS/random-qwen3-8b}" ;;
     serve8k) step serve8k python "$HERE/serving_at_scale.py" tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \
               --contexts 8192 --batches 1 --capacity ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen3-8b-8k" ;;
     q25) step q25 python "$HERE/serving_at_scale.py" tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \

@@ -14,7 +14,10 @@
 # to build and save, and each recipe a few minutes to load, edit, compile and run its steps (docs/scaling.md):
 #   DATA=../shared/data/wikipedia-en-2019/wikipedia-en-2019-00000-of-00008.jsonl.xz bash benchmarks/scale_memory.sh \
 #     tests/assets/qwen3-8b ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/ recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
-# Disk: the teacher (16 GB for Qwen3-8B) plus one run at a time (its model and last checkpoint), removed after it.
+# Disk: the teacher (16 GB for Qwen3-8B) plus one run at a time, removed after it: its model (16 GB) and up to two
+# checkpoints while the second is written (the trained weights and AdamW's moments, 12 bytes a trained parameter:
+# 17 GB each for Qwen3-8B MLA, 25 GB for GateSWA; the runs keep one). On a 64 GB disk that is too much beside the
+# teacher: put the teacher in host memory, TEACHER_DIR=/dev/shm/random-qwen3-8b.
 set -u
 source "$(dirname "$0")/common.sh"
 CONFIG=${1:?a folder with the model config.json}; TOKENIZER=${2:?a folder with a tokenizer that fits its vocabulary}
@@ -29,7 +32,7 @@ ACCUM=${ACCUM:---set stage1.grad_accum=1 --set stage2.grad_accum=2}
 for recipe in "$@"; do
   name=$(basename "$recipe" .yaml)
   echo "== $name"
-  EXTRA="--set teacher=$(realpath "$TEACHER_DIR") $ACCUM --set checkpoint_every=1000000 ${EXTRA:-}" \
+  EXTRA="--set teacher=$(realpath "$TEACHER_DIR") $ACCUM --set checkpoint_every=1000000 --set keep_checkpoints=1 ${EXTRA:-}" \
     bash "$(dirname "$0")/memory.sh" "$recipe"
   rm -rf "$RUNS/$name-memory"
 done
