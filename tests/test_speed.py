@@ -602,7 +602,7 @@ def test_the_profiles_teacher_forward_is_eager_while_the_stage_runs_its_modules_
 
 def test_each_stage_says_its_speed_and_peak_when_it_ends():
     """convert's line at a stage's end (kept in the log even when a later stage fails)."""
-    from attnedit.stages.convert import stage_done_text
+    from attnedit.stages.format import stage_done_text
 
     info = {"tok_s": 19415.2, "ratio": 0.6625, "peak_memory_bytes": 70 * 2**30, "est_memory_bytes": 68 * 2**30, "compiled": True}
     assert stage_done_text(1, info) == "stage 1 done, 19,415 tok/s (0.66x the teacher's forward), peak 70.0 GiB (plan 68.0 GiB), compiled"

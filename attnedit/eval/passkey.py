@@ -23,7 +23,7 @@ from ..errors import AttnEditError, is_out_of_memory
 from ..schema import require, setting
 from .generation import generate_greedy
 from .models import check_contexts
-from .progress import Progress, weights_stamp
+from .progress import Progress, models_key
 
 INSTRUCTION = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -193,8 +193,7 @@ def passkey_json(model: str, teacher: str, student, teacher_model, tokenizer, se
 
     first = next(student.parameters())
     key = {
-        "model": model, "teacher": teacher, "model_files": weights_stamp(model), "teacher_files": weights_stamp(teacher),
-        "depths": settings.depths, "trials": settings.trials, "seed": settings.seed, "filler": settings.filler,
+        **models_key(model, teacher), "depths": settings.depths, "trials": settings.trials, "seed": settings.seed, "filler": settings.filler,
         "device": first.device.type, "dtype": str(first.dtype),
     }  # fmt: skip
     grid = run_passkey(

@@ -35,6 +35,11 @@ def weights_stamp(name: str | None) -> list | None:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
 
 
+def models_key(model: str, teacher: str | None) -> dict:
+    """The part of a progress key that names the two models and stamps their files (:func:`weights_stamp`)."""
+    return {"model": model, "teacher": teacher, "model_files": weights_stamp(model), "teacher_files": weights_stamp(teacher)}
+
+
 class Progress:
     """The pieces kept at ``path`` (None: kept in memory only) for the evaluation described by ``key``."""
 

@@ -30,7 +30,7 @@ from ..paths import data_root
 from ..schema import FieldError, require, setting
 from .harness import LOCAL_TASKS, HarnessSettings, check_data, run_harness, split_tasks
 from .perplexity import WIKITEXT2_FILE, PerplexitySettings, perplexity, tokenize_text, wikitext2_text
-from .progress import Progress, weights_stamp
+from .progress import Progress, models_key
 
 PPL_TASK = "wikitext2"
 KNOWN_TASKS = (PPL_TASK, *LOCAL_TASKS)
@@ -171,8 +171,7 @@ class QualityRun:
         check_quality(settings)
         self.model, self.teacher, self.settings, self.device, self.dtype = model, teacher, settings, str(device), dtype
         key = {
-            "model": model, "teacher": teacher, "model_files": weights_stamp(model), "teacher_files": weights_stamp(teacher),
-            "limit": settings.limit, "num_fewshot": settings.num_fewshot, "batch_size": settings.batch_size,
+            **models_key(model, teacher), "limit": settings.limit, "num_fewshot": settings.num_fewshot, "batch_size": settings.batch_size,
             "ppl_context": settings.ppl_context, "ppl_stride": settings.ppl_stride, "ppl_tokens": settings.ppl_tokens,
             "data_dir": str(data_dir_of(settings).resolve()), "device": torch_device_type(self.device), "dtype": dtype,
         }  # fmt: skip

@@ -35,11 +35,10 @@ from ..io import WriteFailed, remove_temp_files, write_error_text, write_errors,
 from ..recipe import Recipe
 from ..results import RESULT_FILES as RESULTS
 from ..results import Summary
-from ..tables import human_bytes
 from .base import Conversion, Stage
 from .context import FULL_LAYERS, edit
 from .evaluate import evaluate_run, missing_parts
-from .format import fit_text
+from .format import fit_text, stage_done_text
 from .plan import MemoryPlan, fit_note, fit_stages, fit_summary, validate_start, weights_dtype
 from .rundir import check_new_run_dir, prepare_run_dir
 from .speed import CompileGroup, compile_wanted, peak_memory, reset_peak_memory, teacher_forward_tok_s, warm_up
@@ -273,17 +272,6 @@ def train(ctx: Conversion, run: Run, stage: Stage, memory: MemoryPlan, baseline:
     finally:
         undo()
         job.stream.close()
-
-
-def stage_done_text(number: int, info: dict) -> str:
-    """One line at a stage's end: its speed next to the teacher's forward, and its peak memory next to the plan."""
-    parts = [f"stage {number} done"]
-    if info.get("tok_s"):
-        parts.append(f"{info['tok_s']:,.0f} tok/s" + (f" ({info['ratio']:.2f}x the teacher's forward)" if info.get("ratio") else ""))
-    if info.get("peak_memory_bytes"):
-        parts.append(f"peak {human_bytes(info['peak_memory_bytes'])} (plan {human_bytes(info['est_memory_bytes'])})")
-    parts.append("compiled" if info.get("compiled") else "eager")
-    return ", ".join(parts)
 
 
 def plain_forward(teacher, ids, group: CompileGroup):

@@ -130,6 +130,22 @@ def _done(mode: str) -> str:
     return "sharded" if mode == "shard" else "replicated"
 
 
+def speed_text(info: dict) -> str:
+    """A stage's tokens/s and their ratio to the teacher's forward, from its summary entry (which has ``tok_s``)."""
+    return f"{info['tok_s']:,.0f} tok/s" + (f" ({info['ratio']:.2f}x the teacher's forward)" if info.get("ratio") else "")
+
+
+def stage_done_text(number: int, info: dict) -> str:
+    """convert's line at a stage's end: its speed next to the teacher's forward, its peak memory next to the plan."""
+    parts = [f"stage {number} done"]
+    if info.get("tok_s"):
+        parts.append(speed_text(info))
+    if info.get("peak_memory_bytes"):
+        parts.append(f"peak {human_bytes(info['peak_memory_bytes'])} (plan {human_bytes(info['est_memory_bytes'])})")
+    parts.append("compiled" if info.get("compiled") else "eager")
+    return ", ".join(parts)
+
+
 def format_summary(summary: dict, run_dir: str | os.PathLike | None = None) -> str:
     """convert's printed summary; the saved model's folder is named from ``run_dir`` (summary.json keeps it relative)."""
     lines = []
@@ -137,11 +153,7 @@ def format_summary(summary: dict, run_dir: str | os.PathLike | None = None) -> s
         info = summary.get(f"stage{stage}")
         if info:
             final = info.get("final", {})
-            speed = ""
-            if info.get("tok_s"):
-                speed = f", {info['tok_s']:,.0f} tok/s"
-                if info.get("ratio"):
-                    speed += f" ({info['ratio']:.2f}x the teacher's forward)"
+            speed = f", {speed_text(info)}" if info.get("tok_s") else ""
             if info.get("peak_memory_bytes"):
                 speed += f", peak {human_bytes(info['peak_memory_bytes'])} (est. {human_bytes(info['est_memory_bytes'])})"
             lines.append(
