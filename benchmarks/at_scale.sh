@@ -28,20 +28,21 @@ step() {  # name, then the command; skipped when $OUT/<name>.done exists (a fini
   echo "== $name $(date -u +%T)"
   if "$@" > "$OUT/$name.log" 2>&1; then touch "$OUT/$name.done"; echo "== $name finished $(date -u +%T)"; else echo "== $name failed: $OUT/$name.log"; fi
 }
+# the serving runs: each model's shape and its students (Qwen2.5's measured `auto` choices pinned), and the options
+SERVE=(python "$HERE/serving_at_scale.py")
+QWEN3_8B=(tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml)
+QWEN25=(tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform
+        recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1)
+CAP=(${MEMORY_GB:+--memory-gb $MEMORY_GB}); FAST=(--fuse-projections --compile-prefill)
 for s in ${STEPS:-memory serve8k q25 q25fast fast32k}; do
   case $s in
     memory) step memory env DATA="$TEXT" S1="${S1:-20}" S2="${S2:-12}" OUT="$OUT/memory" bash "$HERE/scale_memory.sh" tests/assets/qwen3-8b "$TOKENIZER" \
               recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
             rm -rf "${TEACHER_DIR:-$RUNS/random-qwen3-8b}" ;;
-    serve8k) step serve8k python "$HERE/serving_at_scale.py" tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \
-              --contexts 8192 --batches 1 --capacity ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen3-8b-8k" ;;
-    q25) step q25 python "$HERE/serving_at_scale.py" tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \
-              recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen2.5-8k" ;;
-    q25fast) step q25fast python "$HERE/serving_at_scale.py" tests/assets/qwen2.5-coder-0.5b recipes/qwen2.5-0.5b-mla.yaml+target_args.rank_allocation=uniform \
-              recipes/qwen2.5-0.5b-gateswa.yaml+target_args.full_heads=3.0,7.1,11.0,15.1 --contexts 8192 --batches 1,64 --fuse-projections --compile-prefill \
-              ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen2.5-8k-fast" ;;
-    fast32k) step fast32k python "$HERE/serving_at_scale.py" tests/assets/qwen3-8b recipes/qwen3-8b-gateswa.yaml recipes/qwen3-8b-mla.yaml \
-              --contexts 32768 --batches 1 --fuse-projections --compile-prefill ${MEMORY_GB:+--memory-gb $MEMORY_GB} --out "$OUT/qwen3-8b-32k-fast" ;;
+    serve8k) step serve8k "${SERVE[@]}" "${QWEN3_8B[@]}" --contexts 8192 --batches 1 --capacity "${CAP[@]}" --out "$OUT/qwen3-8b-8k" ;;
+    q25) step q25 "${SERVE[@]}" "${QWEN25[@]}" --contexts 8192 --batches 1,64 "${CAP[@]}" --out "$OUT/qwen2.5-8k" ;;
+    q25fast) step q25fast "${SERVE[@]}" "${QWEN25[@]}" --contexts 8192 --batches 1,64 "${FAST[@]}" "${CAP[@]}" --out "$OUT/qwen2.5-8k-fast" ;;
+    fast32k) step fast32k "${SERVE[@]}" "${QWEN3_8B[@]}" --contexts 32768 --batches 1 "${FAST[@]}" "${CAP[@]}" --out "$OUT/qwen3-8b-32k-fast" ;;
     a3b) step a3b python "$HERE/serving_at_scale.py" tests/assets/qwen3-30b-a3b recipes/qwen3-30b-a3b-gateswa.yaml recipes/qwen3-30b-a3b-mla.yaml \
               --contexts 8192,32768 --batches 1 --capacity --out "$OUT/qwen3-30b-a3b" ;;
     *) echo "unknown step $s (memory, serve8k, q25, q25fast, fast32k, a3b)"; exit 2 ;;
