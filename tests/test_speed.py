@@ -168,6 +168,7 @@ import contextlib  # noqa: E402
 
 from tiny import VOCAB, tiny_ids, tiny_teacher  # noqa: E402
 
+from attnedit.errors import is_out_of_memory  # noqa: E402
 from attnedit.recipe import parse_recipe  # noqa: E402
 from attnedit.stages import stage1  # noqa: E402
 from attnedit.stages.speed import CompileGroup, warm_up  # noqa: E402
@@ -363,6 +364,123 @@ def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_sta
     assert kept_checkpointed < 0.6 * kept_plain, (kept_checkpointed, kept_plain)
     # the checkpoint inside the graph keeps about what the eager checkpoint keeps (each layer's input), so the plan holds
     assert kept_checkpointed <= 1.15 * kept_eager_checkpointed, (kept_checkpointed, kept_eager_checkpointed)
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """The CUDA path of a sliding layer (FlexAttention with a block mask) taken on the CPU, its compiled kernel
+    counted: FlexAttention compiles with ``aot_eager`` here (its dense form; CPU FlexAttention refuses a backward,
+    which the dense form computes, so that check is lifted). The caches start empty, as at a new shape. Returns the
+    list that gets one entry per run of the compiled FlexAttention graph."""
+    import torch.nn.attention.flex_attention as fa
+
+    from attnedit.targets import common, kernels
+
+    runs = []
+
+    def counted(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        boxed = lambda g, _: make_boxed_func(g)  # noqa: E731
+        compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed)(gm, example_inputs)
+
+        def run(*args):
+            runs.append(1)
+            return compiled(*args)
+
+        return run
+
+    monkeypatch.setattr(kernels, "_fast_device", lambda device: True)
+    monkeypatch.setattr(kernels, "_FLEX", torch.compile(fa.flex_attention, backend=counted))
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    monkeypatch.setattr(kernels, "_BLOCK_MASKS", {})
+    monkeypatch.setattr(common, "_ROPE_TABLES", {})
+    torch._dynamo.reset()
+    yield runs
+    torch._dynamo.reset()
+
+
+def _gateswa_stage2(window=8):
+    teacher = tiny_teacher("qwen3")
+    student = edit_model(teacher, "gateswa", {"window": window, "full_layers": "every:2"})
+    params = stage2.trainable(student, "attention")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    loss_fn = stage2.make_loss(teacher, student, parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2)
+    return student, params, loss_fn
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_sliding_layers_keep_flexattention_in_their_graph(flex_on_cpu):
+    """Stage 2 of a GateSWA recipe on a GPU: compiled layers, gradient checkpointing inside them, FlexAttention in the
+    sliding layers, at a sequence length no earlier forward used. Building the block mask (or the RoPE table) inside
+    the traced checkpoint wrote a module-level cache, a side effect dynamo refuses in a checkpoint; it then ran the
+    checkpoint eagerly, where FlexAttention is unfused ([T, T] scores: out of memory on a Qwen3-8B at 2 x 8192).
+    The model builds them before its layers run: no graph break, one graph per layer kind, the same loss and
+    gradients as the eager model."""
+    student, params, loss_fn = _gateswa_stage2()
+    ids = tiny_ids(2, 24)
+    group = CompileGroup(True, "the stage-2 decoder layers", backend="aot_eager")
+    undo = stage2.compile_layers(student, group)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    try:
+        student.gradient_checkpointing, student.training = True, True
+        got = _loss_and_grads(loss_fn, params, ids)
+        breaks = dict(counters["graph_break"])
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        student.gradient_checkpointing, student.training = False, False
+        undo()
+    assert not breaks, breaks
+    assert graphs == 2, graphs  # the sliding and the full layer, FlexAttention inside the sliding one's
+    assert group.enabled and not group.warned
+    eager = _loss_and_grads(loss_fn, params, ids)
+    torch.testing.assert_close(got[0], eager[0])
+    for a, b in zip(got[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eager_gradient_checkpointing_keeps_flexattention_compiled(flex_on_cpu):
+    """The layers eager (stage 2 without compilation, or after it failed) under gradient checkpointing:
+    ``torch.utils.checkpoint`` turns TorchDynamo off inside, so the compiled FlexAttention ran unfused there. The
+    model's checkpoint keeps it compiled, in the forward and in the recomputation; loss and gradients as without
+    checkpointing."""
+    student, params, loss_fn = _gateswa_stage2()
+    sliding = sum(a.window is not None for a in student.attentions())
+    ids = tiny_ids(2, 24)
+    plain = _loss_and_grads(loss_fn, params, ids)
+    flex_on_cpu.clear()
+    student.gradient_checkpointing, student.training = True, True
+    try:
+        got = _loss_and_grads(loss_fn, params, ids)
+    finally:
+        student.gradient_checkpointing, student.training = False, False
+    assert len(flex_on_cpu) == 2 * sliding, (len(flex_on_cpu), sliding)  # each sliding layer: forward, recomputation
+    torch.testing.assert_close(got[0], plain[0])
+    for a, b in zip(got[2], plain[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_running_out_of_memory_in_a_compiled_call_is_raised_and_keeps_compilation_on(capsys):
+    """Out of memory in a compiled call (here the compiler's, which dynamo wraps as BackendCompilerFailed) is not a
+    compiler failure: eagerly the call would need more memory, so it is raised, and the group stays compiled."""
+
+    def starved(gm, example_inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+    torch._dynamo.reset()
+    group = CompileGroup(True, "test", backend=starved)
+    call = group.wrap(nn.Linear(4, 4))
+    with pytest.raises(Exception) as e:
+        call(torch.randn(2, 4))
+    assert is_out_of_memory(e.value), repr(e.value)
+    assert group.enabled and not group.warned and capsys.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------- no host syncs in the losses

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from ..errors import is_out_of_memory
 from ..targets import AttentionContext
 
 # Exceptions that carry control flow through a compiled call rather than report a compiler failure: gradient
@@ -43,7 +44,8 @@ def _raise_recompile_limit(at_least: int) -> None:
 
 
 class CompileGroup:
-    """Modules compiled together; if compiling any of them fails, all run eagerly (one warning).
+    """Modules compiled together; if compiling any of them fails, all run eagerly (one warning). Running out of
+    memory in a compiled call is raised as it is (eagerly the call would need more).
 
     ``wrap(module)`` returns a callable that runs ``torch.compile(module)`` while the group is healthy
     and the eager module otherwise. Modules of one class share their compiled code: dynamo inlines
@@ -68,6 +70,8 @@ class CompileGroup:
                 except PASS_THROUGH:
                     raise
                 except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly instead
+                    if is_out_of_memory(e):  # not the compiler's fault: eagerly it would need more memory
+                        raise
                     self.disable(e)
             return module(*args, **kwargs)
 

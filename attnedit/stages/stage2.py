@@ -17,11 +17,11 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from ..distributed.memory import FP32, score_bytes
 from ..families import family_for
 from ..families.hooks import watch
+from ..targets.common import checkpoint
 from .base import Conversion, Stage
 from .speed import CompileGroup, compile_forwards, layer_context
 from .stage1 import trainable as attention_trainable
@@ -279,10 +279,11 @@ class _DecoderLayer(nn.Module):
 
 
 def _checkpointed(step):
-    """``step`` under non-reentrant gradient checkpointing, for tracing inside a compiled layer."""
+    """``step`` under non-reentrant gradient checkpointing, for tracing inside a compiled layer (and eagerly with
+    its kernels compiled, should compilation fail: :func:`~attnedit.targets.common.checkpoint`)."""
 
     def run(layer, h, ctx):
-        return torch.utils.checkpoint.checkpoint(step, layer, h, ctx, use_reentrant=False)
+        return checkpoint(step, layer, h, ctx)
 
     return run
 

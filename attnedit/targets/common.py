@@ -12,9 +12,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .kernels import decode_attention, sliding_attention, window_mask
+
+
+def checkpoint(fn, *args):
+    """``fn(*args)`` under non-reentrant gradient checkpointing, with the compiled kernels inside it compiled.
+
+    ``torch.utils.checkpoint.checkpoint`` runs its function with TorchDynamo disabled, so eagerly a compiled
+    kernel inside it runs uncompiled: FlexAttention (a sliding layer's training kernel) then holds ``[T, T]``
+    scores, 4 GiB a layer for 32 heads at 8k. Eagerly this calls the checkpoint underneath that switch; while
+    ``torch.compile`` traces, the checkpoint itself, which dynamo turns into its checkpoint operator."""
+    run = torch.utils.checkpoint.checkpoint
+    if not torch.compiler.is_compiling():
+        run = getattr(run, "__wrapped__", run)
+    return run(fn, *args, use_reentrant=False)
 
 
 class RMSNorm(nn.Module):
@@ -85,10 +99,15 @@ class Rotary:
         return inv.float(), float(scale)
 
     def frequencies(self, device) -> tuple[torch.Tensor, float]:
+        """The inverse frequencies and the attention scaling, from the table (filled outside ``torch.compile``:
+        a write while tracing a gradient checkpoint is a side effect that would make dynamo run it eagerly)."""
         key = (self.key, str(device))
-        if key not in _ROPE_TABLES:
-            _ROPE_TABLES[key] = self._frequencies(device)
-        return _ROPE_TABLES[key]
+        found = _ROPE_TABLES.get(key)
+        if found is None:
+            found = self._frequencies(device)
+            if not torch.compiler.is_compiling():
+                _ROPE_TABLES[key] = found
+        return found
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv, scale = self.frequencies(position_ids.device)

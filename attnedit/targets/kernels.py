@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 
 
+def _fast_device(device) -> bool:
+    return torch.device(device).type == "cuda" and os.environ.get("ATTNEDIT_KERNELS", "auto") != "sdpa"
+
+
 def _use_fast(t: torch.Tensor) -> bool:
-    return t.is_cuda and os.environ.get("ATTNEDIT_KERNELS", "auto") != "sdpa"
+    return _fast_device(t.device)
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -443,18 +447,38 @@ def _flex():
     return _FLEX
 
 
-def _sliding_block_mask(t: int, window: int, sink: int, device):
+def sliding_block_mask(t: int, window: int, sink: int, device):
+    """FlexAttention's block mask for causal attention over ``t`` tokens within ``window`` tokens or among the first
+    ``sink``, built once per shape and device. While ``torch.compile`` traces, the cache is read and never written
+    (the mask is then built inside the graph): a write inside a traced gradient checkpoint is a side effect dynamo
+    refuses, and the refusal runs the checkpointed layer eagerly, where FlexAttention is unfused and holds
+    ``[T, T]`` scores. :func:`prepare_sliding` fills the cache outside any trace."""
     key = (t, window, sink, str(device))
-    if key not in _BLOCK_MASKS:
+    mask = _BLOCK_MASKS.get(key)
+    if mask is None:
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mod(b, h, q, k):
             return (k <= q) & ((q - k < window) | (k < sink))
 
-        if len(_BLOCK_MASKS) > 32:
-            _BLOCK_MASKS.clear()
-        _BLOCK_MASKS[key] = create_block_mask(mod, None, None, t, t, device=device)
-    return _BLOCK_MASKS[key]
+        mask = create_block_mask(mod, None, None, t, t, device=device)
+        if not torch.compiler.is_compiling():
+            if len(_BLOCK_MASKS) > 32:
+                _BLOCK_MASKS.clear()
+            _BLOCK_MASKS[key] = mask
+    return mask
+
+
+def prepare_sliding(t: int, windows, device) -> None:
+    """Build what :func:`sliding_attention` looks up for ``t`` tokens with each ``(window, sink)`` of ``windows``
+    (the compiled FlexAttention and its block masks) before the layers run, so that a layer traced by
+    ``torch.compile`` (under gradient checkpointing too) finds them and changes no state. A no-op off CUDA."""
+    if torch.compiler.is_compiling() or not _fast_device(device):
+        return
+    _flex()
+    for window, sink in windows:
+        if window < t:
+            sliding_block_mask(t, window, sink, device)
 
 
 def sliding_attention(q, k, v, window: int, sink: int, scale: float) -> torch.Tensor:
@@ -467,6 +491,6 @@ def sliding_attention(q, k, v, window: int, sink: int, scale: float) -> torch.Te
     if window >= t:  # the window covers everything: plain causal (flash kernel)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if _use_fast(q) and q.shape[-1] == v.shape[-1] and q.shape[-1] >= 16:
-        return _flex()(q, k, v, block_mask=_sliding_block_mask(t, window, sink, q.device), scale=scale, enable_gqa=gqa)
+        return _flex()(q, k, v, block_mask=sliding_block_mask(t, window, sink, q.device), scale=scale, enable_gqa=gqa)
     idx = torch.arange(t, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(idx, idx, window, sink), scale=scale, enable_gqa=gqa)

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .common import AttentionContext, RMSNorm
+from .common import AttentionContext, RMSNorm, checkpoint
 from .configuration_attnedit import AttnEditConfig
 from .dense import DenseAttention
 from .engine_options import EngineOptions, post_attention, pre_attention
 from .gateswa import GateSWAAttention
 from .gqa import GQAAttention
+from .kernels import prepare_sliding
 from .mla import MLAAttention
 from .model_cache import AttnEditCache, chunk_mask, context_without_cache
 
@@ -163,6 +164,10 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
     def attentions(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
 
+    def _windows(self) -> set[tuple[int, int]]:
+        """The ``(window, sink)`` of every sliding attention, for :func:`~.kernels.prepare_sliding`."""
+        return {(a.window, a.sink) for a in self.attentions() if isinstance(getattr(a, "window", None), int)}
+
     def new_cache(self, static: bool = False, batch_size: int = 1, max_length: int | None = None, dtype=None, device=None) -> AttnEditCache:
         """A growing cache, or (``static=True``) one allocated once for ``batch_size`` x ``max_length`` tokens."""
         if not static:
@@ -183,7 +188,7 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
     def _checkpointed_layer(self, layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """A decoder layer under gradient checkpointing (training code may route it elsewhere, as stage 2 does to a
         compiled layer that checkpoints inside its graph)."""
-        return torch.utils.checkpoint.checkpoint(self._layer, layer, h, ctx, use_reentrant=False)
+        return checkpoint(self._layer, layer, h, ctx)
 
     def _backbone(self, name: str, default=None):
         return (getattr(self.config, "backbone", None) or {}).get(name, default)
@@ -237,6 +242,8 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
             ctx = cache.begin(b, t, attention_mask, position_ids, h.device)
         else:
             ctx = context_without_cache(b, t, attention_mask, position_ids, h.device)
+        if t > 1 and ctx.key_padding is None:
+            prepare_sliding(t, self._windows(), h.device)
         hidden_states = [] if output_hidden_states else None
         compiled_prefill = self.prefill_backend is not None and t > 1 and not torch.is_grad_enabled() and self._backbone("layer") != "teacher"
         for layer in self.model.layers:
