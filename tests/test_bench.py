@@ -372,3 +372,46 @@ def test_options_on_a_checkpoint_saved_before_them_fail_in_one_line_saying_what_
         bench.set_engine_options({"student": old}, True, False)
     text = str(e.value)
     assert "\n" not in text and "--fuse-projections" in text and "--compile-prefill" not in text and "attnedit export" in text
+
+
+def test_running_out_of_memory_while_compiling_counts_as_not_fitting():
+    """A capacity probe whose compiled step runs out of memory while compiling: dynamo reports it as
+    BackendCompilerFailed, which counted as a failure of the run (the Qwen3-8B 8k search stopped there)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from attnedit.eval.bench.capacity import fits
+
+    def compile_oom():
+        raise BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.16 GiB."), None)
+
+    assert fits(compile_oom) is None
+    with pytest.raises(BackendCompilerFailed):  # a compiler failure of another kind is still an error
+        fits(lambda: (_ for _ in ()).throw(BackendCompilerFailed(lambda: None, ValueError("bad graph"), None)))
+
+
+def test_a_failed_measurement_frees_its_memory_before_the_other_models_move_back(monkeypatch):
+    """When a measurement with one model resident fails, the tensors its frames hold are freed before the other
+    models' weights move back to the device (before, they were still held, and moving back ran out of memory)."""
+    import weakref
+
+    from attnedit.eval.bench import capacity
+
+    held, alive_at_restore = [], []
+    monkeypatch.setattr(capacity, "tensors_to_move", lambda model, others: [torch.zeros(1)])
+    real_release = capacity.release_memory
+
+    def release():
+        alive_at_restore.append(held[0]() is not None if held else None)
+        real_release()
+
+    monkeypatch.setattr(capacity, "release_memory", release)
+
+    def measure():
+        activations = torch.zeros(1000)
+        held.append(weakref.ref(activations))
+        raise RuntimeError("a failed measurement")
+
+    with pytest.raises(RuntimeError, match="a failed measurement"):
+        with capacity.resident_alone(None, []):
+            measure()
+    assert alive_at_restore[-1] is False, alive_at_restore

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -108,6 +109,11 @@ def resident_alone(model, others: list):
     release_memory()
     try:
         yield
+    except BaseException as e:
+        # the failed measurement's frames still hold its device tensors: free them, or moving back runs out
+        traceback.clear_frames(e.__traceback__)
+        release_memory()
+        raise
     finally:
         for t, device in moved:
             t.data = t.data.to(device)
