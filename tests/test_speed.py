@@ -447,10 +447,10 @@ def test_compiled_checkpointed_sliding_layers_keep_flexattention_in_their_graph(
 
 @pytest.mark.slow
 def test_eager_gradient_checkpointing_keeps_flexattention_compiled(flex_on_cpu):
-    """The layers eager (stage 2 without compilation, or after it failed) under gradient checkpointing:
-    ``torch.utils.checkpoint`` turns TorchDynamo off inside, so the compiled FlexAttention ran unfused there. The
-    model's checkpoint keeps it compiled, in the forward and in the recomputation; loss and gradients as without
-    checkpointing."""
+    """The layers eager (stage 2 without compilation, or after it failed) under gradient checkpointing: torch 2.11's
+    ``torch.utils.checkpoint`` (the GPU run's) turns TorchDynamo off inside, so the compiled FlexAttention ran
+    unfused there (later torch versions run it compiled either way). The model's checkpoint keeps it compiled, in the
+    forward and in the recomputation; loss and gradients as without checkpointing."""
     student, params, loss_fn = _gateswa_stage2()
     sliding = sum(a.window is not None for a in student.attentions())
     ids = tiny_ids(2, 24)
