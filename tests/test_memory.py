@@ -149,3 +149,47 @@ def test_docs_scaling_md_is_what_its_generator_writes():
     out = subprocess.run([sys.executable, "tools/scaling_plan.py"], cwd=root, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == (root / "docs" / "scaling.md").read_text(), "docs/scaling.md is stale: PYTHONPATH=. python tools/scaling_plan.py > docs/scaling.md"
+
+
+def test_a_stage_that_runs_out_of_memory_says_in_one_line_how_to_go_on_and_resume_runs_it_smaller(tiny, monkeypatch):
+    """The plan fitted stage 2 but the GPU ran out of memory in it (the plan fell short, as it did for a Qwen3-8B
+    GateSWA whose attention ran unfused): one line with where it happened, what the plan expected, the
+    ``--gpu-memory`` at which convert fits the next setting that needs less, and the resume command from the newest
+    checkpoint (before: a traceback). Resumed with that memory, stage 2 runs at that setting and the run completes."""
+    from attnedit.stages import stage2 as stage2_module
+
+    raw = tiny_raw(tiny["teacher"], tiny["docs"], stage1__steps=2, stage2__steps=2, stage2__seq_len=64, heldout_eval=False)
+    totals = _totals(raw)[2]
+    gpu = 4 * totals[(4, False)]
+    monkeypatch.setattr(plan_module, "device_memory", lambda device: gpu)
+    # the next setting in convert's order (micro-batches largest first, then with checkpointing) that needs less
+    order = [(b, gc) for gc in (False, True) for b in (4, 2, 1)]
+    smaller = next(k for k in order[1:] if totals[k] < min(totals[j] for j in order[: order.index(k)]))
+    real_loss = stage2_module.Stage2.loss
+
+    def starved(self, ctx, group):
+        def loss_fn(ids):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+        return loss_fn
+
+    monkeypatch.setattr(stage2_module.Stage2, "loss", starved)
+    run = tiny["root"] / "starved"
+    with pytest.raises(AttnEditError) as e:
+        convert(parse_recipe(raw), run, progress="none")
+    text = str(e.value)
+    assert "\n" not in text, text
+    assert text.startswith("stage 2 ran out of GPU memory at micro-batch 4 x 64 (CUDA out of memory. Tried to allocate 4.00 GiB.)"), text
+    assert f"where the plan expected {totals[(4, False)] / 2**30:.1f} GiB of this GPU's {gpu / 2**30:.1f} GiB" in text
+    newest = sorted((run / "checkpoints").glob("stage*.pt"))[-1].name
+    assert f"its training up to checkpoint {newest} is kept: attnedit convert {run} --resume --gpu-memory " in text
+    gib = float(text.split("--gpu-memory ")[1].split()[0])
+    assert totals[smaller] <= gib * 2**30 < min(totals[j] for j in order[: order.index(smaller)])
+    assert f"runs it at micro-batch {smaller[0]}, grad_accum {4 // smaller[0]}" in text
+
+    monkeypatch.setattr(stage2_module.Stage2, "loss", real_loss)
+    monkeypatch.setattr(plan_module, "device_memory", lambda device: gib * 2**30)  # what --gpu-memory sets
+    summary = convert(parse_recipe(raw), run, resume=True, progress="none")
+    assert summary["stage2"]["steps"] == 2 and (run / "model").is_dir()
+    fitted = summary["stage2"]["fitted_to_gpu"]
+    assert (fitted["batch_size"], bool(fitted.get("gradient_checkpointing"))) == smaller, fitted

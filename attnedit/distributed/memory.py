@@ -189,15 +189,20 @@ def micro_batches(load: StageLoad, world: int) -> list[int]:
     return [load.batch_size] + [b for b in range(load.batch_size - 1, 0, -1) if g % b == 0 and b % world == 0]
 
 
+def fit_order(load: StageLoad, world: int) -> list[tuple[int, bool | None]]:
+    """The (micro-batch, gradient checkpointing) settings :func:`fit` tries, in order: every micro-batch, largest
+    first, with the stage's setting, then (where it is off) every one with checkpointing on."""
+    switches = [load.gradient_checkpointing] + ([True] if load.gradient_checkpointing is False else [])
+    return [(batch, gc) for gc in switches for batch in micro_batches(load, world)]
+
+
 def fit(sizes: ModelSizes, load: StageLoad, layout: Layout, wbytes: int, gpu_bytes: float | None) -> dict | None:
     """The row of the largest micro-batch that fits ``gpu_bytes`` (the recipe's when it fits), gradient
     checkpointing turned on only where no micro-batch fits without it; None when nothing fits."""
-    switches = [load.gradient_checkpointing] + ([True] if load.gradient_checkpointing is False else [])
-    for gc in switches:
-        for batch in micro_batches(load, layout.world):
-            row = stage_bytes(sizes, load, layout, wbytes, batch, gc)
-            if fits(row, gpu_bytes):
-                return row
+    for batch, gc in fit_order(load, layout.world):
+        row = stage_bytes(sizes, load, layout, wbytes, batch, gc)
+        if fits(row, gpu_bytes):
+            return row
     return None
 
 

@@ -30,7 +30,7 @@ from .. import distributed
 from ..devices import autocast, resolve_device
 from ..distributed import Parallelism
 from ..distributed.strategy import load_weights
-from ..errors import AttnEditError
+from ..errors import AttnEditError, is_out_of_memory
 from ..io import WriteFailed, remove_temp_files, write_error_text, write_errors, write_json, write_text
 from ..recipe import Recipe
 from ..results import RESULT_FILES as RESULTS
@@ -39,7 +39,7 @@ from .base import Conversion, Stage
 from .context import FULL_LAYERS, edit
 from .evaluate import evaluate_run, missing_parts
 from .format import fit_text, stage_done_text
-from .plan import MemoryPlan, fit_note, fit_stages, fit_summary, validate_start, weights_dtype
+from .plan import MemoryPlan, fit_note, fit_stages, fit_summary, out_of_memory_text, validate_start, weights_dtype
 from .rundir import check_new_run_dir, prepare_run_dir
 from .speed import CompileGroup, compile_wanted, peak_memory, reset_peak_memory, teacher_forward_tok_s, warm_up
 from .stage2 import heldout_losses
@@ -122,7 +122,12 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
     with run.stop_on_signals():
         for stage in todo:  # stage 1: layer-wise teacher forcing; stage 2: model-level KD
             resume_state = state if state is not None and state["stage"] == stage.number else None
-            train(ctx, run, stage, memory, baselines.get(stage.number), resume_state)
+            try:
+                train(ctx, run, stage, memory, baselines.get(stage.number), resume_state)
+            except Exception as e:
+                if is_out_of_memory(e) and memory.gpu_bytes:  # the plan fitted it to a GPU and fell short
+                    raise AttnEditError(out_of_memory_text(memory, stage.number, e, continue_command(ctx))) from e
+                raise
     freeze(student)
     if heldout is not None:
         run.summary.update(heldout("after"))
@@ -137,6 +142,15 @@ def _run(recipe: Recipe, ctx: Conversion, resume: bool, progress: str) -> dict:
 
 RESULT_FILES = (*(r.FILE for r in RESULTS), "report.md")  # made from the saved model
 EARLIER = "earlier-model"  # where a resumed run that trains again puts the results of the model it replaces
+
+
+def continue_command(ctx: Conversion) -> str:
+    """How to go on after a failure that the same command with other flags would avoid: from the newest checkpoint
+    when there is one (the run folder is kept), else from the start (a new run's folder is removed)."""
+    saved = ctx.parallel.list_checkpoints(ctx.run_dir)
+    if saved:
+        return f"its training up to checkpoint {saved[-1].name} is kept: attnedit convert {ctx.run_dir} --resume"
+    return "the same command with"
 
 
 def kept_work_text(run_dir: Path, newest: Path, error: BaseException) -> str:

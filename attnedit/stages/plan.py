@@ -14,6 +14,7 @@ before training with one line saying what would fit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from ..data.recall import spans_fit
 from ..devices import resolve_device, use_bf16
 from ..distributed import FSDP2, Parallelism
-from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, device_memory, fit, fits, model_sizes, stage_bytes
+from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, device_memory, fit, fit_order, fits, model_sizes, stage_bytes
 from ..errors import AttnEditError
 from ..recipe import Recipe
 from .base import Stage
@@ -171,6 +172,49 @@ def refusal(recipe: Recipe, config, edited, plan: MemoryPlan) -> str:
         f"{asked['batch_size']} x {asked['seq_len']} it needs {asked['total'] / GiB:.1f} GiB, and {need:.1f} GiB even at "
         f"{least}; what would fit: a GPU of {need:.0f} GiB or more, {where}, or a shorter stage{number}.seq_len"
     )
+
+
+def smaller_fit(plan: MemoryPlan, number: int) -> tuple[dict, float] | None:
+    """What stage ``number`` would run at on a GPU just smaller than its plan: the first setting after the one it
+    runs at, in :func:`~attnedit.distributed.memory.fit`'s order, that needs less than every setting before it, and
+    the GPU size (GiB, rounded up to 0.1 where that still picks it) at which ``fit`` chooses it. None when no
+    setting needs less."""
+    row, load = plan.rows.get(number), plan.loads.get(number)
+    if row is None or load is None:
+        return None
+    order = fit_order(load, plan.layout.world)
+    current = order.index((row["batch_size"], row["gradient_checkpointing"]))
+    rows = [stage_bytes(plan.sizes, load, plan.layout, plan.wbytes, b, gc) for b, gc in order]
+    least = min(r["total"] for r in rows[: current + 1])
+    for candidate in rows[current + 1 :]:
+        if candidate["total"] < least:
+            for digits in (1, 2, 3):
+                gib = math.ceil(candidate["total"] / GiB * 10**digits) / 10**digits
+                if gib * GiB < least:
+                    return candidate, gib
+        least = min(least, candidate["total"])
+    return None
+
+
+def out_of_memory_text(plan: MemoryPlan, number: int, error: BaseException, resume: str) -> str:
+    """One line when stage ``number`` ran out of GPU memory although the plan fitted it: where, what the plan
+    expected, and the ``--gpu-memory`` that makes ``convert`` fit the next smaller setting (``resume``: the
+    command to continue with, or to start again with)."""
+    row = plan.rows[number]
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    where = (
+        f"stage {number} ran out of GPU memory at micro-batch {row['batch_size']} x {row['seq_len']}"
+        + (" with gradient checkpointing" if row["gradient_checkpointing"] else "")
+        + f" ({first}), where the plan expected {row['total'] / GiB:.1f} GiB of this GPU's {plan.gpu_bytes / GiB:.1f} GiB"
+    )
+    found = smaller_fit(plan, number)
+    if found is None:
+        return f"{where}; no smaller setting needs less: a GPU with more memory, more GPUs, or a shorter stage{number}.seq_len"
+    smaller, gib = found
+    how = f"micro-batch {smaller['batch_size']}, grad_accum {smaller['grad_accum']}" + (
+        ", gradient checkpointing on" if smaller["gradient_checkpointing"] else ""
+    )
+    return f"{where}; {resume} --gpu-memory {gib:g} runs it at {how} (the same global batch; plan {smaller['total'] / GiB:.2f} GiB)"
 
 
 def memory_plan(config, recipe: Recipe, world: int, gpu_bytes: float | None) -> dict:
