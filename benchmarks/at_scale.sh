@@ -10,12 +10,14 @@
 #   q25fast  q25 with fused projections and the compiled prefill on every model (fewer kernels a step: what a small
 #            model's step is made of)
 #   a3b      Qwen3-30B-A3B at 8k and 32k, batch 1 and the largest batch (61 GB of weights: an H200's step)
-# usage: [STEPS="memory serve8k q25 q25fast fast32k"] [MEMORY_GB=79.6] [GPU_MEMORY=79.2] [S1=20] [S2=12] bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
+# usage: [STEPS="memory serve8k q25 q25fast fast32k"] [MEMORY_GB=79.6] [GPU_MEMORY=79.2] [S1=20] [S2=12] [MEMORY_RECIPES="..."] \
+#          bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
 #   TOKENIZER_DIR  a tokenizer that fits Qwen3's vocabulary (Qwen2.5's: the folder attnedit dequantises the
 #                  Qwen2.5-Coder GGUF into, ~/.cache/attnedit/gguf/qwen2.5-coder-0.5b-instruct-*/)
 #   DATA           the training text for the memory step (one Wikipedia shard is plenty)
-# MEMORY_GB caps the serving steps' memory and GPU_MEMORY the memory step's plan and run (both GiB: on an H200, run
-# as on an 80 GB H100); the a3b step always uses the whole card.
+# MEMORY_RECIPES: the memory step's recipes (default: both Qwen3-8B ones). MEMORY_GB caps the serving steps' memory
+# and GPU_MEMORY the memory step's plan and run (both GiB: on an H200, run as on an 80 GB H100); the a3b step always
+# uses the whole card.
 # Disk: the 16 GB random Qwen3-8B teacher plus one run at a time (scale_memory.sh says how much); the teacher is
 # removed after the memory step. On a 64 GB disk: TEACHER_DIR=/dev/shm/random-qwen3-8b (the teacher in host memory).
 set -u
@@ -37,7 +39,7 @@ CAP=(${MEMORY_GB:+--memory-gb $MEMORY_GB}); FAST=(--fuse-projections --compile-p
 for s in ${STEPS:-memory serve8k q25 q25fast fast32k}; do
   case $s in
     memory) step memory env DATA="$TEXT" S1="${S1:-20}" S2="${S2:-12}" OUT="$OUT/memory" bash "$HERE/scale_memory.sh" tests/assets/qwen3-8b "$TOKENIZER" \
-              recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml
+              ${MEMORY_RECIPES:-recipes/qwen3-8b-mla.yaml recipes/qwen3-8b-gateswa.yaml}
             rm -rf "${TEACHER_DIR:-$RUNS/random-qwen3-8b}" ;;
     serve8k) step serve8k "${SERVE[@]}" "${QWEN3_8B[@]}" --contexts 8192 --batches 1 --capacity "${CAP[@]}" --out "$OUT/qwen3-8b-8k" ;;
     q25) step q25 "${SERVE[@]}" "${QWEN25[@]}" --contexts 8192 --batches 1,64 "${CAP[@]}" --out "$OUT/qwen2.5-8k" ;;
