@@ -178,8 +178,10 @@ STEPS=memory bash benchmarks/at_scale.sh TOKENIZER_DIR DATA    # = scale_memory.
 - **Stage 2 at 0.27x is near what its work allows.** Each token costs the teacher's forward, the student's
   forward, its recomputation under checkpointing and its backward through every layer (input gradients everywhere,
   weight gradients of the attention alone): about 4 to 4.5 forwards, so 0.22-0.25x at the teacher forward's
-  efficiency. What would move it: checkpointing only what memory needs (this run peaks at 50.6 of 79 GiB, so some
-  layers could keep their activations), or the teacher's outputs computed once and reused.
+  efficiency. What would move it: no recomputation where memory allows. The plan fits this stage without
+  checkpointing at micro-batch 1 (1 x 4096, `grad_accum` 4, the same global batch: 70.6 GiB of 79.2), which
+  `--set stage2.gradient_checkpointing=false` runs (convert then fits the micro-batch); not measured yet. Beyond
+  that, checkpointing only some layers, or the teacher's outputs computed once and reused.
 - **GateSWA's stage 2 ran out of memory at its first step**, and the cause is fixed, not yet re-run on the GPU. At
   the new sequence length (8192, stage 1's was 2048) the sliding layers built FlexAttention's block mask inside the
   traced checkpoint and wrote it to a module-level cache, a side effect dynamo refuses there. It then ran the
@@ -187,7 +189,9 @@ STEPS=memory bash benchmarks/at_scale.sh TOKENIZER_DIR DATA    # = scale_memory.
   unfused with `[2, 32, 8192, 8192]` scores (the log's warning "flex_attention called without torch.compile()"). The
   compile fallback also took the out-of-memory error for a compiler failure and tried eagerly. Now the model builds
   its block masks (and RoPE tables) before the layers run; the eager checkpoint keeps the compiled kernels inside
-  it compiled; out of memory in a compiled call is raised as it is. Tested on CPU with FlexAttention's path forced
+  it compiled; out of memory in a compiled call is raised as it is. A stage that still runs out of memory where
+  the plan fitted it now stops with one line: where, what the plan expected, and the `--resume --gpu-memory N`
+  at which `convert` fits the next setting that needs less (before: a traceback). Tested on CPU with FlexAttention's path forced
   (`tests/test_speed.py`: no graph break, one graph per layer kind, the same loss and gradients as eager). The
   peak and tokens/s of GateSWA's stage 2 are what the same command measures next.
 - Qwen3-30B-A3B's recipes were not run: the plan below puts each on one H200 141 GB or two H100s (on one H100 its
