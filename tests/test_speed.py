@@ -316,17 +316,12 @@ def _saved_bytes(loss_fn, params, ids) -> int:
     return total
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("target,args", [("mla", {}), ("gateswa", {"window": 8, "full_layers": "every:2"})])
-def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_stay_compiled(target, args, backend, capsys):
-    """Stage 2 as both Qwen3-8B recipes run it on one 80 GB card: compiled decoder layers with gradient
-    checkpointing. The checkpoint runs inside each compiled layer's graph: around a compiled call, its early
-    stop raised through the call turned compilation off mid-recomputation ("target_frame.early_stop is set"),
-    and the recomputation could run another graph than the forward's (saved tensors that do not match). Loss and
-    gradients equal eager's, compilation stays on, and the graph keeps fewer activations than without checkpointing
-    and about as many as the eager checkpoint, which the memory plan models."""
-    torch._dynamo.reset()
+GATESWA = {"window": 8, "full_layers": "every:2"}
+
+
+def _qwen3_stage2(target: str, args: dict):
+    """A tiny Qwen3 student of ``target`` training its attentions in stage 2 with feature matching: student,
+    trainable params, loss function."""
     teacher = tiny_teacher("qwen3")
     student = edit_model(teacher, target, args)
     params = stage2.trainable(student, "attention")
@@ -335,6 +330,21 @@ def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_sta
     for _, p in params:
         p.requires_grad_(True)
     loss_fn = stage2.make_loss(teacher, student, parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2)
+    return student, params, loss_fn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("target,args", [("mla", {}), ("gateswa", GATESWA)])
+def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_stay_compiled(target, args, backend, capsys):
+    """Stage 2 as both Qwen3-8B recipes run it on one 80 GB card: compiled decoder layers with gradient
+    checkpointing. The checkpoint runs inside each compiled layer's graph: around a compiled call, its early
+    stop raised through the call turned compilation off mid-recomputation ("target_frame.early_stop is set"),
+    and the recomputation could run another graph than the forward's (saved tensors that do not match). Loss and
+    gradients equal eager's, compilation stays on, and the graph keeps fewer activations than without checkpointing
+    and about as many as the eager checkpoint, which the memory plan models."""
+    torch._dynamo.reset()
+    student, params, loss_fn = _qwen3_stage2(target, args)
     ids = tiny_ids(2, 24)
     eager = _loss_and_grads(loss_fn, params, ids)
     student.gradient_checkpointing, student.training = True, True
@@ -401,18 +411,6 @@ def flex_on_cpu(monkeypatch):
     torch._dynamo.reset()
 
 
-def _gateswa_stage2(window=8):
-    teacher = tiny_teacher("qwen3")
-    student = edit_model(teacher, "gateswa", {"window": window, "full_layers": "every:2"})
-    params = stage2.trainable(student, "attention")
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for _, p in params:
-        p.requires_grad_(True)
-    loss_fn = stage2.make_loss(teacher, student, parse_recipe({"stage2": {"feature_weight": 0.1, "kl_chunk": 16}}).stage2)
-    return student, params, loss_fn
-
-
 @pytest.mark.slow
 def test_compiled_checkpointed_sliding_layers_keep_flexattention_in_their_graph(flex_on_cpu):
     """Stage 2 of a GateSWA recipe on a GPU: compiled layers, gradient checkpointing inside them, FlexAttention in the
@@ -421,7 +419,7 @@ def test_compiled_checkpointed_sliding_layers_keep_flexattention_in_their_graph(
     checkpoint eagerly, where FlexAttention is unfused ([T, T] scores: out of memory on a Qwen3-8B at 2 x 8192).
     The model builds them before its layers run: no graph break, one graph per layer kind, the same loss and
     gradients as the eager model."""
-    student, params, loss_fn = _gateswa_stage2()
+    student, params, loss_fn = _qwen3_stage2("gateswa", GATESWA)
     ids = tiny_ids(2, 24)
     group = CompileGroup(True, "the stage-2 decoder layers", backend="aot_eager")
     undo = stage2.compile_layers(student, group)
@@ -451,7 +449,7 @@ def test_eager_gradient_checkpointing_keeps_flexattention_compiled(flex_on_cpu):
     ``torch.utils.checkpoint`` (the GPU run's) turns TorchDynamo off inside, so the compiled FlexAttention ran
     unfused there (later torch versions run it compiled either way). The model's checkpoint keeps it compiled, in the
     forward and in the recomputation; loss and gradients as without checkpointing."""
-    student, params, loss_fn = _gateswa_stage2()
+    student, params, loss_fn = _qwen3_stage2("gateswa", GATESWA)
     sliding = sum(a.window is not None for a in student.attentions())
     ids = tiny_ids(2, 24)
     plain = _loss_and_grads(loss_fn, params, ids)
