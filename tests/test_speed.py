@@ -465,6 +465,25 @@ def test_eager_gradient_checkpointing_keeps_flexattention_compiled(flex_on_cpu):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_stage1_sliding_attentions_find_their_block_masks_built(flex_on_cpu):
+    """Stage 1 runs each edited attention compiled, outside the model's forward: the block masks are built before
+    (and kept), not inside each compiled call, where they would be built again every step."""
+    from attnedit.targets import kernels
+
+    teacher, student, params = _stage1_setup("gateswa", GATESWA)
+    group = CompileGroup(True, "the stage-1 attentions", backend="aot_eager")
+    loss_fn = stage1.make_loss(teacher, student, group)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    got = _loss_and_grads(loss_fn, params, tiny_ids(2, 24))
+    assert not dict(counters["graph_break"]) and group.enabled
+    assert (24, 8, 4) in {key[:3] for key in kernels._BLOCK_MASKS}, list(kernels._BLOCK_MASKS)  # t, window, default sink
+    eager = _loss_and_grads(stage1.make_loss(teacher, student), params, tiny_ids(2, 24))
+    torch.testing.assert_close(got[0], eager[0])
+
+
 def test_running_out_of_memory_in_a_compiled_call_is_raised_and_keeps_compilation_on(capsys):
     """Out of memory in a compiled call (here the compiler's, which dynamo wraps as BackendCompilerFailed) is not a
     compiler failure: eagerly the call would need more memory, so it is raised, and the group stays compiled."""

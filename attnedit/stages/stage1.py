@@ -106,6 +106,7 @@ def make_loss(teacher, student, compile_group: CompileGroup | None = None, batch
         ctx = AttentionContext(positions, n_cached=0, q_len=t, key_padding=None, cache=None)
         if compiled:
             ctx = layer_context(ctx)  # one compiled graph serves every layer of a kind
+            student.prepare_attention(t, ids.device)
         variances = batch_variances(ys) if batch_variances is not None else None
         losses, rel_errs = layer_losses(terms, xs, ys, ctx, variances)
         loss = torch.stack(losses).sum()

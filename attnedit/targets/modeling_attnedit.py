@@ -164,9 +164,12 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
     def attentions(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
 
-    def _windows(self) -> set[tuple[int, int]]:
-        """The ``(window, sink)`` of every sliding attention, for :func:`~.kernels.prepare_sliding`."""
-        return {(a.window, a.sink) for a in self.attentions() if isinstance(getattr(a, "window", None), int)}
+    def prepare_attention(self, t: int, device) -> None:
+        """Build what the attention kernels look up for ``t`` new tokens starting at token 0 (FlexAttention's block
+        masks for every sliding window) before compiled layers run: built inside a traced gradient checkpoint they
+        would be a side effect dynamo refuses, and outside one they would be rebuilt in every compiled call."""
+        windows = {(a.window, a.sink) for a in self.attentions() if isinstance(getattr(a, "window", None), int)}
+        prepare_sliding(t, windows, device)
 
     def new_cache(self, static: bool = False, batch_size: int = 1, max_length: int | None = None, dtype=None, device=None) -> AttnEditCache:
         """A growing cache, or (``static=True``) one allocated once for ``batch_size`` x ``max_length`` tokens."""
@@ -243,7 +246,7 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
         else:
             ctx = context_without_cache(b, t, attention_mask, position_ids, h.device)
         if t > 1 and ctx.key_padding is None:
-            prepare_sliding(t, self._windows(), h.device)
+            self.prepare_attention(t, h.device)
         hidden_states = [] if output_hidden_states else None
         compiled_prefill = self.prefill_backend is not None and t > 1 and not torch.is_grad_enabled() and self._backbone("layer") != "teacher"
         for layer in self.model.layers:
