@@ -23,7 +23,7 @@ def checkpoint(fn, *args):
 
     ``torch.utils.checkpoint.checkpoint`` runs its function with TorchDynamo disabled, so eagerly a compiled
     kernel inside it runs uncompiled: FlexAttention (a sliding layer's training kernel) then holds ``[T, T]``
-    scores, 4 GiB a layer for 32 heads at 8k. Eagerly this calls the checkpoint underneath that switch; while
+    scores, 4 GiB a sequence and layer for 32 heads at 8k. Eagerly this calls the checkpoint underneath that switch; while
     ``torch.compile`` traces, the checkpoint itself, which dynamo turns into its checkpoint operator."""
     run = torch.utils.checkpoint.checkpoint
     if not torch.compiler.is_compiling():
