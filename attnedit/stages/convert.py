@@ -148,18 +148,18 @@ def continue_command(ctx: Conversion) -> str:
     """How to go on after a failure that the same command with other flags would avoid: from the newest checkpoint
     when there is one (the run folder is kept), else from the start (a new run's folder is removed)."""
     saved = ctx.parallel.list_checkpoints(ctx.run_dir)
-    if saved:
-        return f"its training up to checkpoint {saved[-1].name} is kept: attnedit convert {ctx.run_dir} --resume"
-    return "the same command with"
+    return kept_text(ctx.run_dir, saved[-1]) if saved else "the same command with"
+
+
+def kept_text(run_dir: Path, newest: Path) -> str:
+    """The training a stopped run keeps, and the command that continues it."""
+    return f"its training up to checkpoint {newest.name} is kept: attnedit convert {run_dir} --resume"
 
 
 def kept_work_text(run_dir: Path, newest: Path, error: BaseException) -> str:
     """One line after an unexpected failure (its traceback above it): the training that is kept and how to go on."""
     first = (str(error).strip().splitlines() or [""])[0][:200]
-    return (
-        f"the run stopped ({type(error).__name__}{': ' + first if first else ''}); its training up to checkpoint "
-        f"{newest.name} is kept: attnedit convert {run_dir} --resume continues from there"
-    )
+    return f"the run stopped ({type(error).__name__}{': ' + first if first else ''}); {kept_text(run_dir, newest)} continues from there"
 
 
 def announce_resume(run_dir: Path, stages: list[Stage], state: dict | None) -> None:
