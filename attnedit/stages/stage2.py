@@ -13,6 +13,7 @@ conversion runs it (``base.Stage``).
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn as nn
@@ -278,16 +279,6 @@ class _DecoderLayer(nn.Module):
         return self.step(self.layer, h, ctx)
 
 
-def _checkpointed(step):
-    """``step`` under non-reentrant gradient checkpointing, for tracing inside a compiled layer (and eagerly with
-    its kernels compiled, should compilation fail: :func:`~attnedit.targets.common.checkpoint`)."""
-
-    def run(layer, h, ctx):
-        return checkpoint(step, layer, h, ctx)
-
-    return run
-
-
 def compile_layers(student, group: CompileGroup):
     """Run the student's decoder layers compiled (when ``group`` is enabled); returns the undo function.
 
@@ -300,7 +291,7 @@ def compile_layers(student, group: CompileGroup):
     if not group.enabled:
         return lambda: None
     eager = type(student)._layer
-    eager_checkpointed = _checkpointed(eager)
+    eager_checkpointed = functools.partial(checkpoint, eager)  # traced inside the compiled layer; eagerly if it fails
     plain = {id(layer): group.wrap(_DecoderLayer(layer, eager)) for layer in student.model.layers}
     checkpointed = {id(layer): group.wrap(_DecoderLayer(layer, eager_checkpointed)) for layer in student.model.layers}
 
