@@ -376,6 +376,64 @@ def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_sta
     assert kept_checkpointed <= 1.15 * kept_eager_checkpointed, (kept_checkpointed, kept_eager_checkpointed)
 
 
+def _kept_bytes(fn):
+    """``fn()`` and the bytes of the distinct tensors (by storage) its autograd graph keeps for the backward,
+    parameters left out: what stays in memory until the backward, each tensor once."""
+    storages = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_the_feature_loss_keeps_only_the_hidden_states_it_compares():
+    """The cosine in float32 would keep its float32 copies and normalised states for the backward, four bf16
+    hidden states a token and layer more (9 GiB at Qwen3-8B's stage-2 shape): the loss keeps the two states it
+    was given, and its value and gradients are the plain cosine's."""
+    torch.manual_seed(0)
+    s = [torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    t = [torch.randn(2, 16, 64, dtype=torch.bfloat16) for _ in range(3)]
+    loss, kept = _kept_bytes(lambda: stage2.feature_loss(s, t))
+    assert kept == sum(x.numel() * x.element_size() for x in s + t)
+    loss.backward()
+    leaves = [x.detach().clone().requires_grad_() for x in s]
+    want = sum((1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean() for a, b in zip(leaves, t))
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for a, b in zip(s, leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_the_memory_plans_feature_term_covers_what_feature_matching_keeps_in_bf16():
+    """Stage 2 of a bf16 Qwen3 student with gradient checkpointing: what turning feature matching on adds to the
+    kept tensors is at most the plan's hidden-state term with it (the run at Qwen3-8B's shape peaked 5.7 GiB over
+    the plan when the cosine kept float32 copies)."""
+    from attnedit.stages.stage2 import Stage2
+
+    teacher = tiny_teacher("qwen3").to(torch.bfloat16)
+    student = edit_model(teacher, "mla", {}).to(torch.bfloat16)
+    params = stage2.trainable(student, "attention")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    student.gradient_checkpointing, student.training = True, True
+    ids, c = tiny_ids(2, 24), teacher.config
+    kept, planned = {}, {}
+    for weight in (0.0, 0.1):
+        recipe = parse_recipe({"teacher": "x", "target": "mla", "stage2": {"batch_size": 2, "seq_len": 24, "feature_weight": weight, "kl_chunk": 16}})
+        loss_fn = stage2.make_loss(teacher, student, recipe.stage2)
+        _, kept[weight] = _kept_bytes(lambda: loss_fn(ids))
+        planned[weight] = Stage2(recipe.stage2, recipe.data, recipe.seed).activation_bytes(c, student.config, 2, True, torch.device("cpu"), 2)
+    one_state = ids.numel() * c.hidden_size * 2  # the teacher's final state, which the plan counts either way
+    assert 0 < kept[0.1] - kept[0.0] <= planned[0.1] - planned[0.0] + one_state, (kept, planned)
+
+
 @pytest.fixture
 def flex_on_cpu(monkeypatch):
     """The CUDA path of a sliding layer (FlexAttention with a block mask) taken on the CPU, its compiled kernel
