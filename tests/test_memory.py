@@ -126,8 +126,15 @@ def test_gpu_memory_caps_the_fit_and_the_allocator_and_is_refused_where_it_canno
     memory.cap_gpu_memory(79.2)
     assert memory.device_memory(cuda) == int(79.2 * 1024**3) and asked == [pytest.approx(79.2 * 1024**3 / card)]
     assert memory.device_memory(torch.device("cpu")) is None
-    with pytest.raises(AttnEditError, match="not within this GPU's 139.8 GiB"):
+    with pytest.raises(AttnEditError, match="not within this GPU's 139.80 GiB; give a size in GiB up to 139.8"):
         memory.cap_gpu_memory(200)
+    # an H100 holds 79.18 GiB, which a user reads as 79.2: that size is the whole card, a larger one refused
+    h100, asked[:] = 85017493504, []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (h100 / 2, h100))
+    memory.cap_gpu_memory(79.2)
+    assert memory.device_memory(cuda) == h100 and asked == [1.0]
+    with pytest.raises(AttnEditError, match=r"--gpu-memory 79.3 is not within this GPU's 79.18 GiB; give a size in GiB up to 79.2$"):
+        memory.cap_gpu_memory(79.3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(memory, "_cap_bytes", None)
     with pytest.raises(AttnEditError, match="this machine has none; use it with --dry-run"):

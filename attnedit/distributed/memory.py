@@ -20,6 +20,7 @@ the stages say what they train and keep (:class:`StageLoad`); this module adds t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -52,10 +53,12 @@ def cap_gpu_memory(gib: float) -> None:
     if not torch.cuda.is_available():
         raise AttnEditError("--gpu-memory caps a GPU and this machine has none; use it with --dry-run to plan for one")
     total = int(torch.cuda.mem_get_info()[1])
-    if not 0 < gib * GiB <= total:
-        raise AttnEditError(f"--gpu-memory {gib:g} is not within this GPU's {total / GiB:.1f} GiB; give a size in GiB up to that")
-    torch.cuda.set_per_process_memory_fraction(gib * GiB / total)
-    _cap_bytes = int(gib * GiB)
+    shown = math.ceil(total / GiB * 10) / 10  # the card as a size is read off it: 79.2 for an H100's 79.18 GiB
+    if not 0 < gib <= shown:
+        raise AttnEditError(f"--gpu-memory {gib:g} is not within this GPU's {total / GiB:.2f} GiB; give a size in GiB up to {shown:g}")
+    cap = min(int(gib * GiB), total)
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    _cap_bytes = cap
 
 
 def score_bytes(device: torch.device, batch: int, heads: int, seq: int, abytes: int) -> int:
