@@ -37,8 +37,11 @@ for n in (1, 2):
               f"{i.get('tok_s')} tok/s (ratio to the teacher's forward {i.get('ratio')}), compiled {i.get('compiled')}"
               + (f", fitted to the GPU: {i['fitted_to_gpu']}" if i.get("fitted_to_gpu") else ""))
     tokens = shipped.stage_tokens(n)
-    if tokens and i.get("tok_s"):
-        total += tokens / i["tok_s"]
+    if tokens and i.get("tok_s") and i.get("steps", 0) <= shipped.log_every:  # its one log window has the compilation
+        print(f"stage {n}: {i['steps']} steps are one log window, compilation included: too few to project its time")
+        total = None
+    elif tokens and i.get("tok_s"):
+        total = total if total is None else total + tokens / i["tok_s"]
         print(f"stage {n} as the recipe is written: {tokens:,} tokens, {tokens / i['tok_s'] / 3600:.1f} h at the measured tok/s")
 if total:
     print(f"the whole recipe on this GPU: about {total / 3600:.1f} h of training (evaluation not included)")

@@ -98,17 +98,22 @@ def test_a_recipe_that_fits_at_no_micro_batch_is_refused_before_training_in_one_
 
 
 def test_the_qwen3_8b_mla_dry_run_on_an_80_gib_gpu_shows_the_fitted_micro_batch(tiny, capsys):
-    """The shipped recipe's stage 1 needs 95 GiB at 8 x 2048 on one GPU: the plan runs it at 4 x 4 (global batch 16)."""
+    """The shipped recipe's stage 1 needs 95 GiB at 8 x 2048 on one GPU: the plan runs it at 4 x 4 (global batch 16);
+    its stage 2, without gradient checkpointing, 97 GiB at 2 x 4096: the plan runs it at 1 x 32, still without."""
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "qwen3-8b-mla.yaml")
     sets = ["--set", f"teacher={ASSETS / 'qwen3-8b'}", "--set", f"data.files={tiny['docs']}"]
     assert main(["convert", recipe, *sets, "--dry-run", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
-    assert "stage 1  4,000  4 x 4 x 2048" in out and "stage 2  4,000  2 x 16 x 4096" in out
+    assert "stage 1  4,000  4 x 4 x 2048" in out and "stage 2  4,000  1 x 32 x 4096" in out
     assert "stage 1 at the recipe's micro-batch of 8 needs 95" in out and "micro-batch 4 with grad_accum 4" in out
+    assert "stage 2 at the recipe's micro-batch of 2 needs 97" in out and "micro-batch 1 with grad_accum 32" in out
+    assert "gradient checkpointing" not in out.split("stage 2 at the recipe's")[1].splitlines()[0]
     assert main(["convert", recipe, *sets, "--dry-run", "--gpu-memory", "80", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     first = plan["stages"][0]["memory"]
     assert first["adapted"] and (first["batch_size"], first["grad_accum"]) == (4, 4) and first["total"] <= 80 * 1024**3
+    second = plan["stages"][1]["memory"]
+    assert (second["batch_size"], second["grad_accum"], second["gradient_checkpointing"]) == (1, 32, False)
 
 
 def test_gpu_memory_caps_the_fit_and_the_allocator_and_is_refused_where_it_cannot_hold(monkeypatch, capsys, tiny):
