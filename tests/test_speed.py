@@ -165,6 +165,7 @@ def test_fused_kd_loss_never_keeps_logits_for_the_backward():
 # --------------------------------------------------------------------------- compilation
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 
 from tiny import VOCAB, tiny_ids, tiny_teacher  # noqa: E402
 
@@ -428,7 +429,7 @@ def test_the_memory_plans_feature_term_covers_what_feature_matching_keeps_in_bf1
     for weight in (0.0, 0.1):
         recipe = parse_recipe({"teacher": "x", "target": "mla", "stage2": {"batch_size": 2, "seq_len": 24, "feature_weight": weight, "kl_chunk": 16}})
         loss_fn = stage2.make_loss(teacher, student, recipe.stage2)
-        _, kept[weight] = _kept_bytes(lambda: loss_fn(ids))
+        _, kept[weight] = _kept_bytes(functools.partial(loss_fn, ids))
         planned[weight] = Stage2(recipe.stage2, recipe.data, recipe.seed).activation_bytes(c, student.config, 2, True, torch.device("cpu"), 2)
     one_state = ids.numel() * c.hidden_size * 2  # the teacher's final state, which the plan counts either way
     assert 0 < kept[0.1] - kept[0.0] <= planned[0.1] - planned[0.0] + one_state, (kept, planned)
