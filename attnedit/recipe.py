@@ -81,7 +81,10 @@ class Stage2Config(StageConfig):
     trainable: str = _f("attention", "what trains: the edited attention, plus all norms, or every weight (a second copy)", TRAINABLE)
     kl_chunk: int = _f(1024, "tokens per chunk of the KL/CE loss: fp32 logits never exceed kl_chunk x vocab")
     gradient_checkpointing: bool = _f(
-        False, "recompute each layer in the backward pass (less memory, about 30% slower); convert turns it on where no micro-batch fits the GPU without it"
+        False,
+        "true: recompute every decoder layer in the backward pass (less memory, slower: each layer's forward runs twice); "
+        "false: none, unless no micro-batch fits the GPU without it, where convert recomputes the fewest of the first "
+        "layers that fit",
     )
     recall_fraction: float = _f(
         0.0,

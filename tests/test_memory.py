@@ -86,6 +86,48 @@ def test_stage_2_turns_gradient_checkpointing_on_only_where_no_micro_batch_fits_
     assert roomy.stages[1].cfg.gradient_checkpointing is False and roomy.stages[1].cfg.batch_size == 1  # smaller micro-batch first
 
 
+def test_stage_2_recomputes_the_fewest_first_layers_that_fit_where_the_recipe_leaves_checkpointing_off(tiny):
+    """Where no micro-batch fits without gradient checkpointing, convert recomputes the fewest of the first layers
+    that fit (each recomputed layer costs its forward again) at the largest micro-batch that fits with them; the
+    student recomputes exactly those, and the plan says how many. A recipe that asks for checkpointing recomputes
+    every layer."""
+    import types
+
+    from attnedit.distributed.memory import micro_batches
+    from attnedit.stages.format import fit_text
+
+    raw = tiny_raw(tiny["teacher"], tiny["docs"], stage1__steps=0, stage2__seq_len=128)
+    recipe = parse_recipe(raw)
+    config = load_config(recipe.teacher)
+    edited = edited_config(config, recipe.target, recipe.target_args)
+    cpu = torch.device("cpu")
+    plan = plan_module.plan_memory(recipe, config, edited, cpu, Parallelism(), None)
+    load = plan.loads[2]
+    layers, batches = load.layers, micro_batches(load, 1)
+    assert layers == config.num_hidden_layers >= 2 and load.gradient_checkpointing is False
+    need = {(b, n): stage_bytes(plan.sizes, load, plan.layout, plan.wbytes, b, n)["total"] for b in batches for n in range(layers + 1)}
+    gpu = (need[(1, 0)] + need[(1, 1)]) / 2  # one layer recomputed fits at one sequence, none does not
+    want = next((b, n) for n in range(layers + 1) for b in batches if need[(b, n)] <= gpu)
+    assert 0 < want[1] < layers
+    fitted = plan_module.fit_stages(recipe, config, edited, cpu, Parallelism(), gpu)
+    stage = fitted.stages[1]
+    assert (stage.cfg.batch_size, stage.recomputed_layers, stage.cfg.gradient_checkpointing) == (*want, True)
+    assert stage.cfg.batch_size * stage.cfg.grad_accum == recipe.stage2.batch_size * recipe.stage2.grad_accum
+    student = types.SimpleNamespace()
+    stage.train_mode(student)
+    assert (student.gradient_checkpointing, student.checkpointed_layers, student.training) == (True, want[1], True)
+    row = {"stage": 2, "memory": plan_module.fit_note(stage, fitted)}
+    assert f"gradient checkpointing on ({want[1]} of {layers} layers recomputed)" in fit_text(row)
+    assert plan_module.fit_summary(stage, fitted)["recomputed_layers"] == want[1]
+    # the recipe asking for it: every layer, at the largest micro-batch that fits so
+    raw["stage2"]["gradient_checkpointing"] = True
+    asked = parse_recipe(raw)
+    stage = plan_module.fit_stages(asked, config, edited, cpu, Parallelism(), need[(1, layers)] * 1.001).stages[1]
+    assert stage.cfg.gradient_checkpointing and stage.recomputed_layers in (None, layers)
+    stage.train_mode(student)
+    assert student.checkpointed_layers in (None, layers)
+
+
 def test_a_recipe_that_fits_at_no_micro_batch_is_refused_before_training_in_one_line(tiny, monkeypatch, tmp_path):
     raw = tiny_raw(tiny["teacher"], tiny["docs"])
     monkeypatch.setattr(plan_module, "device_memory", lambda device: 0.5 * 1024**3)  # below the CUDA context alone

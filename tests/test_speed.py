@@ -430,9 +430,44 @@ def test_the_memory_plans_feature_term_covers_what_feature_matching_keeps_in_bf1
         recipe = parse_recipe({"teacher": "x", "target": "mla", "stage2": {"batch_size": 2, "seq_len": 24, "feature_weight": weight, "kl_chunk": 16}})
         loss_fn = stage2.make_loss(teacher, student, recipe.stage2)
         _, kept[weight] = _kept_bytes(functools.partial(loss_fn, ids))
-        planned[weight] = Stage2(recipe.stage2, recipe.data, recipe.seed).activation_bytes(c, student.config, 2, True, torch.device("cpu"), 2)
+        planned[weight] = Stage2(recipe.stage2, recipe.data, recipe.seed).activation_bytes(c, student.config, 2, c.num_hidden_layers, torch.device("cpu"), 2)
     one_state = ids.numel() * c.hidden_size * 2  # the teacher's final state, which the plan counts either way
     assert 0 < kept[0.1] - kept[0.0] <= planned[0.1] - planned[0.0] + one_state, (kept, planned)
+
+
+def test_recomputing_only_the_first_layers_gives_the_same_loss_and_gradients_and_keeps_between_none_and_all():
+    """``checkpointed_layers = n``: the first n decoder layers are recomputed in the backward, the rest keep their
+    activations. Loss and gradients are those of no checkpointing and of every layer checkpointed, and what the
+    graph keeps for the backward falls with each layer recomputed; so does the memory plan's figure."""
+    from attnedit.stages.stage2 import Stage2
+
+    teacher, student, params, loss_fn, ids = _stage2_setup("qwen3")
+    layers = teacher.config.num_hidden_layers
+    assert layers >= 3
+    plain = _loss_and_grads(loss_fn, params, ids)
+    kept, planned = [], []
+    recipe = parse_recipe({"teacher": "x", "target": "gateswa", "stage2": {"batch_size": 2, "seq_len": 24, "feature_weight": 0.1, "kl_chunk": 16}})
+    stage = Stage2(recipe.stage2, recipe.data, recipe.seed)
+    try:
+        for n in range(layers + 1):
+            student.gradient_checkpointing, student.training, student.checkpointed_layers = n > 0, n > 0, n
+            got = _loss_and_grads(loss_fn, params, ids)
+            torch.testing.assert_close(got[0], plain[0])
+            for a, b in zip(got[2], plain[2]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            kept.append(_kept_bytes(functools.partial(loss_fn, ids))[1])
+            planned.append(stage.activation_bytes(teacher.config, student.config, 2, n, torch.device("cpu"), 4))
+    finally:
+        student.gradient_checkpointing, student.training, student.checkpointed_layers = False, False, None
+    assert all(a > b for a, b in zip(kept, kept[1:])), kept  # each layer more recomputed keeps less
+    # the plan's peak falls too, up to the last layer: recomputing it as well only trades its internals for the one
+    # recomputed layer's, which the peak holds either way
+    assert all(a > b for a, b in zip(planned[:-1], planned[1:-1])) and planned[-1] < planned[0], planned
+    student.gradient_checkpointing, student.training = True, True  # None: every layer, as before
+    try:
+        assert _kept_bytes(functools.partial(loss_fn, ids))[1] == kept[-1]
+    finally:
+        student.gradient_checkpointing, student.training = False, False
 
 
 @pytest.fixture

@@ -128,11 +128,20 @@ class StageLoad:
     batch_size: int  # the recipe's micro-batch: sequences per forward, all processes together
     grad_accum: int
     gradient_checkpointing: bool | None  # the stage's setting; None: the stage has no such switch
-    activations: Callable[[int, bool], float]  # bytes one process keeps for backward at m sequences (checkpointing on/off)
+    activations: Callable[[int, int], float]  # bytes one process keeps for backward at m sequences, n layers recomputed
+    layers: int = 0  # the decoder layers gradient checkpointing may recompute
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.grad_accum
+
+    def recomputed(self, checkpointing: bool | int | None = None) -> int | None:
+        """Layers recomputed under ``checkpointing`` (default: the stage's setting): True all of them, False none,
+        an int that many (the first ones); None for a stage without the switch."""
+        if self.gradient_checkpointing is None:
+            return None
+        setting = self.gradient_checkpointing if checkpointing is None else checkpointing
+        return self.layers if setting is True else 0 if setting is False else max(0, min(int(setting), self.layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +161,15 @@ class Layout:
 TERMS = ("frozen_weights", "trained_weights", "grads", "optimizer", "activations", "buffers")
 
 
-def stage_bytes(sizes: ModelSizes, load: StageLoad, layout: Layout, wbytes: int, batch_size: int | None = None, checkpointing: bool | None = None) -> dict:
+def stage_bytes(
+    sizes: ModelSizes, load: StageLoad, layout: Layout, wbytes: int, batch_size: int | None = None, checkpointing: bool | int | None = None
+) -> dict:
     """One process's bytes for a stage at ``batch_size`` sequences per micro-step (all processes together;
-    default: the recipe's) with gradient checkpointing ``checkpointing`` (default: the stage's setting)."""
+    default: the recipe's) with gradient checkpointing ``checkpointing`` (True: every layer recomputed, False: none,
+    an int: that many; default: the stage's setting)."""
     n = layout.world
     batch = load.batch_size if batch_size is None else batch_size
-    gc = load.gradient_checkpointing if checkpointing is None else checkpointing
+    recomputed = load.recomputed(checkpointing)
     micro = max(1, batch // n)
     whole = (sizes.embed + sizes.head + sizes.norms) * wbytes
     layered = (sizes.attention + sizes.mlp) * wbytes
@@ -168,17 +180,25 @@ def stage_bytes(sizes: ModelSizes, load: StageLoad, layout: Layout, wbytes: int,
         "seq_len": load.seq_len,
         "batch_size": batch,
         "grad_accum": load.global_batch // batch,
-        "gradient_checkpointing": gc,
+        "gradient_checkpointing": None if recomputed is None else recomputed > 0,
+        "recomputed_layers": recomputed,
+        "layers": load.layers,
         "frozen_weights": whole + (layered / n if layout.shard_frozen else layered),
         "trained_weights": load.trained * FP32 / n,
         "grads": load.trained * FP32 / n,
         "optimizer": load.trained * 2 * FP32 / n,
-        "activations": load.activations(micro, bool(gc)),
+        "activations": load.activations(micro, recomputed or 0),
         "buffers": 2 * (sizes.largest_new * FP32 + (sizes.largest_layer_frozen * wbytes if sharded_frozen else 0)) if layout.fsdp_units else 0,
     }
     row["peak"] = sum(row[k] for k in TERMS)
     row["total"] = row["peak"] * (1 + SLACK) + CONTEXT_BYTES
     return row
+
+
+def recomputing(row: dict) -> str:
+    """`` (n of N layers recomputed)`` where gradient checkpointing recomputes only some of the layers; else ''."""
+    n, layers = row.get("recomputed_layers"), row.get("layers")
+    return f" ({n} of {layers} layers recomputed)" if n is not None and 0 < n < layers else ""
 
 
 def fits(row: dict, gpu_bytes: float | None) -> bool:
@@ -192,23 +212,30 @@ def micro_batches(load: StageLoad, world: int) -> list[int]:
     return [load.batch_size] + [b for b in range(load.batch_size - 1, 0, -1) if g % b == 0 and b % world == 0]
 
 
-def fit_order(load: StageLoad, world: int) -> list[tuple[int, bool | None]]:
-    """The (micro-batch, gradient checkpointing) settings :func:`fit` tries, in order: every micro-batch, largest
-    first, with the stage's setting, then (where it is off) every one with checkpointing on."""
-    switches = [load.gradient_checkpointing] + ([True] if load.gradient_checkpointing is False else [])
-    return [(batch, gc) for gc in switches for batch in micro_batches(load, world)]
+def fit_order(load: StageLoad, world: int) -> list[tuple[int, int | None]]:
+    """The (micro-batch, layers recomputed) settings :func:`fit` tries, in order. A stage that asks for gradient
+    checkpointing recomputes every layer, at every micro-batch, largest first; one without the switch the same
+    with None. A stage where it is off tries every micro-batch with no recomputation, then with the first layer
+    recomputed, and so on up to all of them: the fewest layers recomputed first (each costs the layer's forward
+    again), then the largest micro-batch."""
+    batches = micro_batches(load, world)
+    if load.gradient_checkpointing is None:
+        return [(batch, None) for batch in batches]
+    counts = [load.layers] if load.gradient_checkpointing else range(load.layers + 1)
+    return [(batch, n) for n in counts for batch in batches]
 
 
 def fit(sizes: ModelSizes, load: StageLoad, layout: Layout, wbytes: int, gpu_bytes: float | None) -> dict | None:
-    """The row of the largest micro-batch that fits ``gpu_bytes`` (the recipe's when it fits), gradient
-    checkpointing turned on only where no micro-batch fits without it; None when nothing fits."""
-    for batch, gc in fit_order(load, layout.world):
-        row = stage_bytes(sizes, load, layout, wbytes, batch, gc)
+    """The row of the first setting in :func:`fit_order` that fits ``gpu_bytes`` (the recipe's when it fits):
+    the largest micro-batch, and where the stage may recompute, the fewest layers recomputed; None when nothing
+    fits."""
+    for batch, recomputed in fit_order(load, layout.world):
+        row = stage_bytes(sizes, load, layout, wbytes, batch, recomputed)
         if fits(row, gpu_bytes):
             return row
     return None
 
 
 def adapted(row: dict, load: StageLoad) -> bool:
-    """Whether a fitted row changes what the recipe asks (micro-batch, gradient checkpointing)."""
-    return row["batch_size"] != load.batch_size or bool(row["gradient_checkpointing"]) != bool(load.gradient_checkpointing)
+    """Whether a fitted row changes what the recipe asks (micro-batch, layers recomputed)."""
+    return row["batch_size"] != load.batch_size or row["recomputed_layers"] != load.recomputed()

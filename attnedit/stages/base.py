@@ -90,6 +90,7 @@ class Stage:
     number: int = 0  # 1 or 2: the metrics' "stage", checkpoint names, summary.json's "stage<N>"
     compiles: str = ""  # what the stage compiles, for the warning if compiling fails
     trains: str = "attention"  # which teacher modules the student trains copies of (the FSDP2 plan checks it)
+    recomputed_layers: int | None = None  # under gradient checkpointing, the first layers recomputed; None: all
 
     def __init__(self, cfg: StageConfig, data: DataConfig, seed: int):
         self.cfg = self.asked = cfg
@@ -109,13 +110,15 @@ class Stage:
         """Whether a checkpoint's ``state`` is past this stage (or at its last step)."""
         return state is not None and (state["stage"] > self.number or (state["stage"] == self.number and state["done"]))
 
-    def fitted(self, batch_size: int, grad_accum: int, gradient_checkpointing: bool | None) -> Stage:
-        """This stage with another micro-batch, gradient accumulation (and checkpointing, where it has it)."""
+    def fitted(self, batch_size: int, grad_accum: int, recomputed_layers: int | None) -> Stage:
+        """This stage with another micro-batch, gradient accumulation (and where it has the switch, that many of
+        the first layers recomputed in the backward: 0 turns gradient checkpointing off)."""
         out = object.__new__(type(self))
         out.__dict__.update(self.__dict__)
         changes = {"batch_size": batch_size, "grad_accum": grad_accum}
-        if gradient_checkpointing is not None:
-            changes["gradient_checkpointing"] = gradient_checkpointing
+        if recomputed_layers is not None:
+            changes["gradient_checkpointing"] = recomputed_layers > 0
+            out.recomputed_layers = recomputed_layers or None
         out.cfg = dataclasses.replace(self.cfg, **changes)
         return out
 
@@ -142,8 +145,9 @@ class Stage:
     def train_mode(self, student) -> None:
         """Set the student's training switches for this stage."""
 
-    def activation_bytes(self, config, edited, micro: int, checkpointing: bool, device: torch.device, abytes: int) -> float:
-        """A rough upper figure for the activations one micro-batch of ``micro`` sequences keeps for backward."""
+    def activation_bytes(self, config, edited, micro: int, recomputed: int, device: torch.device, abytes: int) -> float:
+        """A rough upper figure for the activations one micro-batch of ``micro`` sequences keeps for backward,
+        with ``recomputed`` of the decoder layers under gradient checkpointing (where the stage has it)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------- shared

@@ -312,7 +312,7 @@ def profile_summary(profile: dict) -> dict:
 
 def freeze(student) -> None:
     student.eval()
-    student.gradient_checkpointing = False
+    student.gradient_checkpointing, student.checkpointed_layers = False, None
     for p in student.parameters():
         p.requires_grad_(False)
 

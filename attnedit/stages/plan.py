@@ -22,7 +22,7 @@ import torch
 from ..data.recall import spans_fit
 from ..devices import resolve_device, use_bf16
 from ..distributed import FSDP2, Parallelism
-from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, device_memory, fit, fit_order, fits, model_sizes, stage_bytes
+from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, device_memory, fit, fit_order, fits, model_sizes, recomputing, stage_bytes
 from ..errors import AttnEditError
 from ..recipe import Recipe
 from .base import Stage
@@ -116,11 +116,12 @@ def stage_loads(planned: list[Stage], config, edited, device: torch.device) -> l
         cfg = stage.cfg
         abytes = 2 if use_bf16(device, cfg.precision) else 4
 
-        def activations(micro, checkpointing, stage=stage, abytes=abytes):
-            return stage.activation_bytes(config, edited, micro, checkpointing, device, abytes)
+        def activations(micro, recomputed, stage=stage, abytes=abytes):
+            return stage.activation_bytes(config, edited, micro, recomputed, device, abytes)
 
         trained = sum(p.numel() for _, p in stage.trainable(meta))
-        loads.append(StageLoad(stage.number, trained, stage.seq_len, cfg.batch_size, cfg.grad_accum, stage.gradient_checkpointing, activations))
+        layers = config.num_hidden_layers if stage.gradient_checkpointing is not None else 0
+        loads.append(StageLoad(stage.number, trained, stage.seq_len, cfg.batch_size, cfg.grad_accum, stage.gradient_checkpointing, activations, layers))
     return loads
 
 
@@ -142,7 +143,7 @@ def plan_memory(recipe: Recipe, config, edited, device: torch.device, parallel: 
     for stage in planned:
         if plan.adapted(stage.number):
             row = rows[stage.number]
-            stage = stage.fitted(row["batch_size"], row["grad_accum"], row["gradient_checkpointing"])
+            stage = stage.fitted(row["batch_size"], row["grad_accum"], row["recomputed_layers"])
         plan.stages.append(stage)
     return plan
 
@@ -162,7 +163,7 @@ def refusal(recipe: Recipe, config, edited, plan: MemoryPlan) -> str:
     number = next(n for n, row in plan.rows.items() if row is None)
     asked, load = plan.asked[number], plan.loads[number]
     checkpointing = None if load.gradient_checkpointing is None else True
-    smallest = stage_bytes(plan.sizes, load, plan.layout, plan.wbytes, plan.layout.world, checkpointing)
+    smallest = stage_bytes(plan.sizes, load, plan.layout, plan.wbytes, plan.layout.world, checkpointing)  # every layer recomputed
     need = smallest["total"] / GiB
     world = smallest_world(config, recipe, plan.gpu_bytes, adapt=True)[0]
     where = f"{world} such GPUs (torchrun --nproc_per_node {world})" if world else f"no count up to {WORLD_SIZES[-1]} such GPUs"
@@ -183,7 +184,7 @@ def smaller_fit(plan: MemoryPlan, number: int) -> tuple[dict, float] | None:
     if row is None or load is None:
         return None
     order = fit_order(load, plan.layout.world)
-    current = order.index((row["batch_size"], row["gradient_checkpointing"]))
+    current = order.index((row["batch_size"], row["recomputed_layers"]))
     rows = [stage_bytes(plan.sizes, load, plan.layout, plan.wbytes, b, gc) for b, gc in order]
     least = min(r["total"] for r in rows[: current + 1])
     for candidate in rows[current + 1 :]:
@@ -204,7 +205,7 @@ def out_of_memory_text(plan: MemoryPlan, number: int, error: BaseException, resu
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
     where = (
         f"stage {number} ran out of GPU memory at micro-batch {row['batch_size']} x {row['seq_len']}"
-        + (" with gradient checkpointing" if row["gradient_checkpointing"] else "")
+        + (f" with gradient checkpointing{recomputing(row)}" if row["gradient_checkpointing"] else "")
         + f" ({first}), where the plan expected {row['total'] / GiB:.1f} GiB of this GPU's {plan.gpu_bytes / GiB:.1f} GiB"
     )
     found = smaller_fit(plan, number)
@@ -212,7 +213,7 @@ def out_of_memory_text(plan: MemoryPlan, number: int, error: BaseException, resu
         return f"{where}; no smaller setting needs less: a GPU with more memory, more GPUs, or a shorter stage{number}.seq_len"
     smaller, gib = found
     how = f"micro-batch {smaller['batch_size']}, grad_accum {smaller['grad_accum']}" + (
-        ", gradient checkpointing on" if smaller["gradient_checkpointing"] else ""
+        f", gradient checkpointing on{recomputing(smaller)}" if smaller["gradient_checkpointing"] else ""
     )
     return f"{where}; {resume} --gpu-memory {gib:g} runs it at {how} (the same global batch; plan {smaller['total'] / GiB:.2f} GiB)"
 
@@ -335,7 +336,8 @@ def fit_note(stage: Stage, memory: MemoryPlan) -> dict:
         note["fits"] = False
         return note
     note.update(fits=True, total=int(row["total"]), adapted=memory.adapted(stage.number), batch_size=row["batch_size"],
-                grad_accum=row["grad_accum"], gradient_checkpointing=row["gradient_checkpointing"])  # fmt: skip
+                grad_accum=row["grad_accum"], gradient_checkpointing=row["gradient_checkpointing"],
+                recomputed_layers=row["recomputed_layers"], layers=row["layers"])  # fmt: skip
     return note
 
 
@@ -356,6 +358,8 @@ def fit_summary(stage: Stage, memory: MemoryPlan) -> dict | None:
     }
     if stage.gradient_checkpointing is not None:
         out["gradient_checkpointing"] = stage.cfg.gradient_checkpointing
+        if stage.recomputed_layers is not None:
+            out["recomputed_layers"] = stage.recomputed_layers
     return out
 
 

@@ -156,7 +156,7 @@ class Stage1(Stage):
             return lambda: None
         return compile_teacher_modules(ctx.teacher, ctx.edited_layers, group)
 
-    def activation_bytes(self, config, edited, micro, checkpointing, device, abytes):
+    def activation_bytes(self, config, edited, micro, recomputed, device, abytes):
         """Every edited layer's captured input and output and its attention's saved tensors (plus, on the
         CPU, its scores): the layers train side by side, so all of them are kept at once."""
         n_edited, t, h = len(edited.edit["edited_layers"]), self.seq_len, config.hidden_size

@@ -422,6 +422,7 @@ class Stage2(Stage):
 
     def train_mode(self, student) -> None:
         student.gradient_checkpointing = self.cfg.gradient_checkpointing
+        student.checkpointed_layers = self.recomputed_layers  # None: every layer
         # the layer loop checkpoints only in training mode; set the flag on the top module alone, so the
         # shared teacher modules stay in eval mode (no dropout or router noise in the teacher)
         student.training = self.cfg.gradient_checkpointing
@@ -432,20 +433,23 @@ class Stage2(Stage):
             undos.append(compile_teacher_layers(ctx.teacher, group))
         return lambda: [undo() for undo in reversed(undos)]
 
-    def activation_bytes(self, config, edited, micro, checkpointing, device, abytes):
+    def activation_bytes(self, config, edited, micro, recomputed, device, abytes):
         """Each decoder layer's internals (attention, MLP or routed experts, router; on the CPU the attention
-        scores), or under gradient checkpointing each layer's input plus one layer's internals; the teacher's
-        hidden states the loss compares with; one KD chunk's fp32 vocabulary-sized tensors."""
+        scores), but of the first ``recomputed`` layers under gradient checkpointing only the input (one layer's
+        internals while it is recomputed, after the later layers' are freed); the teacher's hidden states the loss
+        compares with; one KD chunk's fp32 vocabulary-sized tensors."""
         cfg, t, h = self.cfg, self.seq_len, config.hidden_size
         tokens, layers = micro * t, config.num_hidden_layers
         width, router = mlp_width(config)
         extra = attention_extra_width(edited)
         scores = score_bytes(device, micro, config.num_attention_heads, t, abytes)
         layer = tokens * (LAYER_SAVED * h + MLP_SAVED * width + router) * abytes + scores  # one layer's internals
-        if checkpointing:
-            kept = layers * tokens * h * abytes + layer + tokens * max(extra, default=0) * abytes
-        else:
-            kept = layers * layer + tokens * sum(extra) * abytes
+        n = min(int(recomputed), layers)
+        plain = (layers - n) * layer + tokens * sum(extra) * abytes * (layers - n) / layers  # the layers not recomputed
+        # the recomputed layers are the first ones, whose backward runs last: one of them is recomputed after the
+        # other layers' activations are freed
+        rerun = layer + tokens * max(extra, default=0) * abytes if n else 0
+        kept = n * tokens * h * abytes + max(plain, rerun)
         # the teacher's final hidden state; with feature matching all of its layers' and the student's final one,
         # which the cosine keeps (the student's other states are the layers' inputs, counted above)
         teacher = (layers + 1 if cfg.feature_weight > 0 else 1) * tokens * h * abytes

@@ -147,6 +147,7 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
             self.model.layers[i].self_attn = build_attention(layer, config.teacher_attention, config.base_config, i, cls)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.checkpointed_layers: int | None = None  # under gradient checkpointing, the first layers recomputed; None: all
         self.post_init()
 
     def get_input_embeddings(self):
@@ -249,10 +250,11 @@ class AttnEditForCausalLM(EngineOptions, AttnEditPreTrainedModel, GenerationMixi
             self.prepare_attention(t, h.device)
         hidden_states = [] if output_hidden_states else None
         compiled_prefill = self.prefill_backend is not None and t > 1 and not torch.is_grad_enabled() and self._backbone("layer") != "teacher"
-        for layer in self.model.layers:
+        recompute = len(self.model.layers) if self.checkpointed_layers is None else self.checkpointed_layers
+        for i, layer in enumerate(self.model.layers):
             if hidden_states is not None:
                 hidden_states.append(h)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and i < recompute:
                 h = self._checkpointed_layer(layer, h, ctx)
             elif compiled_prefill and self.prefill_backend is not None:
                 h = self._layer_prefill(layer, h, ctx)
