@@ -364,9 +364,17 @@ def test_compiled_stage2_layers_under_gradient_checkpointing_match_eager_and_sta
         kept_checkpointed = _saved_bytes(loss_fn, params, ids)
         student.gradient_checkpointing, student.training = False, False
         kept_plain = _saved_bytes(loss_fn, params, ids)
+        # the first layer alone recomputed (convert's fit where the card holds the rest): both compiled forms in one pass
+        student.gradient_checkpointing, student.training, student.checkpointed_layers = True, True, 1
+        partial = _loss_and_grads(loss_fn, params, ids)
+        kept_partial = _saved_bytes(loss_fn, params, ids)
     finally:
-        student.gradient_checkpointing, student.training = False, False
+        student.gradient_checkpointing, student.training, student.checkpointed_layers = False, False, None
         undo()
+    torch.testing.assert_close(partial[0], eager[0])
+    for a, b in zip(partial[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert kept_checkpointed < kept_partial < kept_plain, (kept_checkpointed, kept_partial, kept_plain)
     assert "_checkpointed_layer" not in vars(student) and "_layer" not in vars(student)
     assert group.enabled and not group.warned, capsys.readouterr().err
     torch.testing.assert_close(got[0], eager[0])
