@@ -401,9 +401,9 @@ def _kept_bytes(fn):
 
 
 def test_the_feature_loss_keeps_only_the_hidden_states_it_compares():
-    """The cosine in float32 would keep its float32 copies and normalised states for the backward, four bf16
-    hidden states a token and layer more (9 GiB at Qwen3-8B's stage-2 shape): the loss keeps the two states it
-    was given, and its value and gradients are the plain cosine's."""
+    """The cosine in float32 would keep its float32 copies and normalised states for the backward, twice the bytes
+    of the two bf16 states it compares (6.3 GiB more at Qwen3-8B's stage-2 shape): the loss keeps the two states
+    it was given, and its value and gradients are the plain cosine's."""
     torch.manual_seed(0)
     s = [torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     t = [torch.randn(2, 16, 64, dtype=torch.bfloat16) for _ in range(3)]

@@ -225,8 +225,8 @@ def cosine_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def feature_loss(student_hidden: list, teacher_hidden_: list) -> torch.Tensor:
     """``sum_l mean_tokens (1 - cos(h_S,l, h_T,l))``. Each layer's term is checkpointed: its backward keeps the
     two hidden states it was given (the student's is the next layer's input, which the model keeps anyway; the
-    teacher's is in the memory plan), not the float32 copies and normalised states the cosine saves, 4 hidden-sized
-    bf16 tensors a token and layer more (9 GiB at Qwen3-8B's 36 layers and 2 x 4096 tokens)."""
+    teacher's is in the memory plan), not the float32 copies and normalised states the cosine saves: about 3 bf16
+    hidden states a token and layer more, 6.3 GiB at Qwen3-8B's 36 layers and 2 x 4096 tokens."""
     terms = [checkpoint(cosine_distance, s, t) if s.requires_grad else cosine_distance(s, t) for s, t in zip(student_hidden, teacher_hidden_)]
     return torch.stack(terms).sum()
 
