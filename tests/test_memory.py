@@ -117,7 +117,7 @@ def test_stage_2_recomputes_the_fewest_first_layers_that_fit_where_the_recipe_le
     stage.train_mode(student)
     assert (student.gradient_checkpointing, student.checkpointed_layers, student.training) == (True, want[1], True)
     row = {"stage": 2, "memory": plan_module.fit_note(stage, fitted)}
-    assert f"gradient checkpointing on ({want[1]} of {layers} layers recomputed)" in fit_text(row)
+    assert f"grad_accum {stage.cfg.grad_accum}, gradient checkpointing on the first {want[1]} of {layers} layers (the same" in fit_text(row)
     assert plan_module.fit_summary(stage, fitted)["recomputed_layers"] == want[1]
     # the recipe asking for it: every layer, at the largest micro-batch that fits so
     raw["stage2"]["gradient_checkpointing"] = True

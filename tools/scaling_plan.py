@@ -196,8 +196,8 @@ DATA=... S1=2 S2=14 EXTRA="--set profile_steps=2" bash benchmarks/scale_memory.s
   sequence needs 105.7 GiB (48.0 GiB of it activations); with it, 68.8 GiB at 2 x 8192 and 62.4 GiB at 1 x 8192. What
   would close it: recomputing only as many layers as the card needs, now built. With `stage2.gradient_checkpointing:
   false` convert recomputes the fewest of the first layers that fit (the first ones: their backward runs last, when
-  the later layers' activations are freed); on one 80 GB card that is 23 of the 36 layers at 1 x 8192 (78.5 GiB
-  planned), a third less recomputation, about 8% less work a token: about 0.30x by the count above. Tested on CPU
+  the later layers' activations are freed); on one H100 (79.2 GiB) that is 23 of the 36 layers at 1 x 8192
+  (78.5 GiB planned), a third less recomputation, about 8% less work a token: about 0.30x by the count above. Tested on CPU
   (the same loss and gradients as no recomputation and as every layer; what the graph keeps falls with each layer
   recomputed; the fit picks the fewest), not measured on the GPU, so the shipped GateSWA recipe still asks for every
   layer: `--set stage2.gradient_checkpointing=false` runs the other way. A second GPU (the frozen weights sharded,

@@ -195,10 +195,10 @@ def stage_bytes(
     return row
 
 
-def recomputing(row: dict) -> str:
-    """`` (n of N layers recomputed)`` where gradient checkpointing recomputes only some of the layers; else ''."""
+def checkpointing_text(row: dict) -> str:
+    """ "gradient checkpointing on", and where it recomputes only some of the layers, "... on the first n of N layers"."""
     n, layers = row.get("recomputed_layers"), row.get("layers")
-    return f" ({n} of {layers} layers recomputed)" if n is not None and 0 < n < layers else ""
+    return f"gradient checkpointing on the first {n} of {layers} layers" if n is not None and 0 < n < layers else "gradient checkpointing on"
 
 
 def fits(row: dict, gpu_bytes: float | None) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..distributed.memory import recomputing
+from ..distributed.memory import checkpointing_text
 from ..results import Summary
 from ..tables import human_bytes, text_table
 
@@ -87,7 +87,7 @@ def fit_text(row: dict) -> str | None:
         return f"{asked}: it fits the GPU's {gpu} at no micro-batch; convert refuses it (--world-size N: the GPU count that fits)"
     if not note["adapted"]:
         return None
-    checkpointing = f", gradient checkpointing on{recomputing(note)}" if note["gradient_checkpointing"] else ""
+    checkpointing = f", {checkpointing_text(note)}" if note["gradient_checkpointing"] else ""
     return (
         f"{asked}, more than the GPU's {gpu}: convert runs it at micro-batch {note['batch_size']} with grad_accum "
         f"{note['grad_accum']}{checkpointing} (the same global batch), {human_bytes(note['total'])}"
@@ -113,7 +113,7 @@ def format_memory_plan(plan: dict, smallest: tuple[int | None, str | None] | Non
         if row is None:
             lines.append(f"\nstage {stage} fits {human_bytes(plan['gpu_bytes'])} at no micro-batch ({where})")
         else:
-            checkpointing = f", gradient checkpointing on{recomputing(row)}" if row["gradient_checkpointing"] else ""
+            checkpointing = f", {checkpointing_text(row)}" if row["gradient_checkpointing"] else ""
             lines.append(
                 f"\nstage {stage} fitted ({where}): micro-batch {row['micro_batch']} x {row['seq_len']} per GPU with grad_accum "
                 f"{row['grad_accum']}{checkpointing} (the same global batch), {human_bytes(row['total'])}"

@@ -22,7 +22,7 @@ import torch
 from ..data.recall import spans_fit
 from ..devices import resolve_device, use_bf16
 from ..distributed import FSDP2, Parallelism
-from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, device_memory, fit, fit_order, fits, model_sizes, recomputing, stage_bytes
+from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, checkpointing_text, device_memory, fit, fit_order, fits, model_sizes, stage_bytes
 from ..errors import AttnEditError
 from ..recipe import Recipe
 from .base import Stage
@@ -205,7 +205,7 @@ def out_of_memory_text(plan: MemoryPlan, number: int, error: BaseException, resu
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
     where = (
         f"stage {number} ran out of GPU memory at micro-batch {row['batch_size']} x {row['seq_len']}"
-        + (f" with gradient checkpointing{recomputing(row)}" if row["gradient_checkpointing"] else "")
+        + (f" with {checkpointing_text(row)}" if row["gradient_checkpointing"] else "")
         + f" ({first}), where the plan expected {row['total'] / GiB:.1f} GiB of this GPU's {plan.gpu_bytes / GiB:.1f} GiB"
     )
     found = smaller_fit(plan, number)
@@ -213,7 +213,7 @@ def out_of_memory_text(plan: MemoryPlan, number: int, error: BaseException, resu
         return f"{where}; no smaller setting needs less: a GPU with more memory, more GPUs, or a shorter stage{number}.seq_len"
     smaller, gib = found
     how = f"micro-batch {smaller['batch_size']}, grad_accum {smaller['grad_accum']}" + (
-        f", gradient checkpointing on{recomputing(smaller)}" if smaller["gradient_checkpointing"] else ""
+        f", {checkpointing_text(smaller)}" if smaller["gradient_checkpointing"] else ""
     )
     return f"{where}; {resume} --gpu-memory {gib:g} runs it at {how} (the same global batch; plan {smaller['total'] / GiB:.2f} GiB)"
 
