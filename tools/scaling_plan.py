@@ -203,8 +203,8 @@ DATA=... S1=2 S2=14 EXTRA="--set profile_steps=2" bash benchmarks/scale_memory.s
   layer: `--set stage2.gradient_checkpointing=false` runs the other way. A second GPU (the frozen weights sharded,
   below) leaves room for more.
 - Qwen3-30B-A3B's recipes were not run: the plan below puts each on one H200 141 GB or two H100s (on one H100 its
-  weights and optimizer states alone exceed the card, at any micro-batch). No H200 was lent when asked (the same
-  day), and no multi-GPU machine is lent.
+  weights and optimizer states alone exceed the card, at any micro-batch). No H200 was available when one was
+  asked for (the same day), nor a machine with several GPUs.
 """
 
 if __name__ == "__main__":
