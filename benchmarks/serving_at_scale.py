@@ -59,6 +59,12 @@ def main() -> int:
         help="model.fuse_projections() on every student and the same-engine teacher (bench --fuse-projections)",
     )
     p.add_argument(
+        "--fold-absorbed",
+        action="store_true",
+        help="model.fold_absorbed() on every student (bench --fold-absorbed): MLA's absorbed decode with W_uk and W_uv "
+        "folded into the query's and the output's projections where that reads at most 4 MiB more a layer",
+    )
+    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="model.compile_prefill() on every student and the same-engine teacher (bench --compile-prefill)",
@@ -107,6 +113,7 @@ def main() -> int:
         capacity=args.capacity,
         memory_gb=args.memory_gb,
         fuse_projections=args.fuse_projections,
+        fold_absorbed=args.fold_absorbed,
         compile_prefill=args.compile_prefill,
     )
 

@@ -180,7 +180,8 @@ class FusableProjections:
         return fused_call(self, "_fused", self.input_linears())
 
 
-def _hooked(module) -> bool:
+def hooked(module) -> bool:
+    """Whether ``module`` has a forward hook (a fast path that skips its call must not run then)."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -194,7 +195,7 @@ def fused_call(owner, name: str, linears: list, *also):
         return None
     if len(linears) != len(fused.linears) or any(a is not b for a, b in zip(linears, fused.linears)):
         return None
-    if any(_hooked(m) for m in (*linears, *also)):
+    if any(hooked(m) for m in (*linears, *also)):
         return None
     if not torch.compiler.is_compiling() and not fused.current():
         fused = FusedLinears(fused.linears)

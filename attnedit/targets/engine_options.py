@@ -3,6 +3,9 @@
 * Fused projections (:meth:`EngineOptions.fuse_projections`): the projections that read the same input run as one
   GEMM each (q/k/v and GateSWA's gate, MLA's first projections, a dense MLP's gate and up), through views of the
   same memory as the parameters, fused again whenever ``.to()`` or ``load_state_dict`` replaces them.
+* Folded MLA decode (:meth:`EngineOptions.fold_absorbed`): an MLA layer's absorbed decode with ``W_uk`` and ``W_uv``
+  folded into the query's and the output's projections where that reads at most a kernel's worth more bytes (small
+  latents): two fewer kernels a layer per decode step, at the cost of the folded copies' memory.
 * Compiled prefill (:meth:`EngineOptions.compile_prefill`): the element-wise work around each attention (the
   norms, the MLP's activation, the residual adds) compiled with ``torch.compile`` for calls of more than one token
   without gradients; if compiling fails, one warning is printed and the prefill runs eagerly from then on.
@@ -47,7 +50,8 @@ def post_attention(layer, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 class EngineOptions:
-    """Fused projections and the compiled prefill of the edited causal LM (see the module's docstring)."""
+    """Fused projections, MLA's folded decode and the compiled prefill of the edited causal LM (see the module's
+    docstring)."""
 
     prefill_backend: str | None = None  # set by compile_prefill(); None: every call runs eagerly
     _prefill_fns: tuple | None = None
@@ -63,15 +67,53 @@ class EngineOptions:
         for owner, name in self._fused_groups():
             setattr(owner, name, FusedLinears(getattr(owner, name).linears))
 
+    def _refold(self) -> None:
+        """Fold MLA's absorbed decode again from the current parameters, where it is folded."""
+        for attn in self.attentions():
+            folded = getattr(attn, "_folded", None)
+            if folded is not None:
+                attn.fold_absorbed(True, folded.kernel_bytes)
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._refuse()
+        self._refold()
         return out
 
     def load_state_dict(self, *args, **kwargs):
         out = super().load_state_dict(*args, **kwargs)
         self._refuse()  # with assign=True the parameters are new tensors
+        self._refold()
         return out
+
+    def fold_absorbed(self, fold: bool = True) -> EngineOptions:
+        """Fold every MLA layer's absorbed-decode up-projections into its query and output projections where that
+        reads at most a kernel's worth more bytes (``targets/mla.py``'s ``FoldedAbsorbed``): the same results,
+        two fewer kernels a layer per decode step (and per short absorbed call), for inference only; the folded
+        weights are copies beside the parameters (:meth:`folded_bytes`). ``fold=False`` drops them. Layers whose
+        folding would read more (DeepSeek-sized latents) keep the per-head products."""
+        for attn in self.attentions():
+            if hasattr(attn, "fold_absorbed"):
+                attn.fold_absorbed(fold)
+        return self
+
+    def folded_bytes(self) -> tuple[int, int]:
+        """(memory the folded MLA weights hold, bytes a decode step reads more with them; negative: fewer)."""
+        held = delta = 0
+        for attn in self.attentions():
+            folded = getattr(attn, "_folded", None)
+            if folded is not None:
+                held, delta = held + folded.extra_bytes, delta + folded.read_delta(attn)
+        return held, delta
+
+    def folded_sides(self) -> dict[str, int]:
+        """How many MLA layers fold each side: {'query+output': n, 'output': m, ...}; empty when none is folded."""
+        counts: dict[str, int] = {}
+        for attn in self.attentions():
+            folded = getattr(attn, "_folded", None)
+            if folded is not None:
+                counts[folded.sides] = counts.get(folded.sides, 0) + 1
+        return counts
 
     def fuse_projections(self, fuse: bool = True) -> EngineOptions:
         """Run the projections that read the same input as one GEMM each, in calls without gradients (inference):

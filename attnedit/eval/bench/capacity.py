@@ -185,9 +185,9 @@ def measure_capacity(engines: dict, settings: BenchSettings, dtype: str, device,
     ours = {name: e for name, e in engines.items() if isinstance(e, AttnEditEngine)}
     models = [e.model for e in engines.values()]
     out = {}
-    set_engine_options(ours, False, False)  # a fused weight would keep a moved model's device memory
+    set_engine_options(ours, False, False)  # a fused or folded weight would keep a moved model's device memory
     for name, engine in ours.items():
-        set_engine_options({name: engine}, settings.fuse_projections, settings.compile_prefill)
+        set_engine_options({name: engine}, settings.fuse_projections, settings.compile_prefill, settings.fold_absorbed)
         if engine.compile:
             torch._dynamo.reset()
         weights = weight_bytes(engine.model)

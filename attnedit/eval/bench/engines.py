@@ -8,7 +8,7 @@
   with its automatic ``torch.compile``. Its TTFT is a 1-token generate; its decode rate comes from the extra time
   of ``decode_tokens`` more tokens.
 
-:func:`set_engine_options` turns the models' fused projections and compiled prefill on or off together.
+:func:`set_engine_options` turns the models' fused projections, compiled prefill and MLA's folded decode on or off together.
 """
 
 from __future__ import annotations
@@ -219,16 +219,21 @@ def run_once(engine, batch: int, context: int, settings: BenchSettings) -> dict:
     return engine.run(batch, context, settings)
 
 
-def set_engine_options(engines: dict, fuse: bool, prefill: bool) -> None:
-    """Fused projections and compiled prefill on (or off) for every model on attnedit's engine together."""
+def set_engine_options(engines: dict, fuse: bool, prefill: bool, fold: bool = False) -> None:
+    """Fused projections, compiled prefill and MLA's folded decode on (or off) for every model on attnedit's engine
+    together (the teacher has no MLA layer to fold)."""
     for name, engine in engines.items():
         model = engine.model
-        if hasattr(model, "fuse_projections"):
-            model.fuse_projections(fuse)
-            model.compile_prefill(PREFILL_BACKEND if prefill else None)
-        elif fuse or prefill:  # a checkpoint saved before these options (stock engines have neither, and are skipped)
-            flags = " / ".join(f for f, on in (("--fuse-projections", fuse), ("--compile-prefill", prefill)) if on)
+        missing = [f for f, on, method in (("--fuse-projections", fuse, "fuse_projections"), ("--compile-prefill", prefill, "compile_prefill"),
+                                           ("--fold-absorbed", fold, "fold_absorbed")) if on and not hasattr(model, method)]  # fmt: skip
+        if missing:  # a checkpoint saved before these options (stock engines have none, and are skipped)
+            flags = " / ".join(missing)
             raise AttnEditError(
                 f"{name}: this checkpoint's modeling code predates {flags}; save it again with this attnedit "
                 f"(attnedit export MODEL --format hf --out NEW), or bench without {flags}"
             )
+        if hasattr(model, "fuse_projections"):
+            model.fuse_projections(fuse)
+            model.compile_prefill(PREFILL_BACKEND if prefill else None)
+        if hasattr(model, "fold_absorbed"):
+            model.fold_absorbed(fold)

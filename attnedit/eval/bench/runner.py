@@ -86,7 +86,7 @@ def run_bench_many(
     # the teacher first: a run cut short still has every ratio of the students it finished
     engines = {"teacher": AttnEditEngine(teacher_on_attnedit(teacher), compile_)}
     engines.update({label: AttnEditEngine(model, compile_) for label, model in students.items()})
-    set_engine_options(engines, settings.fuse_projections, settings.compile_prefill)  # one path for both models
+    set_engine_options(engines, settings.fuse_projections, settings.compile_prefill, settings.fold_absorbed)  # one path for both
     if settings.stock:
         engines["teacher_stock"] = StockEngine(teacher)
     configs = {label: model.config for label, model in students.items()}
@@ -135,7 +135,7 @@ def run_bench_many(
         if settings.capacity:
             capacity.update(measure_capacity(engines, settings, dtype, device, log, bandwidth))
         return assemble()
-    finally:  # the models leave as they came: unfused, prefill eager (a later passkey run uses them)
+    finally:  # the models leave as they came: unfused, unfolded, prefill eager (a later passkey run uses them)
         set_engine_options(engines, False, False)
 
 
@@ -152,7 +152,8 @@ def _header(device, dtype: str, settings: BenchSettings, compile_: bool, bandwid
             "student": "attnedit static cache"
             + (" + torch.compile (CUDA graphs)" if compile_ else ", eager")
             + (", fused projections" if settings.fuse_projections else "")
-            + (", compiled prefill" if settings.compile_prefill else ""),
+            + (", compiled prefill" if settings.compile_prefill else "")
+            + (", MLA decode folded" if settings.fold_absorbed else ""),
             "teacher": "the teacher on the same engine as the student",
             "teacher_stock": "transformers generate(cache_implementation='static')" + (" + automatic torch.compile" if cuda else ""),
         },

@@ -28,6 +28,11 @@ class BenchSettings:
         False, "run the student's and the same-engine teacher's input projections as one GEMM each (q/k/v and the gate; "
         "an MLP's gate/up): model.fuse_projections(), fewer kernels per decode step",
     )  # fmt: skip
+    fold_absorbed: bool = setting(
+        False, "MLA: fold each layer's absorbed-decode up-projections into its query and output projections where that "
+        "reads at most 4 MiB more a layer (model.fold_absorbed(): small latents; two fewer kernels a layer per decode "
+        "step, the folded copies held beside the weights)",
+    )  # fmt: skip
     compile_prefill: bool = setting(
         False, "also compile the prefill's element-wise work (model.compile_prefill(): norms, MLP activation, residuals; "
         "dynamic shapes) for the student and the teacher on attnedit's engine; the stock path's prefill stays eager, "

@@ -34,14 +34,29 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the distinct weights (tied embeddings counted once)."""
+def _tensor_bytes(model) -> int:
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def _folded(model) -> tuple[int, int]:
+    return model.folded_bytes() if hasattr(model, "folded_bytes") else (0, 0)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the distinct weights the model holds (tied embeddings counted once; MLA's folded decode weights,
+    where folded, included)."""
+    return _tensor_bytes(model) + _folded(model)[0]
+
+
+def step_weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads at least: every distinct weight once, MLA's folded copies in place of
+    the projections they stand in for."""
+    return _tensor_bytes(model) + _folded(model)[1]
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
@@ -65,7 +80,7 @@ def copy_bandwidth(device: torch.device) -> float | None:
 
 def bytes_per_step(model, config, batch: int, context: int, dtype: str) -> int:
     """What one decode step must read at least: every weight once, and the KV of ``context`` tokens."""
-    return weight_bytes(model) + analytic_cache_bytes(config, context, batch, dtype)
+    return step_weight_bytes(model) + analytic_cache_bytes(config, context, batch, dtype)
 
 
 def peak_start(device) -> int:
