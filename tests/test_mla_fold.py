@@ -194,3 +194,21 @@ def test_bench_folds_the_student_counts_its_bytes_and_unfolds_it_after():
     assert "MLA decode folded" in result["engines"]["student"]
     assert result["runs"][0]["student"]["bytes_per_step"] == plain + delta
     assert student.folded_sides() == {}
+
+
+def test_the_compiled_folded_step_has_no_per_head_products():
+    """benchmarks/decode_ops.py's counts: the traced decode step of an MLA student has two ``bmm`` a layer
+    unfolded and none folded, and the model is left as it came (unfused, unfolded)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_ops.py"
+    spec = importlib.util.spec_from_file_location("decode_ops", script)
+    ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ops)
+    student = edit_model(tiny_teacher("qwen2"), "mla", {"init": "random"}).eval()
+    layers = len(student.attentions())
+    plain, folded = ops.step_ops(student, False, False), ops.step_ops(student, False, True)
+    assert plain["bmm"] == 2 * layers and folded["bmm"] == 0
+    assert sum(folded.values()) < sum(plain.values())
+    assert student.folded_sides() == {} and student.attentions()[0]._fused is None
