@@ -133,3 +133,65 @@ def test_chunked_prefill_after_cached_tokens_with_a_full_mask(static):
         return model(ids[:, 6:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
 
     torch.testing.assert_close(run(8), run(None), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "growing"])
+@pytest.mark.parametrize("case", ["gateswa-random", "gateswa-teacher", "split-heads"])
+@torch.no_grad()
+def test_long_chunks_of_sliding_layers_run_on_flex_attention_with_the_same_logits(case, static, monkeypatch):
+    """A sliding layer's prefill chunk of 128+ tokens after cached ones runs on FlexAttention with a block mask over
+    the ring buffer's slots and the chunk (built once per chunk for every layer of a window), not on a dense mask:
+    the same logits as the prefill in one piece, and as the dense path. Run eagerly on the CPU here (on CUDA the
+    compiled kernel)."""
+    from attnedit.targets import common
+
+    if case == "split-heads":
+        from test_split_heads import split_student
+
+        model = split_student("mistral")
+    else:
+        model = _model("qwen3", case)
+    ids = tiny_ids(batch=1, length=430)
+    whole, _ = _prefill_then_decode(model, ids, None, static, chunk=None)
+    dense, _ = _prefill_then_decode(model, ids, None, static, chunk=150)
+    calls, masks = [], []
+    real_attention, real_mask = common.sliding_chunk_attention, common.chunk_block_mask
+    monkeypatch.setattr(common, "chunk_on_flex", lambda q: True)
+    monkeypatch.setattr(common, "sliding_chunk_attention", lambda *a: calls.append(1) or real_attention(*a))
+    monkeypatch.setattr(common, "chunk_block_mask", lambda *a: masks.append(1) or real_mask(*a))
+    flex, _ = _prefill_then_decode(model, ids, None, static, chunk=150)
+    for a, b, c in zip(flex, dense, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    sliding = sum(getattr(a, "window", None) is not None for a in model.attentions())
+    assert len(calls) == 2 * sliding  # chunks 2 and 3 (150 and 130 tokens) of every sliding layer
+    assert len(masks) == 2  # one block mask a chunk, shared by the layers
+
+
+@torch.no_grad()
+def test_a_failing_flex_chunk_falls_back_to_the_dense_mask_once_and_running_out_of_memory_does_not(monkeypatch, capsys):
+    """A compiler failure on the FlexAttention chunk path prints one warning and the dense path serves that call and
+    every later one (the same logits); running out of memory there is raised (the capacity search counts it)."""
+    from attnedit.targets import common
+
+    model = _model("qwen3", "gateswa-teacher")
+    ids = tiny_ids(batch=1, length=430)
+    want, _ = _prefill_then_decode(model, ids, None, True, chunk=150)
+    calls = []
+
+    def failing(*a):
+        calls.append(1)
+        raise RuntimeError("backend compiler failed\nmore")
+
+    monkeypatch.setattr(common, "_CHUNK_FLEX", {"ok": True})
+    monkeypatch.setattr(common, "chunk_on_flex", lambda q: common._CHUNK_FLEX["ok"])
+    monkeypatch.setattr(common, "sliding_chunk_attention", failing)
+    got, _ = _prefill_then_decode(model, ids, None, True, chunk=150)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    warning = capsys.readouterr().err
+    assert len(calls) == 1 and warning.count("warning: FlexAttention failed") == 1 and "more" not in warning
+    monkeypatch.setattr(common, "_CHUNK_FLEX", {"ok": True})
+    monkeypatch.setattr(common, "sliding_chunk_attention", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        _prefill_then_decode(model, ids, None, True, chunk=150)

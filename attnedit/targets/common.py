@@ -7,6 +7,7 @@ its files import only torch, transformers and each other (relative imports), nev
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from .kernels import decode_attention, sliding_attention, window_mask
+from .kernels import CHUNK_FLEX_MIN_QUERIES, chunk_block_mask, decode_attention, sliding_attention, sliding_chunk_attention, window_mask
 
 
 def checkpoint(fn, *args):
@@ -345,6 +346,53 @@ def attend_new(q, k, v, ctx: AttentionContext, window: int | None, sink: int, sc
     if softcap is not None and ctx.key_padding is None and window is None:
         return attend(q, k, v, None, scale, softcap)
     return attend(q, k, v, ctx.mask(torch.arange(k.shape[2], device=k.device), window, sink, force=True), scale, softcap)
+
+
+_CHUNK_FLEX = {"ok": True}  # False once the FlexAttention chunk path failed: the dense path from then on
+
+
+def chunk_on_flex(q: torch.Tensor) -> bool:
+    """Whether a sliding layer's prefill chunk over cached keys runs on FlexAttention (CUDA, unless
+    ``ATTNEDIT_KERNELS=sdpa``, and until it once failed); elsewhere a dense mask."""
+    from .kernels import _use_fast
+
+    return _CHUNK_FLEX["ok"] and _use_fast(q)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def attend_cached(q, keys, values, key_index, ctx: AttentionContext, window: int | None, sink: int, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Attention of this call's queries over a cache's keys (``key_index``: each key column's token): a sliding
+    layer's prefill chunk of at least 128 unpadded tokens on FlexAttention with a block mask shared by every layer
+    of the same window in this call (the window's blocks only, K/V grouped as cached); otherwise the masked or
+    causal kernels of :func:`attend`."""
+    t = q.shape[2]
+    if (
+        window is not None
+        and softcap is None
+        and ctx.key_padding is None
+        and t >= CHUNK_FLEX_MIN_QUERIES
+        and q.shape[-1] == values.shape[-1] >= 16
+        and chunk_on_flex(q)
+    ):
+        n = key_index.shape[0]
+        try:
+            block_mask = ctx.memo(("chunk_block_mask", window, sink, t, n), lambda: chunk_block_mask(ctx.query_index(q.device), key_index, window, sink))
+            return sliding_chunk_attention(q, keys, values, block_mask, scale)
+        except Exception as e:  # noqa: BLE001 - a compiler failure: the dense path from here on (running out of memory is not one)
+            if _out_of_memory(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"attnedit: warning: FlexAttention failed on a prefill chunk ({type(e).__name__}: {first}); using a dense mask", file=sys.stderr)
+            _CHUNK_FLEX["ok"] = False
+    mask = None if ctx.all_keys_visible else ctx.mask(key_index, window, sink)
+    return attend(q, keys, values, mask, scale, softcap)
 
 
 class CacheLayer:

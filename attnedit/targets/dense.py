@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .caches import KVCacheLayer, SlidingKVCacheLayer, StaticKVCacheLayer, StaticSlidingKVCacheLayer
-from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend, attend_new, decode, head_scale
+from .common import AttentionContext, CacheLayer, FusableProjections, RMSNorm, Rotary, apply_rope, attend_cached, attend_new, decode, head_scale
 from .split_heads import split_attention, split_cache
 
 
@@ -105,8 +105,7 @@ class DenseAttention(FusableProjections, nn.Module):
         keys, values, key_index = layer.update(k, v, ctx)
         if key_index is None:
             return attend_new(q, keys, values, ctx, self.window, self.sink, scale, softcap)
-        mask = None if ctx.all_keys_visible else ctx.mask(key_index, self.window, self.sink)
-        return attend(q, keys, values, mask, scale, softcap)
+        return attend_cached(q, keys, values, key_index, ctx, self.window, self.sink, scale, softcap)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .caches import KVCacheLayer, SlidingKVCacheLayer, StaticKVCacheLayer, StaticSlidingKVCacheLayer
-from .common import AttentionContext, CacheLayer, attend, attend_new, decode
+from .common import AttentionContext, CacheLayer, attend_cached, attend_new, decode
 
 
 def cached_values(kv_heads: int, head_dim: int, window: int | None, sink: int, context: int, full_kv_heads: int = 0) -> float:
@@ -147,8 +147,7 @@ def split_attention(attn, q, k, v, ctx: AttentionContext, scale: float, softcap:
         if key_index is None:
             outs.append(attend_new(qg, keys, values, ctx, window, sink, scale, softcap))
         else:
-            mask = None if ctx.all_keys_visible else ctx.mask(key_index, window, sink)
-            outs.append(attend(qg, keys, values, mask, scale, softcap))
+            outs.append(attend_cached(qg, keys, values, key_index, ctx, window, sink, scale, softcap))
     out = torch.cat(outs, dim=1)
     restore = split.restore
     return out if restore is None else out[:, restore]
