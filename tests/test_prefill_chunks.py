@@ -136,7 +136,7 @@ def test_chunked_prefill_after_cached_tokens_with_a_full_mask(static):
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["static", "growing"])
-@pytest.mark.parametrize("case", ["gateswa-random", "gateswa-teacher", "split-heads"])
+@pytest.mark.parametrize("case", ["gateswa-random", "gateswa-teacher", "gateswa-wide", "split-heads"])
 @torch.no_grad()
 def test_long_chunks_of_sliding_layers_run_on_flex_attention_with_the_same_logits(case, static, monkeypatch):
     """A sliding layer's prefill chunk of 128+ tokens after cached ones runs on FlexAttention with a block mask over
@@ -149,6 +149,8 @@ def test_long_chunks_of_sliding_layers_run_on_flex_attention_with_the_same_logit
         from test_split_heads import split_student
 
         model = split_student("mistral")
+    elif case == "gateswa-wide":  # a window wider than the first chunk: the second sees a ring not yet full
+        model = edit_model(tiny_teacher("qwen3"), "gateswa", {"window": 200, "sink": 4, "init": "teacher", "full_layers": "every:2"})
     else:
         model = _model("qwen3", case)
     ids = tiny_ids(batch=1, length=430)
