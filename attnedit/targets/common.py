@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from .kernels import CHUNK_FLEX_MIN_QUERIES, chunk_block_mask, decode_attention, sliding_attention, sliding_chunk_attention, window_mask
+from .kernels import CHUNK_FLEX_MIN_QUERIES, _use_fast, chunk_block_mask, decode_attention, sliding_attention, sliding_chunk_attention, window_mask
 
 
 def checkpoint(fn, *args):
@@ -354,16 +354,23 @@ _CHUNK_FLEX = {"ok": True}  # False once the FlexAttention chunk path failed: th
 def chunk_on_flex(q: torch.Tensor) -> bool:
     """Whether a sliding layer's prefill chunk over cached keys runs on FlexAttention (CUDA, unless
     ``ATTNEDIT_KERNELS=sdpa``, and until it once failed); elsewhere a dense mask."""
-    from .kernels import _use_fast
-
     return _CHUNK_FLEX["ok"] and _use_fast(q)
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    while error is not None:
-        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device or host out-of-memory error: CUDA's ``OutOfMemoryError``, ``MemoryError``, or the
+    ``RuntimeError`` torch's CPU allocator raises (``DefaultCPUAllocator: can't allocate memory``), raised itself or
+    behind the error that reports it (a compiler's, whose compiled code ran out of memory). Here, in the remote
+    code, so that its fallbacks and ``attnedit.errors`` tell it apart the same way."""
+    seen = set()
+    while e is not None and id(e) not in seen:  # also one wrapped by torch.compile (BackendCompilerFailed)
+        seen.add(id(e))
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
             return True
-        error = error.__cause__ or error.__context__
+        text = str(e)
+        if isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text):
+            return True
+        e = getattr(e, "inner_exception", None) or e.__cause__
     return False
 
 
@@ -386,7 +393,7 @@ def attend_cached(q, keys, values, key_index, ctx: AttentionContext, window: int
             block_mask = ctx.memo(("chunk_block_mask", window, sink, t, n), lambda: chunk_block_mask(ctx.query_index(q.device), key_index, window, sink))
             return sliding_chunk_attention(q, keys, values, block_mask, scale)
         except Exception as e:  # noqa: BLE001 - a compiler failure: the dense path from here on (running out of memory is not one)
-            if _out_of_memory(e):
+            if is_out_of_memory(e):
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             print(f"attnedit: warning: FlexAttention failed on a prefill chunk ({type(e).__name__}: {first}); using a dense mask", file=sys.stderr)
