@@ -50,7 +50,7 @@ for s in ${STEPS:-memory serve8k q25 q25fast fast32k}; do
     q25fold) step q25fold "${SERVE[@]}" "${QWEN25[@]}" --contexts 8192 --batches 1,64 --fold-absorbed "${CAP[@]}" --out "$OUT/qwen2.5-8k-fold" ;;
     prefill32k) step prefill32k python "$HERE/prefill_chunk.py" "${QWEN3_8B[@]}" --context 32768 --chunks 8192,16384,0 ;;
     fast32k) step fast32k "${SERVE[@]}" "${QWEN3_8B[@]}" --contexts 32768 --batches 1 "${FAST[@]}" "${CAP[@]}" --out "$OUT/qwen3-8b-32k-fast" ;;
-    a3b) step a3b python "$HERE/serving_at_scale.py" tests/assets/qwen3-30b-a3b recipes/qwen3-30b-a3b-gateswa.yaml recipes/qwen3-30b-a3b-mla.yaml \
+    a3b) step a3b "${SERVE[@]}" tests/assets/qwen3-30b-a3b recipes/qwen3-30b-a3b-gateswa.yaml recipes/qwen3-30b-a3b-mla.yaml \
               --contexts 8192,32768 --batches 1 --capacity --out "$OUT/qwen3-30b-a3b" ;;
     *) echo "unknown step $s (memory, serve8k, q25, q25fast, q25fold, prefill32k, fast32k, a3b)"; exit 2 ;;
   esac

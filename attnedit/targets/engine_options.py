@@ -17,6 +17,7 @@ around its attention, which the model runs eagerly or compiled.
 
 from __future__ import annotations
 
+import collections
 import sys
 
 import torch
@@ -67,12 +68,15 @@ class EngineOptions:
         for owner, name in self._fused_groups():
             setattr(owner, name, FusedLinears(getattr(owner, name).linears))
 
+    def _folds(self) -> list:
+        """(attention, its ``FoldedAbsorbed``) of every MLA layer whose decode is folded."""
+        pairs = [(attn, getattr(attn, "_folded", None)) for attn in self.attentions()]
+        return [(attn, folded) for attn, folded in pairs if folded is not None]
+
     def _refold(self) -> None:
         """Fold MLA's absorbed decode again from the current parameters, where it is folded."""
-        for attn in self.attentions():
-            folded = getattr(attn, "_folded", None)
-            if folded is not None:
-                attn.fold_absorbed(True, folded.kernel_bytes)
+        for attn, folded in self._folds():
+            attn.fold_absorbed(True, folded.kernel_bytes)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -99,21 +103,12 @@ class EngineOptions:
 
     def folded_bytes(self) -> tuple[int, int]:
         """(memory the folded MLA weights hold, bytes a decode step reads more with them; negative: fewer)."""
-        held = delta = 0
-        for attn in self.attentions():
-            folded = getattr(attn, "_folded", None)
-            if folded is not None:
-                held, delta = held + folded.extra_bytes, delta + folded.read_delta(attn)
-        return held, delta
+        folds = self._folds()
+        return sum(folded.extra_bytes for _, folded in folds), sum(folded.read_delta(attn) for attn, folded in folds)
 
     def folded_sides(self) -> dict[str, int]:
         """How many MLA layers fold each side: {'query+output': n, 'output': m, ...}; empty when none is folded."""
-        counts: dict[str, int] = {}
-        for attn in self.attentions():
-            folded = getattr(attn, "_folded", None)
-            if folded is not None:
-                counts[folded.sides] = counts.get(folded.sides, 0) + 1
-        return counts
+        return dict(collections.Counter(folded.sides for _, folded in self._folds()))
 
     def fuse_projections(self, fuse: bool = True) -> EngineOptions:
         """Run the projections that read the same input as one GEMM each, in calls without gradients (inference):
