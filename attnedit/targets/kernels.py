@@ -423,13 +423,16 @@ def mla_decode_attention(q, latent, n_filled, valid, scale: float, rank: int) ->
 # ------------------------------------------------------------------------------- sliding prefill
 
 
+def visible(q: torch.Tensor, k: torch.Tensor, window: int, sink: int) -> torch.Tensor:
+    """Whether the key at token ``k`` is visible to the query at token ``q`` in a sliding layer: not in the future,
+    and within ``window`` tokens (the query's own included) or among the first ``sink``."""
+    return (k <= q) & ((q - k < window) | (k < sink))
+
+
 def window_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None, sink: int) -> torch.Tensor:
     """[Tq, Tk] bool: key visible to query (causal, within ``window`` tokens or among the first ``sink``)."""
     q, k = q_index[:, None], k_index[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & ((k > q - window) | (k < sink))
-    return allowed
+    return k <= q if window is None else visible(q, k, window, sink)
 
 
 _BLOCK_MASKS: dict = {}
@@ -459,7 +462,7 @@ def sliding_block_mask(t: int, window: int, sink: int, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mod(b, h, q, k):
-            return (k <= q) & ((q - k < window) | (k < sink))
+            return visible(q, k, window, sink)
 
         mask = create_block_mask(mod, None, None, t, t, device=device)
         if not torch.compiler.is_compiling():
@@ -492,8 +495,7 @@ def chunk_block_mask(query_index: torch.Tensor, key_index: torch.Tensor, window:
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mod(b, h, q, k):
-        qp, kp = query_index[q], key_index[k]
-        return (kp <= qp) & ((qp - kp < window) | (kp < sink))
+        return visible(query_index[q], key_index[k], window, sink)
 
     cuda = query_index.is_cuda
     return create_block_mask(mod, None, None, query_index.shape[0], key_index.shape[0], device=query_index.device, _compile=cuda)
