@@ -151,7 +151,7 @@ class FoldedAbsorbed:
         self.query = self.query_bias = self.output = None
         self.stamp = self._stamp(attn)
         h, nope, rope, r, v = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank, attn.v_head_dim
-        q_lin = attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj
+        q_lin = attn.last_query_proj
         d_in, item = q_lin.in_features, q_lin.weight.element_size()
         fold_q = (h * (r + rope) * d_in - h * (nope + rope) * d_in - h * nope * r) * item <= kernel_bytes
         fold_o = (attn.hidden_size * h * r - attn.hidden_size * h * v - h * v * r) * item <= kernel_bytes
@@ -203,7 +203,7 @@ class FoldedAbsorbed:
 
     def read_delta(self, attn: MLAAttention) -> int:
         """Bytes a decode step reads with these weights minus without them."""
-        q_lin = attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj
+        q_lin = attn.last_query_proj
         w_uk, w_uv = attn.absorbed_weights()
         size = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
         delta = 0
@@ -280,6 +280,11 @@ class MLAAttention(FusableProjections, nn.Module):
         """The projections of the layer's input: the query's first one and ``kv_a_proj_with_mqa``."""
         return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
 
+    @property
+    def last_query_proj(self) -> nn.Linear:
+        """The query's last projection, whose output is per head ``[nope, rope]``: ``q_proj``, or ``q_b_proj``."""
+        return self.q_proj if self.q_lora_rank is None else self.q_b_proj
+
     def query(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """The query; ``first``: the output of its first projection when the fused GEMM computed it."""
         if self.q_lora_rank is None:
@@ -300,7 +305,7 @@ class MLAAttention(FusableProjections, nn.Module):
         folded = self._folded
         if folded is None or torch.is_grad_enabled():
             return None
-        q_lin = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+        q_lin = self.last_query_proj
         if any(hooked(m) for m in (q_lin, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj)):
             return None
         if not torch.compiler.is_compiling() and not folded.current(self):
