@@ -6,8 +6,18 @@ class AttnEditError(Exception):
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """A device or host out-of-memory error, raised itself or behind the error that reports it (the one check,
-    :func:`attnedit.targets.common.is_out_of_memory`, which the remote code's own fallbacks use too)."""
-    from .targets.common import is_out_of_memory as check
+    """A device or host out-of-memory error: CUDA's ``OutOfMemoryError``, ``MemoryError``, or the
+    ``RuntimeError`` torch's CPU allocator raises (``DefaultCPUAllocator: can't allocate memory``), raised itself or
+    behind the error that reports it (a compiler's, whose compiled code ran out of memory)."""
+    import torch
 
-    return check(e)
+    seen = set()
+    while e is not None and id(e) not in seen:  # also one wrapped by torch.compile (BackendCompilerFailed)
+        seen.add(id(e))
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        text = str(e)
+        if isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text):
+            return True
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return False

@@ -197,3 +197,26 @@ def test_a_failing_flex_chunk_falls_back_to_the_dense_mask_once_and_running_out_
     monkeypatch.setattr(common, "sliding_chunk_attention", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(torch.OutOfMemoryError):
         _prefill_then_decode(model, ids, None, True, chunk=150)
+
+
+def test_the_remote_codes_out_of_memory_check_agrees_with_attnedits():
+    """The chunk fallback raises exactly the errors the capacity search counts as not fitting: the remote code's
+    copy of the check (it cannot import attnedit) answers as ``attnedit.errors.is_out_of_memory`` does."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from attnedit.errors import is_out_of_memory
+    from attnedit.targets import common
+
+    cases = [
+        torch.OutOfMemoryError("CUDA out of memory"),
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+        RuntimeError("not enough memory: you tried to allocate"),
+        BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("CUDA out of memory"), None),
+        BackendCompilerFailed(lambda: None, ValueError("bad graph"), None),
+        RuntimeError("backend compiler failed"),
+        ValueError("out of memory, says a message"),
+    ]
+    answers = [is_out_of_memory(e) for e in cases]
+    assert answers == [common.is_out_of_memory(e) for e in cases]
+    assert answers == [True] * 5 + [False] * 3

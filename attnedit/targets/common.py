@@ -360,8 +360,9 @@ def chunk_on_flex(q: torch.Tensor) -> bool:
 def is_out_of_memory(e: BaseException) -> bool:
     """A device or host out-of-memory error: CUDA's ``OutOfMemoryError``, ``MemoryError``, or the
     ``RuntimeError`` torch's CPU allocator raises (``DefaultCPUAllocator: can't allocate memory``), raised itself or
-    behind the error that reports it (a compiler's, whose compiled code ran out of memory). Here, in the remote
-    code, so that its fallbacks and ``attnedit.errors`` tell it apart the same way."""
+    behind the error that reports it (a compiler's, whose compiled code ran out of memory). The remote code's copy
+    of ``attnedit.errors.is_out_of_memory`` (it imports nothing of attnedit, which imports no higher layer from
+    its errors module): the chunk fallback lets through exactly what the capacity search counts as not fitting."""
     seen = set()
     while e is not None and id(e) not in seen:  # also one wrapped by torch.compile (BackendCompilerFailed)
         seen.add(id(e))
