@@ -415,3 +415,43 @@ def test_a_failed_measurement_frees_its_memory_before_the_other_models_move_back
         with capacity.resident_alone(None, []):
             measure()
     assert alive_at_restore[-1] is False, alive_at_restore
+
+
+def test_experts_read_is_the_routed_count_at_one_token_and_all_of_them_at_many():
+    from attnedit.eval.bench.timing import experts_read
+
+    assert experts_read(128, 8, 1) == pytest.approx(8)  # Qwen3-30B-A3B at batch 1: its 8 experts a token
+    assert experts_read(4, 2, 2) == pytest.approx(3)  # 4 * (1 - (1/2)^2): two tokens share one expert on average
+    assert 125 < experts_read(128, 8, 64) < 126 and experts_read(128, 8, 10_000) == pytest.approx(128)
+
+
+@pytest.mark.parametrize("target,args", [(None, None), ("gateswa", GATESWA), ("mla", {"kv_lora_rank": 24})])
+def test_a_moe_steps_bound_reads_the_experts_its_tokens_reach(target, args):
+    """The HBM bound of a mixture of experts counts the routed experts a decode step's tokens reach (top-k of E a
+    token, uniformly), not all of them: at batch 1 k of E, the attention and shared weights always; a dense model's
+    bound is every weight at any batch. The bench's bytes_per_step is that bound."""
+    from attnedit.eval.bench.timing import bytes_per_step, step_weight_bytes, weight_bytes
+
+    teacher = tiny_teacher("qwen3_moe")
+    model = teacher if target is None else edit_model(teacher, target, args)
+    experts = sum(p.numel() * p.element_size() for layer in model.model.layers for p in layer.mlp.experts.parameters())
+    held = weight_bytes(model)
+    assert step_weight_bytes(model) == held  # no batch: every expert
+    assert step_weight_bytes(model, 1) == held - experts + experts * 2 // 4  # 2 of 4 experts a token
+    assert step_weight_bytes(model, 2) == held - experts + experts * 3 // 4
+    kv = bytes_per_step(model, model.config, 2, 8, "float32") - step_weight_bytes(model, 2)
+    assert kv > 0 and kv == bytes_per_step(model, model.config, 1, 8, "float32") * 2 - 2 * step_weight_bytes(model, 1)
+    dense = edit_model(tiny_teacher("qwen3"), target, args) if target else tiny_teacher("qwen3")
+    assert step_weight_bytes(dense, 1) == step_weight_bytes(dense, 64) == weight_bytes(dense)
+
+
+def test_the_bench_of_a_moe_student_reports_its_routed_bound():
+    teacher = tiny_teacher("qwen3_moe")
+    student = edit_model(teacher, "gateswa", GATESWA)
+    from attnedit.eval.bench.timing import bytes_per_step
+
+    result = run_bench(student, teacher, BenchSettings([8], [1, 2], 2, 1, 0), "float32", log=lambda _: None)
+    for r in result["runs"]:
+        for name, model in (("student", student), ("teacher", teacher)):
+            assert r[name]["bytes_per_step"] == bytes_per_step(model, model.config, r["batch"], 8, "float32")
+    assert result["runs"][0]["student"]["bytes_per_step"] < result["runs"][1]["student"]["bytes_per_step"]

@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
         "decode step compiled with CUDA graphs on a GPU), the teacher on the same engine, and the teacher "
         "on its best stock path (transformers generate with cache_implementation='static' and its automatic "
         "torch.compile). Per cell: TTFT, decode step ms and tok/s, the step's HBM bound (weights + KV bytes "
-        "over the measured copy bandwidth), KV bytes (measured = analytic), peak memory, compile time. "
+        "over the measured copy bandwidth; of a mixture of experts, the experts the batch's tokens reach on "
+        "average), KV bytes (measured = analytic), peak memory, compile time. "
         "On CUDA: CUDA events after warm-up. A cell that does not fit in memory is reported with the "
         "largest batch that fits. The settings are the recipe's eval.bench: section.",
         epilog="example:\n  attnedit bench runs/smol-mla/model --teacher smollm2-135m --contexts 1024,4096,8192 "

@@ -67,7 +67,8 @@ def format_bench(result: dict) -> str:
         + result.get("engines", {}).get("student", "")
         + "); stock = "
         + result.get("engines", {}).get("teacher_stock", "not run")
-        + "; step/bound = decode step time over (weights + KV bytes) / copy bandwidth; KV = bytes the static cache allocates",
+        + "; step/bound = decode step time over (weights + KV bytes) / copy bandwidth (of routed experts, those the batch reaches); "
+        "KV = bytes the static cache allocates",
         text_table(headers, rows, right=set(range(len(headers)))),
         "",
         "KV bytes per token: "
