@@ -425,6 +425,17 @@ def test_experts_read_is_the_routed_count_at_one_token_and_all_of_them_at_many()
     assert 125 < experts_read(128, 8, 64) < 126 and experts_read(128, 8, 10_000) == pytest.approx(128)
 
 
+def test_routing_reads_each_moe_familys_config_and_none_for_a_dense_one():
+    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig
+
+    from attnedit.eval.bench.timing import routing
+
+    assert routing(DeepseekV3Config()) == (256, 8) and routing(MixtralConfig()) == (8, 2)
+    assert routing(Qwen2MoeConfig()) == (60, 4) and routing(LlamaConfig()) is None
+    student = edit_model(tiny_teacher("qwen3_moe"), "mla", {"kv_lora_rank": 24})
+    assert routing(student.config) == (4, 2)  # an edited model answers for the teacher's config it keeps
+
+
 @pytest.mark.parametrize("target,args", [(None, None), ("gateswa", GATESWA), ("mla", {"kv_lora_rank": 24})])
 def test_a_moe_steps_bound_reads_the_experts_its_tokens_reach(target, args):
     """The HBM bound of a mixture of experts counts the routed experts a decode step's tokens reach (top-k of E a

@@ -48,7 +48,7 @@ def routing(config) -> tuple[int, int] | None:
     model's config answers for the teacher's it keeps (``base_config``)."""
     fields = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     fields = {**fields.get("base_config", {}), **fields}
-    experts = fields.get("num_experts") or fields.get("num_local_experts")
+    experts = fields.get("num_experts") or fields.get("num_local_experts") or fields.get("n_routed_experts")
     per_token = fields.get("num_experts_per_tok")
     return (int(experts), int(per_token)) if experts and per_token else None
 
