@@ -12,6 +12,8 @@
 #   q25fold  q25 with MLA's absorbed decode folded into its projections (bench's --fold-absorbed), the plain engine
 #            otherwise: two fewer kernels a layer per decode step where the latent is small
 #   prefill32k  Qwen3-8B's TTFT and prefill peak at 1 x 32k against model.prefill_chunk (8k, 16k, one piece)
+#   prefill32kprof  the same with 8k chunks and one piece, each prefill profiled (prefill_chunk.py --profile): where a
+#            chunked prefill's time goes over one piece's, kernel family by family  -> $OUT/prefill-32k-profile.json
 #   a3b      Qwen3-30B-A3B at 8k and 32k, batch 1 and the largest batch (61 GB of weights: an H200's step)
 # usage: [STEPS="memory serve8k q25 q25fast fast32k"] [MEMORY_GB=79.6] [GPU_MEMORY=79.2] [S1=20] [S2=12] [MEMORY_RECIPES="..."] \
 #          bash benchmarks/at_scale.sh TOKENIZER_DIR DATA
@@ -49,9 +51,11 @@ for s in ${STEPS:-memory serve8k q25 q25fast fast32k}; do
     q25fast) step q25fast "${SERVE[@]}" "${QWEN25[@]}" --contexts 8192 --batches 1,64 "${FAST[@]}" "${CAP[@]}" --out "$OUT/qwen2.5-8k-fast" ;;
     q25fold) step q25fold "${SERVE[@]}" "${QWEN25[@]}" --contexts 8192 --batches 1,64 --fold-absorbed "${CAP[@]}" --out "$OUT/qwen2.5-8k-fold" ;;
     prefill32k) step prefill32k python "$HERE/prefill_chunk.py" "${QWEN3_8B[@]}" --context 32768 --chunks 8192,16384,0 ;;
+    prefill32kprof) step prefill32kprof python "$HERE/prefill_chunk.py" "${QWEN3_8B[@]}" --context 32768 --chunks 8192,0 --profile \
+              --json "$OUT/prefill-32k-profile.json" ;;
     fast32k) step fast32k "${SERVE[@]}" "${QWEN3_8B[@]}" --contexts 32768 --batches 1 "${FAST[@]}" "${CAP[@]}" --out "$OUT/qwen3-8b-32k-fast" ;;
     a3b) step a3b "${SERVE[@]}" tests/assets/qwen3-30b-a3b recipes/qwen3-30b-a3b-gateswa.yaml recipes/qwen3-30b-a3b-mla.yaml \
               --contexts 8192,32768 --batches 1 --capacity --out "$OUT/qwen3-30b-a3b" ;;
-    *) echo "unknown step $s (memory, serve8k, q25, q25fast, q25fold, prefill32k, fast32k, a3b)"; exit 2 ;;
+    *) echo "unknown step $s (memory, serve8k, q25, q25fast, q25fold, prefill32k, prefill32kprof, fast32k, a3b)"; exit 2 ;;
   esac
 done

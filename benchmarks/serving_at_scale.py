@@ -31,9 +31,9 @@ from attnedit.recipe import load_recipe
 from attnedit.surgery import edit_model
 
 
-def random_teacher(config_dir: str, dtype=torch.bfloat16):
+def random_teacher(config_dir: str, dtype=torch.bfloat16, device: str = "cuda"):
     config = AutoConfig.from_pretrained(config_dir)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 

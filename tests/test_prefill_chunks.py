@@ -220,3 +220,35 @@ def test_the_remote_codes_out_of_memory_check_agrees_with_attnedits():
     answers = [is_out_of_memory(e) for e in cases]
     assert answers == [common.is_out_of_memory(e) for e in cases]
     assert answers == [True] * 5 + [False] * 3
+
+
+def test_the_prefill_chunk_benchmark_times_and_profiles_every_model_and_chunk(tmp_path, monkeypatch):
+    """benchmarks/prefill_chunk.py on the CPU with a tiny config: a row per model and chunk size, each with its
+    TTFT and, with --profile, where the prefill's time went (attention and GEMM kernels among them); chunked MLA
+    runs more operations than one piece (its chunks re-expand the cached latent)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("prefill_chunk", bench_dir / "prefill_chunk.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tiny_teacher("qwen3").config.save_pretrained(tmp_path / "config")
+    recipes = []
+    for target, args in (("gateswa", {"window": 8, "sink": 2, "full_layers": "every:2"}), ("mla", {"kv_lora_rank": 24})):
+        (tmp_path / f"{target}.yaml").write_text(yaml.safe_dump({"teacher": "x", "target": target, "target_args": args}))
+        recipes.append(str(tmp_path / f"{target}.yaml"))
+    out = tmp_path / "prefill.json"
+    argv = [str(tmp_path / "config"), *recipes, "--context", "64", "--chunks", "32,0", "--profile", "--device", "cpu", "--json", str(out)]
+    assert script.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["chunk"]) for r in rows] == [(m, c) for m in ("teacher", "gateswa", "mla") for c in (32, 0)]
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["peak_gib_over_weights"] is None  # no peak on the CPU
+        assert {"attention", "gemm"} <= set(r["profile"]["by_kind"]) and r["profile"]["kernels_per_step"] > 0
+    mla = {r["chunk"]: r["profile"]["kernels_per_step"] for r in rows if r["model"] == "mla"}
+    assert mla[32] > mla[0]
