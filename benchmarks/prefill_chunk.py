@@ -27,8 +27,9 @@ from attnedit.surgery import edit_model, teacher_on_attnedit
 
 
 def measure(model, ids: torch.Tensor, max_length: int, device: torch.device, repeats: int = 3, profile: bool = False) -> dict:
-    """Median TTFT of ``repeats`` prefills, each into a static cache made before its clock starts, the peak memory
-    over what was allocated then (weights and cache; GPU only), and with ``profile`` the profile of one more."""
+    """Median TTFT of ``repeats`` prefills, each into a static cache made before its clock starts (the first one's
+    time too: compilation included), the peak memory over what was allocated then (weights and cache; GPU only),
+    and with ``profile`` the profile of one more."""
     times, peak = [], None
     cuda = device.type == "cuda"
     for _ in range(repeats):
@@ -46,7 +47,7 @@ def measure(model, ids: torch.Tensor, max_length: int, device: torch.device, rep
         if cuda:
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         del cache
-    result = {"ttft_ms": sorted(times)[len(times) // 2], "peak_gib_over_weights": peak}
+    result = {"ttft_ms": sorted(times)[len(times) // 2], "first_ms": times[0], "peak_gib_over_weights": peak}
     if profile:
         cache = model.new_cache(static=True, batch_size=ids.shape[0], max_length=max_length)
         with torch.no_grad():
@@ -82,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(3, teacher.config.vocab_size, (1, args.context), device=device)
     chunks = [int(c) for c in args.chunks.split(",")]
     rows = []
-    print(f"{'model':>8} {'chunk':>6} {'TTFT ms':>9} {'peak GiB over weights':>22}")
+    print(f"{'model':>8} {'chunk':>6} {'TTFT ms':>9} {'peak GiB over weights':>22} {'first call ms':>14}")
     for name, model in models.items():
         for chunk in chunks:
             model.prefill_chunk = chunk or None
             row = {"model": name, "chunk": chunk, **measure(model, ids, args.context + 8, device, profile=args.profile)}
             rows.append(row)
             peak = f"{row['peak_gib_over_weights']:.2f}" if row["peak_gib_over_weights"] is not None else "-"
-            print(f"{name:>8} {chunk:>6} {row['ttft_ms']:>9.1f} {peak:>22}", flush=True)
+            print(f"{name:>8} {chunk:>6} {row['ttft_ms']:>9.1f} {peak:>22} {row['first_ms']:>14.0f}", flush=True)
     if args.profile:
         print("\nwhere each prefill's time goes (one prefill each):")
         for row in rows:
