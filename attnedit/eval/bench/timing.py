@@ -47,7 +47,7 @@ def routing(config) -> tuple[int, int] | None:
     """A mixture-of-experts config's (routed experts a layer, experts a token), or None for a dense model; an edited
     model's config answers for the teacher's it keeps (``base_config``)."""
     fields = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    fields = {**fields.get("base_config", {}), **fields}
+    fields = {**(fields.get("base_config") or {}), **fields}
     experts = fields.get("num_experts") or fields.get("num_local_experts") or fields.get("n_routed_experts")
     per_token = fields.get("num_experts_per_tok")
     return (int(experts), int(per_token)) if experts and per_token else None
