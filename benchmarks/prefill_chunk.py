@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from serving_at_scale import random_teacher
 
+from attnedit import AttnEditError
 from attnedit.eval.bench import Clock
 from attnedit.eval.generation import next_token
 from attnedit.profiling import profile_steps
@@ -71,17 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write every figure (and profile) to this file")
     p.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a check of the script)")
     args = p.parse_args(argv)
+    try:  # every recipe and chunk size is read before anything is built: a bad one is one line
+        recipes = [load_recipe(path) for path in args.recipes]
+    except AttnEditError as e:
+        p.error(str(e))
+    try:
+        chunks = [int(c) for c in args.chunks.split(",")]
+    except ValueError:
+        p.error(f"--chunks: comma-separated token counts (0 = the whole prompt at once), got {args.chunks!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("it measures on a CUDA GPU, and torch sees none here (--device cpu checks the script)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = random_teacher(args.config, dtype, args.device)
     models = {"teacher": teacher_on_attnedit(teacher)}
-    for path in args.recipes:
-        r = load_recipe(path)
+    for r in recipes:
         models[r.target] = edit_model(teacher, r.target, {**r.target_args, "init": "random"})
     ids = torch.randint(3, teacher.config.vocab_size, (1, args.context), device=device)
-    chunks = [int(c) for c in args.chunks.split(",")]
     rows = []
     print(f"{'model':>8} {'chunk':>6} {'TTFT ms':>9} {'peak GiB over weights':>22} {'first call ms':>14}")
     for name, model in models.items():

@@ -222,7 +222,7 @@ def test_the_remote_codes_out_of_memory_check_agrees_with_attnedits():
     assert answers == [True] * 5 + [False] * 3
 
 
-def test_the_prefill_chunk_benchmark_times_and_profiles_every_model_and_chunk(tmp_path, monkeypatch):
+def test_the_prefill_chunk_benchmark_times_and_profiles_every_model_and_chunk(tmp_path, monkeypatch, capsys):
     """benchmarks/prefill_chunk.py on the CPU with a tiny config: a row per model and chunk size, each with its
     TTFT and, with --profile, where the prefill's time went (attention and GEMM kernels among them); chunked MLA
     runs more operations than one piece (its chunks re-expand the cached latent)."""
@@ -252,3 +252,7 @@ def test_the_prefill_chunk_benchmark_times_and_profiles_every_model_and_chunk(tm
         assert {"attention", "gemm"} <= set(r["profile"]["by_kind"]) and r["profile"]["kernels_per_step"] > 0
     mla = {r["chunk"]: r["profile"]["kernels_per_step"] for r in rows if r["model"] == "mla"}
     assert mla[32] > mla[0]
+    for bad, said in (([str(tmp_path / "none.yaml")], "does not exist"), ([*recipes, "--chunks", "8k"], "--chunks: comma-separated")):
+        with pytest.raises(SystemExit) as stop:
+            script.main([str(tmp_path / "config"), *bad, "--device", "cpu"])
+        assert stop.value.code == 2 and said in capsys.readouterr().err.strip().splitlines()[-1]
