@@ -34,13 +34,18 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _tensor_bytes(model) -> int:
+def _distinct_bytes(tensors) -> int:
+    """Bytes of ``tensors``, each storage counted once (tied or shared weights)."""
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def _tensor_bytes(model) -> int:
+    return _distinct_bytes([*model.parameters(), *model.buffers()])
 
 
 def routing(config) -> tuple[int, int] | None:
@@ -62,15 +67,8 @@ def experts_read(experts: int, per_token: int, tokens: int) -> float:
 
 def _routed_expert_bytes(model) -> int:
     """Bytes of the routed experts' weights (each MoE block's ``experts``; shared experts are not routed)."""
-    seen, total = set(), 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] != "experts":
-            continue
-        for t in module.parameters():
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
+    experts = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
+    return _distinct_bytes([t for m in experts for t in m.parameters()])
 
 
 def _folded(model) -> tuple[int, int]:
