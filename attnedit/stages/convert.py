@@ -35,6 +35,7 @@ from ..io import WriteFailed, remove_temp_files, write_error_text, write_errors,
 from ..recipe import Recipe
 from ..results import RESULT_FILES as RESULTS
 from ..results import Summary
+from ..targets.common import first_line
 from .base import Conversion, Stage
 from .context import FULL_LAYERS, edit
 from .evaluate import evaluate_run, missing_parts
@@ -275,9 +276,8 @@ def train(ctx: Conversion, run: Run, stage: Stage, memory: MemoryPlan, baseline:
             try:  # a measurement: if it fails (memory, the profiler), the trained stage stands and the run goes on
                 profile = profile_stage(run, job, opt)
             except Exception as e:  # noqa: BLE001
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 print(
-                    f"attnedit: warning: profiling stage {stage.number} failed ({type(e).__name__}: {first}); no profile-stage{stage.number}.json",
+                    f"attnedit: warning: profiling stage {stage.number} failed ({type(e).__name__}: {first_line(e)}); no profile-stage{stage.number}.json",
                     file=sys.stderr,
                 )
             else:

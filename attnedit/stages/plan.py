@@ -25,6 +25,7 @@ from ..distributed import FSDP2, Parallelism
 from ..distributed.memory import GiB, Layout, ModelSizes, StageLoad, adapted, checkpointing_text, device_memory, fit, fit_order, fits, model_sizes, stage_bytes
 from ..errors import AttnEditError
 from ..recipe import Recipe
+from ..targets.common import first_line
 from .base import Stage
 from .stage1 import Stage1
 from .stage2 import Stage2
@@ -202,7 +203,7 @@ def out_of_memory_text(plan: MemoryPlan, number: int, error: BaseException, resu
     expected, and the ``--gpu-memory`` that makes ``convert`` fit the next smaller setting (``resume``: the
     command to continue with, or to start again with)."""
     row = plan.rows[number]
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    first = first_line(error, 120)
     where = (
         f"stage {number} ran out of GPU memory at micro-batch {row['batch_size']} x {row['seq_len']}"
         + (f" with {checkpointing_text(row)}" if row["gradient_checkpointing"] else "")

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 
 from ..errors import is_out_of_memory
 from ..targets import AttentionContext
+from ..targets.common import first_line
 
 # Exceptions that carry control flow through a compiled call rather than report a compiler failure: gradient
 # checkpointing's recomputation stops a layer's forward once it has every tensor the backward needs by raising
@@ -81,8 +82,7 @@ class CompileGroup:
         self.enabled = False
         if not self.warned:
             self.warned = True
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            print(f"attnedit: warning: torch.compile of {self.what} failed ({type(error).__name__}: {first}); running eagerly", file=sys.stderr)
+            print(f"attnedit: warning: torch.compile of {self.what} failed ({type(error).__name__}: {first_line(error)}); running eagerly", file=sys.stderr)
 
 
 def compile_forwards(modules: list[nn.Module], group: CompileGroup):

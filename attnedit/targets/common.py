@@ -357,6 +357,12 @@ def chunk_on_flex(q: torch.Tensor) -> bool:
     return _CHUNK_FLEX["ok"] and _use_fast(q)
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), at most ``limit`` characters: what a
+    one-line warning quotes of it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """A device or host out-of-memory error: CUDA's ``OutOfMemoryError``, ``MemoryError``, or the
     ``RuntimeError`` torch's CPU allocator raises (``DefaultCPUAllocator: can't allocate memory``), raised itself or
@@ -396,8 +402,7 @@ def attend_cached(q, keys, values, key_index, ctx: AttentionContext, window: int
         except Exception as e:  # noqa: BLE001 - a compiler failure: the dense path from here on (running out of memory is not one)
             if is_out_of_memory(e):
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            print(f"attnedit: warning: FlexAttention failed on a prefill chunk ({type(e).__name__}: {first}); using a dense mask", file=sys.stderr)
+            print(f"attnedit: warning: FlexAttention failed on a prefill chunk ({type(e).__name__}: {first_line(e)}); using a dense mask", file=sys.stderr)
             _CHUNK_FLEX["ok"] = False
     mask = None if ctx.all_keys_visible else ctx.mask(key_index, window, sink)
     return attend(q, keys, values, mask, scale, softcap)

@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from .common import AttentionContext, FusedLinears, fused_call
+from .common import AttentionContext, FusedLinears, first_line, fused_call
 
 
 def pre_attention(layer, h: torch.Tensor) -> torch.Tensor:
@@ -147,8 +147,7 @@ class EngineOptions:
         return self._prefill_fns
 
     def _prefill_failed(self, error: BaseException) -> None:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        print(f"attnedit: warning: compiling the prefill failed ({type(error).__name__}: {first}); running it eagerly", file=sys.stderr)
+        print(f"attnedit: warning: compiling the prefill failed ({type(error).__name__}: {first_line(error)}); running it eagerly", file=sys.stderr)
         self.prefill_backend, self._prefill_fns = None, None
 
     def _layer_prefill(self, layer, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
