@@ -19,12 +19,9 @@ import json
 from pathlib import Path
 
 import torch
+from serving_at_scale import random_students, read_recipes
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from attnedit import AttnEditError
-from attnedit.cli.common import parse_sets
-from attnedit.recipe import load_recipe
-from attnedit.surgery import edit_model
 from attnedit.surgery.edit import teacher_on_attnedit
 
 OPTIONS = {"plain": (False, False), "fused": (True, False), "folded": (False, True), "fused+folded": (True, True)}
@@ -77,19 +74,14 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2, help="decoder layers to build (counts are per step; per layer they repeat)")
     p.add_argument("--json", default=None, help="write the counts here")
     args = p.parse_args()
-    try:
-        recipes = [load_recipe(path, parse_sets(sets)) for path, *sets in (spec.split("+") for spec in args.recipes)]
-    except AttnEditError as e:
-        p.error(str(e))
+    recipes = read_recipes(p, args.recipes)
     config = AutoConfig.from_pretrained(args.config)
     config.num_hidden_layers = args.layers
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[: args.layers]
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    models = {"teacher": teacher_on_attnedit(teacher)}
-    for recipe in recipes:
-        models[recipe.target] = edit_model(teacher, recipe.target, {**recipe.target_args, "init": "random"}).eval()
+    models = {"teacher": teacher_on_attnedit(teacher), **{name: m.eval() for name, m in random_students(teacher, recipes).items()}}
     out = {}
     for name, model in models.items():
         counts = {label: step_ops(model, *flags) for label, flags in OPTIONS.items()}

@@ -17,14 +17,12 @@ import json
 from pathlib import Path
 
 import torch
-from serving_at_scale import random_teacher
+from serving_at_scale import random_students, random_teacher, read_recipes
 
-from attnedit import AttnEditError
 from attnedit.eval.bench import Clock
 from attnedit.eval.generation import next_token
 from attnedit.profiling import profile_steps
-from attnedit.recipe import load_recipe
-from attnedit.surgery import edit_model, teacher_on_attnedit
+from attnedit.surgery import teacher_on_attnedit
 
 
 def measure(model, ids: torch.Tensor, max_length: int, device: torch.device, repeats: int = 3, profile: bool = False) -> dict:
@@ -65,17 +63,14 @@ def format_profile(name: str, chunk: int, prof: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="folder with the teacher's config.json")
-    p.add_argument("recipes", nargs="+", help="recipes whose target and target_args make the students")
+    p.add_argument("recipes", nargs="+", help="recipes whose target and target_args make the students; RECIPE+KEY=VALUE[+...] changes settings")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--chunks", default="8192,16384,0", help="prefill_chunk values; 0 = the whole prompt at once")
     p.add_argument("--profile", action="store_true", help="also profile one prefill per model and chunk size")
     p.add_argument("--json", default=None, help="write every figure (and profile) to this file")
     p.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a check of the script)")
     args = p.parse_args(argv)
-    try:  # every recipe and chunk size is read before anything is built: a bad one is one line
-        recipes = [load_recipe(path) for path in args.recipes]
-    except AttnEditError as e:
-        p.error(str(e))
+    recipes = read_recipes(p, args.recipes)  # every recipe and chunk size is read before anything is built
     try:
         chunks = [int(c) for c in args.chunks.split(",")]
     except ValueError:
@@ -85,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("it measures on a CUDA GPU, and torch sees none here (--device cpu checks the script)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = random_teacher(args.config, dtype, args.device)
-    models = {"teacher": teacher_on_attnedit(teacher)}
-    for r in recipes:
-        models[r.target] = edit_model(teacher, r.target, {**r.target_args, "init": "random"})
+    models = {"teacher": teacher_on_attnedit(teacher), **random_students(teacher, recipes)}
     ids = torch.randint(3, teacher.config.vocab_size, (1, args.context), device=device)
     rows = []
     print(f"{'model':>8} {'chunk':>6} {'TTFT ms':>9} {'peak GiB over weights':>22} {'first call ms':>14}")

@@ -31,6 +31,20 @@ from attnedit.recipe import load_recipe
 from attnedit.surgery import edit_model
 
 
+def read_recipes(parser: argparse.ArgumentParser, specs: list[str]) -> list:
+    """Each ``RECIPE[+KEY=VALUE...]`` read, before anything is built: a bad one is the parser's one-line error."""
+    try:
+        return [load_recipe(path, parse_sets(sets)) for path, *sets in (spec.split("+") for spec in specs)]
+    except AttnEditError as e:
+        parser.error(str(e))
+
+
+def random_students(teacher, recipes: list) -> dict:
+    """{target: the teacher edited in memory with each recipe's target settings}, new attention randomly
+    initialised (the weights do not change speed or memory)."""
+    return {r.target: edit_model(teacher, r.target, {**r.target_args, "init": "random"}) for r in recipes}
+
+
 def random_teacher(config_dir: str, dtype=torch.bfloat16, device: str = "cuda"):
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device(device):
@@ -79,10 +93,7 @@ def main() -> int:
     )
     p.add_argument("--out", required=True, help="folder for the JSON files")
     args = p.parse_args()
-    try:  # every recipe and setting is read before the GPU builds anything: a bad one is one line
-        recipes = [load_recipe(path, parse_sets(sets)) for path, *sets in (spec.split("+") for spec in args.recipes)]
-    except AttnEditError as e:
-        p.error(str(e))
+    recipes = read_recipes(p, args.recipes)
     if not torch.cuda.is_available():
         p.error("it measures on a CUDA GPU, and torch sees none here")
     out = Path(args.out)
@@ -92,10 +103,7 @@ def main() -> int:
         total = torch.cuda.mem_get_info()[1]
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total))
     teacher = random_teacher(args.config)
-    students = {}
-    for recipe in recipes:
-        settings = {**recipe.target_args, "init": "random"}  # the weights do not change speed or memory
-        students[recipe.target] = edit_model(teacher, recipe.target, settings)
+    students = random_students(teacher, recipes)
     if args.prefill_chunk:
         from attnedit.targets import AttnEditForCausalLM
 

@@ -196,13 +196,14 @@ def test_bench_folds_the_student_counts_its_bytes_and_unfolds_it_after():
     assert student.folded_sides() == {}
 
 
-def test_the_compiled_folded_step_has_no_per_head_products():
+def test_the_compiled_folded_step_has_no_per_head_products(monkeypatch):
     """benchmarks/decode_ops.py's counts: the traced decode step of an MLA student has two ``bmm`` a layer
     unfolded and none folded, and the model is left as it came (unfused, unfolded)."""
     import importlib.util
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_ops.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # as when it runs: its folder first on the path
     spec = importlib.util.spec_from_file_location("decode_ops", script)
     ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ops)
