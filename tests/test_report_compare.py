@@ -19,6 +19,7 @@ from attnedit.report.compare import (
     Figures,
     RunFigures,
     compare_runs,
+    passkey_cells_held,
     passkey_grid_table,
     render_comparison,
     run_figures,
@@ -350,3 +351,24 @@ def test_runs_of_two_teachers_are_each_compared_with_their_own():
                              "small": "50.0", "big": "70.0", "big-eval-only": "-"}  # fmt: skip
     grid = [(r["model"], r["depth 0"]) for r in _table(text, "model")]
     assert grid == [("teacher (tiny-a)", "1.00"), ("teacher (b.gguf)", "0.75"), ("small", "1.00"), ("big", "0.50")]
+
+
+def test_passkey_cells_held_count_the_cells_within_five_points_of_the_teacher():
+    """The issue-style passkey target ("within 5 points in 13 of 15 cells") as a column: a cell holds where the
+    student is at most 5 points below the teacher on the same keys (exactly 5 below holds, 6 does not; above the
+    teacher holds); a run without its own teacher grid, and the teacher's row, show '-'."""
+    assert passkey_cells_held(_passkey([[0.95, 0.94]], [[1.0, 1.0]])) == (1, 2)
+    assert passkey_cells_held(_passkey([[0.80, 0.00]], [[0.70, 0.00]])) == (2, 2)
+    assert passkey_cells_held(_passkey([[0.5, 0.5]], [[0.75, 1.0]])) == (0, 2)
+    assert passkey_cells_held(Passkey.model_validate({"contexts": [128], "depths": [0.0], "trials": 1, "student": [[1.0]]})) is None
+    assert passkey_cells_held(None) is None
+    held = _passkey([[1.0, 0.96]], [[1.0, 1.0]])
+    text = render_comparison([RunFigures("a", "a", teacher_model="t", passkey=held, student=Figures(passkey={128: 0.98})),
+                              RunFigures("b", "b", teacher_model="t", passkey=_passkey([[0.2, 1.0]], [[1.0, 1.0]])),
+                              RunFigures("c", "c", teacher_model="t", student=Figures(ppl={128: 20.0}))])  # fmt: skip
+    rows = {r["run"]: r["passkey cells within 5 pts"] for r in _table(text, "run")}
+    assert rows == {"a": "2 of 2", "b": "1 of 2", "c": "-", "teacher (t)": "-"}
+    assert "passkey cells within 5 pts: the (context, depth) cells" in text
+    # no run with a passkey grid of its teacher: no column
+    text = render_comparison([RunFigures("c", "c", teacher_model="t", student=Figures(ppl={128: 20.0}))])
+    assert "passkey cells" not in text

@@ -9,8 +9,8 @@ The Markdown file has four parts:
    ``feature_weight``, ...: only the columns whose values differ), the tokens of each stage (always), the KV
    cache as % of the teacher's at the largest context of the run's KV figures, the held-out KL after
    stage 2, WikiText-2 perplexity per window with its change vs the teacher in %, the mean zero-shot
-   accuracy with its difference vs the teacher in points, and passkey accuracy per context (mean over
-   depths).
+   accuracy with its difference vs the teacher in points, passkey accuracy per context (mean over
+   depths), and how many passkey cells (context x depth) the student holds within 5 points of the teacher.
 2. **Training: speed and memory**: a row per run and stage that trained: its tokens and time, its tokens/s and
    their ratio to the teacher's plain forward at the same shapes (measured in the same run), and on a GPU the
    stage's measured peak memory next to the memory plan's estimate of it.
@@ -213,6 +213,18 @@ def passkey_means(passkey: Passkey, name: str) -> dict[int, float]:
     return {c: sum(row.values()) / len(row) for c, row in passkey.grid(name).items()}
 
 
+PASSKEY_POINTS = 5  # a passkey cell "holds" where the student is at most this many points below its teacher
+
+
+def passkey_cells_held(passkey: Passkey | None, points: float = PASSKEY_POINTS) -> tuple[int, int] | None:
+    """(cells where the student's accuracy is at most ``points`` points below the teacher's, cells) over the
+    (context, depth) grid of one passkey.json, whose teacher read the same keys; None without both grids."""
+    if passkey is None or not passkey.student or not passkey.teacher:
+        return None
+    pairs = [(s, t) for srow, trow in zip(passkey.student, passkey.teacher) for s, t in zip(srow, trow)]
+    return sum(s >= t - points / 100 - 1e-9 for s, t in pairs), len(pairs)
+
+
 def run_figures(run_dir: str | Path) -> RunFigures:
     """One run folder's figures (see :class:`RunFigures`); ``missing`` lists the files of :data:`FILES` it lacks."""
     run = check_run_dir(run_dir)
@@ -384,6 +396,14 @@ def _label(key: str) -> str:
 # ------------------------------------------------------------------------------------------- tables
 
 
+HELD_HEADER = f"passkey cells within {PASSKEY_POINTS} pts"
+
+
+def held_cell(run: RunFigures, is_teacher: bool) -> str:
+    held = None if is_teacher else passkey_cells_held(run.passkey)
+    return "-" if held is None else f"{held[0]} of {held[1]}"
+
+
 def runs_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str:
     """Part 1: a row per run, then each teacher's (see the module docstring for the columns)."""
     settings = varying(runs, setting_keys(runs))
@@ -397,6 +417,7 @@ def runs_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str:
         + ["ppl (Δ%)" if w is None else f"ppl @{w} (Δ%)" for w in ppls]
         + ["zero-shot acc % (Δ pts)"]
         + [f"passkey @{c}" for c in contexts]
+        + ([HELD_HEADER] if any(passkey_cells_held(r.passkey) for r in runs) else [])
     )
 
     def kv_cell(r):
@@ -414,6 +435,7 @@ def runs_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str:
             + [ppl_cell(r, w, ref) for w in ppls]
             + [zero_shot_cell(r, ref, tasks)]
             + ["-" if r.student.passkey.get(c) is None else f"{r.student.passkey[c]:.2f}" for c in contexts]
+            + ([held_cell(r, is_teacher)] if HELD_HEADER in headers else [])
         )
 
     rows = [row(r, ref) for r, ref in zip(runs, own_teacher(runs, teachers))]
@@ -510,6 +532,14 @@ def render_comparison(runs: list[RunFigures]) -> str:
         f"- zero-shot acc %: mean over the run's few-shot tasks of {ZERO_SHOT_RULE}; in brackets the difference "
         "from the teacher's mean over the same tasks, in points; [k of n tasks] where a run has only some of them;",
         "- passkey @C: passkey retrieval accuracy at context C, mean over depths (0..1 = share of trials);",
+        *(
+            [
+                f"- passkey cells within {PASSKEY_POINTS} pts: the (context, depth) cells where the student retrieves at most "
+                f"{PASSKEY_POINTS} points less often than the teacher on the same keys (passkey.json), of all cells;"
+            ]
+            if any(passkey_cells_held(r.passkey) for r in runs)
+            else []
+        ),
         "- changes are against the teacher figures in the run's own files (else its teacher's row); a teacher's row "
         "takes each figure from the first of its runs that has it (one row per teacher where the runs convert several); "
         "'-': the run folder lacks that input.",
