@@ -98,6 +98,8 @@ def test_full_report(run_dir):
     assert "| stage1 | 40 | 163,840 |" in text and "| stage2 | 30 |" in text
     assert "target **gateswa** on 4 of 4 layers" in text and "teacher `tiny-teacher`" in text
     assert "| 1,024 | 0.00 | 0.25 | 1.00 |" in text  # the student's passkey row
+    # 2 of the 6 cells hold within 5 points of the teacher: (256, 1.0) and (1024, 1.0)
+    assert "at most 5 points below the teacher in **2 of 6** cells" in text
     assert "over 4 keys;" in text and "Sliding layers only see their window" in text  # a GateSWA run
 
 

@@ -260,6 +260,18 @@ def passkey_protocol(passkey: Passkey) -> str:
     return f"{passkey.trials}{filler_note(passkey.filler)}"
 
 
+PASSKEY_POINTS = 5  # a passkey cell "holds" where the student is at most this many points below its teacher
+
+
+def passkey_cells_held(passkey: Passkey | None, points: float = PASSKEY_POINTS) -> tuple[int, int] | None:
+    """(cells where the student's accuracy is at most ``points`` points below the teacher's, cells) over the
+    (context, depth) grid of one passkey.json, whose teacher read the same keys; None without both grids."""
+    if passkey is None or not passkey.student or not passkey.teacher:
+        return None
+    pairs = [(s, t) for srow, trow in zip(passkey.student, passkey.teacher) for s, t in zip(srow, trow)]
+    return sum(s >= t - points / 100 - 1e-9 for s, t in pairs), len(pairs)
+
+
 def passkey_tables(passkey: Passkey) -> str:
     out = []
     for name in ("student", "teacher"):
@@ -403,6 +415,9 @@ def build_report(run_dir: str | Path) -> Path:
             + "; depth 0 puts the key at the start of the filler, 1 right before the question."
             + (" Sliding layers only see their window, so this shows what the full layers (and sink tokens) keep." * windowed)
         )
+        held = passkey_cells_held(passkey)
+        if held:
+            intro += f" The student is at most {PASSKEY_POINTS} points below the teacher in **{held[0]} of {held[1]}** cells (the same keys for both)."
         lines += [intro, "", "![passkey accuracy](passkey.png)", "", passkey_tables(passkey)]
     else:
         lines += [

@@ -53,7 +53,19 @@ from ..eval.quality import PPL_TASK
 from ..io import write_text
 from ..results import Bench, Passkey, Quality, StageSummary, Summary
 from ..tables import markdown_table
-from .build import TRAINING_RULES, check_run_dir, kv_series, passkey_protocol, read_json, read_model_config, stage_table, teacher_name, tokens_cell
+from .build import (
+    PASSKEY_POINTS,
+    TRAINING_RULES,
+    check_run_dir,
+    kv_series,
+    passkey_cells_held,
+    passkey_protocol,
+    read_json,
+    read_model_config,
+    stage_table,
+    teacher_name,
+    tokens_cell,
+)
 
 STAGE_SETTINGS = (
     "stage1.steps",
@@ -211,18 +223,6 @@ def quality_figures(quality: Quality) -> tuple[Figures, Figures]:
 def passkey_means(passkey: Passkey, name: str) -> dict[int, float]:
     """``name``'s passkey accuracy per context, the mean over depths."""
     return {c: sum(row.values()) / len(row) for c, row in passkey.grid(name).items()}
-
-
-PASSKEY_POINTS = 5  # a passkey cell "holds" where the student is at most this many points below its teacher
-
-
-def passkey_cells_held(passkey: Passkey | None, points: float = PASSKEY_POINTS) -> tuple[int, int] | None:
-    """(cells where the student's accuracy is at most ``points`` points below the teacher's, cells) over the
-    (context, depth) grid of one passkey.json, whose teacher read the same keys; None without both grids."""
-    if passkey is None or not passkey.student or not passkey.teacher:
-        return None
-    pairs = [(s, t) for srow, trow in zip(passkey.student, passkey.teacher) for s, t in zip(srow, trow)]
-    return sum(s >= t - points / 100 - 1e-9 for s, t in pairs), len(pairs)
 
 
 def run_figures(run_dir: str | Path) -> RunFigures:
