@@ -372,3 +372,31 @@ def test_passkey_cells_held_count_the_cells_within_five_points_of_the_teacher():
     # no run with a passkey grid of its teacher: no column
     text = render_comparison([RunFigures("c", "c", teacher_model="t", student=Figures(ppl={128: 20.0}))])
     assert "passkey cells" not in text
+
+
+def test_a_stopped_evaluation_shows_the_pieces_it_finished(tmp_path):
+    """A run whose evaluation was stopped (a time limit, a signal) has no eval.json, only the pieces it kept in
+    eval.progress.json to resume from (written here by the evaluation's own writer): the comparison shows those
+    figures, says where they came from, and does not call eval.json missing; a progress file of another layout is a
+    one-line error."""
+    from attnedit.eval.progress import Progress
+
+    run, _ = _make_run(tmp_path, "stopped", 16, 20, 0.05, passkey=None)
+    progress = Progress(run / "eval.progress.json", {"model": str(run / "model"), "teacher": "tiny-teacher", "ppl_context": [128, 256]})
+    for who, ppl in (("student", 22.0), ("teacher", 20.0)):
+        progress.put(who, "wikitext2@128", _ppl(ppl))
+    progress.put("student", "wikitext2@256", _ppl(30.0))  # stopped before the teacher's 256 window
+    fig = run_figures(run)
+    assert fig.stopped_pieces == 3 and fig.student.ppl == {128: 22.0, 256: 30.0} and fig.teacher.ppl == {128: 20.0}
+    assert fig.missing == ["passkey.json"]
+    text = render_comparison([fig])
+    row = next(r for r in _table(text, "run") if r["run"] == "stopped")
+    assert (row["ppl @128 (Δ%)"], row["ppl @256 (Δ%)"]) == ("22 (+10.0%)", "30")
+    assert "- stopped: its evaluation was stopped before it wrote eval.json; its quality figures are the 3 pieces" in text
+    assert "no eval.json" not in text
+    # one window: its piece is named wikitext2, and the window comes from the progress key
+    Progress(run / "eval.progress.json", {"ppl_context": [512]}).put("student", "wikitext2", _ppl(25.0))
+    assert run_figures(run).student.ppl == {512: 25.0}
+    (run / "eval.progress.json").write_text(json.dumps({"key": {}, "pieces": []}))
+    with pytest.raises(AttnEditError, match="eval.progress.json does not have the layout attnedit writes"):
+        run_figures(run)

@@ -30,7 +30,8 @@ Rules, also written into the file:
 
 Every figure comes from the run folders' files, read as their records (:mod:`attnedit.results`):
 ``summary.json`` (tokens, held-out KL, KV figures; ``bench.json``'s KV when the summary has none),
-``eval.json``, ``passkey.json``, and the settings from ``recipe.yaml`` (else the recipe in
+``eval.json`` (else the pieces a stopped evaluation finished, ``eval.progress.json``, with a note saying so),
+``passkey.json``, and the settings from ``recipe.yaml`` (else the recipe in
 ``model/attnedit.json``, else the edit settings in ``model/config.json``). Each run's figures are one
 :class:`RunFigures`: the student's and the teacher's :class:`Figures` (perplexity per window, zero-shot
 accuracy per task, passkey accuracy per context) side by side. No model is loaded.
@@ -49,6 +50,7 @@ from typing import Any
 import yaml
 
 from ..errors import AttnEditError
+from ..eval.progress import progress_path
 from ..eval.quality import PPL_TASK
 from ..io import write_text
 from ..results import Bench, Passkey, Quality, StageSummary, Summary
@@ -129,6 +131,7 @@ class RunFigures:
     passkey: Passkey | None = None
     teacher_model: str | None = None
     missing: list[str] = field(default_factory=list)
+    stopped_pieces: int = 0  # no eval.json: the figures are the pieces a stopped evaluation finished (eval.progress.json)
     stages: dict[int, StageSummary] = field(default_factory=dict)  # stage -> what it did (summary.json)
 
 
@@ -225,14 +228,37 @@ def passkey_means(passkey: Passkey, name: str) -> dict[int, float]:
     return {c: sum(row.values()) / len(row) for c, row in passkey.grid(name).items()}
 
 
+def stopped_quality(run: Path) -> tuple[Quality | None, int]:
+    """The pieces an evaluation finished before it was stopped (``eval.progress.json``, which it resumes from) as
+    an ``eval.json`` record, and how many there are; (None, 0) without such a file."""
+    path = progress_path(Quality.path(run))
+    if not path.is_file():
+        return None, 0
+    with _layout(path):
+        kept = json.loads(path.read_text())
+        key, pieces = kept.get("key") or {}, kept["pieces"]
+        student, teacher = pieces.get("student") or {}, pieces.get("teacher") or {}
+        contexts = key.get("ppl_context") or []
+        record = {
+            "model": key.get("model"),
+            "teacher": key.get("teacher"),
+            "tasks": {name: {"student": student.get(name), "teacher": teacher.get(name)} for name in dict.fromkeys([*student, *teacher])},
+            "perplexity": {"max_length": contexts[0]} if len(contexts) == 1 else None,  # one window: named wikitext2
+        }
+    return Quality.parse(record, path), len(student) + len(teacher)
+
+
 def run_figures(run_dir: str | Path) -> RunFigures:
     """One run folder's figures (see :class:`RunFigures`); ``missing`` lists the files of :data:`FILES` it lacks."""
     run = check_run_dir(run_dir)
     config = read_model_config(run)
     summary, quality = Summary.read(run), Quality.read(run)
+    stopped = 0
+    if quality is None:
+        quality, stopped = stopped_quality(run)
     bench, passkey = Bench.read(run), Passkey.read(run)
     recipe = read_recipe(run)
-    fig = RunFigures(run=run.resolve().name, path=str(run))
+    fig = RunFigures(run=run.resolve().name, path=str(run), stopped_pieces=stopped)
     where = run / ("recipe.yaml" if (run / "recipe.yaml").is_file() else "model/attnedit.json")
     with _layout(*([where] if recipe else []), Summary.path(run)):
         fig.settings, fig.tokens = settings_of(recipe, summary, config)
@@ -250,7 +276,8 @@ def run_figures(run_dir: str | Path) -> RunFigures:
         fig.passkey = passkey
         fig.student.passkey, fig.teacher.passkey = passkey_means(passkey, "student"), passkey_means(passkey, "teacher")
     fig.teacher_model = teacher_name(summary, quality, bench, passkey) or fig.settings.get("teacher")
-    fig.missing = [name for name in FILES if not (run / name).is_file() and not (name == "recipe.yaml" and recipe)]
+    has = {"recipe.yaml": recipe is not None, Quality.FILE: fig.stopped_pieces > 0}
+    fig.missing = [name for name in FILES if not (run / name).is_file() and not has.get(name)]
     return fig
 
 
@@ -451,6 +478,11 @@ def training_table(runs: list[RunFigures]) -> str | None:
 def notes(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> list[str]:
     """Missing files per run, and runs whose own teacher figures are not their teacher row's."""
     out = [f"- {r.run}: no {', '.join(r.missing)}" for r in runs if r.missing]
+    out += [
+        f"- {r.run}: its evaluation was stopped before it wrote eval.json; its quality figures are the {r.stopped_pieces} "
+        f"pieces it finished (eval.progress.json; resuming the run completes it)"
+        for r in runs if r.stopped_pieces
+    ]  # fmt: skip
     for r, teacher in zip(runs, own_teacher(runs, teachers)):
         row = teacher.student.labelled()
         differ = [
