@@ -40,6 +40,15 @@ def models_key(model: str, teacher: str | None) -> dict:
     return {"model": model, "teacher": teacher, "model_files": weights_stamp(model), "teacher_files": weights_stamp(teacher)}
 
 
+def read_kept(path: str | Path) -> tuple[object, dict]:
+    """(key, pieces) of the progress file at ``path`` as written (its groups unchecked); ``OSError`` or
+    ``ValueError`` where it cannot be read or is not a JSON object with a ``pieces`` object."""
+    kept = json.loads(Path(path).read_text())
+    if not isinstance(kept, dict) or not isinstance(kept.get("pieces"), dict):
+        raise ValueError(f"{path} is not a JSON object with a 'pieces' object")
+    return kept.get("key"), kept["pieces"]
+
+
 class Progress:
     """The pieces kept at ``path`` (None: kept in memory only) for the evaluation described by ``key``."""
 
@@ -49,11 +58,11 @@ class Progress:
         self.pieces: dict[str, dict] = {}
         if self.path is not None and self.path.is_file():
             try:
-                kept = json.loads(self.path.read_text())
+                key, pieces = read_kept(self.path)
             except (OSError, ValueError):
-                kept = None
-            if isinstance(kept, dict) and kept.get("key") == self.key and isinstance(kept.get("pieces"), dict):
-                self.pieces = {group: dict(done) for group, done in kept["pieces"].items() if isinstance(done, dict)}
+                key, pieces = None, {}
+            if key == self.key:
+                self.pieces = {group: dict(done) for group, done in pieces.items() if isinstance(done, dict)}
 
     def done(self, group: str) -> dict:
         """The pieces of ``group`` finished so far, by name."""

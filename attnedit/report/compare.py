@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 from ..errors import AttnEditError
-from ..eval.progress import progress_path
+from ..eval.progress import progress_path, read_kept
 from ..eval.quality import PPL_TASK
 from ..io import write_text
 from ..results import Bench, Passkey, Quality, StageSummary, Summary
@@ -235,8 +235,8 @@ def stopped_quality(run: Path) -> tuple[Quality | None, int]:
     if not path.is_file():
         return None, 0
     with _layout(path):
-        kept = json.loads(path.read_text())
-        key, pieces = kept.get("key") or {}, kept["pieces"]
+        key, pieces = read_kept(path)
+        key = key or {}
         student, teacher = pieces.get("student") or {}, pieces.get("teacher") or {}
         contexts = key.get("ppl_context") or []
         record = {
@@ -426,6 +426,11 @@ def _label(key: str) -> str:
 HELD_HEADER = f"passkey cells within {PASSKEY_POINTS} pts"
 
 
+def has_held_column(runs: list[RunFigures]) -> bool:
+    """Whether the runs table counts the passkey cells held: some run has a passkey grid with its teacher's."""
+    return any(passkey_cells_held(r.passkey) for r in runs)
+
+
 def held_cell(run: RunFigures, is_teacher: bool) -> str:
     held = None if is_teacher else passkey_cells_held(run.passkey)
     return "-" if held is None else f"{held[0]} of {held[1]}"
@@ -434,6 +439,7 @@ def held_cell(run: RunFigures, is_teacher: bool) -> str:
 def runs_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str:
     """Part 1: a row per run, then each teacher's (see the module docstring for the columns)."""
     settings = varying(runs, setting_keys(runs))
+    held_column = has_held_column(runs)
     rows_of_teachers = list(teachers.values())
     ppls, contexts, tasks = windows(runs + rows_of_teachers), passkey_contexts(runs + rows_of_teachers), tasks_of(runs + rows_of_teachers)
     kv_contexts = {r.kv_context for r in runs if r.kv_context is not None}
@@ -444,7 +450,7 @@ def runs_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str:
         + ["ppl (Δ%)" if w is None else f"ppl @{w} (Δ%)" for w in ppls]
         + ["zero-shot acc % (Δ pts)"]
         + [f"passkey @{c}" for c in contexts]
-        + ([HELD_HEADER] if any(passkey_cells_held(r.passkey) for r in runs) else [])
+        + ([HELD_HEADER] if held_column else [])
     )
 
     def kv_cell(r):
@@ -462,7 +468,7 @@ def runs_table(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> str:
             + [ppl_cell(r, w, ref) for w in ppls]
             + [zero_shot_cell(r, ref, tasks)]
             + ["-" if r.student.passkey.get(c) is None else f"{r.student.passkey[c]:.2f}" for c in contexts]
-            + ([held_cell(r, is_teacher)] if HELD_HEADER in headers else [])
+            + ([held_cell(r, is_teacher)] if held_column else [])
         )
 
     rows = [row(r, ref) for r, ref in zip(runs, own_teacher(runs, teachers))]
@@ -569,7 +575,7 @@ def render_comparison(runs: list[RunFigures]) -> str:
                 f"- passkey cells within {PASSKEY_POINTS} pts: the (context, depth) cells where the student retrieves at most "
                 f"{PASSKEY_POINTS} points less often than the teacher on the same keys (passkey.json), of all cells;"
             ]
-            if any(passkey_cells_held(r.passkey) for r in runs)
+            if has_held_column(runs)
             else []
         ),
         "- changes are against the teacher figures in the run's own files (else its teacher's row); a teacher's row "
