@@ -400,3 +400,36 @@ def test_a_stopped_evaluation_shows_the_pieces_it_finished(tmp_path):
     (run / "eval.progress.json").write_text(json.dumps({"key": {}, "pieces": []}))
     with pytest.raises(AttnEditError, match="eval.progress.json does not have the layout attnedit writes"):
         run_figures(run)
+
+
+def test_a_stopped_training_says_where_it_stopped_and_how_to_go_on(tmp_path):
+    """A run stopped in training (a signal, a time limit) has no summary.json; the comparison says after which step
+    it stopped, from the last step metrics.jsonl logged (written here by the trainer's own log) and the recipe's steps,
+    and gives the command that resumes it when the folder keeps a checkpoint; a finished run gets no such note."""
+    from attnedit.distributed.checkpoint import checkpoint_path
+    from attnedit.stages.trainer import MetricsLog
+
+    run, _ = _make_run(tmp_path, "stopped", 16, 20, 0.05, model=False)
+    assert run_figures(run).stopped_training is None  # finished: summary.json is there
+    (run / "summary.json").unlink()
+    log = MetricsLog(run)
+    for step in (10, 20):
+        log.write({"stage": 1, "step": step, "tokens": step * 128, "loss": 0.5})
+    log.write({"stage": 2, "step": 5, "tokens": 640, "loss": 0.1, "kl": 0.1})
+    log.write({"stage": 2, "event": "SIGTERM"})  # events carry no step
+    fig = run_figures(run)
+    assert fig.stopped_training.startswith("its training stopped after stage 2, step 5 of 10 (the last step metrics.jsonl logged)")
+    assert fig.stopped_training.endswith("the folder keeps no checkpoint (checkpoints/)")
+    saved = checkpoint_path(run, 2, 5)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_bytes(b"")
+    text = render_comparison([run_figures(run)])
+    assert (
+        f"- stopped: its training stopped after stage 2, step 5 of 10 (the last step metrics.jsonl logged); `attnedit convert {run} --resume` continues it"
+        in text
+    )
+    (run / "metrics.jsonl").write_text("")  # stopped before its first logged step: nothing to say
+    assert run_figures(run).stopped_training is None
+    (run / "metrics.jsonl").write_text('{"stage": 2, "step": 5, "loss": 0.1}\n{"stage": 2, "st')
+    with pytest.raises(AttnEditError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        run_figures(run)

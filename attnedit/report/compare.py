@@ -26,7 +26,9 @@ Rules, also written into the file:
   settings); where a run has none, against its teacher's row. Runs of several teachers get one teacher row
   each (a teacher named by its model name, a local file by its file name); a teacher's row takes each figure from
   the first of its runs that has it, and a run whose teacher figures differ from its row's gets a note.
-* ``-``: the run folder lacks that input (the notes under the table say which files are missing).
+* ``-``: the run folder lacks that input (the notes under the table say which files are missing; a run stopped
+  in training, with no ``summary.json``, gets a note saying after which step, from ``metrics.jsonl``, and the
+  command that resumes it when the folder keeps a checkpoint).
 
 Every figure comes from the run folders' files, read as their records (:mod:`attnedit.results`):
 ``summary.json`` (tokens, held-out KL, KV figures; ``bench.json``'s KV when the summary has none),
@@ -49,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from ..distributed.checkpoint import CHECKPOINT_DIR
 from ..errors import AttnEditError
 from ..eval.progress import progress_path, read_kept
 from ..eval.quality import PPL_TASK
@@ -63,6 +66,7 @@ from .build import (
     passkey_cells_held,
     passkey_protocol,
     read_json,
+    read_metrics,
     read_model_config,
     stage_table,
     teacher_name,
@@ -132,6 +136,7 @@ class RunFigures:
     teacher_model: str | None = None
     missing: list[str] = field(default_factory=list)
     stopped_pieces: int = 0  # no eval.json: the figures are the pieces a stopped evaluation finished (eval.progress.json)
+    stopped_training: str | None = None  # no summary.json: where its training stopped, and how to go on (a note)
     stages: dict[int, StageSummary] = field(default_factory=dict)  # stage -> what it did (summary.json)
 
 
@@ -248,6 +253,23 @@ def stopped_quality(run: Path) -> tuple[Quality | None, int]:
     return Quality.parse(record, path), len(student) + len(teacher)
 
 
+def stopped_training(run: Path, settings: dict[str, Any]) -> str | None:
+    """Where a run that wrote no ``summary.json`` stopped training, from the last step ``metrics.jsonl`` logged and the
+    recipe's steps (``stage 2, step 1,500 of 3,000``), and whether it kept a checkpoint to resume from; None when it
+    logged no step."""
+    with _layout(run / "metrics.jsonl"):
+        records = read_metrics(run / "metrics.jsonl") or []
+        last = next((r for r in reversed(records) if isinstance(r.get("step"), int)), None)
+    if last is None:
+        return None
+    stage = last["stage"].removeprefix("stage")
+    total = settings.get(f"stage{stage}.steps")
+    where = f"stage {stage}, step {last['step']:,}" + (f" of {total:,}" if isinstance(total, int) else "")
+    kept = (run / CHECKPOINT_DIR).is_dir() and any((run / CHECKPOINT_DIR).glob("stage*-step*"))
+    then = f"`attnedit convert {run} --resume` continues it" if kept else f"the folder keeps no checkpoint ({CHECKPOINT_DIR}/)"
+    return f"its training stopped after {where} (the last step metrics.jsonl logged); {then}"
+
+
 def run_figures(run_dir: str | Path) -> RunFigures:
     """One run folder's figures (see :class:`RunFigures`); ``missing`` lists the files of :data:`FILES` it lacks."""
     run = check_run_dir(run_dir)
@@ -264,6 +286,7 @@ def run_figures(run_dir: str | Path) -> RunFigures:
         fig.settings, fig.tokens = settings_of(recipe, summary, config)
     fig.heldout_kl = summary.heldout_after.kl if summary and summary.heldout_after else None
     fig.stages = summary.trained_stages() if summary else {}
+    fig.stopped_training = None if summary else stopped_training(run, fig.settings)
     series = kv_series(summary, bench)
     if series is not None:
         _, contexts, student, teacher = series
@@ -489,6 +512,7 @@ def notes(runs: list[RunFigures], teachers: dict[str, RunFigures]) -> list[str]:
         f"pieces it finished (eval.progress.json; resuming the run completes it)"
         for r in runs if r.stopped_pieces
     ]  # fmt: skip
+    out += [f"- {r.run}: {r.stopped_training}" for r in runs if r.stopped_training]
     for r, teacher in zip(runs, own_teacher(runs, teachers)):
         row = teacher.student.labelled()
         differ = [
