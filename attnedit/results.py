@@ -10,6 +10,9 @@ passkey.json    Passkey      ``passkey`` (and ``bench --passkey``): retrieval pe
 bench.json      Bench        ``bench``: per (batch, context) the engines' figures, and the KV figures
 ==============  ===========  =================================================================
 
+A run folder's training checkpoints go in :data:`CHECKPOINT_DIR` (:mod:`attnedit.distributed.checkpoint` writes
+and reads them; ``attnedit report`` only looks whether a stopped run kept one).
+
 Each record's field names are the file's JSON keys, so a file written before these records existed (the run
 folders under ``docs/results/``) reads as it is. A key a record does not name (a newer writer's) is kept and
 written back; a key a file lacks stays absent when the record is written again (``to_dict`` writes the keys
@@ -29,6 +32,7 @@ from .errors import AttnEditError
 from .io import write_json
 
 Number = int | float
+CHECKPOINT_DIR = "checkpoints"  # the run folder's training checkpoints: stage{S}-step{N}.pt files, .dcp folders
 
 
 class Record(BaseModel):

@@ -27,8 +27,8 @@ import torch
 
 from ..errors import AttnEditError
 from ..io import remove_temp_files, sha256_of, temp_path, write_error_text, write_errors
+from ..results import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^stage(\d)-step(\d{6,})\.(pt|dcp)$")
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnEditError
+from ..results import CHECKPOINT_DIR
 from . import env
-from .checkpoint import CHECKPOINT_DIR
 from .checkpoint import list_checkpoints as _list
 
 

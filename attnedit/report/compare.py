@@ -51,12 +51,11 @@ from typing import Any
 
 import yaml
 
-from ..distributed.checkpoint import CHECKPOINT_DIR
 from ..errors import AttnEditError
 from ..eval.progress import progress_path, read_kept
 from ..eval.quality import PPL_TASK
 from ..io import write_text
-from ..results import Bench, Passkey, Quality, StageSummary, Summary
+from ..results import CHECKPOINT_DIR, Bench, Passkey, Quality, StageSummary, Summary
 from ..tables import markdown_table
 from .build import (
     PASSKEY_POINTS,
