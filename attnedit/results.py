@@ -10,8 +10,9 @@ passkey.json    Passkey      ``passkey`` (and ``bench --passkey``): retrieval pe
 bench.json      Bench        ``bench``: per (batch, context) the engines' figures, and the KV figures
 ==============  ===========  =================================================================
 
-A run folder's training checkpoints go in :data:`CHECKPOINT_DIR` (:mod:`attnedit.distributed.checkpoint` writes
-and reads them; ``attnedit report`` only looks whether a stopped run kept one).
+A run folder's training checkpoints go in :data:`CHECKPOINT_DIR`, and :func:`list_checkpoints` finds the finished
+ones (:mod:`attnedit.distributed.checkpoint` and :mod:`attnedit.distributed.dcp` write and read them; ``attnedit
+report`` only looks whether a stopped run kept one).
 
 Each record's field names are the file's JSON keys, so a file written before these records existed (the run
 folders under ``docs/results/``) reads as it is. A key a record does not name (a newer writer's) is kept and
@@ -23,6 +24,7 @@ naming the file; writing one goes through :func:`attnedit.io.write_json` (atomic
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +35,20 @@ from .io import write_json
 
 Number = int | float
 CHECKPOINT_DIR = "checkpoints"  # the run folder's training checkpoints: stage{S}-step{N}.pt files, .dcp folders
+_CHECKPOINT_NAME = re.compile(r"^stage(\d)-step(\d{6,})\.(pt|dcp)$")
+
+
+def list_checkpoints(run_dir: str | Path, suffix: str = ".pt") -> list[Path]:
+    """Finished checkpoints named ``stage{S}-step{N}{suffix}`` in the run folder's :data:`CHECKPOINT_DIR`, oldest
+    first (by stage, then step): ``.pt`` files (one process; a file there is complete, it is renamed into place) or
+    ``.dcp`` folders (sharded runs) whose ``meta.pt``, which rank 0 writes last, is there."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found = []
+    for p in folder.glob(f"stage*-step*{suffix}") if folder.is_dir() else []:
+        m = _CHECKPOINT_NAME.match(p.name)
+        if m and p.suffix == suffix and (suffix != ".dcp" or (p / "meta.pt").is_file()):
+            found.append(((int(m.group(1)), int(m.group(2))), p))
+    return [p for _, p in sorted(found)]
 
 
 class Record(BaseModel):

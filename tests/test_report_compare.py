@@ -422,6 +422,9 @@ def test_a_stopped_training_says_where_it_stopped_and_how_to_go_on(tmp_path):
     assert fig.stopped_training.endswith("the folder keeps no checkpoint (checkpoints/)")
     saved = checkpoint_path(run, 2, 5)
     saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.with_name(saved.name + ".sha256").write_text("0" * 64)  # a sidecar whose checkpoint was never renamed in
+    (saved.parent / "stage2-step000005.dcp").mkdir()  # a sharded checkpoint without the meta.pt rank 0 writes last
+    assert run_figures(run).stopped_training.endswith("the folder keeps no checkpoint (checkpoints/)")
     saved.write_bytes(b"")
     text = render_comparison([run_figures(run)])
     assert (

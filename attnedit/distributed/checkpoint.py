@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,25 +26,11 @@ import torch
 
 from ..errors import AttnEditError
 from ..io import remove_temp_files, sha256_of, temp_path, write_error_text, write_errors
-from ..results import CHECKPOINT_DIR
-
-_NAME = re.compile(r"^stage(\d)-step(\d{6,})\.(pt|dcp)$")
+from ..results import CHECKPOINT_DIR, list_checkpoints
 
 
 def checkpoint_path(run_dir: Path, stage: int, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"stage{stage}-step{step:06d}.pt"
-
-
-def list_checkpoints(run_dir: Path, suffix: str = ".pt", finished=lambda p: True) -> list[Path]:
-    """Finished checkpoints named ``stage{S}-step{N}{suffix}`` (``.pt`` files here, ``.dcp`` folders for
-    distributed runs), oldest first (by stage, then step)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    found = []
-    for p in folder.glob(f"stage*-step*{suffix}") if folder.is_dir() else []:
-        m = _NAME.match(p.name)
-        if m and p.suffix == suffix and finished(p):
-            found.append(((int(m.group(1)), int(m.group(2))), p))
-    return [p for _, p in sorted(found)]
 
 
 def rng_state() -> dict:

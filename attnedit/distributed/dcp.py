@@ -28,8 +28,8 @@ import torch
 
 from ..errors import AttnEditError
 from ..results import CHECKPOINT_DIR
+from ..results import list_checkpoints as _list
 from . import env
-from .checkpoint import list_checkpoints as _list
 
 
 def checkpoint_dir(run_dir: Path, stage: int, step: int) -> Path:
@@ -38,7 +38,7 @@ def checkpoint_dir(run_dir: Path, stage: int, step: int) -> Path:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Finished DCP checkpoints (rank 0 wrote ``meta.pt`` last), oldest first (by stage, then step)."""
-    return _list(run_dir, ".dcp", lambda p: (p / "meta.pt").is_file())
+    return _list(run_dir, ".dcp")
 
 
 def _options():

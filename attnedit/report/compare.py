@@ -55,7 +55,7 @@ from ..errors import AttnEditError
 from ..eval.progress import progress_path, read_kept
 from ..eval.quality import PPL_TASK
 from ..io import write_text
-from ..results import CHECKPOINT_DIR, Bench, Passkey, Quality, StageSummary, Summary
+from ..results import CHECKPOINT_DIR, Bench, Passkey, Quality, StageSummary, Summary, list_checkpoints
 from ..tables import markdown_table
 from .build import (
     PASSKEY_POINTS,
@@ -264,7 +264,7 @@ def stopped_training(run: Path, settings: dict[str, Any]) -> str | None:
     stage = last["stage"].removeprefix("stage")
     total = settings.get(f"stage{stage}.steps")
     where = f"stage {stage}, step {last['step']:,}" + (f" of {total:,}" if isinstance(total, int) else "")
-    kept = (run / CHECKPOINT_DIR).is_dir() and any((run / CHECKPOINT_DIR).glob("stage*-step*"))
+    kept = list_checkpoints(run) or list_checkpoints(run, ".dcp")
     then = f"`attnedit convert {run} --resume` continues it" if kept else f"the folder keeps no checkpoint ({CHECKPOINT_DIR}/)"
     return f"its training stopped after {where} (the last step metrics.jsonl logged); {then}"
 
